@@ -1,0 +1,105 @@
+use serde::{Deserialize, Serialize};
+
+use crate::{DecodeError, WireError};
+
+/// The protocol version spoken by this crate; both ends of a connection must agree.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// A frame after the handshake. Borrows its strings and payload from the
+/// received buffer, so forwarding a payload never copies or re-encodes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame<'a> {
+    /// A message for an actor hosted by the receiving process.
+    #[serde(borrow)]
+    Request(Request<'a>),
+    /// The answer to an earlier request of the receiving process.
+    #[serde(borrow)]
+    Reply(Reply<'a>),
+}
+
+/// A message for a named actor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request<'a> {
+    /// Chosen by the sender, unique among its requests in flight on this connection.
+    pub id: u64,
+    /// The target actor's stable name.
+    pub actor: &'a str,
+    /// The message's stable tag.
+    pub tag: &'a str,
+    /// The incarnation of the receiving process the sender addressed.
+    pub incarnation: u64,
+    /// Whether the sender waits for a reply (`send`) or not (`do_send`).
+    pub reply: bool,
+    /// The message, MessagePack-encoded.
+    #[serde(with = "serde_bytes")]
+    pub payload: &'a [u8],
+}
+
+/// The outcome of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply<'a> {
+    /// The id of the request answered.
+    pub id: u64,
+    /// The handler's result, MessagePack-encoded, or why there is none.
+    #[serde(borrow)]
+    pub result: Result<ReplyPayload<'a>, WireError>,
+}
+
+/// A reply's encoded result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ReplyPayload<'a>(#[serde(with = "serde_bytes")] pub &'a [u8]);
+
+impl<'a> Frame<'a> {
+    /// Decodes a frame body.
+    pub fn decode(body: &'a [u8]) -> Result<Self, DecodeError> {
+        Ok(rmp_serde::from_slice(body)?)
+    }
+
+    /// Encodes the frame body (without its length prefix).
+    pub fn encode(&self) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+        let mut out = Vec::with_capacity(self.encoded_len_hint());
+        rmp_serde::encode::write(&mut out, self)?;
+        Ok(out)
+    }
+
+    /// Encodes the frame body into `out`, after what it already holds.
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), rmp_serde::encode::Error> {
+        rmp_serde::encode::write(out, self)
+    }
+
+    fn encoded_len_hint(&self) -> usize {
+        32 + match self {
+            Frame::Request(r) => r.actor.len() + r.tag.len() + r.payload.len(),
+            Frame::Reply(r) => r.result.as_ref().map_or(64, |p| p.0.len()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_round_trips_both_outcomes() {
+        let ok = Frame::Reply(Reply {
+            id: 1,
+            result: Ok(ReplyPayload(b"\xc0")),
+        });
+        assert_eq!(Frame::decode(&ok.encode().unwrap()).unwrap(), ok);
+        let err = Frame::Reply(Reply {
+            id: 2,
+            result: Err(WireError::UnknownMessage {
+                actor: "a".into(),
+                tag: "t".into(),
+            }),
+        });
+        assert_eq!(Frame::decode(&err.encode().unwrap()).unwrap(), err);
+    }
+
+    #[test]
+    fn garbage_is_a_decode_error() {
+        assert!(Frame::decode(b"\xff\x00garbage").is_err());
+        assert!(Frame::decode(b"").is_err());
+    }
+}

@@ -1,0 +1,569 @@
+//! The cluster: its declaration, the master's start and shutdown, and what
+//! each child runs.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use evilcluster_wire::{Cookie, Identity};
+use tokio::sync::mpsc;
+use tracing::{error, info, info_span, warn};
+
+use crate::addr::{call, decode, encode};
+use crate::connection::{self, Link, Side};
+use crate::directory::{Member, Snapshot};
+use crate::node::{Config, Node, NodeSpec};
+use crate::process::{Launch, StopReason};
+use crate::registry::{Announce, Registry, Subscribe, REGISTRY};
+use crate::remote::{ActorService, RemoteMessage};
+use crate::role::ChildEnv;
+use crate::supervisor::{self, Supervised};
+use crate::tree::{self, Declared};
+use crate::worker::{publish_options, Body, Worker};
+use crate::{transport, Error, Result, Role};
+
+/// A tree of workers, declared the same way in every process.
+///
+/// ```no_run
+/// use evilcluster::prelude::*;
+///
+/// #[derive(Default)]
+/// struct Datastore;
+/// impl Actor for Datastore { type Context = Context<Self>; }
+/// impl RemoteActor for Datastore {
+///     const NAME: &'static str = "datastore";
+///     fn routes(_: &mut Routes<Self>) {}
+/// }
+///
+/// fn main() -> evilcluster::Result<()> {
+///     Cluster::new("myapp")
+///         .spawn(Worker::actor::<Datastore>())
+///         .run()
+/// }
+/// ```
+pub struct Cluster {
+    name: String,
+    workers: Vec<Worker>,
+    config: Config,
+    cookie: Option<Vec<u8>>,
+}
+
+impl Cluster {
+    /// A cluster named `name`: the id every process checks in the handshake
+    /// and the root of every path (`name/worker/fork`).
+    pub fn new(name: impl Into<String>) -> Self {
+        Cluster {
+            name: name.into(),
+            workers: Vec::new(),
+            config: Config::default(),
+            cookie: None,
+        }
+    }
+
+    /// Adds a worker. Workers start in the order they are added, each ready
+    /// before the next, and stop in reverse order.
+    pub fn spawn(mut self, worker: Worker) -> Self {
+        self.workers.push(worker);
+        self
+    }
+
+    /// Uses a fixed cookie instead of a fresh random one per run (useful when
+    /// outside tools must authenticate to the cluster's sockets).
+    pub fn cookie(mut self, secret: impl Into<Vec<u8>>) -> Self {
+        self.cookie = Some(secret.into());
+        self
+    }
+
+    /// How long a `send` waits for its reply unless told otherwise (default 5 s).
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.config.call_timeout = timeout;
+        self
+    }
+
+    /// How long a send waits for an unregistered name (default 10 s).
+    pub fn resolve_timeout(mut self, timeout: Duration) -> Self {
+        self.config.resolve_timeout = timeout;
+        self
+    }
+
+    /// How long a child may take to become ready (default 30 s).
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.config.start_timeout = timeout;
+        self
+    }
+
+    /// How long a child may take to stop before it is killed (default 5 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// The largest frame a connection accepts, in bytes (default 16 MiB).
+    pub fn max_frame_length(mut self, bytes: usize) -> Self {
+        self.config.max_frame_length = bytes;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.name.is_empty() || self.name.contains('/') {
+            return Err(Error::Declaration(format!("cluster name {:?} must be non-empty, without '/'", self.name)));
+        }
+        for (index, worker) in self.workers.iter().enumerate() {
+            if worker.name.is_empty() || worker.name.contains('/') {
+                return Err(Error::Declaration(format!("worker name {:?} must be non-empty, without '/'", worker.name)));
+            }
+            if self.workers[..index].iter().any(|w| w.name == worker.name) {
+                return Err(Error::Declaration(format!("worker `{}` is declared twice", worker.name)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs this process's part: in the master, starts the tree and serves
+    /// until SIGINT or SIGTERM, then stops it cleanly; in a child, runs its
+    /// actor or task until told to stop.
+    pub fn run(self) -> Result<()> {
+        self.validate()?;
+        init_tracing();
+        match ChildEnv::from_env()? {
+            Some(env) => self.run_child(env),
+            None => {
+                let span = info_span!("master", cluster = %self.name, pid = std::process::id());
+                let _entered = span.enter();
+                actix_rt::System::new().block_on(async move {
+                    let cluster = self.start().await?;
+                    shutdown_signal().await;
+                    info!("shutdown signal received");
+                    cluster.shutdown().await
+                })
+            }
+        }
+    }
+
+    /// Like [`run`](Self::run), but the master runs `main` once the tree is
+    /// ready, then stops the tree and returns what `main` returned. A child
+    /// never returns from this call: it exits when its part is done.
+    ///
+    /// A SIGINT or SIGTERM before `main` finishes stops the tree and returns
+    /// [`Error::Interrupted`].
+    pub fn run_with<F, Fut, T>(self, main: F) -> Result<T>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.validate()?;
+        init_tracing();
+        if let Some(env) = ChildEnv::from_env()? {
+            let code = match self.run_child(env) {
+                Ok(()) => 0,
+                Err(error) => {
+                    error!("{error}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        let span = info_span!("master", cluster = %self.name, pid = std::process::id());
+        let _entered = span.enter();
+        actix_rt::System::new().block_on(async move {
+            let cluster = self.start().await?;
+            let outcome = tokio::select! {
+                value = main() => Ok(value),
+                _ = shutdown_signal() => Err(Error::Interrupted),
+            };
+            cluster.shutdown().await?;
+            outcome
+        })
+    }
+
+    /// Starts the tree from the master inside an already running actix
+    /// system, and returns once every worker is ready. Call
+    /// [`ClusterHandle::shutdown`] to stop it. Children must still call
+    /// [`run`](Self::run) (check [`is_master`](crate::is_master) first).
+    pub async fn start(self) -> Result<ClusterHandle> {
+        self.validate()?;
+        if let Some(env) = ChildEnv::from_env()? {
+            return Err(Error::NotMaster(env.role.to_string()));
+        }
+        publish_options(None, &self.workers);
+        let socket_dir = tempfile::Builder::new()
+            .prefix(&format!("evilcluster-{}-", self.name))
+            .tempdir()
+            .map_err(|e| Error::io("cannot create the socket directory", e))?;
+        restrict_to_owner(socket_dir.path())?;
+        let cookie = match self.cookie.clone() {
+            Some(secret) => Cookie::new(secret),
+            None => Cookie::new(random_bytes::<32>().to_vec()),
+        };
+        let master_socket = socket_dir.path().join("master.sock").to_string_lossy().into_owned();
+        let incarnation = random_incarnation();
+        let node = Node::start(NodeSpec {
+            identity: Identity {
+                cluster: self.name.clone(),
+                path: self.name.clone(),
+                incarnation,
+            },
+            cookie: cookie.clone(),
+            config: self.config.clone(),
+            socket: Some(master_socket.clone()),
+            socket_dir: socket_dir.path().to_owned(),
+            master: (self.name.clone(), master_socket.clone()),
+        })?;
+        let registry = actix::Actor::start(Registry::new(&node));
+        node.registry.set(registry.clone()).ok();
+        node.add_service(REGISTRY, Arc::new(ActorService::new(registry.clone())));
+        let _ = registry
+            .send(Announce(Member {
+                path: self.name.clone(),
+                role: "master".into(),
+                worker: self.name.clone(),
+                order: 0,
+                fork: None,
+                pid: std::process::id(),
+                incarnation,
+                actor: Some(REGISTRY.into()),
+                actor_type: None,
+                socket: Some(master_socket.clone()),
+            }))
+            .await;
+
+        let declared: Vec<Declared> = self
+            .workers
+            .iter()
+            .map(|w| Declared {
+                name: w.name.clone(),
+                forks: w.forks,
+                disabled: w.disabled,
+                type_name: w.type_name(),
+            })
+            .collect();
+        let mut handle = ClusterHandle {
+            name: self.name.clone(),
+            node: node.clone(),
+            children: Vec::new(),
+            declared,
+            socket_dir: Some(socket_dir),
+        };
+        for worker in self.workers.iter().filter(|w| !w.disabled) {
+            let path = format!("{}/{}", self.name, worker.name);
+            let started = supervisor::start_child(
+                &node,
+                Launch {
+                    role: &Role::Spawn {
+                        name: worker.name.clone(),
+                    },
+                    path: &path,
+                    incarnation: random_incarnation(),
+                    master_socket: &master_socket,
+                    socket_dir: &node.socket_dir,
+                    cookie: &cookie,
+                },
+            )
+            .await;
+            match started {
+                Ok(child) => handle.children.push(child),
+                Err(error) => {
+                    error!("{error}; stopping the cluster");
+                    let _ = handle.shutdown().await;
+                    return Err(error);
+                }
+            }
+        }
+        info!("cluster ready\n{}", handle.tree());
+        Ok(handle)
+    }
+
+    fn run_child(mut self, env: ChildEnv) -> Result<()> {
+        let (cookie, stop_requests) = crate::process::attach_to_parent(&env, self.config.shutdown_timeout * 2)?;
+        let name = env.role.worker().expect("a child has a worker").to_owned();
+        publish_options(Some(&name), &self.workers);
+        let index = self
+            .workers
+            .iter()
+            .position(|w| w.name == name)
+            .ok_or_else(|| Error::Environment(format!("worker `{name}` is not declared in this program")))?;
+        let worker = self.workers.swap_remove(index);
+        let span = info_span!("proc", path = %env.path, pid = std::process::id());
+        let _entered = span.enter();
+        let child = Child {
+            cluster: self.name,
+            config: self.config,
+            env,
+            cookie,
+            order: index as u32 + 1,
+        };
+        actix_rt::System::new().block_on(child.run(worker, stop_requests))
+    }
+}
+
+/// A started cluster, seen from the master.
+pub struct ClusterHandle {
+    name: String,
+    node: Arc<Node>,
+    children: Vec<Supervised>,
+    declared: Vec<Declared>,
+    socket_dir: Option<tempfile::TempDir>,
+}
+
+impl ClusterHandle {
+    /// The tree as it is now, rendered as text.
+    pub fn tree(&self) -> String {
+        tree::render(&self.name, std::process::id(), &self.declared, &self.node.directory.members())
+    }
+
+    /// Stops every worker in reverse start order (graceful, then killed after
+    /// the shutdown timeout), and removes the cluster's sockets.
+    pub async fn shutdown(mut self) -> Result<()> {
+        supervisor::stop_all(&mut self.children).await;
+        self.node.stop();
+        if let Some(dir) = self.socket_dir.take() {
+            dir.close().map_err(|e| Error::io("cannot remove the socket directory", e))?;
+        }
+        info!("cluster stopped");
+        Ok(())
+    }
+}
+
+/// The process-local part of a child.
+struct Child {
+    cluster: String,
+    config: Config,
+    env: ChildEnv,
+    cookie: Cookie,
+    order: u32,
+}
+
+impl Child {
+    async fn run(self, worker: Worker, mut stop_requests: mpsc::UnboundedReceiver<StopReason>) -> Result<()> {
+        let supervises_forks = matches!(self.env.role, Role::Spawn { .. }) && worker.forks > 0;
+        let hosted = match (&worker.body, supervises_forks) {
+            (Body::Actor { name, type_name, .. }, false) => Some((*name, *type_name)),
+            _ => None,
+        };
+        let socket = hosted.map(|_| {
+            self.env
+                .socket_dir
+                .join(format!("{}.sock", std::process::id()))
+                .to_string_lossy()
+                .into_owned()
+        });
+        let node = Node::start(NodeSpec {
+            identity: Identity {
+                cluster: self.cluster.clone(),
+                path: self.env.path.clone(),
+                incarnation: self.env.incarnation,
+            },
+            cookie: self.cookie.clone(),
+            config: self.config.clone(),
+            socket: socket.clone(),
+            socket_dir: self.env.socket_dir.clone(),
+            master: (self.cluster.clone(), self.env.master_socket.clone()),
+        })?;
+        let outcome = self
+            .serve(&node, worker, socket, hosted, supervises_forks, &mut stop_requests)
+            .await;
+        node.stop();
+        outcome
+    }
+
+    async fn serve(
+        &self,
+        node: &Arc<Node>,
+        worker: Worker,
+        socket: Option<String>,
+        hosted: Option<(&'static str, &'static str)>,
+        supervises_forks: bool,
+        stop_requests: &mut mpsc::UnboundedReceiver<StopReason>,
+    ) -> Result<()> {
+        let master = join(node).await?;
+        let member = Member {
+            path: self.env.path.clone(),
+            role: self.env.role.kind().into(),
+            worker: worker.name.clone(),
+            order: self.order,
+            fork: match self.env.role {
+                Role::Fork { number, .. } => Some(number),
+                _ => None,
+            },
+            pid: std::process::id(),
+            incarnation: self.env.incarnation,
+            actor: hosted.map(|(name, _)| name.to_owned()),
+            actor_type: hosted.map(|(_, type_name)| type_name.to_owned()),
+            socket,
+        };
+        if supervises_forks {
+            let mut forks = Vec::new();
+            let started = self.start_forks(node, &worker, &mut forks).await;
+            let outcome = match started {
+                Ok(()) => {
+                    announce(&master, member).await?;
+                    wait_for_stop(node, stop_requests).await;
+                    Ok(())
+                }
+                Err(error) => Err(error),
+            };
+            supervisor::stop_all(&mut forks).await;
+            return outcome;
+        }
+        match worker.body {
+            Body::Actor { name, host, .. } => {
+                node.add_service(name, host());
+                announce(&master, member).await?;
+                wait_for_stop(node, stop_requests).await;
+                Ok(())
+            }
+            Body::Task(task) => {
+                announce(&master, member).await?;
+                tokio::select! {
+                    result = task() => result.map_err(|e| Error::Task { name: worker.name.clone(), reason: e.to_string() }),
+                    _ = wait_for_stop(node, stop_requests) => Ok(()),
+                }
+            }
+        }
+    }
+
+    async fn start_forks(&self, node: &Arc<Node>, worker: &Worker, forks: &mut Vec<Supervised>) -> Result<()> {
+        for number in 1..=worker.forks {
+            let path = format!("{}/{number}", self.env.path);
+            let fork = supervisor::start_child(
+                node,
+                Launch {
+                    role: &Role::Fork {
+                        name: worker.name.clone(),
+                        number,
+                        of: worker.forks,
+                    },
+                    path: &path,
+                    incarnation: random_incarnation(),
+                    master_socket: &self.env.master_socket,
+                    socket_dir: &self.env.socket_dir,
+                    cookie: &self.cookie,
+                },
+            )
+            .await?;
+            forks.push(fork);
+        }
+        Ok(())
+    }
+}
+
+/// Connects a child to the master and loads the directory.
+async fn join(node: &Arc<Node>) -> Result<Arc<Link>> {
+    let (master_path, master_socket) = &node.master;
+    let stream = transport::connect(master_socket)
+        .await
+        .map_err(|e| Error::io(format!("cannot connect to the master at {master_socket}"), e))?;
+    let link = connection::establish(node.clone(), stream, Side::Caller)
+        .await
+        .map_err(|source| Error::Handshake {
+            peer: master_path.clone(),
+            source,
+        })?;
+    node.adopt(&link);
+    let subscribe = Subscribe {
+        path: node.identity.path.clone(),
+        incarnation: node.identity.incarnation,
+    };
+    let reply = call(
+        &link,
+        REGISTRY,
+        Subscribe::TAG,
+        link.peer.incarnation,
+        &encode(Subscribe::TAG, &subscribe)?,
+        node.config.call_timeout,
+    )
+    .await?;
+    let snapshot: Snapshot = decode(Subscribe::TAG, &reply)?;
+    node.directory.apply(snapshot);
+    Ok(link)
+}
+
+async fn announce(master: &Link, member: Member) -> Result<()> {
+    let payload = encode(Announce::TAG, &Announce(member))?;
+    call(master, REGISTRY, Announce::TAG, master.peer.incarnation, &payload, Duration::from_secs(30)).await?;
+    info!("ready");
+    Ok(())
+}
+
+/// Resolves when this child should stop: its control pipe closed, SIGTERM,
+/// or the master's connection lost.
+async fn wait_for_stop(node: &Node, stop_requests: &mut mpsc::UnboundedReceiver<StopReason>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut terminate = signal(SignalKind::terminate()).ok();
+        // A terminal's Ctrl-C reaches every process of the group; the master
+        // drives the shutdown, so children let it.
+        let mut interrupt = signal(SignalKind::interrupt()).ok();
+        loop {
+            tokio::select! {
+                _ = stop_requests.recv() => return,
+                _ = node.master_lost.notified() => return,
+                Some(()) = async { terminate.as_mut()?.recv().await } => {
+                    info!("SIGTERM received; stopping");
+                    return;
+                }
+                Some(()) = async { interrupt.as_mut()?.recv().await } => {}
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::select! {
+        _ = stop_requests.recv() => {}
+        _ = node.master_lost.notified() => {}
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            },
+            Err(error) => {
+                warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the cluster");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The user's own subscriber, if they installed one, wins.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0; N];
+    getrandom::fill(&mut bytes).expect("the operating system's random source failed");
+    bytes
+}
+
+/// Incarnations are random: a restarted process, even under a restarted
+/// parent, never reuses its predecessor's.
+fn random_incarnation() -> u64 {
+    u64::from_ne_bytes(random_bytes::<8>()).max(1)
+}
+
+fn restrict_to_owner(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use rustix::fs::{chmod, Mode};
+        chmod(dir, Mode::RWXU).map_err(|e| Error::io("cannot restrict the socket directory to its owner", e.into()))?;
+    }
+    let _ = dir;
+    Ok(())
+}

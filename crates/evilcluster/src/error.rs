@@ -1,0 +1,193 @@
+use std::time::Duration;
+
+use evilcluster_wire::{HandshakeError, WireError};
+
+/// What went wrong starting, running or stopping a cluster or one of its processes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What evilcluster was doing.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `EVILCLUSTER_*` environment of a child process is missing or malformed.
+    /// Child processes are started by evilcluster itself; do not start them by hand.
+    #[error("bad evilcluster environment: {0}")]
+    Environment(String),
+    /// The tree names a worker twice, or a worker is otherwise misdeclared.
+    #[error("invalid cluster declaration: {0}")]
+    Declaration(String),
+    /// This call is only valid in the master process.
+    #[error("this can only be done in the master process (this process is {0})")]
+    NotMaster(String),
+    /// A cluster is already running in this process.
+    #[error("a cluster is already running in this process")]
+    AlreadyRunning,
+    /// A connection to another process of the cluster could not be set up.
+    #[error("handshake with {peer} failed: {source}")]
+    Handshake {
+        /// The process or socket at the other end.
+        peer: String,
+        /// Why it failed.
+        #[source]
+        source: HandshakeError,
+    },
+    /// A child did not become ready.
+    #[error("{path} did not start: {reason}")]
+    StartFailed {
+        /// The child's path in the tree.
+        path: String,
+        /// Why: it exited, or the start timeout ran out.
+        reason: String,
+    },
+    /// A request the runtime itself needed failed.
+    #[error(transparent)]
+    Send(#[from] SendError),
+    /// A task worker returned an error.
+    #[error("task `{name}` failed: {reason}")]
+    Task {
+        /// The worker's name.
+        name: String,
+        /// The error the task returned, as text.
+        reason: String,
+    },
+    /// SIGINT or SIGTERM reached the master before `run_with`'s function finished;
+    /// the cluster was shut down cleanly.
+    #[error("interrupted by a shutdown signal; the cluster was stopped")]
+    Interrupted,
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Why a message to a remote actor got no answer.
+///
+/// Delivery is *at most once*: after [`SendError::Disconnected`] or
+/// [`SendError::Timeout`] the handler may or may not have run. Every other
+/// variant means the message was not handled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// This process is not part of a running cluster (`Cluster::run` has not started it).
+    #[error("this process is not part of a running evilcluster (call it from inside `Cluster::run`)")]
+    NotInCluster,
+    /// No live process hosts the actor (or that fork of it) after waiting the resolve timeout.
+    #[error("no live process hosts actor `{actor}`{} after waiting {waited:?}; is its worker declared, enabled and started?", fork.map(|k| format!(" fork {k}")).unwrap_or_default())]
+    NotRegistered {
+        /// The actor's name.
+        actor: &'static str,
+        /// The fork asked for, with `addr_of_fork`.
+        fork: Option<u32>,
+        /// How long the lookup waited.
+        waited: Duration,
+    },
+    /// The connection to the hosting process failed or was lost; the handler may
+    /// or may not have run.
+    #[error("connection to {path} (hosting `{actor}`) lost: {reason}")]
+    Disconnected {
+        /// The actor's name.
+        actor: &'static str,
+        /// The hosting process's path.
+        path: String,
+        /// What happened.
+        reason: String,
+    },
+    /// No reply within the call's timeout; the handler may or may not have run.
+    #[error("no reply from `{actor}` to `{tag}` within {after:?}")]
+    Timeout {
+        /// The actor's name.
+        actor: &'static str,
+        /// The message tag.
+        tag: &'static str,
+        /// The timeout that ran out.
+        after: Duration,
+    },
+    /// The actor stopped before handling the message.
+    #[error("the mailbox of `{actor}` is closed (the actor stopped)")]
+    MailboxClosed {
+        /// The actor's name.
+        actor: &'static str,
+    },
+    /// The process reached does not host that actor.
+    #[error("the process reached does not host actor `{actor}`")]
+    UnknownActor {
+        /// The actor's name.
+        actor: &'static str,
+    },
+    /// The actor does not list the message in its `RemoteActor::routes`.
+    #[error("actor `{actor}` has no route for `{tag}`; add `.handle::<…>()` for it in its `RemoteActor::routes`")]
+    UnknownMessage {
+        /// The actor's name.
+        actor: &'static str,
+        /// The message tag.
+        tag: &'static str,
+    },
+    /// The message or the reply did not encode.
+    #[error("`{tag}` did not encode: {detail}")]
+    Encode {
+        /// The message tag.
+        tag: &'static str,
+        /// The encoder's words.
+        detail: String,
+    },
+    /// The message or the reply did not decode (the two ends disagree on its type).
+    #[error("`{tag}` did not decode: {detail}")]
+    Decode {
+        /// The message tag.
+        tag: &'static str,
+        /// The decoder's words.
+        detail: String,
+    },
+    /// The encoded message is larger than the maximum frame length.
+    #[error("`{tag}` encodes to {size} bytes, over the maximum frame of {max} bytes")]
+    TooLarge {
+        /// The message tag.
+        tag: &'static str,
+        /// The encoded size.
+        size: usize,
+        /// The maximum frame length.
+        max: usize,
+    },
+    /// The receiving process refused the request for another reason.
+    #[error("`{actor}` refused `{tag}`: {reason}")]
+    Rejected {
+        /// The actor's name.
+        actor: &'static str,
+        /// The message tag.
+        tag: &'static str,
+        /// The receiver's words.
+        reason: String,
+    },
+}
+
+impl SendError {
+    pub(crate) fn from_wire(actor: &'static str, tag: &'static str, error: WireError) -> Self {
+        match error {
+            WireError::UnknownActor { .. } => SendError::UnknownActor { actor },
+            WireError::UnknownMessage { .. } => SendError::UnknownMessage { actor, tag },
+            WireError::Decode { detail, .. } => SendError::Decode { tag, detail },
+            WireError::Encode { detail, .. } => SendError::Encode { tag, detail },
+            WireError::MailboxClosed { .. } => SendError::MailboxClosed { actor },
+            WireError::ReplyTooLarge { size, max } => SendError::TooLarge { tag, size, max },
+            other @ WireError::StaleIncarnation { .. } => SendError::Rejected {
+                actor,
+                tag,
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+/// Result of starting or running a cluster.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

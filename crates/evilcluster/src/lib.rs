@@ -1,0 +1,113 @@
+//! # evilcluster
+//!
+//! Monolithic clustering for Rust: one program, many OS processes, each
+//! process an actix actor that any other process reaches by name, typed, as
+//! if it were local.
+//!
+//! The program's `main` declares a tree of named workers. The master process
+//! (the one you start) spawns them as copies of its own executable; a worker
+//! may fork into several copies. Every spawned worker or fork hosts an actor,
+//! or runs a task, and [`addr_of`] reaches any actor from anywhere.
+//!
+//! ```
+//! use evilcluster::prelude::*;
+//!
+//! #[derive(Default)]
+//! struct Counter(u64);
+//! impl Actor for Counter {
+//!     type Context = Context<Self>;
+//! }
+//!
+//! #[derive(Message, Serialize, Deserialize)]
+//! #[rtype(result = "u64")]
+//! struct Add(u64);
+//! evilcluster::remote_messages! { Add => "counter.add" }
+//!
+//! impl Handler<Add> for Counter {
+//!     type Result = u64;
+//!     fn handle(&mut self, Add(n): Add, _: &mut Context<Self>) -> u64 {
+//!         self.0 += n;
+//!         self.0
+//!     }
+//! }
+//!
+//! impl RemoteActor for Counter {
+//!     const NAME: &'static str = "counter";
+//!     fn routes(routes: &mut Routes<Self>) {
+//!         routes.handle::<Add>();
+//!     }
+//! }
+//!
+//! fn main() -> evilcluster::Result<()> {
+//!     // The same code runs in the master and in the `counter` process; only
+//!     // the master runs the closure.
+//!     let total = Cluster::new("doc-example")
+//!         .spawn(Worker::actor::<Counter>())
+//!         .run_with(|| async {
+//!             let counter = evilcluster::addr_of::<Counter>();
+//!             counter.send(Add(2)).await?;
+//!             counter.send(Add(3)).await
+//!         })??;
+//!     assert_eq!(total, 5);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! ## Processes
+//! Children are this executable started again, with the user's arguments
+//! untouched and `EVILCLUSTER_*` variables saying their role; query it with
+//! [`role`], [`is_master`], [`is_spawn`], [`is_fork`], [`fork_number`]. A
+//! child's standard input is its control pipe from its parent (so children
+//! do not read the terminal). A child dies with its parent: on Linux by the
+//! parent-death signal, everywhere when the control pipe or its connection
+//! to the master closes.
+//!
+//! ## Transport
+//! One local socket per hosting process (in a directory only the owner can
+//! enter), one connection per pair of processes, multiplexed by request id;
+//! length-prefixed MessagePack frames, described in [`evilcluster_wire`];
+//! every connection opens with an HMAC challenge/response over the cluster
+//! cookie. Messages from one process to one actor arrive in the order sent.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod addr;
+mod cluster;
+mod connection;
+mod directory;
+mod error;
+mod node;
+mod process;
+mod registry;
+mod remote;
+mod role;
+mod supervisor;
+mod transport;
+mod tree;
+mod worker;
+
+pub use addr::{addr_of, addr_of_fork, RemoteAddr, SendRequest};
+pub use cluster::{shutdown_signal, Cluster, ClusterHandle};
+pub use directory::Member;
+pub use error::{Error, Result, SendError};
+pub use remote::{RemoteActor, RemoteMessage, Routes, DEFAULT_MAILBOX_CAPACITY};
+pub use role::{fork_number, is_fork, is_master, is_spawn, role, Role};
+pub use worker::{options, options_of, TaskResult, Worker};
+
+/// The wire protocol crate, re-exported for tools that speak it directly.
+pub use evilcluster_wire as wire;
+
+/// The live processes of the cluster, as this process's directory knows them
+/// (empty outside a running cluster).
+pub fn members() -> Vec<Member> {
+    node::current().map(|node| node.directory.members()).unwrap_or_default()
+}
+
+/// Everything a typical evilcluster program needs, actix's actor API included.
+pub mod prelude {
+    pub use crate::{
+        addr_of, addr_of_fork, Cluster, RemoteActor, RemoteAddr, RemoteMessage, Role, Routes, SendError, Worker,
+    };
+    pub use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, ResponseFuture};
+    pub use serde::{Deserialize, Serialize};
+}

@@ -1,0 +1,292 @@
+//! This process's membership in the cluster: who it is, what it hosts, and
+//! its connections to the other processes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use actix::Addr;
+use std::time::Duration;
+
+use evilcluster_wire::{Cookie, Identity, Request, WireError, DEFAULT_MAX_FRAME_LENGTH};
+use interprocess::local_socket::tokio::Listener;
+use tokio::sync::{Notify, OnceCell};
+use tracing::warn;
+
+use crate::connection::{self, Link, Side, DEFAULT_HANDSHAKE_TIMEOUT};
+use crate::directory::{Directory, Member};
+use crate::registry::{PeerGone, Registry};
+use crate::remote::{Dispatch, Service};
+use crate::transport;
+use crate::Error;
+
+/// Tunables shared by every process of a cluster.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub max_frame_length: usize,
+    pub call_timeout: Duration,
+    pub resolve_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub start_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_frame_length: DEFAULT_MAX_FRAME_LENGTH,
+            call_timeout: Duration::from_secs(5),
+            resolve_timeout: Duration::from_secs(10),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            start_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Slot {
+    incarnation: u64,
+    link: Arc<OnceCell<Arc<Link>>>,
+}
+
+pub(crate) struct Node {
+    pub identity: Identity,
+    pub cookie: Cookie,
+    pub config: Config,
+    pub directory: Arc<Directory>,
+    /// Where this process listens, when it hosts something.
+    pub socket: Option<String>,
+    pub socket_dir: PathBuf,
+    /// The master's path and socket (the master itself: its own).
+    pub master: (String, String),
+    services: RwLock<HashMap<String, Arc<dyn Service>>>,
+    links: Mutex<HashMap<String, Slot>>,
+    runtime: tokio::runtime::Handle,
+    accept_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Fires when a child loses its connection to the master.
+    pub master_lost: Notify,
+    /// The registry, in the master.
+    pub registry: OnceLock<Addr<Registry>>,
+}
+
+static CURRENT: RwLock<Option<Arc<Node>>> = RwLock::new(None);
+
+/// The node of this process, while a cluster runs in it.
+pub(crate) fn current() -> Option<Arc<Node>> {
+    CURRENT.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+pub(crate) struct NodeSpec {
+    pub identity: Identity,
+    pub cookie: Cookie,
+    pub config: Config,
+    pub socket: Option<String>,
+    pub socket_dir: PathBuf,
+    pub master: (String, String),
+}
+
+impl Node {
+    /// Creates this process's node and, if it hosts anything, binds its socket.
+    /// Must run inside the runtime that will carry its connections.
+    pub fn start(spec: NodeSpec) -> Result<Arc<Node>, Error> {
+        let mut current = CURRENT.write().unwrap_or_else(|e| e.into_inner());
+        if current.is_some() {
+            return Err(Error::AlreadyRunning);
+        }
+        let listener = match &spec.socket {
+            Some(path) => Some(transport::listen(path).map_err(|e| Error::io(format!("cannot listen on {path}"), e))?),
+            None => None,
+        };
+        let node = Arc::new(Node {
+            identity: spec.identity,
+            cookie: spec.cookie,
+            config: spec.config,
+            directory: Arc::new(Directory::new()),
+            socket: spec.socket,
+            socket_dir: spec.socket_dir,
+            master: spec.master,
+            services: RwLock::new(HashMap::new()),
+            links: Mutex::new(HashMap::new()),
+            runtime: tokio::runtime::Handle::current(),
+            accept_task: Mutex::new(None),
+            master_lost: Notify::new(),
+            registry: OnceLock::new(),
+        });
+        node.add_service(
+            crate::registry::DIRECTORY,
+            Arc::new(crate::registry::DirectoryService(node.directory.clone())),
+        );
+        if let Some(listener) = listener {
+            let task = tokio::spawn(accept_loop(node.clone(), listener));
+            *node.accept_task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        }
+        *current = Some(node.clone());
+        Ok(node)
+    }
+
+    /// Stops listening, removes the socket file and forgets the node.
+    pub fn stop(&self) {
+        if let Some(task) = self.accept_task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+        if let Some(path) = &self.socket {
+            // The listener removes its file when dropped; the abort above
+            // drops it only when the task is next polled, so remove it now.
+            let _ = std::fs::remove_file(path);
+        }
+        let mut current = CURRENT.write().unwrap_or_else(|e| e.into_inner());
+        if current.as_ref().is_some_and(|node| std::ptr::eq(Arc::as_ptr(node), self)) {
+            *current = None;
+        }
+    }
+
+    pub fn add_service(&self, name: &str, service: Arc<dyn Service>) {
+        self.services
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), service);
+    }
+
+    pub fn dispatch(&self, request: &Request<'_>) -> Result<Dispatch, WireError> {
+        if request.incarnation != self.identity.incarnation {
+            return Err(WireError::StaleIncarnation {
+                requested: request.incarnation,
+                current: self.identity.incarnation,
+            });
+        }
+        let services = self.services.read().unwrap_or_else(|e| e.into_inner());
+        let service = services.get(request.actor).ok_or_else(|| WireError::UnknownActor {
+            actor: request.actor.to_owned(),
+        })?;
+        service.dispatch(request.tag, request.payload, request.reply)
+    }
+
+    /// The connection to `member`'s process, opened on first use.
+    pub async fn link_to(self: &Arc<Self>, member: &Member) -> Result<Arc<Link>, String> {
+        let cell = {
+            let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+            let existing = match links.get(&member.path) {
+                Some(slot) if slot.incarnation == member.incarnation => match slot.link.get() {
+                    Some(link) if !link.is_closed() => return Ok(link.clone()),
+                    Some(_closed) => None,
+                    None => Some(slot.link.clone()),
+                },
+                _ => None,
+            };
+            existing.unwrap_or_else(|| {
+                let link = Arc::new(OnceCell::new());
+                links.insert(
+                    member.path.clone(),
+                    Slot {
+                        incarnation: member.incarnation,
+                        link: link.clone(),
+                    },
+                );
+                link
+            })
+        };
+        let socket = member
+            .socket
+            .clone()
+            .ok_or_else(|| format!("{} does not listen", member.path))?;
+        let link = cell
+            .get_or_try_init(|| {
+                let node = self.clone();
+                let path = member.path.clone();
+                async move {
+                    // Connections live on the node's runtime, whichever thread asks.
+                    node.runtime
+                        .clone()
+                        .spawn(async move {
+                            let stream = transport::connect(&socket)
+                                .await
+                                .map_err(|e| format!("cannot connect to {path} at {socket}: {e}"))?;
+                            connection::establish(node, stream, Side::Caller)
+                                .await
+                                .map_err(|e| format!("handshake with {path} failed: {e}"))
+                        })
+                        .await
+                        .map_err(|e| format!("connecting task failed: {e}"))?
+                }
+            })
+            .await?;
+        if link.is_closed() {
+            return Err(format!("connection to {} closed", member.path));
+        }
+        Ok(link.clone())
+    }
+
+    /// Adopts a connection a peer opened, so traffic back to it reuses it.
+    pub(crate) fn adopt(&self, link: &Arc<Link>) {
+        if link.is_closed() {
+            return;
+        }
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = || Slot {
+            incarnation: link.peer.incarnation,
+            link: Arc::new(OnceCell::new_with(Some(link.clone()))),
+        };
+        match links.get(&link.peer.path) {
+            Some(slot) if slot.incarnation == link.peer.incarnation => {
+                if slot.link.get().is_some_and(|l| l.is_closed()) {
+                    links.insert(link.peer.path.clone(), fresh());
+                }
+            }
+            _ => {
+                links.insert(link.peer.path.clone(), fresh());
+            }
+        }
+    }
+
+    /// The connection to an already connected peer, by path.
+    pub fn link_for(&self, path: &str, incarnation: u64) -> Option<Arc<Link>> {
+        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = links.get(path).filter(|slot| slot.incarnation == incarnation)?;
+        slot.link.get().filter(|link| !link.is_closed()).cloned()
+    }
+
+    pub(crate) fn link_closed(&self, link: &Arc<Link>) {
+        {
+            let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+            let same = links
+                .get(&link.peer.path)
+                .and_then(|slot| slot.link.get())
+                .is_some_and(|l| Arc::ptr_eq(l, link));
+            if same {
+                links.remove(&link.peer.path);
+            }
+        }
+        if let Some(registry) = self.registry.get() {
+            registry.do_send(PeerGone {
+                path: link.peer.path.clone(),
+                incarnation: link.peer.incarnation,
+            });
+        } else if link.peer.path == self.master.0 {
+            warn!("lost the connection to the master; stopping");
+            self.master_lost.notify_one();
+        }
+    }
+}
+
+async fn accept_loop(node: Arc<Node>, listener: Listener) {
+    loop {
+        let stream = match transport::accept(&listener).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                warn!(%error, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            match connection::establish(node.clone(), stream, Side::Listener).await {
+                Ok(link) => {
+                    tracing::debug!(peer = %link.peer.path, incarnation = link.peer.incarnation, "accepted a connection");
+                    node.adopt(&link);
+                }
+                Err(error) => warn!(%error, "refused a connection"),
+            }
+        });
+    }
+}

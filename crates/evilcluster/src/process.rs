@@ -1,0 +1,157 @@
+//! Starting children, and a child's ties to its parent.
+//!
+//! A child is this same executable started again, with the user's own
+//! arguments and `EVILCLUSTER_*` variables saying what it is. Its standard
+//! input is a pipe from the parent (the control pipe): the first line carries
+//! the cluster cookie, so the secret never sits in the environment, and end
+//! of file means the parent is gone or wants it to stop.
+
+use std::io::BufRead;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use evilcluster_wire::Cookie;
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::role::{env, ChildEnv};
+use crate::{Error, Role};
+
+/// What a parent tells a new child.
+pub(crate) struct Launch<'a> {
+    pub role: &'a Role,
+    pub path: &'a str,
+    pub incarnation: u64,
+    pub master_socket: &'a str,
+    pub socket_dir: &'a std::path::Path,
+    pub cookie: &'a Cookie,
+}
+
+/// A running child and the write end of its control pipe.
+pub(crate) struct ChildProcess {
+    pub path: String,
+    pub pid: u32,
+    child: Child,
+    control: Option<ChildStdin>,
+}
+
+/// Starts a child. Call it from the thread that outlives the child (the
+/// runtime's own thread): Linux ties the child's parent-death signal to
+/// the thread that forked it.
+pub(crate) async fn launch(launch: Launch<'_>) -> Result<ChildProcess, Error> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("cannot find the current executable", e))?;
+    let mut command = Command::new(exe);
+    command
+        .args(std::env::args_os().skip(1))
+        .stdin(Stdio::piped())
+        .kill_on_drop(true);
+    for name in env::ALL {
+        command.env_remove(name);
+    }
+    let (kind, worker, fork) = match launch.role {
+        Role::Master => unreachable!("the master is never launched"),
+        Role::Spawn { name } => ("spawn", name, None),
+        Role::Fork { name, number, of } => ("fork", name, Some((number, of))),
+    };
+    command
+        .env(env::ROLE, kind)
+        .env(env::WORKER, worker)
+        .env(env::PATH, launch.path)
+        .env(env::INCARNATION, launch.incarnation.to_string())
+        .env(env::MASTER, launch.master_socket)
+        .env(env::SOCKET_DIR, launch.socket_dir)
+        .env(env::PARENT, std::process::id().to_string());
+    if let Some((number, of)) = fork {
+        command.env(env::FORK, number.to_string()).env(env::FORKS, of.to_string());
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| Error::io(format!("cannot start {}", launch.path), e))?;
+    let pid = child.id().unwrap_or_default();
+    let mut control = child.stdin.take().expect("stdin is piped");
+    let line = format!("{}\n", hex::encode(launch.cookie.as_bytes()));
+    if let Err(error) = control.write_all(line.as_bytes()).await {
+        // The child died at once; its exit status tells the supervisor why.
+        warn!(path = launch.path, %error, "could not hand the cookie to the child");
+    }
+    Ok(ChildProcess {
+        path: launch.path.to_owned(),
+        pid,
+        child,
+        control: Some(control),
+    })
+}
+
+impl ChildProcess {
+    /// Waits for the child to exit on its own.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Asks the child to stop (end of file on its control pipe), then kills
+    /// it if it is still running after `grace`.
+    pub async fn stop(&mut self, grace: Duration) -> std::io::Result<ExitStatus> {
+        self.control.take();
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                warn!(path = %self.path, pid = self.pid, ?grace, "did not stop in time; killing it");
+                self.child.kill().await?;
+                self.child.wait().await
+            }
+        }
+    }
+}
+
+/// Why a child stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// The control pipe closed: the parent asked, or the parent is gone.
+    ControlClosed,
+}
+
+/// A child's first steps: die with the parent, and read the cookie.
+///
+/// Returns the cookie and a channel that yields once the control pipe closes.
+pub(crate) fn attach_to_parent(env: &ChildEnv, grace: Duration) -> Result<(Cookie, mpsc::UnboundedReceiver<StopReason>), Error> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+            .map_err(|e| Error::io("cannot set the parent-death signal", e.into()))?;
+        // The parent may have died before the line above: then we were
+        // re-parented already and the signal will never come.
+        let parent = rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32);
+        if parent != Some(env.parent) {
+            return Err(Error::Environment(format!(
+                "parent process {} is gone (parent is now {parent:?})",
+                env.parent
+            )));
+        }
+    }
+    let mut input = std::io::stdin().lock();
+    let mut line = String::new();
+    input
+        .read_line(&mut line)
+        .map_err(|e| Error::io("cannot read the control pipe", e))?;
+    let cookie = hex::decode(line.trim())
+        .map_err(|_| Error::Environment("the control pipe did not start with a cookie".into()))?;
+    drop(input);
+    let (stop, stopped) = mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("evilcluster-control".into())
+        .spawn(move || {
+            // Nothing else is ever written: reading returns at end of file.
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut sink);
+            let _ = stop.send(StopReason::ControlClosed);
+            // The graceful path has `grace` to finish; after that, go anyway
+            // rather than outlive the parent.
+            std::thread::sleep(grace);
+            warn!("parent gone and the graceful stop did not finish in time; exiting");
+            std::process::exit(1);
+        })
+        .map_err(|e| Error::io("cannot start the control thread", e))?;
+    Ok((Cookie::new(cookie), stopped))
+}

@@ -1,0 +1,201 @@
+use std::collections::HashMap;
+
+use actix::dev::ToEnvelope;
+use actix::{Actor, Addr, Context, Handler, Message};
+use evilcluster_wire::WireError;
+use futures_util::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// A message that can cross process boundaries.
+///
+/// `TAG` names it on the wire. It must be stable across builds and unique
+/// among the messages of one actor: two builds of the same program agree on
+/// it, whatever the compiler calls the type.
+///
+/// ```
+/// use evilcluster::prelude::*;
+///
+/// #[derive(Message, Serialize, Deserialize)]
+/// #[rtype(result = "Option<String>")]
+/// struct Get(String);
+///
+/// impl RemoteMessage for Get {
+///     const TAG: &'static str = "datastore.get";
+/// }
+/// ```
+pub trait RemoteMessage: Message + Serialize + DeserializeOwned + Send + 'static {
+    /// The message's stable name on the wire.
+    const TAG: &'static str;
+}
+
+/// Implements [`RemoteMessage`] for several types at once.
+///
+/// ```
+/// use evilcluster::prelude::*;
+///
+/// #[derive(Message, Serialize, Deserialize)]
+/// #[rtype(result = "()")]
+/// struct Put(String, String);
+/// #[derive(Message, Serialize, Deserialize)]
+/// #[rtype(result = "Option<String>")]
+/// struct Get(String);
+///
+/// evilcluster::remote_messages! {
+///     Put => "datastore.put",
+///     Get => "datastore.get",
+/// }
+/// ```
+#[macro_export]
+macro_rules! remote_messages {
+    ($($message:ty => $tag:expr),+ $(,)?) => {
+        $(impl $crate::RemoteMessage for $message {
+            const TAG: &'static str = $tag;
+        })+
+    };
+}
+
+/// An actix actor that other processes can reach by name.
+///
+/// ```
+/// use evilcluster::prelude::*;
+///
+/// #[derive(Default)]
+/// struct Counter(u64);
+/// impl Actor for Counter {
+///     type Context = Context<Self>;
+/// }
+///
+/// #[derive(Message, Serialize, Deserialize)]
+/// #[rtype(result = "u64")]
+/// struct Add(u64);
+/// evilcluster::remote_messages! { Add => "counter.add" }
+///
+/// impl Handler<Add> for Counter {
+///     type Result = u64;
+///     fn handle(&mut self, Add(n): Add, _: &mut Context<Self>) -> u64 {
+///         self.0 += n;
+///         self.0
+///     }
+/// }
+///
+/// impl RemoteActor for Counter {
+///     const NAME: &'static str = "counter";
+///     fn routes(routes: &mut Routes<Self>) {
+///         routes.handle::<Add>();
+///     }
+/// }
+/// ```
+pub trait RemoteActor: Actor<Context = Context<Self>> {
+    /// The actor's stable name in the cluster, also its worker's name.
+    const NAME: &'static str;
+
+    /// Lists the messages other processes may send it. A message the actor
+    /// handles but does not list here is refused with
+    /// [`SendError::UnknownMessage`](crate::SendError::UnknownMessage).
+    fn routes(routes: &mut Routes<Self>);
+
+    /// Mailbox capacity of the hosting process's instance. Remote callers
+    /// pipeline requests, so it is far above actix's default of 16.
+    fn mailbox_capacity() -> usize {
+        DEFAULT_MAILBOX_CAPACITY
+    }
+}
+
+/// Default mailbox capacity of a hosted actor. Large enough that a send
+/// never parks the caller, which is what keeps a connection's messages in
+/// order; each connection bounds its own requests in flight instead.
+pub const DEFAULT_MAILBOX_CAPACITY: usize = 1 << 20;
+
+/// The outcome of dispatching one request to a local service.
+pub(crate) type Dispatch = Option<BoxFuture<'static, Result<Vec<u8>, WireError>>>;
+
+/// Something hosted by this process that requests can name: a user's actor
+/// or one of the runtime's own services.
+pub(crate) trait Service: Send + Sync {
+    /// Decodes and queues one message. `Ok(None)` when no reply is wanted.
+    fn dispatch(&self, tag: &str, payload: &[u8], reply: bool) -> Result<Dispatch, WireError>;
+}
+
+type Route<A> = Box<dyn Fn(&Addr<A>, &[u8], bool) -> Result<Dispatch, WireError> + Send + Sync>;
+
+/// The messages a [`RemoteActor`] answers, filled in by [`RemoteActor::routes`].
+pub struct Routes<A: Actor> {
+    table: HashMap<&'static str, (&'static str, Route<A>)>,
+}
+
+impl<A: RemoteActor> Routes<A> {
+    pub(crate) fn collect() -> Self {
+        let mut routes = Routes { table: HashMap::new() };
+        A::routes(&mut routes);
+        routes
+    }
+
+    /// Accepts `M` from other processes.
+    ///
+    /// # Panics
+    /// If another message of this actor already uses `M::TAG`.
+    pub fn handle<M>(&mut self) -> &mut Self
+    where
+        A: Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: RemoteMessage,
+        M::Result: Serialize + Send,
+    {
+        let route: Route<A> = Box::new(|addr, payload, reply| {
+            let message: M = rmp_serde::from_slice(payload).map_err(|e| WireError::Decode {
+                tag: M::TAG.to_owned(),
+                detail: e.to_string(),
+            })?;
+            if !reply {
+                // Same queue as `send`, so do_send and send stay in order.
+                addr.do_send(message);
+                return Ok(None);
+            }
+            let pending = addr.send(message);
+            Ok(Some(Box::pin(async move {
+                let result = pending.await.map_err(|_| WireError::MailboxClosed {
+                    actor: A::NAME.to_owned(),
+                })?;
+                rmp_serde::to_vec(&result).map_err(|e| WireError::Encode {
+                    tag: M::TAG.to_owned(),
+                    detail: e.to_string(),
+                })
+            })))
+        });
+        let name = std::any::type_name::<M>();
+        if let Some((previous, _)) = self.table.insert(M::TAG, (name, route)) {
+            panic!(
+                "{} routes two messages with tag `{}`: {previous} and {name}",
+                A::NAME,
+                M::TAG
+            );
+        }
+        self
+    }
+}
+
+/// A hosted actor, seen as a service.
+pub(crate) struct ActorService<A: RemoteActor> {
+    addr: Addr<A>,
+    routes: Routes<A>,
+}
+
+impl<A: RemoteActor> ActorService<A> {
+    pub fn new(addr: Addr<A>) -> Self {
+        ActorService {
+            addr,
+            routes: Routes::collect(),
+        }
+    }
+}
+
+impl<A: RemoteActor> Service for ActorService<A> {
+    fn dispatch(&self, tag: &str, payload: &[u8], reply: bool) -> Result<Dispatch, WireError> {
+        let (_, route) = self.routes.table.get(tag).ok_or_else(|| WireError::UnknownMessage {
+            actor: A::NAME.to_owned(),
+            tag: tag.to_owned(),
+        })?;
+        route(&self.addr, payload, reply)
+    }
+}

@@ -1,0 +1,153 @@
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use crate::Error;
+
+/// The environment variables a parent sets for a child. One prefix, so a
+/// user's own variables never collide with them.
+pub(crate) mod env {
+    pub const ROLE: &str = "EVILCLUSTER_ROLE";
+    pub const WORKER: &str = "EVILCLUSTER_WORKER";
+    pub const FORK: &str = "EVILCLUSTER_FORK";
+    pub const FORKS: &str = "EVILCLUSTER_FORKS";
+    pub const PATH: &str = "EVILCLUSTER_PATH";
+    pub const INCARNATION: &str = "EVILCLUSTER_INCARNATION";
+    pub const MASTER: &str = "EVILCLUSTER_MASTER";
+    pub const SOCKET_DIR: &str = "EVILCLUSTER_SOCKET_DIR";
+    pub const PARENT: &str = "EVILCLUSTER_PARENT";
+    pub const ALL: [&str; 9] = [ROLE, WORKER, FORK, FORKS, PATH, INCARNATION, MASTER, SOCKET_DIR, PARENT];
+}
+
+/// What this process is in the cluster's tree.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The process the user started; it spawns and supervises the workers.
+    Master,
+    /// A worker spawned by the master.
+    Spawn {
+        /// The worker's name.
+        name: String,
+    },
+    /// One of the forks of a spawned worker.
+    Fork {
+        /// The worker's name.
+        name: String,
+        /// This fork's number, from 1 to `of`.
+        number: u32,
+        /// How many forks the worker has.
+        of: u32,
+    },
+}
+
+impl Role {
+    /// The worker's name, or `None` in the master.
+    pub fn worker(&self) -> Option<&str> {
+        match self {
+            Role::Master => None,
+            Role::Spawn { name } | Role::Fork { name, .. } => Some(name),
+        }
+    }
+
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Role::Master => "master",
+            Role::Spawn { .. } => "spawn",
+            Role::Fork { .. } => "fork",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Master => f.write_str("master"),
+            Role::Spawn { name } => write!(f, "spawn `{name}`"),
+            Role::Fork { name, number, of } => write!(f, "fork {number}/{of} of `{name}`"),
+        }
+    }
+}
+
+/// Everything a child learns from its parent's environment.
+#[derive(Debug, Clone)]
+pub(crate) struct ChildEnv {
+    pub role: Role,
+    pub path: String,
+    pub incarnation: u64,
+    pub master_socket: String,
+    pub socket_dir: PathBuf,
+    pub parent: u32,
+}
+
+fn var(name: &str) -> Result<String, Error> {
+    std::env::var(name).map_err(|_| Error::Environment(format!("{name} is missing or not UTF-8")))
+}
+
+fn number<T: std::str::FromStr>(name: &str) -> Result<T, Error> {
+    let text = var(name)?;
+    text.parse()
+        .map_err(|_| Error::Environment(format!("{name}={text:?} is not a number")))
+}
+
+impl ChildEnv {
+    /// `Ok(None)` in the master (no role variable at all).
+    pub fn from_env() -> Result<Option<ChildEnv>, Error> {
+        let Ok(kind) = std::env::var(env::ROLE) else {
+            return Ok(None);
+        };
+        let name = var(env::WORKER)?;
+        let role = match kind.as_str() {
+            "spawn" => Role::Spawn { name },
+            "fork" => Role::Fork {
+                name,
+                number: number(env::FORK)?,
+                of: number(env::FORKS)?,
+            },
+            other => return Err(Error::Environment(format!("{}={other:?} is not a role", env::ROLE))),
+        };
+        Ok(Some(ChildEnv {
+            role,
+            path: var(env::PATH)?,
+            incarnation: number(env::INCARNATION)?,
+            master_socket: var(env::MASTER)?,
+            socket_dir: PathBuf::from(var(env::SOCKET_DIR)?),
+            parent: number(env::PARENT)?,
+        }))
+    }
+}
+
+/// This process's role, read once from the environment the parent set.
+///
+/// # Panics
+/// If the `EVILCLUSTER_*` variables are present but malformed: such a
+/// process was not started by evilcluster, and guessing would be worse.
+pub fn role() -> &'static Role {
+    static ROLE: OnceLock<Role> = OnceLock::new();
+    ROLE.get_or_init(|| match ChildEnv::from_env() {
+        Ok(None) => Role::Master,
+        Ok(Some(child)) => child.role,
+        Err(error) => panic!("{error}"),
+    })
+}
+
+/// `true` in the process the user started (the original's `isMain`).
+pub fn is_master() -> bool {
+    matches!(role(), Role::Master)
+}
+
+/// `true` in a worker spawned by the master (the original's `isSpawn`).
+pub fn is_spawn() -> bool {
+    matches!(role(), Role::Spawn { .. })
+}
+
+/// `true` in a fork of a spawned worker (the original's `isFork`).
+pub fn is_fork() -> bool {
+    matches!(role(), Role::Fork { .. })
+}
+
+/// This fork's number (1-based) and the fork count, or `None` outside a fork.
+pub fn fork_number() -> Option<(u32, u32)> {
+    match role() {
+        Role::Fork { number, of, .. } => Some((*number, *of)),
+        _ => None,
+    }
+}

@@ -1,0 +1,66 @@
+//! Local sockets through `interprocess`: Unix domain sockets in a private
+//! directory on Unix, named pipes on Windows.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use interprocess::local_socket::tokio::{Listener, Stream};
+use interprocess::local_socket::traits::tokio::{Listener as _, Stream as _};
+use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Binds a listener on `path` (a socket file inside the cluster's private directory).
+pub(crate) fn listen(path: &str) -> io::Result<Listener> {
+    let name = path.to_fs_name::<GenericFilePath>()?;
+    ListenerOptions::new().name(name).create_tokio()
+}
+
+/// Connects to a listener bound by [`listen`].
+pub(crate) async fn connect(path: &str) -> io::Result<Stream> {
+    let name = path.to_fs_name::<GenericFilePath>()?;
+    Stream::connect(name).await
+}
+
+pub(crate) async fn accept(listener: &Listener) -> io::Result<Stream> {
+    listener.accept().await
+}
+
+/// One half of a stream shared by its reader and its writer task.
+///
+/// `interprocess` reads and writes through `&Stream`, so both halves hold the
+/// same `Arc` instead of splitting the stream.
+pub(crate) struct SharedStream(pub Arc<Stream>);
+
+impl AsyncRead for SharedStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SharedStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut &*self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut &*self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        (&*self.0).is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self.0).poll_shutdown(cx)
+    }
+}

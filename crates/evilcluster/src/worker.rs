@@ -1,0 +1,149 @@
+//! Declaring the workers of a cluster.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+
+use futures_util::future::LocalBoxFuture;
+
+use crate::remote::{ActorService, RemoteActor, Service};
+
+/// What a task worker's function returns.
+pub type TaskResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+pub(crate) type Host = Box<dyn FnOnce() -> Arc<dyn Service>>;
+pub(crate) type Task = Box<dyn FnOnce() -> LocalBoxFuture<'static, TaskResult>>;
+
+pub(crate) enum Body {
+    Actor {
+        name: &'static str,
+        type_name: &'static str,
+        host: Host,
+    },
+    Task(Task),
+}
+
+/// One worker of the tree: a spawned process hosting an actor or running a
+/// task, optionally forked into several copies.
+///
+/// The same `main` runs in every process, so the declaration (options
+/// included) is built the same way everywhere; only the process whose role
+/// it is runs the actor or the task.
+pub struct Worker {
+    pub(crate) name: String,
+    pub(crate) forks: u32,
+    pub(crate) disabled: bool,
+    pub(crate) options: Option<Arc<dyn Any + Send + Sync>>,
+    pub(crate) body: Body,
+}
+
+impl Worker {
+    /// A worker hosting `A`, built with `A::default()`, named `A::NAME`.
+    pub fn actor<A: RemoteActor + Default>() -> Self {
+        Self::actor_with(A::default)
+    }
+
+    /// A worker hosting `A`, built by `make` in the hosting process only.
+    pub fn actor_with<A: RemoteActor>(make: impl FnOnce() -> A + 'static) -> Self {
+        let host: Host = Box::new(move || {
+            let addr = A::create(|ctx| {
+                ctx.set_mailbox_capacity(A::mailbox_capacity());
+                make()
+            });
+            Arc::new(ActorService::new(addr))
+        });
+        Worker {
+            name: A::NAME.to_owned(),
+            forks: 0,
+            disabled: false,
+            options: None,
+            body: Body::Actor {
+                name: A::NAME,
+                type_name: short_type_name::<A>(),
+                host,
+            },
+        }
+    }
+
+    /// A worker that hosts no actor and runs `task` to completion; it may
+    /// call any actor of the cluster. `Ok` ends the process normally, `Err`
+    /// abnormally.
+    pub fn task<F, Fut>(name: impl Into<String>, task: F) -> Self
+    where
+        F: FnOnce() -> Fut + 'static,
+        Fut: Future<Output = TaskResult> + 'static,
+    {
+        Worker {
+            name: name.into(),
+            forks: 0,
+            disabled: false,
+            options: None,
+            body: Body::Task(Box::new(move || Box::pin(task()))),
+        }
+    }
+
+    /// Runs `n` forks of this worker instead of one process; the spawn
+    /// supervises them, and sends to the worker's actor are balanced over
+    /// them round robin. `0` (the default) means no forks.
+    pub fn forks(mut self, n: u32) -> Self {
+        self.forks = n;
+        self
+    }
+
+    /// Declares the worker without starting it; its options stay readable.
+    pub fn disable(mut self, disabled: bool) -> Self {
+        self.disabled = disabled;
+        self
+    }
+
+    /// Typed options for this worker, read in its processes with
+    /// [`options`](crate::options) and anywhere with [`options_of`](crate::options_of).
+    pub fn options<T: Any + Send + Sync>(mut self, options: T) -> Self {
+        self.options = Some(Arc::new(options));
+        self
+    }
+
+    /// The worker's name: its actor's `NAME`, or the task's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn type_name(&self) -> Option<&'static str> {
+        match &self.body {
+            Body::Actor { type_name, .. } => Some(type_name),
+            Body::Task(_) => None,
+        }
+    }
+}
+
+fn short_type_name<T>() -> &'static str {
+    let full = std::any::type_name::<T>();
+    let base = full.split('<').next().unwrap_or(full);
+    base.rsplit("::").next().unwrap_or(base)
+}
+
+type OptionsTable = HashMap<String, Arc<dyn Any + Send + Sync>>;
+
+static OPTIONS: OnceLock<(Option<String>, OptionsTable)> = OnceLock::new();
+
+pub(crate) fn publish_options(own: Option<&str>, workers: &[Worker]) {
+    let table = workers
+        .iter()
+        .filter_map(|w| Some((w.name.clone(), w.options.clone()?)))
+        .collect();
+    let _ = OPTIONS.set((own.map(str::to_owned), table));
+}
+
+/// This worker's options, as declared with [`Worker::options`]; `None` in the
+/// master, before the cluster runs, or if the type differs.
+pub fn options<T: Any + Send + Sync>() -> Option<Arc<T>> {
+    let (own, _) = OPTIONS.get()?;
+    options_of(own.as_deref()?)
+}
+
+/// The options of any declared worker, disabled ones included.
+pub fn options_of<T: Any + Send + Sync>(worker: &str) -> Option<Arc<T>> {
+    let (_, table) = OPTIONS.get()?;
+    table.get(worker)?.clone().downcast().ok()
+}
