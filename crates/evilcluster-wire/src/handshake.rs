@@ -216,10 +216,19 @@ pub async fn accept<T: AsyncRead + AsyncWrite + Unpin>(
     if let Err(error) = &result {
         if matches!(
             error,
-            HandshakeError::Version { .. } | HandshakeError::Cluster { .. } | HandshakeError::BadProof | HandshakeError::Malformed(_)
+            HandshakeError::Version { .. }
+                | HandshakeError::Cluster { .. }
+                | HandshakeError::BadProof
+                | HandshakeError::Malformed(_)
         ) {
             // Best effort: the peer may already be gone.
-            let _ = send(framed, &Message::Refused { reason: error.to_string() }).await;
+            let _ = send(
+                framed,
+                &Message::Refused {
+                    reason: error.to_string(),
+                },
+            )
+            .await;
         }
     }
     result

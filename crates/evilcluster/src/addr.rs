@@ -105,10 +105,7 @@ impl<A: RemoteActor> RemoteAddr<A> {
         M: RemoteMessage,
         M::Result: DeserializeOwned + Send,
     {
-        SendRequest {
-            addr: *self,
-            message,
-        }
+        SendRequest { addr: *self, message }
     }
 
     /// Sends `message` without waiting for a result. Returns once the message
@@ -140,14 +137,11 @@ impl<A: RemoteActor> RemoteAddr<A> {
                 },
                 waited,
             })?;
-        let link = node
-            .link_to(&member)
-            .await
-            .map_err(|reason| SendError::Disconnected {
-                actor: A::NAME,
-                path: member.path.clone(),
-                reason,
-            })?;
+        let link = node.link_to(&member).await.map_err(|reason| SendError::Disconnected {
+            actor: A::NAME,
+            path: member.path.clone(),
+            reason,
+        })?;
         Ok((link, member.incarnation))
     }
 }
@@ -207,7 +201,10 @@ pub(crate) fn encode<T: Serialize>(tag: &'static str, value: &T) -> Result<Vec<u
     })
 }
 
-type Waiter = Option<(u64, tokio::sync::oneshot::Receiver<Result<Bytes, evilcluster_wire::WireError>>)>;
+type Waiter = Option<(
+    u64,
+    tokio::sync::oneshot::Receiver<Result<Bytes, evilcluster_wire::WireError>>,
+)>;
 
 fn queue(
     link: &Link,

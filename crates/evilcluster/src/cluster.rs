@@ -107,14 +107,23 @@ impl Cluster {
 
     fn validate(&self) -> Result<()> {
         if self.name.is_empty() || self.name.contains('/') {
-            return Err(Error::Declaration(format!("cluster name {:?} must be non-empty, without '/'", self.name)));
+            return Err(Error::Declaration(format!(
+                "cluster name {:?} must be non-empty, without '/'",
+                self.name
+            )));
         }
         for (index, worker) in self.workers.iter().enumerate() {
             if worker.name.is_empty() || worker.name.contains('/') {
-                return Err(Error::Declaration(format!("worker name {:?} must be non-empty, without '/'", worker.name)));
+                return Err(Error::Declaration(format!(
+                    "worker name {:?} must be non-empty, without '/'",
+                    worker.name
+                )));
             }
             if self.workers[..index].iter().any(|w| w.name == worker.name) {
-                return Err(Error::Declaration(format!("worker `{}` is declared twice", worker.name)));
+                return Err(Error::Declaration(format!(
+                    "worker `{}` is declared twice",
+                    worker.name
+                )));
             }
         }
         Ok(())
@@ -309,7 +318,12 @@ pub struct ClusterHandle {
 impl ClusterHandle {
     /// The tree as it is now, rendered as text.
     pub fn tree(&self) -> String {
-        tree::render(&self.name, std::process::id(), &self.declared, &self.node.directory.members())
+        tree::render(
+            &self.name,
+            std::process::id(),
+            &self.declared,
+            &self.node.directory.members(),
+        )
     }
 
     /// Stops every worker in reverse start order (graceful, then killed after
@@ -318,7 +332,8 @@ impl ClusterHandle {
         supervisor::stop_all(&mut self.children).await;
         self.node.stop();
         if let Some(dir) = self.socket_dir.take() {
-            dir.close().map_err(|e| Error::io("cannot remove the socket directory", e))?;
+            dir.close()
+                .map_err(|e| Error::io("cannot remove the socket directory", e))?;
         }
         info!("cluster stopped");
         Ok(())
@@ -481,7 +496,15 @@ async fn join(node: &Arc<Node>) -> Result<Arc<Link>> {
 
 async fn announce(master: &Link, member: Member) -> Result<()> {
     let payload = encode(Announce::TAG, &Announce(member))?;
-    call(master, REGISTRY, Announce::TAG, master.peer.incarnation, &payload, Duration::from_secs(30)).await?;
+    call(
+        master,
+        REGISTRY,
+        Announce::TAG,
+        master.peer.incarnation,
+        &payload,
+        Duration::from_secs(30),
+    )
+    .await?;
     info!("ready");
     Ok(())
 }

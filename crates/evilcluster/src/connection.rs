@@ -200,7 +200,10 @@ fn random_nonce() -> [u8; NONCE_LEN] {
     nonce
 }
 
-async fn write_loop(mut io: FramedWrite<SharedStream, LengthDelimitedCodec>, mut queue: mpsc::UnboundedReceiver<Bytes>) {
+async fn write_loop(
+    mut io: FramedWrite<SharedStream, LengthDelimitedCodec>,
+    mut queue: mpsc::UnboundedReceiver<Bytes>,
+) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     while queue.recv_many(&mut batch, WRITE_BATCH).await > 0 {
         for frame in batch.drain(..) {

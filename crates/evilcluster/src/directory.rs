@@ -133,10 +133,7 @@ impl Directory {
                 let turn = entry.next.fetch_add(1, Ordering::Relaxed);
                 entry.hosts[turn % entry.hosts.len()]
             }
-            Pick::Fork(number) => *entry
-                .hosts
-                .iter()
-                .find(|&&i| current.members[i].fork == Some(number))?,
+            Pick::Fork(number) => *entry.hosts.iter().find(|&&i| current.members[i].fork == Some(number))?,
         };
         Some(current.members[index].clone())
     }

@@ -135,7 +135,10 @@ impl Node {
             let _ = std::fs::remove_file(path);
         }
         let mut current = CURRENT.write().unwrap_or_else(|e| e.into_inner());
-        if current.as_ref().is_some_and(|node| std::ptr::eq(Arc::as_ptr(node), self)) {
+        if current
+            .as_ref()
+            .is_some_and(|node| std::ptr::eq(Arc::as_ptr(node), self))
+        {
             *current = None;
         }
     }

@@ -64,7 +64,9 @@ pub(crate) async fn launch(launch: Launch<'_>) -> Result<ChildProcess, Error> {
         .env(env::SOCKET_DIR, launch.socket_dir)
         .env(env::PARENT, std::process::id().to_string());
     if let Some((number, of)) = fork {
-        command.env(env::FORK, number.to_string()).env(env::FORKS, of.to_string());
+        command
+            .env(env::FORK, number.to_string())
+            .env(env::FORKS, of.to_string());
     }
     let mut child = command
         .spawn()
@@ -115,7 +117,10 @@ pub(crate) enum StopReason {
 /// A child's first steps: die with the parent, and read the cookie.
 ///
 /// Returns the cookie and a channel that yields once the control pipe closes.
-pub(crate) fn attach_to_parent(env: &ChildEnv, grace: Duration) -> Result<(Cookie, mpsc::UnboundedReceiver<StopReason>), Error> {
+pub(crate) fn attach_to_parent(
+    env: &ChildEnv,
+    grace: Duration,
+) -> Result<(Cookie, mpsc::UnboundedReceiver<StopReason>), Error> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
         rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))

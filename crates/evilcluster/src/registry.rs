@@ -98,12 +98,13 @@ impl Registry {
         let snapshot = self.snapshot();
         let payload = rmp_serde::to_vec(&snapshot).expect("a snapshot always encodes");
         node.directory.apply(snapshot);
-        self.subscribers.retain(|(path, incarnation)| match node.link_for(path, *incarnation) {
-            Some(link) => link
-                .request(DIRECTORY, SNAPSHOT_TAG, *incarnation, &payload, false)
-                .is_ok(),
-            None => false,
-        });
+        self.subscribers
+            .retain(|(path, incarnation)| match node.link_for(path, *incarnation) {
+                Some(link) => link
+                    .request(DIRECTORY, SNAPSHOT_TAG, *incarnation, &payload, false)
+                    .is_ok(),
+                None => false,
+            });
     }
 }
 
@@ -126,7 +127,8 @@ impl Handler<Announce> for Registry {
         debug!(path = %member.path, pid = member.pid, actor = ?member.actor, "registered");
         self.members.retain(|m| m.path != member.path);
         self.members.push(member);
-        self.members.sort_by(|a, b| (a.order, a.fork, &a.path).cmp(&(b.order, b.fork, &b.path)));
+        self.members
+            .sort_by(|a, b| (a.order, a.fork, &a.path).cmp(&(b.order, b.fork, &b.path)));
         self.changed();
     }
 }

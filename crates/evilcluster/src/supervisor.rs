@@ -74,10 +74,7 @@ impl Supervised {
 fn watch_child(mut child: ChildProcess, grace: Duration) -> Supervised {
     let (stop, mut stop_requests) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
     let (exit_tx, exited) = watch::channel(None);
-    let supervised = Supervised {
-        stop,
-        exited,
-    };
+    let supervised = Supervised { stop, exited };
     tokio::spawn(async move {
         let (exit, requested) = tokio::select! {
             status = child.wait() => (Exit::from_status(status), None),

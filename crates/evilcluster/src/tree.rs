@@ -26,7 +26,11 @@ pub(crate) fn render(cluster: &str, master_pid: u32, workers: &[Declared], membe
     let mut out = format!("{cluster} (master, pid {master_pid})\n");
     for (index, worker) in workers.iter().enumerate() {
         let last = index + 1 == workers.len();
-        let (branch, indent) = if last { ("└── ", "    ") } else { ("├── ", "│   ") };
+        let (branch, indent) = if last {
+            ("└── ", "    ")
+        } else {
+            ("├── ", "│   ")
+        };
         let path = format!("{cluster}/{}", worker.name);
         let spawn = members.iter().find(|m| m.path == path);
         let _ = write!(out, "{branch}{}", worker.name);
@@ -47,7 +51,11 @@ pub(crate) fn render(cluster: &str, master_pid: u32, workers: &[Declared], membe
         }
         out.push('\n');
         for number in 1..=worker.forks {
-            let fork_branch = if number == worker.forks { "└── " } else { "├── " };
+            let fork_branch = if number == worker.forks {
+                "└── "
+            } else {
+                "├── "
+            };
             let fork_path = format!("{path}/{number}");
             let fork = members.iter().find(|m| m.path == fork_path);
             let _ = write!(out, "{indent}{fork_branch}{number} (fork");
