@@ -64,8 +64,12 @@ pub struct Identity {
     pub incarnation: u64,
 }
 
+/// One handshake message. Public for tools and tests that speak the
+/// protocol by hand; [`connect`] and [`accept`] drive the exchange.
 #[derive(Debug, Serialize, Deserialize)]
-enum Message {
+#[allow(missing_docs)]
+pub enum Message {
+    /// Caller → listener, first.
     Hello {
         version: u16,
         cluster: String,
@@ -74,6 +78,7 @@ enum Message {
         #[serde(with = "serde_bytes")]
         nonce: Vec<u8>,
     },
+    /// Listener → caller: its identity, nonce and proof.
     Challenge {
         path: String,
         incarnation: u64,
@@ -82,14 +87,15 @@ enum Message {
         #[serde(with = "serde_bytes")]
         proof: Vec<u8>,
     },
+    /// Caller → listener: the caller's proof.
     Proof {
         #[serde(with = "serde_bytes")]
         proof: Vec<u8>,
     },
+    /// Listener → caller: accepted.
     Welcome,
-    Refused {
-        reason: String,
-    },
+    /// Either way: refused, and why.
+    Refused { reason: String },
 }
 
 const SERVER_LABEL: &[u8] = b"evilcluster/1 listener proof";
@@ -133,7 +139,8 @@ impl Transcript<'_> {
     }
 }
 
-async fn send<T: AsyncRead + AsyncWrite + Unpin>(
+/// Sends one handshake message.
+pub async fn send<T: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<T, LengthDelimitedCodec>,
     message: &Message,
 ) -> Result<(), HandshakeError> {
@@ -142,7 +149,8 @@ async fn send<T: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-async fn receive<T: AsyncRead + AsyncWrite + Unpin>(
+/// Receives one handshake message.
+pub async fn receive<T: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<T, LengthDelimitedCodec>,
 ) -> Result<Message, HandshakeError> {
     let frame = framed.next().await.ok_or(HandshakeError::Closed)??;

@@ -226,8 +226,9 @@ async fn read_loop(node: &Node, link: &Link, mut frames: FramedRead<SharedStream
             Some((id, result)) = in_flight.next(), if !in_flight.is_empty() => link.reply(id, result),
             frame = frames.next(), if in_flight.len() < MAX_IN_FLIGHT => match frame {
                 None => return "closed by the peer".to_owned(),
+                Some(Err(error)) if is_disconnect(&error) => return format!("connection lost: {error}"),
                 Some(Err(error)) => {
-                    warn!(peer = %link.peer.path, %error, "dropping connection: unreadable frame");
+                    warn!(peer = %link.peer.path, %error, "dropping the connection: unreadable frame");
                     return format!("unreadable frame: {error}");
                 }
                 Some(Ok(body)) => {
@@ -253,6 +254,15 @@ async fn read_loop(node: &Node, link: &Link, mut frames: FramedRead<SharedStream
             },
         }
     }
+}
+
+/// A peer that went away, as opposed to one that sent something wrong.
+fn is_disconnect(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        error.kind(),
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+    )
 }
 
 /// How long a connection may take to prove itself.

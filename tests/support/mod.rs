@@ -1,0 +1,183 @@
+//! Runs the fixture cluster as real processes and reads what its master prints.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// Generous: CI is a loaded 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// One process of the fixture's tree, as its master printed it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub path: String,
+    pub pid: u32,
+    pub incarnation: u64,
+    pub socket: Option<String>,
+}
+
+/// A running fixture master. Dropping it kills the master (its children
+/// die with it) and removes its temp directory.
+pub struct Fixture {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    pub seen: Vec<String>,
+    /// TMPDIR of the cluster: where its socket directory is made.
+    pub tmp: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub fn start(args: &[&str]) -> Fixture {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cluster-fixture"))
+            .args(args)
+            .env("TMPDIR", tmp.path())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the fixture");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Fixture {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            seen: Vec::new(),
+            tmp,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a line starting with `prefix`; panics with everything seen
+    /// if the master ends or the deadline passes first.
+    pub fn expect_line(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with("FAIL") {
+                        panic!("fixture failed: {line}\nall output: {:#?}", self.seen);
+                    }
+                    if line.starts_with(prefix) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("no line {prefix:?} within {DEADLINE:?}; saw {:#?}", self.seen)
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("fixture ended before printing {prefix:?}; saw {:#?}", self.seen)
+                }
+            }
+        }
+    }
+
+    /// Reads the `member` lines up to `ready` (scenario `serve`).
+    pub fn members(&mut self) -> Vec<Member> {
+        self.expect_line("ready");
+        self.seen
+            .iter()
+            .filter_map(|line| {
+                let mut words = line.strip_prefix("member ")?.split(' ');
+                Some(Member {
+                    path: words.next()?.to_owned(),
+                    pid: words.next()?.parse().ok()?,
+                    incarnation: words.next()?.parse().ok()?,
+                    socket: words.next().filter(|s| *s != "-").map(str::to_owned),
+                })
+            })
+            .collect()
+    }
+
+    pub fn command(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("write to the fixture");
+    }
+
+    /// Waits for the master to exit by itself.
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Collect the rest of the output for assertions.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+                    self.seen.push(line);
+                }
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fixture did not exit within {DEADLINE:?}; saw {:#?}",
+                self.seen
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+/// Whether `pid` is a live process (a zombie waiting to be reaped counts as gone).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Polls until `condition` holds, or panics with `what` after the deadline.
+pub fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every file left below `dir`.
+pub fn files_below(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path.clone());
+            }
+            found.push(path);
+        }
+    }
+    found
+}
