@@ -39,3 +39,10 @@ fn a_hundred_thousand_requests_all_get_their_own_reply() {
     fixture.expect_line("ok many_requests");
     assert!(fixture.wait().success(), "{:#?}", fixture.seen);
 }
+
+#[test]
+fn a_request_in_flight_to_a_dying_process_fails_with_disconnected() {
+    let mut fixture = Fixture::start(&["disconnect"]);
+    fixture.expect_line("ok disconnect");
+    assert!(fixture.wait().success(), "{:#?}", fixture.seen);
+}

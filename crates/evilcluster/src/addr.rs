@@ -10,7 +10,7 @@ use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::connection::{Link, LinkError};
+use crate::connection::{Link, LinkError, ReplyWaiter};
 use crate::directory::Pick;
 use crate::node;
 use crate::remote::{RemoteActor, RemoteMessage};
@@ -201,10 +201,7 @@ pub(crate) fn encode<T: Serialize>(tag: &'static str, value: &T) -> Result<Vec<u
     })
 }
 
-type Waiter = Option<(
-    u64,
-    tokio::sync::oneshot::Receiver<Result<Bytes, evilcluster_wire::WireError>>,
-)>;
+type Waiter = Option<ReplyWaiter>;
 
 fn queue(
     link: &Link,

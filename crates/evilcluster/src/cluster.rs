@@ -141,8 +141,12 @@ impl Cluster {
                 let span = info_span!("master", cluster = %self.name, pid = std::process::id());
                 let _entered = span.enter();
                 actix_rt::System::new().block_on(async move {
-                    let cluster = self.start().await?;
-                    shutdown_signal().await;
+                    let mut signal = std::pin::pin!(listen_for_shutdown());
+                    let cluster = match self.start_unless(&mut signal).await {
+                        Err(Error::Interrupted) => return Ok(()),
+                        started => started?,
+                    };
+                    signal.await;
                     info!("shutdown signal received");
                     cluster.shutdown().await
                 })
@@ -176,10 +180,11 @@ impl Cluster {
         let span = info_span!("master", cluster = %self.name, pid = std::process::id());
         let _entered = span.enter();
         actix_rt::System::new().block_on(async move {
-            let cluster = self.start().await?;
+            let mut signal = std::pin::pin!(listen_for_shutdown());
+            let cluster = self.start_unless(&mut signal).await?;
             let outcome = tokio::select! {
                 value = main() => Ok(value),
-                _ = shutdown_signal() => Err(Error::Interrupted),
+                () = signal => Err(Error::Interrupted),
             };
             cluster.shutdown().await?;
             outcome
@@ -191,6 +196,12 @@ impl Cluster {
     /// [`ClusterHandle::shutdown`] to stop it. Children must still call
     /// [`run`](Self::run) (check [`is_master`](crate::is_master) first).
     pub async fn start(self) -> Result<ClusterHandle> {
+        self.start_unless(std::future::pending()).await
+    }
+
+    /// Starts the tree, unless `interrupt` resolves first: then whatever was
+    /// started is stopped and the result is [`Error::Interrupted`].
+    async fn start_unless(self, interrupt: impl Future<Output = ()>) -> Result<ClusterHandle> {
         self.validate()?;
         if let Some(env) = ChildEnv::from_env()? {
             return Err(Error::NotMaster(env.role.to_string()));
@@ -254,22 +265,31 @@ impl Cluster {
             declared,
             socket_dir: Some(socket_dir),
         };
+        let mut interrupt = std::pin::pin!(interrupt);
         for worker in self.workers.iter().filter(|w| !w.disabled) {
             let path = format!("{}/{}", self.name, worker.name);
-            let started = supervisor::start_child(
+            let role = Role::Spawn {
+                name: worker.name.clone(),
+            };
+            let starting = supervisor::start_child(
                 &node,
                 Launch {
-                    role: &Role::Spawn {
-                        name: worker.name.clone(),
-                    },
+                    role: &role,
                     path: &path,
                     incarnation: random_incarnation(),
                     master_socket: &master_socket,
                     socket_dir: &node.socket_dir,
                     cookie: &cookie,
                 },
-            )
-            .await;
+            );
+            let started = tokio::select! {
+                started = starting => started,
+                () = &mut interrupt => {
+                    info!("shutdown signal received while starting");
+                    handle.shutdown().await?;
+                    return Err(Error::Interrupted);
+                }
+            };
             match started {
                 Ok(child) => handle.children.push(child),
                 Err(error) => {
@@ -540,22 +560,33 @@ async fn wait_for_stop(node: &Node, stop_requests: &mut mpsc::UnboundedReceiver<
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
 pub async fn shutdown_signal() {
+    listen_for_shutdown().await
+}
+
+/// Starts listening for SIGINT and SIGTERM now (from then on they no longer
+/// kill the process), and resolves when one arrives.
+fn listen_for_shutdown() -> impl Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = terminate.recv() => {}
-            },
-            Err(error) => {
-                warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the cluster");
-                let _ = tokio::signal::ctrl_c().await;
+        let listen = |kind: SignalKind| {
+            signal(kind)
+                .map_err(|error| warn!(%error, "cannot listen for signal {}", kind.as_raw_value()))
+                .ok()
+        };
+        let (mut interrupt, mut terminate) = (listen(SignalKind::interrupt()), listen(SignalKind::terminate()));
+        async move {
+            tokio::select! {
+                Some(()) = async { interrupt.as_mut()?.recv().await } => {}
+                Some(()) = async { terminate.as_mut()?.recv().await } => {}
+                else => std::future::pending::<()>().await,
             }
         }
     }
     #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn init_tracing() {

@@ -26,6 +26,8 @@ const WRITE_BATCH: usize = 512;
 const READ_BUFFER: usize = 64 * 1024;
 
 pub(crate) type ReplySender = oneshot::Sender<Result<Bytes, WireError>>;
+/// A request's id and where its reply will arrive.
+pub(crate) type ReplyWaiter = (u64, oneshot::Receiver<Result<Bytes, WireError>>);
 
 /// Why a frame could not be queued.
 #[derive(Debug)]
@@ -63,7 +65,7 @@ impl Link {
         incarnation: u64,
         payload: &[u8],
         reply: bool,
-    ) -> Result<Option<(u64, oneshot::Receiver<Result<Bytes, WireError>>)>, LinkError> {
+    ) -> Result<Option<ReplyWaiter>, LinkError> {
         if self.is_closed() {
             return Err(self.closed_error());
         }

@@ -78,7 +78,8 @@ fn watch_child(mut child: ChildProcess, grace: Duration) -> Supervised {
     tokio::spawn(async move {
         let (exit, requested) = tokio::select! {
             status = child.wait() => (Exit::from_status(status), None),
-            Some(done) = stop_requests.recv() => (Exit::from_status(child.stop(grace).await), Some(done)),
+            // A stop request, or every handle dropped: either way, stop it.
+            request = stop_requests.recv() => (Exit::from_status(child.stop(grace).await), request),
         };
         match &exit {
             Exit::Normal => info!(path = %child.path, pid = child.pid, "exited normally"),

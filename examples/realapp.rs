@@ -1,0 +1,544 @@
+//! The original evilcluster's "real example", as a working cluster.
+//!
+//! ```text
+//! myapp (master)
+//! ├── webserverFrontend       2 forks   renders pages, asks the api
+//! ├── webserverApi            2 forks   counts visits and reads profiles in the datastore
+//! ├── inMemoryDatastore       1 process a HashMap<String, String> shared by everyone
+//! └── backgroundTaskManager   task      every few hundred ms, sums the visit counters
+//!                                       into a "report" key, and checks the api
+//! ```
+//!
+//! Every box is its own OS process running this same executable. The master
+//! starts the tree, then plays 12 page requests against the frontend (round
+//! robin over its forks); each request travels frontend fork → api fork →
+//! datastore across processes, and the printed line says which fork and pid
+//! served each hop. The master then waits for the background task manager's
+//! report, prints it with the live members, and stops the tree: the program
+//! exits 0 with no process left behind.
+//!
+//! It shows typed messages with stable wire tags, async handlers that call
+//! other actors (`addr_of`), forks and round robin, a task worker, and typed
+//! per-worker options read with `evilcluster::options` (the datastore's
+//! capacity and seed profiles, the frontend's site name, the task's period).
+//!
+//! Run it:
+//!
+//! ```text
+//! cargo run --release --example realapp
+//! cargo run --release --example realapp -- --serve
+//! ```
+//!
+//! With `--serve` the cluster keeps running after the demo: type a user name
+//! and Enter to request a page, Ctrl-C (or SIGTERM) stops the whole tree
+//! cleanly. The runtime logs to stderr (`RUST_LOG=warn` quiets it); results
+//! go to stdout.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use actix::MessageResult;
+use evilcluster::prelude::*;
+use evilcluster::TaskResult;
+
+// ------------------------------------------------------------------ options
+
+/// Options of `inMemoryDatastore`.
+struct DatastoreOptions {
+    /// At most this many keys; writes of new keys beyond it are refused.
+    capacity: usize,
+    /// `profile:<user>` entries loaded at start.
+    profiles: Vec<(&'static str, &'static str)>,
+}
+
+/// Options of `webserverFrontend`.
+struct FrontendOptions {
+    site: &'static str,
+}
+
+/// Options of `backgroundTaskManager`.
+struct TaskOptions {
+    interval_ms: u64,
+    rounds: u32,
+}
+
+// ----------------------------------------------------------------- messages
+
+/// Which process served a hop: its worker, fork (if any) and pid.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Hop {
+    worker: String,
+    fork: Option<(u32, u32)>,
+    pid: u32,
+}
+
+impl Hop {
+    fn here() -> Hop {
+        Hop {
+            worker: evilcluster::role().worker().unwrap_or("master").to_owned(),
+            fork: evilcluster::fork_number(),
+            pid: std::process::id(),
+        }
+    }
+}
+
+impl fmt::Display for Hop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.fork {
+            Some((k, n)) => write!(f, "{} fork {k}/{n} (pid {})", self.worker, self.pid),
+            None => write!(f, "{} (pid {})", self.worker, self.pid),
+        }
+    }
+}
+
+/// Datastore: the value of a key.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "Option<String>")]
+struct Get(String);
+
+/// Datastore: sets a key.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "Result<(), String>")]
+struct Put(String, String);
+
+/// Datastore: adds one to a numeric key (missing = 0) and returns it.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "Result<Counter, String>")]
+struct Incr(String);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Counter {
+    value: u64,
+    by: Hop,
+}
+
+/// Datastore: every `(key, value)` whose key starts with the prefix, sorted.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "Vec<(String, String)>")]
+struct Scan(String);
+
+/// Api: records a visit of `user` and returns what the page needs.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "Result<Visit, String>")]
+struct RecordVisit {
+    user: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Visit {
+    number: u64,
+    profile: Option<String>,
+    api: Hop,
+    datastore: Hop,
+}
+
+/// Api: which fork answers and how many visits it has recorded.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "ApiHealth")]
+struct Health;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ApiHealth {
+    by: Hop,
+    visits_recorded: u64,
+}
+
+/// Frontend: renders `user`'s page.
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "Result<Page, String>")]
+struct Render {
+    user: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Page {
+    title: String,
+    frontend: Hop,
+    visit: Visit,
+}
+
+evilcluster::remote_messages! {
+    Get => "datastore.get",
+    Put => "datastore.put",
+    Incr => "datastore.incr",
+    Scan => "datastore.scan",
+    RecordVisit => "api.record_visit",
+    Health => "api.health",
+    Render => "frontend.render",
+}
+
+// ------------------------------------------------------------------- actors
+
+/// One process holding the cluster's shared state.
+#[derive(Default)]
+struct InMemoryDatastore {
+    map: HashMap<String, String>,
+    capacity: usize,
+}
+
+impl InMemoryDatastore {
+    fn insert(&mut self, key: String, value: String) -> Result<(), String> {
+        if !self.map.contains_key(&key) && self.map.len() >= self.capacity {
+            return Err(format!("datastore full ({} keys), `{key}` refused", self.capacity));
+        }
+        self.map.insert(key, value);
+        Ok(())
+    }
+}
+
+impl Actor for InMemoryDatastore {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Context<Self>) {
+        let options = evilcluster::options::<DatastoreOptions>().expect("inMemoryDatastore is declared with options");
+        self.capacity = options.capacity;
+        self.map.reserve(options.capacity);
+        for (user, profile) in &options.profiles {
+            let _ = self.insert(format!("profile:{user}"), (*profile).to_owned());
+        }
+        tracing::info!(
+            capacity = self.capacity,
+            profiles = options.profiles.len(),
+            "datastore ready"
+        );
+    }
+}
+
+impl Handler<Get> for InMemoryDatastore {
+    type Result = Option<String>;
+    fn handle(&mut self, Get(key): Get, _: &mut Context<Self>) -> Option<String> {
+        self.map.get(&key).cloned()
+    }
+}
+
+impl Handler<Put> for InMemoryDatastore {
+    type Result = Result<(), String>;
+    fn handle(&mut self, Put(key, value): Put, _: &mut Context<Self>) -> Self::Result {
+        self.insert(key, value)
+    }
+}
+
+impl Handler<Incr> for InMemoryDatastore {
+    type Result = Result<Counter, String>;
+    fn handle(&mut self, Incr(key): Incr, _: &mut Context<Self>) -> Self::Result {
+        let current = match self.map.get(&key) {
+            None => 0,
+            Some(text) => text
+                .parse::<u64>()
+                .map_err(|_| format!("`{key}` holds {text:?}, not a number"))?,
+        };
+        let value = current + 1;
+        self.insert(key, value.to_string())?;
+        Ok(Counter { value, by: Hop::here() })
+    }
+}
+
+impl Handler<Scan> for InMemoryDatastore {
+    type Result = MessageResult<Scan>;
+    fn handle(&mut self, Scan(prefix): Scan, _: &mut Context<Self>) -> Self::Result {
+        let mut found: Vec<(String, String)> = self
+            .map
+            .iter()
+            .filter(|(key, _)| key.starts_with(&prefix))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        found.sort();
+        MessageResult(found)
+    }
+}
+
+impl RemoteActor for InMemoryDatastore {
+    const NAME: &'static str = "inMemoryDatastore";
+    fn routes(routes: &mut Routes<Self>) {
+        routes.handle::<Get>().handle::<Put>().handle::<Incr>().handle::<Scan>();
+    }
+}
+
+/// The api layer: stateless apart from its own request count.
+#[derive(Default)]
+struct WebserverApi {
+    visits_recorded: u64,
+}
+
+impl Actor for WebserverApi {
+    type Context = Context<Self>;
+}
+
+impl Handler<RecordVisit> for WebserverApi {
+    type Result = ResponseFuture<Result<Visit, String>>;
+    fn handle(&mut self, RecordVisit { user }: RecordVisit, _: &mut Context<Self>) -> Self::Result {
+        self.visits_recorded += 1;
+        Box::pin(async move {
+            let store = evilcluster::addr_of::<InMemoryDatastore>();
+            let counter = store
+                .send(Incr(format!("visits:{user}")))
+                .await
+                .map_err(|e| e.to_string())??;
+            let profile = store
+                .send(Get(format!("profile:{user}")))
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Visit {
+                number: counter.value,
+                profile,
+                api: Hop::here(),
+                datastore: counter.by,
+            })
+        })
+    }
+}
+
+impl Handler<Health> for WebserverApi {
+    type Result = MessageResult<Health>;
+    fn handle(&mut self, _: Health, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(ApiHealth {
+            by: Hop::here(),
+            visits_recorded: self.visits_recorded,
+        })
+    }
+}
+
+impl RemoteActor for WebserverApi {
+    const NAME: &'static str = "webserverApi";
+    fn routes(routes: &mut Routes<Self>) {
+        routes.handle::<RecordVisit>().handle::<Health>();
+    }
+}
+
+/// The frontend layer: turns an api answer into a page.
+#[derive(Default)]
+struct WebserverFrontend {
+    site: String,
+}
+
+impl Actor for WebserverFrontend {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Context<Self>) {
+        self.site = evilcluster::options::<FrontendOptions>()
+            .map(|o| o.site.to_owned())
+            .unwrap_or_else(|| "an unnamed site".into());
+    }
+}
+
+impl Handler<Render> for WebserverFrontend {
+    type Result = ResponseFuture<Result<Page, String>>;
+    fn handle(&mut self, Render { user }: Render, _: &mut Context<Self>) -> Self::Result {
+        let site = self.site.clone();
+        Box::pin(async move {
+            let visit = evilcluster::addr_of::<WebserverApi>()
+                .send(RecordVisit { user: user.clone() })
+                .await
+                .map_err(|e| e.to_string())??;
+            let who = visit.profile.clone().unwrap_or_else(|| "anonymous visitor".into());
+            let title = match visit.number {
+                1 => format!("Welcome to {site}, {user} ({who})"),
+                n => format!("Welcome back to {site}, {user} ({who}), visit #{n}"),
+            };
+            Ok(Page {
+                title,
+                frontend: Hop::here(),
+                visit,
+            })
+        })
+    }
+}
+
+impl RemoteActor for WebserverFrontend {
+    const NAME: &'static str = "webserverFrontend";
+    fn routes(routes: &mut Routes<Self>) {
+        routes.handle::<Render>();
+    }
+}
+
+// --------------------------------------------------------------------- task
+
+/// `backgroundTaskManager`: every `interval_ms`, for `rounds` rounds, sums
+/// the visit counters into `report` (text) and `report:visits` (the total).
+async fn background() -> TaskResult {
+    let options = evilcluster::options::<TaskOptions>().ok_or("backgroundTaskManager has no TaskOptions")?;
+    let store = evilcluster::addr_of::<InMemoryDatastore>();
+    let api = evilcluster::addr_of::<WebserverApi>();
+    let mut ticks = tokio::time::interval(Duration::from_millis(options.interval_ms));
+    for round in 1..=options.rounds {
+        ticks.tick().await;
+        let counters = store.send(Scan("visits:".into())).await?;
+        let mut per_user = Vec::new();
+        let mut total = 0;
+        for (key, value) in &counters {
+            let visits: u64 = value.parse()?;
+            total += visits;
+            per_user.push(format!("{} {visits}", key.trim_start_matches("visits:")));
+        }
+        let health = api.send(Health).await?;
+        let report = format!(
+            "round {round}/{} by {}: {total} visits from {} users [{}]; {} has recorded {} visits",
+            options.rounds,
+            Hop::here(),
+            counters.len(),
+            per_user.join(", "),
+            health.by,
+            health.visits_recorded,
+        );
+        store.send(Put("report".into(), report)).await??;
+        store.send(Put("report:visits".into(), total.to_string())).await??;
+    }
+    tracing::info!(rounds = options.rounds, "background task manager done");
+    Ok(())
+}
+
+// ------------------------------------------------------------------- master
+
+const USERS: [&str; 12] = [
+    "alice", "bob", "carol", "alice", "dave", "bob", "alice", "eve", "carol", "alice", "bob", "mallory",
+];
+
+fn describe(page: &Page) -> String {
+    format!(
+        "{} → {} → {}: {:?}",
+        page.frontend, page.visit.api, page.visit.datastore, page.title
+    )
+}
+
+/// What the master runs once the tree is ready.
+async fn demo(serve: bool) -> Result<(), String> {
+    let frontend = evilcluster::addr_of::<WebserverFrontend>();
+    for (i, user) in USERS.iter().enumerate() {
+        let page = frontend
+            .send(Render { user: (*user).into() })
+            .await
+            .map_err(|e| e.to_string())??;
+        println!("request {:>2} GET /{user:<8} → {}", i + 1, describe(&page));
+    }
+
+    // Wait for a report that has seen every request.
+    let store = evilcluster::addr_of::<InMemoryDatastore>();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = store
+            .send(Get("report:visits".into()))
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|n| n.parse::<usize>().ok());
+        if seen >= Some(USERS.len()) {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "backgroundTaskManager never reported {} visits (last seen: {seen:?})",
+                USERS.len()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = store
+        .send(Get("report".into()))
+        .await
+        .map_err(|e| e.to_string())?
+        .unwrap_or_default();
+    println!("report: {report}");
+
+    let mut members = evilcluster::members();
+    members.sort_by_key(|m| (m.order, m.fork));
+    println!("members:");
+    for m in &members {
+        println!(
+            "  {:<34} {:<6} pid {:<7} {}",
+            m.path,
+            m.role,
+            m.pid,
+            m.actor_type.as_deref().unwrap_or("-")
+        );
+    }
+
+    if serve {
+        serve_until_signal(frontend).await?;
+    }
+    Ok(())
+}
+
+/// `--serve`: renders a page for every user name typed on stdin, until
+/// SIGINT or SIGTERM.
+async fn serve_until_signal(frontend: RemoteAddr<WebserverFrontend>) -> Result<(), String> {
+    println!("serving: type a user name and Enter for a page; Ctrl-C stops the cluster");
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stdin_open = true;
+    let signal = evilcluster::shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = &mut signal => break,
+            line = lines.recv(), if stdin_open => match line {
+                None => stdin_open = false,
+                Some(line) => {
+                    let user = line.trim();
+                    if user.is_empty() {
+                        continue;
+                    }
+                    match frontend.send(Render { user: user.into() }).await {
+                        Ok(Ok(page)) => println!("GET /{user} → {}", describe(&page)),
+                        Ok(Err(e)) => println!("GET /{user} failed: {e}"),
+                        Err(e) => println!("GET /{user} failed: {e}"),
+                    }
+                }
+            },
+        }
+    }
+    println!("shutdown signal received; stopping the cluster");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let serve = std::env::args().skip(1).any(|arg| arg == "--serve");
+    let outcome = Cluster::new("myapp")
+        .spawn(
+            Worker::actor::<WebserverFrontend>()
+                .forks(2)
+                .options(FrontendOptions { site: "MyApp" }),
+        )
+        .spawn(Worker::actor::<WebserverApi>().forks(2))
+        .spawn(Worker::actor::<InMemoryDatastore>().options(DatastoreOptions {
+            capacity: 64,
+            profiles: vec![
+                ("alice", "Alice Liddell, admin"),
+                ("bob", "Bob Builder, editor"),
+                ("carol", "Carol Danvers, reader"),
+                ("dave", "Dave Lister, reader"),
+                ("eve", "Eve Moneypenny, auditor"),
+            ],
+        }))
+        .spawn(Worker::task("backgroundTaskManager", background).options(TaskOptions {
+            interval_ms: 200,
+            rounds: 25,
+        }))
+        .run_with(move || demo(serve));
+    match outcome {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(failure)) => {
+            eprintln!("realapp: {failure}");
+            ExitCode::FAILURE
+        }
+        // A signal before the demo finished (or, with --serve, while serving):
+        // the runtime has already stopped the tree cleanly.
+        Err(evilcluster::Error::Interrupted) => {
+            if !serve {
+                eprintln!("realapp: interrupted; the cluster was stopped");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("realapp: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
