@@ -1,1 +1,113 @@
-fn main() {}
+//! Transport benchmarks: evilcluster against a raw length-framed Unix socket.
+//!
+//! - `round_trip/{raw,evilcluster}`: one message, await its reply, repeat.
+//! - `pipelined/{raw,evilcluster}`: up to 1,024 requests in flight
+//!   (throughput per message).
+//! - `do_send/evilcluster`: `do_send`s, then one `send` once they are all
+//!   handled (throughput per message).
+//!
+//! This binary is also the cluster's worker and the raw echo server: both
+//! are it, started again (see `evilcluster_suite::bench`). Both clients run
+//! on the master's actix runtime thread, where the runtime's connection
+//! tasks live.
+//!
+//! ```text
+//! cargo bench --bench transport
+//! cargo bench --bench transport -- --quick
+//! ```
+//!
+//! Round trips mostly measure cross-CPU wake-ups, which are slow and
+//! erratic on virtual machines; `taskset -c 0 cargo bench --bench transport`
+//! compares the software paths alone (see `examples/transport_compare.rs`).
+
+use std::future::Future;
+use std::time::Duration;
+
+use criterion::async_executor::AsyncExecutor;
+use criterion::{Criterion, Throughput};
+use evilcluster_suite::bench::{self, ClusterClient, RawClient, RawEchoServer};
+
+/// Requests in flight in the pipelined benchmarks.
+const WINDOW: usize = 1024;
+
+/// Runs criterion's futures on the actix system that started the cluster.
+#[derive(Clone, Copy)]
+struct Actix<'a>(&'a actix_rt::SystemRunner);
+
+impl AsyncExecutor for Actix<'_> {
+    fn block_on<T>(&self, future: impl Future<Output = T>) -> T {
+        self.0.block_on(future)
+    }
+}
+
+fn main() {
+    // The raw echo server is this executable started again: check first.
+    bench::serve_raw_echo_if_requested();
+    let cluster = bench::cluster();
+    if !evilcluster::is_master() {
+        if let Err(error) = cluster.run() {
+            eprintln!("transport bench worker: {error}");
+            std::process::exit(1);
+        }
+        return;
+    }
+
+    let raw_server = RawEchoServer::start().expect("start the raw echo server");
+    let system = actix_rt::System::new();
+    let handle = system.block_on(cluster.start()).expect("start the cluster");
+    let raw = system
+        .block_on(raw_server.connect())
+        .expect("connect to the raw echo server");
+    let raw = tokio::sync::Mutex::new(raw);
+    let echo = ClusterClient::new();
+    system.block_on(echo.warm_up()).expect("reach the echo actor");
+
+    let mut criterion = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    benchmarks(&mut criterion, Actix(&system), &raw, echo);
+    criterion.final_summary();
+
+    drop(raw);
+    drop(raw_server);
+    system.block_on(handle.shutdown()).expect("stop the cluster");
+}
+
+fn benchmarks(c: &mut Criterion, actix: Actix<'_>, raw: &tokio::sync::Mutex<RawClient>, echo: ClusterClient) {
+    let mut group = c.benchmark_group("round_trip");
+    group.bench_function("raw", |b| {
+        b.to_async(actix)
+            .iter_custom(|n| async move { raw.lock().await.round_trips(n).await.expect("raw round trips") })
+    });
+    group.bench_function("evilcluster", |b| {
+        b.to_async(actix)
+            .iter_custom(|n| async move { echo.round_trips(n).await.expect("evilcluster round trips") })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("pipelined");
+    group.sample_size(20).throughput(Throughput::Elements(1));
+    group.bench_function("raw", |b| {
+        b.to_async(actix).iter_custom(|n| async move {
+            raw.lock()
+                .await
+                .pipelined(n, WINDOW)
+                .await
+                .expect("raw pipelined echoes")
+        })
+    });
+    group.bench_function("evilcluster", |b| {
+        b.to_async(actix)
+            .iter_custom(|n| async move { echo.pipelined(n, WINDOW).await.expect("evilcluster pipelined sends") })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("do_send");
+    group.sample_size(20).throughput(Throughput::Elements(1));
+    group.bench_function("evilcluster", |b| {
+        b.to_async(actix)
+            .iter_custom(|n| async move { echo.do_send(n).await.expect("evilcluster do_sends") })
+    });
+    group.finish();
+}

@@ -1,0 +1,222 @@
+//! Compares evilcluster's transport with a raw length-framed Unix socket,
+//! and prints a small table (the one in the README).
+//!
+//! Three processes: this master, the `bench.echo` worker (an evilcluster
+//! child) and a raw echo server (this executable again, see
+//! `evilcluster_suite::bench`). Each round measures, in turn:
+//!
+//! - round trip: 20,000 sequential echoes, each awaited before the next;
+//! - pipelined: 200,000 echoes with up to 1,024 in flight;
+//! - do_send: 200,000 `do_send`s, then one `send` to wait for all of them.
+//!
+//! The table shows the median of 5 rounds. Both clients run on the master's
+//! actix runtime thread, where the runtime's connection tasks live.
+//!
+//! ```text
+//! cargo run --release --example transport_compare
+//! ```
+//!
+//! Round trips are dominated by how fast the OS wakes a sleeping process
+//! on another CPU. On virtual machines whose idle vCPUs halt, that wake-up
+//! can cost tens of microseconds and vary from run to run (even making the
+//! raw socket look slower than evilcluster). To compare the software paths
+//! alone, run everything on one CPU (children inherit the affinity):
+//!
+//! ```text
+//! taskset -c 0 target/release/examples/transport_compare
+//! ```
+//!
+//! The runtime logs to stderr (`RUST_LOG=warn` quiets it); the table goes to
+//! stdout. It stops every process it started and removes their sockets.
+
+use std::error::Error;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use evilcluster::Cluster;
+use evilcluster_suite::bench::{self, BenchError, ClusterClient, RawEchoServer};
+
+const ROUNDS: usize = 5;
+const ROUND_TRIPS: u64 = 20_000;
+const PIPELINED: u64 = 200_000;
+const DO_SENDS: u64 = 200_000;
+const WINDOW: usize = 1024;
+
+/// The issue's targets.
+const ROUND_TRIP_TARGET: f64 = 1.25;
+const PIPELINED_TARGET: f64 = 1_000_000.0;
+
+fn main() -> ExitCode {
+    // The raw echo server is this executable started again: check first.
+    bench::serve_raw_echo_if_requested();
+    let cluster = bench::cluster();
+    if !evilcluster::is_master() {
+        return match cluster.run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("transport_compare worker: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match compare(cluster) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("transport_compare: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Per-round results.
+#[derive(Default)]
+struct Samples {
+    raw_round_trip: Vec<f64>,
+    cluster_round_trip: Vec<f64>,
+    raw_pipelined: Vec<f64>,
+    cluster_pipelined: Vec<f64>,
+    cluster_do_send: Vec<f64>,
+}
+
+fn compare(cluster: Cluster) -> Result<(), Box<dyn Error>> {
+    let raw_server = RawEchoServer::start()?;
+    let system = actix_rt::System::new();
+    let handle = system.block_on(cluster.start())?;
+    // Ctrl-C (or SIGTERM) stops the measurement, not the cleanup below.
+    let measured: Result<Samples, Box<dyn Error>> = system.block_on(async {
+        tokio::select! {
+            samples = measure(&raw_server) => Ok(samples?),
+            _ = evilcluster::shutdown_signal() => Err("interrupted".into()),
+        }
+    });
+    // Stop everything before reporting, whatever happened.
+    drop(raw_server);
+    system.block_on(handle.shutdown())?;
+    print_table(&measured?);
+    Ok(())
+}
+
+async fn measure(raw_server: &RawEchoServer) -> Result<Samples, BenchError> {
+    let mut raw = raw_server.connect().await?;
+    let cluster = ClusterClient::new();
+    cluster.warm_up().await?;
+    raw.round_trips(2_000).await?;
+    cluster.round_trips(2_000).await?;
+    raw.pipelined(20_000, WINDOW).await?;
+    cluster.pipelined(20_000, WINDOW).await?;
+    cluster.do_send(20_000).await?;
+
+    let mut samples = Samples::default();
+    for _ in 0..ROUNDS {
+        samples
+            .raw_round_trip
+            .push(micros_each(raw.round_trips(ROUND_TRIPS).await?, ROUND_TRIPS));
+        samples
+            .cluster_round_trip
+            .push(micros_each(cluster.round_trips(ROUND_TRIPS).await?, ROUND_TRIPS));
+        samples
+            .raw_pipelined
+            .push(per_second(raw.pipelined(PIPELINED, WINDOW).await?, PIPELINED));
+        samples
+            .cluster_pipelined
+            .push(per_second(cluster.pipelined(PIPELINED, WINDOW).await?, PIPELINED));
+        samples
+            .cluster_do_send
+            .push(per_second(cluster.do_send(DO_SENDS).await?, DO_SENDS));
+    }
+    Ok(samples)
+}
+
+fn micros_each(elapsed: Duration, n: u64) -> f64 {
+    elapsed.as_secs_f64() * 1e6 / n as f64
+}
+
+fn per_second(elapsed: Duration, n: u64) -> f64 {
+    n as f64 / elapsed.as_secs_f64()
+}
+
+fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[middle]
+    } else {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    }
+}
+
+/// `1234567.8` → `"1,234,568"`.
+fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+fn print_table(samples: &Samples) {
+    let raw_rt = median(&samples.raw_round_trip);
+    let cluster_rt = median(&samples.cluster_round_trip);
+    let raw_pipe = median(&samples.raw_pipelined);
+    let cluster_pipe = median(&samples.cluster_pipelined);
+    let do_send = median(&samples.cluster_do_send);
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+
+    println!(
+        "evilcluster transport vs raw Unix socket (median of {ROUNDS} rounds; CPUs: {cpus}; frames: {} bytes)",
+        bench::raw_frame_len()
+    );
+    println!(
+        "{:<28} {:>12} {:>12} {:>10}   target",
+        "", "raw socket", "evilcluster", "ec/raw"
+    );
+    println!(
+        "{:<28} {:>12.2} {:>12.2} {:>9.2}x   <= {ROUND_TRIP_TARGET:.2}x raw",
+        "round trip (us)",
+        raw_rt,
+        cluster_rt,
+        cluster_rt / raw_rt
+    );
+    println!(
+        "{:<28} {:>12} {:>12} {:>9.2}x   >= {}",
+        format!("pipelined (msg/s, w={WINDOW})"),
+        thousands(raw_pipe),
+        thousands(cluster_pipe),
+        cluster_pipe / raw_pipe,
+        thousands(PIPELINED_TARGET)
+    );
+    println!("{:<28} {:>12} {:>12}", "do_send (msg/s)", "-", thousands(do_send));
+    println!(
+        "spread over rounds (min-max): round trip raw {:.2}-{:.2} us, evilcluster {:.2}-{:.2} us; \
+         pipelined raw {}-{}, evilcluster {}-{} msg/s; do_send {}-{} msg/s",
+        min(&samples.raw_round_trip),
+        max(&samples.raw_round_trip),
+        min(&samples.cluster_round_trip),
+        max(&samples.cluster_round_trip),
+        thousands(min(&samples.raw_pipelined)),
+        thousands(max(&samples.raw_pipelined)),
+        thousands(min(&samples.cluster_pipelined)),
+        thousands(max(&samples.cluster_pipelined)),
+        thousands(min(&samples.cluster_do_send)),
+        thousands(max(&samples.cluster_do_send)),
+    );
+    println!(
+        "per round: {} sequential round trips, {} pipelined echoes, {} do_sends",
+        thousands(ROUND_TRIPS as f64),
+        thousands(PIPELINED as f64),
+        thousands(DO_SENDS as f64)
+    );
+}
+
+fn min(samples: &[f64]) -> f64 {
+    samples.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(samples: &[f64]) -> f64 {
+    samples.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
