@@ -1,29 +1,30 @@
 //! One connection between two processes, shared by every address between
 //! them and multiplexed by request id. Either side may send requests.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use evilcluster_wire::handshake::{self, NONCE_LEN};
-use evilcluster_wire::{codec, Frame, HandshakeError, Identity, Reply, Request, WireError};
+use evilcluster_wire::{codec, Frame, HandshakeError, Identity, Reply, ReplyPayload, Request, WireError};
 use futures_util::stream::FuturesUnordered;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use interprocess::local_socket::tokio::Stream;
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::{Framed, FramedRead, FramedWrite, LengthDelimitedCodec};
+use rustc_hash::FxHashMap;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{oneshot, Notify};
+use tokio_util::codec::{Encoder, Framed, FramedRead, LengthDelimitedCodec};
 use tracing::{debug, warn};
 
 use crate::node::Node;
-use crate::transport::SharedStream;
+use crate::transport::{self, ReadHalf, WriteHalf};
 
 /// Requests a connection works on at once before it stops reading more.
 const MAX_IN_FLIGHT: usize = 4096;
-/// Frames the writer takes off its queue per write.
-const WRITE_BATCH: usize = 512;
 const READ_BUFFER: usize = 64 * 1024;
+const WRITE_BUFFER: usize = 64 * 1024;
 
 pub(crate) type ReplySender = oneshot::Sender<Result<Bytes, WireError>>;
 /// A request's id and where its reply will arrive.
@@ -36,12 +37,24 @@ pub(crate) enum LinkError {
     Closed(String),
 }
 
+/// Frames waiting for the writer task, already length-prefixed by the codec.
+///
+/// Callers append under the lock, in call order — which is what keeps one
+/// sender's messages in order — and the writer takes the whole buffer at
+/// once: a burst of frames costs one write and no allocation per frame.
+struct Outbox {
+    codec: LengthDelimitedCodec,
+    frames: BytesMut,
+}
+
 /// The sending side of a connection, shared by every caller.
 pub(crate) struct Link {
     pub peer: Identity,
     pub max_frame: usize,
-    writer: mpsc::UnboundedSender<Bytes>,
-    pending: Mutex<HashMap<u64, ReplySender>>,
+    outbox: Mutex<Outbox>,
+    /// Wakes the writer when the outbox goes from empty to not empty.
+    queued: Notify,
+    pending: Mutex<FxHashMap<u64, ReplySender>>,
     next_id: AtomicU64,
     closed: AtomicBool,
     close_reason: Mutex<Option<String>>,
@@ -78,22 +91,35 @@ impl Link {
             reply,
             payload,
         });
-        let body = frame.encode().expect("a request frame always encodes");
-        if body.len() > self.max_frame {
-            return Err(LinkError::TooLarge { size: body.len() });
-        }
-        let waiter = if reply {
-            let (tx, rx) = oneshot::channel();
-            self.lock_pending().insert(id, tx);
-            Some((id, rx))
-        } else {
-            None
+        with_scratch(|body| {
+            frame.encode_into(body).expect("a request frame always encodes");
+            if body.len() > self.max_frame {
+                return Err(LinkError::TooLarge { size: body.len() });
+            }
+            let waiter = reply.then(|| {
+                let (tx, rx) = oneshot::channel();
+                self.lock_pending().insert(id, tx);
+                (id, rx)
+            });
+            self.queue(body);
+            Ok(waiter)
+        })
+    }
+
+    /// Appends one frame body to the outbox.
+    fn queue(&self, body: &[u8]) {
+        let was_empty = {
+            let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+            let Outbox { codec, frames } = &mut *outbox;
+            let was_empty = frames.is_empty();
+            codec
+                .encode(body, frames)
+                .expect("frames are checked against the maximum length first");
+            was_empty
         };
-        if self.writer.send(Bytes::from(body)).is_err() {
-            self.cancel(id);
-            return Err(self.closed_error());
+        if was_empty {
+            self.queued.notify_one();
         }
-        Ok(waiter)
     }
 
     /// Forgets a request whose caller stopped waiting.
@@ -101,7 +127,7 @@ impl Link {
         self.lock_pending().remove(&id);
     }
 
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ReplySender>> {
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, FxHashMap<u64, ReplySender>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -115,24 +141,28 @@ impl Link {
     }
 
     fn reply(&self, id: u64, result: Result<Vec<u8>, WireError>) {
-        let encode = |result: Result<&[u8], WireError>| {
+        let encode = |body: &mut Vec<u8>, result: Result<&[u8], WireError>| {
+            body.clear();
             Frame::Reply(Reply {
                 id,
-                result: result.map(evilcluster_wire::ReplyPayload),
+                result: result.map(ReplyPayload),
             })
-            .encode()
+            .encode_into(body)
             .expect("a reply frame always encodes")
         };
-        let mut body = encode(result.as_deref().map_err(Clone::clone));
-        if body.len() > self.max_frame {
-            let size = body.len();
-            warn!(peer = %self.peer.path, size, "reply over the maximum frame length; sending an error instead");
-            body = encode(Err(WireError::ReplyTooLarge {
-                size,
-                max: self.max_frame,
-            }));
-        }
-        let _ = self.writer.send(Bytes::from(body));
+        with_scratch(|body| {
+            encode(body, result.as_deref().map_err(Clone::clone));
+            if body.len() > self.max_frame {
+                let size = body.len();
+                warn!(peer = %self.peer.path, size, "reply over the maximum frame length; sending an error instead");
+                let too_large = WireError::ReplyTooLarge {
+                    size,
+                    max: self.max_frame,
+                };
+                encode(body, Err(too_large));
+            }
+            self.queue(body);
+        })
     }
 
     /// Marks the link dead and fails every request waiting on it: their
@@ -153,9 +183,8 @@ pub(crate) enum Side {
 /// Runs the handshake on a fresh stream, then starts the connection's tasks
 /// on the current runtime.
 pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Result<Arc<Link>, HandshakeError> {
-    let stream = Arc::new(stream);
     let max_frame = node.config.max_frame_length;
-    let mut framed = Framed::new(SharedStream(stream.clone()), codec(max_frame));
+    let mut framed = Framed::new(transport::into_io(stream), codec(max_frame));
     let nonce = random_nonce();
     let handshake = async {
         match side {
@@ -168,21 +197,24 @@ pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Re
         .map_err(|_| HandshakeError::TimedOut)??;
 
     let parts = framed.into_parts();
-    let mut reader = FramedRead::with_capacity(parts.io, codec(max_frame), READ_BUFFER);
+    let (read_half, write_half) = transport::split(parts.io);
+    let mut reader = FramedRead::with_capacity(read_half, codec(max_frame), READ_BUFFER);
     reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
-    let writer_io = FramedWrite::new(SharedStream(stream), codec(max_frame));
 
-    let (writer, queue) = mpsc::unbounded_channel();
     let link = Arc::new(Link {
         peer,
         max_frame,
-        writer,
-        pending: Mutex::new(HashMap::new()),
+        outbox: Mutex::new(Outbox {
+            codec: codec(max_frame),
+            frames: BytesMut::with_capacity(WRITE_BUFFER),
+        }),
+        queued: Notify::new(),
+        pending: Mutex::new(FxHashMap::default()),
         next_id: AtomicU64::new(1),
         closed: AtomicBool::new(false),
         close_reason: Mutex::new(None),
     });
-    let write_task = tokio::spawn(write_loop(writer_io, queue));
+    let write_task = tokio::spawn(write_loop(link.clone(), write_half));
     tokio::spawn({
         let link = link.clone();
         async move {
@@ -202,25 +234,42 @@ fn random_nonce() -> [u8; NONCE_LEN] {
     nonce
 }
 
-async fn write_loop(
-    mut io: FramedWrite<SharedStream, LengthDelimitedCodec>,
-    mut queue: mpsc::UnboundedReceiver<Bytes>,
-) {
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
-    while queue.recv_many(&mut batch, WRITE_BATCH).await > 0 {
-        for frame in batch.drain(..) {
-            if io.feed(frame).await.is_err() {
-                return;
-            }
+/// Runs `f` on this thread's scratch buffer (cleared), so that encoding a
+/// frame allocates nothing once the buffer has grown.
+fn with_scratch<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+    thread_local! {
+        static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
+    }
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut body) => {
+            body.clear();
+            f(&mut body)
         }
-        if SinkExt::<Bytes>::flush(&mut io).await.is_err() {
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
+/// Writes whatever the outbox holds, one write per batch.
+async fn write_loop(link: Arc<Link>, mut io: WriteHalf) {
+    let mut batch = BytesMut::with_capacity(WRITE_BUFFER);
+    loop {
+        {
+            let mut outbox = link.outbox.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::swap(&mut outbox.frames, &mut batch);
+        }
+        if batch.is_empty() {
+            link.queued.notified().await;
+            continue;
+        }
+        if io.write_all(&batch).await.is_err() {
             return;
         }
+        batch.clear();
     }
 }
 
 /// Reads frames until the connection ends; returns why it ended.
-async fn read_loop(node: &Node, link: &Link, mut frames: FramedRead<SharedStream, LengthDelimitedCodec>) -> String {
+async fn read_loop(node: &Node, link: &Link, mut frames: FramedRead<ReadHalf, LengthDelimitedCodec>) -> String {
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {

@@ -1,8 +1,8 @@
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -43,7 +43,7 @@ pub(crate) struct Snapshot {
 struct Indexed {
     version: u64,
     members: Vec<Arc<Member>>,
-    by_actor: HashMap<String, ActorEntry>,
+    by_actor: FxHashMap<String, ActorEntry>,
 }
 
 struct ActorEntry {
@@ -55,7 +55,7 @@ struct ActorEntry {
 impl Indexed {
     fn new(snapshot: Snapshot) -> Self {
         let members: Vec<Arc<Member>> = snapshot.members.into_iter().map(Arc::new).collect();
-        let mut by_actor: HashMap<String, ActorEntry> = HashMap::new();
+        let mut by_actor: FxHashMap<String, ActorEntry> = FxHashMap::default();
         for (index, member) in members.iter().enumerate() {
             if let (Some(actor), Some(_)) = (&member.actor, &member.socket) {
                 by_actor

@@ -1,7 +1,6 @@
 //! This process's membership in the cluster: who it is, what it hosts, and
 //! its connections to the other processes.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
@@ -10,6 +9,7 @@ use std::time::Duration;
 
 use evilcluster_wire::{Cookie, Identity, Request, WireError, DEFAULT_MAX_FRAME_LENGTH};
 use interprocess::local_socket::tokio::Listener;
+use rustc_hash::FxHashMap;
 use tokio::sync::{Notify, OnceCell};
 use tracing::warn;
 
@@ -59,8 +59,8 @@ pub(crate) struct Node {
     pub socket_dir: PathBuf,
     /// The master's path and socket (the master itself: its own).
     pub master: (String, String),
-    services: RwLock<HashMap<String, Arc<dyn Service>>>,
-    links: Mutex<HashMap<String, Slot>>,
+    services: RwLock<FxHashMap<String, Arc<dyn Service>>>,
+    links: Mutex<FxHashMap<String, Slot>>,
     runtime: tokio::runtime::Handle,
     accept_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Fires when a child loses its connection to the master.
@@ -105,8 +105,8 @@ impl Node {
             socket: spec.socket,
             socket_dir: spec.socket_dir,
             master: spec.master,
-            services: RwLock::new(HashMap::new()),
-            links: Mutex::new(HashMap::new()),
+            services: RwLock::new(FxHashMap::default()),
+            links: Mutex::new(FxHashMap::default()),
             runtime: tokio::runtime::Handle::current(),
             accept_task: Mutex::new(None),
             master_lost: Notify::new(),

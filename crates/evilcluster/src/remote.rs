@@ -1,9 +1,8 @@
-use std::collections::HashMap;
-
 use actix::dev::ToEnvelope;
 use actix::{Actor, Addr, Context, Handler, Message};
 use evilcluster_wire::WireError;
 use futures_util::future::BoxFuture;
+use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -121,12 +120,14 @@ type Route<A> = Box<dyn Fn(&Addr<A>, &[u8], bool) -> Result<Dispatch, WireError>
 
 /// The messages a [`RemoteActor`] answers, filled in by [`RemoteActor::routes`].
 pub struct Routes<A: Actor> {
-    table: HashMap<&'static str, (&'static str, Route<A>)>,
+    table: FxHashMap<&'static str, (&'static str, Route<A>)>,
 }
 
 impl<A: RemoteActor> Routes<A> {
     pub(crate) fn collect() -> Self {
-        let mut routes = Routes { table: HashMap::new() };
+        let mut routes = Routes {
+            table: FxHashMap::default(),
+        };
         A::routes(&mut routes);
         routes
     }

@@ -27,10 +27,59 @@ pub(crate) async fn accept(listener: &Listener) -> io::Result<Stream> {
     listener.accept().await
 }
 
+/// Turns a connected stream into the halves the reader and writer tasks own.
+///
+/// On Unix the stream is tokio's own `UnixStream`, whose owned halves skip
+/// the extra read that would otherwise end every burst (tokio knows a short
+/// read drained the socket).
+#[cfg(unix)]
+pub(crate) fn into_io(stream: Stream) -> Io {
+    match stream {
+        Stream::UdSocket(stream) => tokio::net::UnixStream::from(stream),
+    }
+}
+
+/// See the Unix version.
+#[cfg(not(unix))]
+pub(crate) fn into_io(stream: Stream) -> Io {
+    SharedStream(Arc::new(stream))
+}
+
+/// A connected stream, before it is split.
+#[cfg(unix)]
+pub(crate) type Io = tokio::net::UnixStream;
+/// A connected stream, before it is split.
+#[cfg(not(unix))]
+pub(crate) type Io = SharedStream;
+
+/// The reading half of an [`Io`].
+#[cfg(unix)]
+pub(crate) type ReadHalf = tokio::net::unix::OwnedReadHalf;
+/// The writing half of an [`Io`].
+#[cfg(unix)]
+pub(crate) type WriteHalf = tokio::net::unix::OwnedWriteHalf;
+/// The reading half of an [`Io`].
+#[cfg(not(unix))]
+pub(crate) type ReadHalf = SharedStream;
+/// The writing half of an [`Io`].
+#[cfg(not(unix))]
+pub(crate) type WriteHalf = SharedStream;
+
+#[cfg(unix)]
+pub(crate) fn split(io: Io) -> (ReadHalf, WriteHalf) {
+    io.into_split()
+}
+
+#[cfg(not(unix))]
+pub(crate) fn split(io: Io) -> (ReadHalf, WriteHalf) {
+    (SharedStream(io.0.clone()), io)
+}
+
 /// One half of a stream shared by its reader and its writer task.
 ///
 /// `interprocess` reads and writes through `&Stream`, so both halves hold the
 /// same `Arc` instead of splitting the stream.
+#[cfg_attr(unix, allow(dead_code))]
 pub(crate) struct SharedStream(pub Arc<Stream>);
 
 impl AsyncRead for SharedStream {
