@@ -2,6 +2,7 @@
 
 use std::future::IntoFuture;
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Handler;
@@ -10,9 +11,9 @@ use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::connection::{Link, LinkError, ReplyWaiter};
-use crate::directory::Pick;
-use crate::node;
+use crate::connection::{Failure, Link, LinkError, ReplyWaiter};
+use crate::directory::{Member, Pick};
+use crate::node::{self, Node};
 use crate::remote::{RemoteActor, RemoteMessage};
 use crate::SendError;
 
@@ -116,27 +117,49 @@ impl<A: RemoteActor> RemoteAddr<A> {
         A: Handler<M>,
         M: RemoteMessage,
     {
-        let payload = encode(M::TAG, &message)?;
-        let (link, incarnation) = self.route().await?;
-        queue(&link, A::NAME, M::TAG, incarnation, &payload, false).map(drop)
+        let node = node::current().ok_or(SendError::NotInCluster)?;
+        let (link, incarnation) = match self.route_now(&node) {
+            Route::Ready(link, incarnation) => (link, incarnation),
+            pending => self.route(&node, pending).await?,
+        };
+        with_payload(&message, |payload| {
+            queue(&link, A::NAME, M::TAG, incarnation, payload?, None).map(drop)
+        })
     }
 
-    /// Resolves the name and finds the connection to the chosen instance.
-    async fn route(&self) -> Result<(std::sync::Arc<Link>, u64), SendError> {
-        let node = node::current().ok_or(SendError::NotInCluster)?;
-        let waited = self.resolve_timeout.unwrap_or(node.config.resolve_timeout);
-        let member = node
-            .directory
-            .resolve(A::NAME, self.pick, waited)
-            .await
-            .ok_or(SendError::NotRegistered {
-                actor: A::NAME,
-                fork: match self.pick {
-                    Pick::Fork(number) => Some(number),
-                    Pick::Any => None,
-                },
-                waited,
-            })?;
+    /// The connection to send on right now, when the name is known and the
+    /// connection is up (the common case: no waiting, no allocation).
+    fn route_now(&self, node: &Node) -> Route {
+        match node.directory.pick(A::NAME, self.pick) {
+            None => Route::Resolve,
+            Some(member) => match node.open_link(&member) {
+                Some(link) => Route::Ready(link, member.incarnation),
+                None => Route::Connect(member),
+            },
+        }
+    }
+
+    /// Finishes what [`route_now`](Self::route_now) could not: waits for the
+    /// name to be registered and connects.
+    async fn route(&self, node: &Arc<Node>, route: Route) -> Result<(Arc<Link>, u64), SendError> {
+        let member = match route {
+            Route::Ready(link, incarnation) => return Ok((link, incarnation)),
+            Route::Connect(member) => member,
+            Route::Resolve => {
+                let waited = self.resolve_timeout.unwrap_or(node.config.resolve_timeout);
+                node.directory
+                    .resolve(A::NAME, self.pick, waited)
+                    .await
+                    .ok_or(SendError::NotRegistered {
+                        actor: A::NAME,
+                        fork: match self.pick {
+                            Pick::Fork(number) => Some(number),
+                            Pick::Any => None,
+                        },
+                        waited,
+                    })?
+            }
+        };
         let link = node.link_to(&member).await.map_err(|reason| SendError::Disconnected {
             actor: A::NAME,
             path: member.path.clone(),
@@ -144,6 +167,13 @@ impl<A: RemoteActor> RemoteAddr<A> {
         })?;
         Ok((link, member.incarnation))
     }
+}
+
+/// Where a send stands after looking at the local directory.
+enum Route {
+    Ready(Arc<Link>, u64),
+    Connect(Arc<Member>),
+    Resolve,
 }
 
 /// A pending [`RemoteAddr::send`]; await it for the result.
@@ -171,20 +201,59 @@ where
     type IntoFuture = BoxFuture<'static, Self::Output>;
 
     fn into_future(self) -> Self::IntoFuture {
-        // Encoded here, so the future holds bytes rather than the message.
-        let payload = encode(M::TAG, &self.message);
-        let addr = self.addr;
+        let SendRequest { addr, message } = self;
+        let Some(node) = node::current() else {
+            return Box::pin(std::future::ready(Err(SendError::NotInCluster)));
+        };
+        let timeout = addr.timeout.unwrap_or(node.config.call_timeout);
+        let ask = move |link: Arc<Link>, incarnation: u64, message: &M| {
+            let waiter = with_payload(message, |payload| {
+                queue(&link, A::NAME, M::TAG, incarnation, payload?, Some(timeout))
+            })?;
+            Ok::<_, SendError>((link, waiter.expect("a reply was asked for")))
+        };
+        // Queued now when possible, so that the order of sends is the order
+        // of the calls; otherwise once the name resolves.
+        let queued = match addr.route_now(&node) {
+            Route::Ready(link, incarnation) => Ok(ask(link, incarnation, &message)),
+            pending => Err((pending, message)),
+        };
         Box::pin(async move {
-            let payload = payload?;
-            let (link, incarnation) = addr.route().await?;
-            let timeout = match addr.timeout {
-                Some(timeout) => timeout,
-                None => node::current().ok_or(SendError::NotInCluster)?.config.call_timeout,
+            let (link, waiter) = match queued {
+                Ok(queued) => queued?,
+                Err((pending, message)) => {
+                    let (link, incarnation) = addr.route(&node, pending).await?;
+                    ask(link, incarnation, &message)?
+                }
             };
-            let reply = call(&link, A::NAME, M::TAG, incarnation, &payload, timeout).await?;
+            let reply = wait(&link, waiter, A::NAME, M::TAG, timeout).await?;
             decode(M::TAG, &reply)
         })
     }
+}
+
+/// Encodes `message` into this thread's payload buffer and hands it to `f`:
+/// no allocation per message once the buffer has grown.
+fn with_payload<M: RemoteMessage, T>(message: &M, f: impl FnOnce(Result<&[u8], SendError>) -> T) -> T {
+    thread_local! {
+        static PAYLOAD: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(256));
+    }
+    PAYLOAD.with(|buffer| {
+        let mut fresh = Vec::new();
+        let mut borrowed = buffer.try_borrow_mut();
+        let payload = match borrowed.as_deref_mut() {
+            Ok(buffer) => buffer,
+            Err(_) => &mut fresh,
+        };
+        payload.clear();
+        match rmp_serde::encode::write(payload, message) {
+            Ok(()) => f(Ok(payload)),
+            Err(e) => f(Err(SendError::Encode {
+                tag: M::TAG,
+                detail: e.to_string(),
+            })),
+        }
+    })
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(tag: &'static str, bytes: &[u8]) -> Result<T, SendError> {
@@ -209,9 +278,9 @@ fn queue(
     tag: &'static str,
     incarnation: u64,
     payload: &[u8],
-    reply: bool,
+    reply_within: Option<Duration>,
 ) -> Result<Waiter, SendError> {
-    link.request(actor, tag, incarnation, payload, reply)
+    link.request(actor, tag, incarnation, payload, reply_within)
         .map_err(|error| match error {
             LinkError::TooLarge { size } => SendError::TooLarge {
                 tag,
@@ -247,20 +316,32 @@ pub(crate) async fn call(
     payload: &[u8],
     timeout: Duration,
 ) -> Result<Bytes, SendError> {
-    let (id, reply) = queue(link, actor, tag, incarnation, payload, true)?.expect("a reply was asked for");
+    let waiter = queue(link, actor, tag, incarnation, payload, Some(timeout))?.expect("a reply was asked for");
+    wait(link, waiter, actor, tag, timeout).await
+}
+
+/// Waits for the reply to a queued request.
+async fn wait(
+    link: &Link,
+    (id, reply): ReplyWaiter,
+    actor: &'static str,
+    tag: &'static str,
+    timeout: Duration,
+) -> Result<Bytes, SendError> {
     let _cancel = Cancel { link, id };
-    match tokio::time::timeout(timeout, reply).await {
-        Err(_) => Err(SendError::Timeout {
-            actor,
-            tag,
-            after: timeout,
-        }),
-        Ok(Err(_)) => Err(SendError::Disconnected {
+    // The connection's sweeper ends the wait at the deadline (see `Link`).
+    match reply.await {
+        Err(_) => Err(SendError::Disconnected {
             actor,
             path: link.peer.path.clone(),
             reason: "the connection closed before the reply arrived".to_owned(),
         }),
-        Ok(Ok(Err(error))) => Err(SendError::from_wire(actor, tag, error)),
-        Ok(Ok(Ok(bytes))) => Ok(bytes),
+        Ok(Err(Failure::TimedOut)) => Err(SendError::Timeout {
+            actor,
+            tag,
+            after: timeout,
+        }),
+        Ok(Err(Failure::Wire(error))) => Err(SendError::from_wire(actor, tag, error)),
+        Ok(Ok(bytes)) => Ok(bytes),
     }
 }

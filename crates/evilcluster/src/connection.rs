@@ -26,9 +26,31 @@ const MAX_IN_FLIGHT: usize = 4096;
 const READ_BUFFER: usize = 64 * 1024;
 const WRITE_BUFFER: usize = 64 * 1024;
 
-pub(crate) type ReplySender = oneshot::Sender<Result<Bytes, WireError>>;
+/// Why a request got no result.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The receiving process answered with an error.
+    Wire(WireError),
+    /// The deadline passed first.
+    TimedOut,
+}
+
+type Outcome = Result<Bytes, Failure>;
 /// A request's id and where its reply will arrive.
-pub(crate) type ReplyWaiter = (u64, oneshot::Receiver<Result<Bytes, WireError>>);
+pub(crate) type ReplyWaiter = (u64, oneshot::Receiver<Outcome>);
+
+/// A request waiting for its reply.
+struct Pending {
+    reply: oneshot::Sender<Outcome>,
+    /// On the connection's clock (see [`TICK`]).
+    expires: u64,
+}
+
+/// Resolution of request deadlines. Each connection keeps a coarse clock
+/// and sweeps expired requests once a tick while any are waiting: far
+/// cheaper than a runtime timer per request, at the price of deadlines
+/// being up to two ticks late.
+const TICK: Duration = Duration::from_millis(5);
 
 /// Why a frame could not be queued.
 #[derive(Debug)]
@@ -54,7 +76,13 @@ pub(crate) struct Link {
     outbox: Mutex<Outbox>,
     /// Wakes the writer when the outbox goes from empty to not empty.
     queued: Notify,
-    pending: Mutex<FxHashMap<u64, ReplySender>>,
+    pending: Mutex<FxHashMap<u64, Pending>>,
+    /// Ticks since the connection opened, advanced by its sweeper.
+    clock: AtomicU64,
+    /// Whether the sweeper sleeps (no request has waited for a while).
+    sweeper_asleep: AtomicBool,
+    /// Wakes a sleeping sweeper when a request starts waiting.
+    waiting: Notify,
     next_id: AtomicU64,
     closed: AtomicBool,
     close_reason: Mutex<Option<String>>,
@@ -70,14 +98,15 @@ impl Link {
         LinkError::Closed(reason.unwrap_or_else(|| "connection closed".to_owned()))
     }
 
-    /// Queues a request. With `reply`, returns the id and where the reply will arrive.
+    /// Queues a request. With `reply_within`, the caller waits that long for
+    /// a reply: returns the id and where the reply (or the timeout) arrives.
     pub fn request(
         &self,
         actor: &str,
         tag: &str,
         incarnation: u64,
         payload: &[u8],
-        reply: bool,
+        reply_within: Option<Duration>,
     ) -> Result<Option<ReplyWaiter>, LinkError> {
         if self.is_closed() {
             return Err(self.closed_error());
@@ -88,7 +117,7 @@ impl Link {
             actor,
             tag,
             incarnation,
-            reply,
+            reply: reply_within.is_some(),
             payload,
         });
         with_scratch(|body| {
@@ -96,9 +125,15 @@ impl Link {
             if body.len() > self.max_frame {
                 return Err(LinkError::TooLarge { size: body.len() });
             }
-            let waiter = reply.then(|| {
-                let (tx, rx) = oneshot::channel();
-                self.lock_pending().insert(id, tx);
+            let waiter = reply_within.map(|timeout| {
+                let (reply, rx) = oneshot::channel();
+                // Whole ticks, plus one for the tick already under way.
+                let ticks = timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1;
+                let expires = self.clock.load(Ordering::Relaxed).saturating_add(ticks);
+                self.lock_pending().insert(id, Pending { reply, expires });
+                if self.sweeper_asleep.load(Ordering::SeqCst) {
+                    self.waiting.notify_one();
+                }
                 (id, rx)
             });
             self.queue(body);
@@ -127,14 +162,15 @@ impl Link {
         self.lock_pending().remove(&id);
     }
 
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, FxHashMap<u64, ReplySender>> {
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, FxHashMap<u64, Pending>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn complete(&self, id: u64, result: Result<Bytes, WireError>) {
-        match self.lock_pending().remove(&id) {
+        let waiter = self.lock_pending().remove(&id);
+        match waiter {
             Some(waiter) => {
-                let _ = waiter.send(result);
+                let _ = waiter.reply.send(result.map_err(Failure::Wire));
             }
             None => debug!(peer = %self.peer.path, id, "reply for a request nobody waits for (timed out?)"),
         }
@@ -210,16 +246,21 @@ pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Re
         }),
         queued: Notify::new(),
         pending: Mutex::new(FxHashMap::default()),
+        clock: AtomicU64::new(0),
+        sweeper_asleep: AtomicBool::new(false),
+        waiting: Notify::new(),
         next_id: AtomicU64::new(1),
         closed: AtomicBool::new(false),
         close_reason: Mutex::new(None),
     });
     let write_task = tokio::spawn(write_loop(link.clone(), write_half));
+    let sweep_task = tokio::spawn(sweep_loop(link.clone()));
     tokio::spawn({
         let link = link.clone();
         async move {
             let reason = read_loop(&node, &link, reader).await;
             write_task.abort();
+            sweep_task.abort();
             debug!(peer = %link.peer.path, %reason, "connection closed");
             link.close(reason);
             node.link_closed(&link);
@@ -247,6 +288,44 @@ fn with_scratch<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
         }
         Err(_) => f(&mut Vec::new()),
     })
+}
+
+/// Advances the connection's clock while requests wait, and fails those
+/// whose deadline has passed.
+async fn sweep_loop(link: Arc<Link>) {
+    /// Idle ticks before the sweeper sleeps: steady traffic never wakes it.
+    const IDLE_TICKS: u32 = 200;
+    let mut ticks = tokio::time::interval(TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut idle = IDLE_TICKS;
+    loop {
+        if idle >= IDLE_TICKS {
+            // Announce the sleep before the last look: a request queued
+            // after that look sees the flag and wakes us.
+            link.sweeper_asleep.store(true, Ordering::SeqCst);
+            if link.lock_pending().is_empty() {
+                link.waiting.notified().await;
+                ticks.reset();
+            }
+            link.sweeper_asleep.store(false, Ordering::SeqCst);
+            idle = 0;
+        }
+        ticks.tick().await;
+        let now = link.clock.fetch_add(1, Ordering::Relaxed) + 1;
+        let expired: Vec<Pending> = {
+            let mut pending = link.lock_pending();
+            let ids: Vec<u64> = pending
+                .iter()
+                .filter(|(_, waiting)| waiting.expires <= now)
+                .map(|(&id, _)| id)
+                .collect();
+            ids.into_iter().filter_map(|id| pending.remove(&id)).collect()
+        };
+        for waiting in expired {
+            let _ = waiting.reply.send(Err(Failure::TimedOut));
+        }
+        idle = if link.lock_pending().is_empty() { idle + 1 } else { 0 };
+    }
 }
 
 /// Writes whatever the outbox holds, one write per batch.

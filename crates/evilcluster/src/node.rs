@@ -219,6 +219,11 @@ impl Node {
         Ok(link.clone())
     }
 
+    /// The open connection to `member`'s process, if there is one already.
+    pub fn open_link(&self, member: &Member) -> Option<Arc<Link>> {
+        self.link_for(&member.path, member.incarnation)
+    }
+
     /// Adopts a connection a peer opened, so traffic back to it reuses it.
     pub(crate) fn adopt(&self, link: &Arc<Link>) {
         if link.is_closed() {

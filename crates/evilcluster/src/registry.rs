@@ -101,7 +101,7 @@ impl Registry {
         self.subscribers
             .retain(|(path, incarnation)| match node.link_for(path, *incarnation) {
                 Some(link) => link
-                    .request(DIRECTORY, SNAPSHOT_TAG, *incarnation, &payload, false)
+                    .request(DIRECTORY, SNAPSHOT_TAG, *incarnation, &payload, None)
                     .is_ok(),
                 None => false,
             });
