@@ -81,6 +81,8 @@ pub fn addr_of_fork<A: RemoteActor>(number: u32) -> RemoteAddr<A> {
 impl<A: RemoteActor> RemoteAddr<A> {
     /// Sets how long each call through this address waits for its reply
     /// (default: the cluster's call timeout, 5 s unless configured).
+    /// Deadlines are kept by the connection with a 5 ms tick, so a timeout
+    /// fires up to 10 ms late, never early.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -184,7 +186,8 @@ pub struct SendRequest<A, M> {
 }
 
 impl<A, M> SendRequest<A, M> {
-    /// Sets how long this call waits for its reply.
+    /// Sets how long this call waits for its reply (fires up to 10 ms late,
+    /// never early).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.addr.timeout = Some(timeout);
         self

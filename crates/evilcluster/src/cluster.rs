@@ -163,7 +163,8 @@ impl Cluster {
     pub fn run_with<F, Fut, T>(self, main: F) -> Result<T>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = T>,
+        Fut: Future<Output = T> + 'static,
+        T: 'static,
     {
         self.validate()?;
         init_tracing();
@@ -182,9 +183,18 @@ impl Cluster {
         actix_rt::System::new().block_on(async move {
             let mut signal = std::pin::pin!(listen_for_shutdown());
             let cluster = self.start_unless(&mut signal).await?;
+            // A task rather than part of the root future: waking the root
+            // costs the runtime a syscall per wake-up.
+            let mut main = actix_rt::spawn(main());
             let outcome = tokio::select! {
-                value = main() => Ok(value),
-                () = signal => Err(Error::Interrupted),
+                value = &mut main => match value {
+                    Ok(value) => Ok(value),
+                    Err(failed) => std::panic::resume_unwind(failed.into_panic()),
+                },
+                () = signal => {
+                    main.abort();
+                    Err(Error::Interrupted)
+                }
             };
             cluster.shutdown().await?;
             outcome
