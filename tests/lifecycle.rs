@@ -34,6 +34,11 @@ fn a_clean_exit_leaves_no_process_and_no_socket_file() {
     );
     for socket in &sockets {
         assert!(socket.starts_with(&*fixture.tmp.path().to_string_lossy()), "{socket}");
+        // Only the owner may even enter the directory holding the sockets.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::path::Path::new(socket).parent().expect("a socket directory");
+        let mode = std::fs::metadata(dir).expect("socket directory").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{} has mode {:o}", dir.display(), mode & 0o777);
     }
     fixture.command("check");
     fixture.expect_line("checked ok");

@@ -42,8 +42,7 @@ async fn open(member: &Member) -> Framed<UnixStream, LengthDelimitedCodec> {
 }
 
 /// Reads until the peer closes the connection; panics if it stays open.
-async fn closed_by_peer(framed: Framed<UnixStream, LengthDelimitedCodec>) {
-    let mut stream = framed.into_inner();
+async fn closed_by_peer(mut stream: UnixStream) {
     let mut sink = Vec::new();
     tokio::time::timeout(IO_DEADLINE, stream.read_to_end(&mut sink))
         .await
@@ -99,7 +98,7 @@ fn wrong_cookie_wrong_cluster_and_garbage_are_refused() {
             Ok(Message::Refused { reason }) => assert!(reason.contains("cookie"), "{reason}"),
             other => panic!("expected a refusal, got {other:?}"),
         }
-        closed_by_peer(framed).await;
+        closed_by_peer(framed.into_inner()).await;
 
         // Right cookie, wrong cluster id.
         let mut framed = open(&store).await;
@@ -112,11 +111,7 @@ fn wrong_cookie_wrong_cluster_and_garbage_are_refused() {
         // Bytes that are not the protocol at all.
         let mut stream = UnixStream::connect(store.socket.as_deref().unwrap()).await.unwrap();
         stream.write_all(b"\x00\x00\x00\x08GET / HT").await.unwrap();
-        let mut sink = Vec::new();
-        tokio::time::timeout(IO_DEADLINE, stream.read_to_end(&mut sink))
-            .await
-            .expect("closed")
-            .ok();
+        closed_by_peer(stream).await;
     });
     still_serving(&mut fixture);
 }
@@ -204,11 +199,7 @@ fn an_oversized_frame_drops_only_that_connection() {
         // Announce a 1 GiB frame: refused on its header, nothing allocated.
         stream.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
         stream.write_all(&[0; 64]).await.unwrap();
-        let mut sink = Vec::new();
-        tokio::time::timeout(IO_DEADLINE, stream.read_to_end(&mut sink))
-            .await
-            .expect("closed")
-            .ok();
+        closed_by_peer(stream).await;
     });
     still_serving(&mut fixture);
 }

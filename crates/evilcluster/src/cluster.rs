@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use evilcluster_wire::{Cookie, Identity};
 use tokio::sync::mpsc;
-use tracing::{error, info, info_span, warn};
+use tracing::{error, error_span, info, warn};
 
 use crate::addr::{call, decode, encode};
 use crate::connection::{self, Link, Side};
@@ -138,7 +138,7 @@ impl Cluster {
         match ChildEnv::from_env()? {
             Some(env) => self.run_child(env),
             None => {
-                let span = info_span!("master", cluster = %self.name, pid = std::process::id());
+                let span = error_span!("master", cluster = %self.name, pid = std::process::id());
                 let _entered = span.enter();
                 actix_rt::System::new().block_on(async move {
                     let mut signal = std::pin::pin!(listen_for_shutdown());
@@ -178,7 +178,7 @@ impl Cluster {
             };
             std::process::exit(code);
         }
-        let span = info_span!("master", cluster = %self.name, pid = std::process::id());
+        let span = error_span!("master", cluster = %self.name, pid = std::process::id());
         let _entered = span.enter();
         actix_rt::System::new().block_on(async move {
             let mut signal = std::pin::pin!(listen_for_shutdown());
@@ -323,7 +323,9 @@ impl Cluster {
             .position(|w| w.name == name)
             .ok_or_else(|| Error::Environment(format!("worker `{name}` is not declared in this program")))?;
         let worker = self.workers.swap_remove(index);
-        let span = info_span!("proc", path = %env.path, pid = std::process::id());
+        // At error level, so it is enabled whatever RUST_LOG filters: every
+        // line this process logs then carries its path and pid.
+        let span = error_span!("proc", path = %env.path, pid = std::process::id());
         let _entered = span.enter();
         let child = Child {
             cluster: self.name,
@@ -606,6 +608,7 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
