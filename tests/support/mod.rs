@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Generous: CI is a loaded 2-core machine.
@@ -25,6 +26,8 @@ pub struct Fixture {
     stdin: Option<ChildStdin>,
     lines: Receiver<String>,
     pub seen: Vec<String>,
+    /// Everything the cluster wrote on standard error (logs), line by line.
+    errors: Arc<Mutex<Vec<String>>>,
     /// TMPDIR of the cluster: where its socket directory is made.
     pub tmp: tempfile::TempDir,
 }
@@ -38,8 +41,22 @@ impl Fixture {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start the fixture");
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        std::thread::spawn({
+            let errors = errors.clone();
+            move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    // Still shown, for a failing test's output.
+                    eprintln!("{line}");
+                    errors.lock().unwrap().push(line);
+                }
+            }
+        });
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -55,8 +72,14 @@ impl Fixture {
             child,
             lines,
             seen: Vec::new(),
+            errors,
             tmp,
         }
+    }
+
+    /// The standard error lines read so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.errors.lock().unwrap().clone()
     }
 
     pub fn pid(&self) -> u32 {

@@ -169,13 +169,7 @@ impl Cluster {
         self.validate()?;
         init_tracing();
         if let Some(env) = ChildEnv::from_env()? {
-            let code = match self.run_child(env) {
-                Ok(()) => 0,
-                Err(error) => {
-                    error!("{error}");
-                    1
-                }
-            };
+            let code = if self.run_child(env).is_ok() { 0 } else { 1 };
             std::process::exit(code);
         }
         let span = error_span!("master", cluster = %self.name, pid = std::process::id());
@@ -323,9 +317,16 @@ impl Cluster {
             .position(|w| w.name == name)
             .ok_or_else(|| Error::Environment(format!("worker `{name}` is not declared in this program")))?;
         let worker = self.workers.swap_remove(index);
-        // At error level, so it is enabled whatever RUST_LOG filters: every
-        // line this process logs then carries its path and pid.
-        let span = error_span!("proc", path = %env.path, pid = std::process::id());
+        // Every line this process writes, logs included, carries its path
+        // and pid: from the output relay, or failing that from a span (at
+        // error level, so it is enabled whatever RUST_LOG filters).
+        let span = match crate::output::relay(&format!("{}[{}]", env.path, std::process::id())) {
+            Ok(()) => tracing::Span::none(),
+            Err(error) => {
+                warn!(%error, "cannot prefix this process's output; logging with a span instead");
+                error_span!("proc", path = %env.path, pid = std::process::id())
+            }
+        };
         let _entered = span.enter();
         let child = Child {
             cluster: self.name,
@@ -334,7 +335,12 @@ impl Cluster {
             cookie,
             order: index as u32 + 1,
         };
-        actix_rt::System::new().block_on(child.run(worker, stop_requests))
+        let outcome = actix_rt::System::new().block_on(child.run(worker, stop_requests));
+        if let Err(error) = &outcome {
+            error!("{error}");
+        }
+        crate::output::finish();
+        outcome
     }
 }
 

@@ -77,6 +77,8 @@ mod connection;
 mod directory;
 mod error;
 mod node;
+#[cfg(unix)]
+mod output;
 mod process;
 mod registry;
 mod remote;
@@ -85,6 +87,18 @@ mod supervisor;
 mod transport;
 mod tree;
 mod worker;
+
+/// Children's output is relayed with a prefix on Unix only.
+#[cfg(not(unix))]
+mod output {
+    pub(crate) fn relay(_prefix: &str) -> std::io::Result<()> {
+        Err(std::io::Error::other("output relay is Unix only"))
+    }
+    pub(crate) fn finish() {}
+    pub(crate) fn for_child() -> (std::process::Stdio, std::process::Stdio) {
+        (std::process::Stdio::inherit(), std::process::Stdio::inherit())
+    }
+}
 
 pub use addr::{addr_of, addr_of_fork, RemoteAddr, SendRequest};
 pub use cluster::{shutdown_signal, Cluster, ClusterHandle};

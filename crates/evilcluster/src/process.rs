@@ -43,9 +43,14 @@ pub(crate) struct ChildProcess {
 pub(crate) async fn launch(launch: Launch<'_>) -> Result<ChildProcess, Error> {
     let exe = std::env::current_exe().map_err(|e| Error::io("cannot find the current executable", e))?;
     let mut command = Command::new(exe);
+    // A spawn relays its own output with its prefix; its forks write where
+    // the spawn's output went before, and prefix their own lines.
+    let (stdout, stderr) = crate::output::for_child();
     command
         .args(std::env::args_os().skip(1))
         .stdin(Stdio::piped())
+        .stdout(stdout)
+        .stderr(stderr)
         .kill_on_drop(true);
     for name in env::ALL {
         command.env_remove(name);
