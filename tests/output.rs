@@ -25,8 +25,15 @@ fn check(lines: &[String], marker: &str) {
         assert!(pid.parse::<u32>().is_ok(), "{line:?}");
         let tail = rest.split_once(marker).unwrap_or_else(|| panic!("{line:?}")).1;
         let mut words = tail.split_whitespace();
-        assert_eq!(words.next(), Some(path), "line prefixed with another process's path: {line:?}");
-        let number: u32 = words.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{line:?}"));
+        assert_eq!(
+            words.next(),
+            Some(path),
+            "line prefixed with another process's path: {line:?}"
+        );
+        let number: u32 = words
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{line:?}"));
         assert_eq!(words.next(), None, "two lines run together: {line:?}");
         numbers.entry(path.to_owned()).or_default().insert(number);
         pids.entry(path.to_owned()).or_default().insert(pid.to_owned());

@@ -34,11 +34,16 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn start(args: &[&str]) -> Fixture {
+        Fixture::start_logging(args, "warn")
+    }
+
+    /// Like [`start`](Self::start), with `RUST_LOG` set to `log`.
+    pub fn start_logging(args: &[&str], log: &str) -> Fixture {
         let tmp = tempfile::tempdir().expect("temp dir");
         let mut child = Command::new(env!("CARGO_BIN_EXE_cluster-fixture"))
             .args(args)
             .env("TMPDIR", tmp.path())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

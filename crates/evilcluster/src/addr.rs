@@ -3,7 +3,7 @@
 use std::future::IntoFuture;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::Handler;
 use bytes::Bytes;
@@ -221,16 +221,32 @@ where
             Route::Ready(link, incarnation) => Ok(ask(link, incarnation, &message)),
             pending => Err((pending, message)),
         };
+        // Tracing each request costs a clock read: only when it is logged.
+        let started = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
         Box::pin(async move {
-            let (link, waiter) = match queued {
-                Ok(queued) => queued?,
-                Err((pending, message)) => {
-                    let (link, incarnation) = addr.route(&node, pending).await?;
-                    ask(link, incarnation, &message)?
+            let outcome = async {
+                let (link, waiter) = match queued {
+                    Ok(queued) => queued?,
+                    Err((pending, message)) => {
+                        let (link, incarnation) = addr.route(&node, pending).await?;
+                        ask(link, incarnation, &message)?
+                    }
+                };
+                let reply = wait(&link, waiter, A::NAME, M::TAG, timeout).await?;
+                decode(M::TAG, &reply)
+            }
+            .await;
+            if let Some(started) = started {
+                let latency = started.elapsed();
+                let caller = &node.identity.path;
+                match &outcome {
+                    Ok(_) => tracing::debug!(%caller, actor = A::NAME, tag = M::TAG, ?latency, "request answered"),
+                    Err(error) => {
+                        tracing::debug!(%caller, actor = A::NAME, tag = M::TAG, ?latency, %error, "request failed")
+                    }
                 }
-            };
-            let reply = wait(&link, waiter, A::NAME, M::TAG, timeout).await?;
-            decode(M::TAG, &reply)
+            }
+            outcome
         })
     }
 }

@@ -268,6 +268,7 @@ impl Cluster {
             children: Vec::new(),
             declared,
             socket_dir: Some(socket_dir),
+            tree_logger: None,
         };
         let mut interrupt = std::pin::pin!(interrupt);
         for worker in self.workers.iter().filter(|w| !w.disabled) {
@@ -304,6 +305,11 @@ impl Cluster {
             }
         }
         info!("cluster ready\n{}", handle.tree());
+        handle.tree_logger = Some(tokio::spawn(log_tree_changes(
+            node.clone(),
+            self.name.clone(),
+            handle.declared.clone(),
+        )));
         Ok(handle)
     }
 
@@ -351,6 +357,7 @@ pub struct ClusterHandle {
     children: Vec<Supervised>,
     declared: Vec<Declared>,
     socket_dir: Option<tempfile::TempDir>,
+    tree_logger: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ClusterHandle {
@@ -367,6 +374,10 @@ impl ClusterHandle {
     /// Stops every worker in reverse start order (graceful, then killed after
     /// the shutdown timeout), and removes the cluster's sockets.
     pub async fn shutdown(mut self) -> Result<()> {
+        // Processes leaving one by one during a shutdown are not news.
+        if let Some(logger) = self.tree_logger.take() {
+            logger.abort();
+        }
         supervisor::stop_all(&mut self.children).await;
         self.node.stop();
         if let Some(dir) = self.socket_dir.take() {
@@ -375,6 +386,23 @@ impl ClusterHandle {
         }
         info!("cluster stopped");
         Ok(())
+    }
+}
+
+/// Logs the tree again after every change of membership (a process exited,
+/// or came back), once things settle.
+async fn log_tree_changes(node: Arc<Node>, cluster: String, declared: Vec<Declared>) {
+    let mut changes = node.directory.changes();
+    changes.mark_unchanged();
+    while changes.changed().await.is_ok() {
+        // Several processes often change together (a spawn and its forks).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        changes.mark_unchanged();
+        let members = node.directory.members();
+        info!(
+            "cluster changed\n{}",
+            tree::render(&cluster, std::process::id(), &declared, &members)
+        );
     }
 }
 

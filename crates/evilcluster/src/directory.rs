@@ -116,6 +116,11 @@ impl Directory {
         true
     }
 
+    /// Sees every change of the directory (its version).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
     pub fn members(&self) -> Vec<Member> {
         self.read().members.iter().map(|m| Member::clone(m)).collect()
     }
