@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 mod codec;
+pub mod control;
 mod error;
 mod frame;
 pub mod handshake;

@@ -1,0 +1,79 @@
+//! The control protocol: what a tool such as the `evilcluster` command
+//! asks a running cluster's master, and how it finds it.
+//!
+//! A master writes two files into [`discovery_dir`]: `<cluster>.endpoint`
+//! (line 1: the master's socket path, line 2: its pid) and
+//! `<cluster>.cookie` (the cluster cookie, hex, mode 0600). A tool connects
+//! to that socket, runs the ordinary [`handshake`](crate::handshake) with
+//! the cookie, and sends [`Request`](crate::Request)s to the
+//! [`CONTROL`] service with the master's incarnation (from the handshake).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The service every master hosts for tools.
+pub const CONTROL: &str = "evilcluster.control";
+/// Asks for a [`Status`]; the payload is MessagePack nil (`0xc0`).
+pub const STATUS_TAG: &str = "control.status";
+/// Asks the master to stop the cluster cleanly, as SIGTERM does; the
+/// payload is MessagePack nil, the reply is nil once the stop has begun.
+pub const STOP_TAG: &str = "control.stop";
+
+/// Where masters of user `uid` advertise themselves: `<temp dir>/evilcluster-<uid>`.
+pub fn discovery_dir(uid: u32) -> PathBuf {
+    std::env::temp_dir().join(format!("evilcluster-{uid}"))
+}
+
+/// The file holding a cluster's master socket path and pid.
+pub fn endpoint_file(dir: &Path, cluster: &str) -> PathBuf {
+    dir.join(format!("{cluster}.endpoint"))
+}
+
+/// The file holding a cluster's cookie, hex-encoded.
+pub fn cookie_file(dir: &Path, cluster: &str) -> PathBuf {
+    dir.join(format!("{cluster}.cookie"))
+}
+
+/// The live tree of a cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The cluster's name.
+    pub cluster: String,
+    /// Every declared process, in tree order: the master, then each worker
+    /// in declaration order followed by its forks.
+    pub processes: Vec<ProcessStatus>,
+}
+
+/// One process of the tree, as `evilcluster ps` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessStatus {
+    /// Path in the tree, e.g. `myapp/webserverApi/2`.
+    pub path: String,
+    /// `master`, `spawn` or `fork`.
+    pub role: String,
+    /// `up`, `down` (declared, not running) or `disabled`.
+    pub state: String,
+    /// Operating-system process id, while up.
+    pub pid: Option<u32>,
+    /// The hosted actor's `NAME`, if it hosts one.
+    pub actor: Option<String>,
+    /// The hosted actor's Rust type, for display.
+    pub actor_type: Option<String>,
+    /// Milliseconds since the process started, while up.
+    pub uptime_ms: Option<u64>,
+    /// How many times this path was restarted.
+    pub restarts: u32,
+    /// Requests this process handled for other processes.
+    pub messages_in: u64,
+    /// Requests this process sent to other processes.
+    pub messages_out: u64,
+    /// Requests it refused or that failed.
+    pub errors: u64,
+    /// Resident memory in bytes, where the platform tells.
+    pub rss_bytes: Option<u64>,
+    /// Handling time of sampled requests, by power-of-two microsecond
+    /// buckets: `latency_us[i]` counts requests that took less than `2^i` µs
+    /// (the last bucket: the rest).
+    pub latency_us: Vec<u64>,
+}
