@@ -120,6 +120,7 @@ impl<A: RemoteActor> RemoteAddr<A> {
         M: RemoteMessage,
     {
         let node = node::current().ok_or(SendError::NotInCluster)?;
+        node.stats.sent();
         let (link, incarnation) = match self.route_now(&node) {
             Route::Ready(link, incarnation) => (link, incarnation),
             pending => self.route(&node, pending).await?,
@@ -209,6 +210,7 @@ where
             return Box::pin(std::future::ready(Err(SendError::NotInCluster)));
         };
         let timeout = addr.timeout.unwrap_or(node.config.call_timeout);
+        node.stats.sent();
         let ask = move |link: Arc<Link>, incarnation: u64, message: &M| {
             let waiter = with_payload(message, |payload| {
                 queue(&link, A::NAME, M::TAG, incarnation, payload?, Some(timeout))

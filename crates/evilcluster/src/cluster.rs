@@ -6,12 +6,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use evilcluster_wire::control::CONTROL;
 use evilcluster_wire::{Cookie, Identity};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::{error, error_span, info, warn};
 
 use crate::addr::{call, decode, encode};
 use crate::connection::{self, Link, Side};
+use crate::control::{Advertisement, ControlService};
 use crate::directory::{Member, Snapshot};
 use crate::node::{Config, Node, NodeSpec};
 use crate::process::{Launch, StopReason};
@@ -146,8 +148,10 @@ impl Cluster {
                         Err(Error::Interrupted) => return Ok(()),
                         started => started?,
                     };
-                    signal.await;
-                    info!("shutdown signal received");
+                    tokio::select! {
+                        () = signal => info!("shutdown signal received"),
+                        () = cluster.stop_requested() => {}
+                    }
                     cluster.shutdown().await
                 })
             }
@@ -189,6 +193,10 @@ impl Cluster {
                     main.abort();
                     Err(Error::Interrupted)
                 }
+                () = cluster.stop_requested() => {
+                    main.abort();
+                    Err(Error::Interrupted)
+                }
             };
             cluster.shutdown().await?;
             outcome
@@ -222,6 +230,7 @@ impl Cluster {
         };
         let master_socket = socket_dir.path().join("master.sock").to_string_lossy().into_owned();
         let incarnation = random_incarnation();
+        let advertisement = Advertisement::publish(&self.name, &master_socket, &cookie)?;
         let node = Node::start(NodeSpec {
             identity: Identity {
                 cluster: self.name.clone(),
@@ -262,8 +271,20 @@ impl Cluster {
                 type_name: w.type_name(),
             })
             .collect();
+        let stop = Arc::new(Notify::new());
+        node.add_service(
+            CONTROL,
+            Arc::new(ControlService {
+                node: Arc::downgrade(&node),
+                cluster: self.name.clone(),
+                declared: declared.clone(),
+                stop: stop.clone(),
+            }),
+        );
         let mut handle = ClusterHandle {
             name: self.name.clone(),
+            stop,
+            advertisement: Some(advertisement),
             node: node.clone(),
             children: Vec::new(),
             declared,
@@ -353,6 +374,9 @@ impl Cluster {
 /// A started cluster, seen from the master.
 pub struct ClusterHandle {
     name: String,
+    /// Fired by a control client's stop request.
+    stop: Arc<Notify>,
+    advertisement: Option<Advertisement>,
     node: Arc<Node>,
     children: Vec<Supervised>,
     declared: Vec<Declared>,
@@ -371,6 +395,12 @@ impl ClusterHandle {
         )
     }
 
+    /// Resolves when a control client (`evilcluster stop`) asks the cluster
+    /// to stop; [`Cluster::run`] then stops it as it does on SIGTERM.
+    pub async fn stop_requested(&self) {
+        self.stop.notified().await
+    }
+
     /// Stops every worker in reverse start order (graceful, then killed after
     /// the shutdown timeout), and removes the cluster's sockets.
     pub async fn shutdown(mut self) -> Result<()> {
@@ -380,6 +410,7 @@ impl ClusterHandle {
         }
         supervisor::stop_all(&mut self.children).await;
         self.node.stop();
+        self.advertisement.take();
         if let Some(dir) = self.socket_dir.take() {
             dir.close()
                 .map_err(|e| Error::io("cannot remove the socket directory", e))?;

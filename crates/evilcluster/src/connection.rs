@@ -21,6 +21,9 @@ use tracing::{debug, warn};
 use crate::node::Node;
 use crate::transport::{self, ReadHalf, WriteHalf};
 
+/// Names of the runtime's own services start with this.
+const SYSTEM_PREFIX: &str = "evilcluster.";
+
 /// Requests a connection works on at once before it stops reading more.
 const MAX_IN_FLIGHT: usize = 4096;
 const READ_BUFFER: usize = 64 * 1024;
@@ -353,7 +356,15 @@ async fn read_loop(node: &Node, link: &Link, mut frames: FramedRead<ReadHalf, Le
     loop {
         tokio::select! {
             biased;
-            Some((id, result)) = in_flight.next(), if !in_flight.is_empty() => link.reply(id, result),
+            Some((id, started, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let result: Result<Vec<u8>, WireError> = result;
+                if let Some(started) = started {
+                    node.stats.handled(Some(started), result.is_err());
+                } else if result.is_err() {
+                    node.stats.failed();
+                }
+                link.reply(id, result);
+            }
             frame = frames.next(), if in_flight.len() < MAX_IN_FLIGHT => match frame {
                 None => return "closed by the peer".to_owned(),
                 Some(Err(error)) if is_disconnect(&error) => return format!("connection lost: {error}"),
@@ -368,10 +379,16 @@ async fn read_loop(node: &Node, link: &Link, mut frames: FramedRead<ReadHalf, Le
                         Ok(Frame::Reply(reply)) => link.complete(reply.id, reply.result.map(|p| body.slice_ref(p.0))),
                         Ok(Frame::Request(request)) => {
                             let id = request.id;
+                            // The runtime's own traffic is not the actors' work.
+                            let started = match request.actor.starts_with(SYSTEM_PREFIX) {
+                                true => None,
+                                false => node.stats.received(),
+                            };
                             match node.dispatch(&request) {
                                 Ok(None) => {}
-                                Ok(Some(pending)) => in_flight.push(async move { (id, pending.await) }),
+                                Ok(Some(pending)) => in_flight.push(async move { (id, started, pending.await) }),
                                 Err(error) => {
+                                    node.stats.failed();
                                     warn!(peer = %link.peer.path, actor = request.actor, tag = request.tag, %error, "refused a request");
                                     if request.reply {
                                         link.reply(id, Err(error));

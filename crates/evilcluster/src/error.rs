@@ -28,6 +28,14 @@ pub enum Error {
     /// A cluster is already running in this process.
     #[error("a cluster is already running in this process")]
     AlreadyRunning,
+    /// Another live master already runs a cluster of this name for this user.
+    #[error("a cluster named `{cluster}` is already running (master pid {pid}); stop it or choose another name")]
+    NameTaken {
+        /// The cluster's name.
+        cluster: String,
+        /// The other master's pid.
+        pid: u32,
+    },
     /// A connection to another process of the cluster could not be set up.
     #[error("handshake with {peer} failed: {source}")]
     Handshake {
@@ -56,7 +64,7 @@ pub enum Error {
         /// The error the task returned, as text.
         reason: String,
     },
-    /// SIGINT or SIGTERM reached the master before `run_with`'s function finished;
+    /// SIGINT, SIGTERM or a control client's stop request reached the master before `run_with`'s function finished;
     /// the cluster was shut down cleanly.
     #[error("interrupted by a shutdown signal; the cluster was stopped")]
     Interrupted,

@@ -74,6 +74,7 @@
 mod addr;
 mod cluster;
 mod connection;
+mod control;
 mod directory;
 mod error;
 mod node;
@@ -83,6 +84,7 @@ mod process;
 mod registry;
 mod remote;
 mod role;
+mod stats;
 mod supervisor;
 mod transport;
 mod tree;

@@ -17,6 +17,7 @@ use crate::connection::{self, Link, Side, DEFAULT_HANDSHAKE_TIMEOUT};
 use crate::directory::{Directory, Member};
 use crate::registry::{PeerGone, Registry};
 use crate::remote::{Dispatch, Service};
+use crate::stats::{Stats, StatsService, STATS};
 use crate::transport;
 use crate::Error;
 
@@ -67,6 +68,7 @@ pub(crate) struct Node {
     pub master_lost: Notify,
     /// The registry, in the master.
     pub registry: OnceLock<Addr<Registry>>,
+    pub stats: Stats,
 }
 
 static CURRENT: RwLock<Option<Arc<Node>>> = RwLock::new(None);
@@ -111,7 +113,9 @@ impl Node {
             accept_task: Mutex::new(None),
             master_lost: Notify::new(),
             registry: OnceLock::new(),
+            stats: Stats::new(),
         });
+        node.add_service(STATS, Arc::new(StatsService(Arc::downgrade(&node))));
         node.add_service(
             crate::registry::DIRECTORY,
             Arc::new(crate::registry::DirectoryService(node.directory.clone())),

@@ -1,0 +1,200 @@
+//! The master's control service for tools (`evilcluster ps`, `tree`,
+//! `stop`), and the files through which tools find a cluster by name.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use evilcluster_wire::control::{self, ProcessStatus, Status, CONTROL, STATUS_TAG, STOP_TAG};
+use evilcluster_wire::{Cookie, WireError};
+use futures_util::future::join_all;
+use tokio::sync::Notify;
+
+use crate::addr::call;
+use crate::directory::Member;
+use crate::node::Node;
+use crate::remote::{Dispatch, Service};
+use crate::stats::{ProcessStats, STATS, STATS_TAG};
+use crate::tree::Declared;
+use crate::Error;
+
+/// How long the status waits for one process's counters.
+const STATS_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(crate) struct ControlService {
+    pub node: Weak<Node>,
+    pub cluster: String,
+    pub declared: Vec<Declared>,
+    pub stop: Arc<Notify>,
+}
+
+impl Service for ControlService {
+    fn dispatch(&self, tag: &str, _payload: &[u8], _reply: bool) -> Result<Dispatch, WireError> {
+        match tag {
+            STATUS_TAG => {
+                let node = self.node.upgrade().ok_or_else(|| WireError::MailboxClosed {
+                    actor: CONTROL.to_owned(),
+                })?;
+                let (cluster, declared) = (self.cluster.clone(), self.declared.clone());
+                let tag = tag.to_owned();
+                Ok(Some(Box::pin(async move {
+                    encode_reply(&status(&node, cluster, &declared).await, &tag)
+                })))
+            }
+            STOP_TAG => {
+                tracing::info!("stop requested by a control client");
+                self.stop.notify_one();
+                Ok(Some(Box::pin(std::future::ready(encode_reply(&(), tag)))))
+            }
+            _ => Err(WireError::UnknownMessage {
+                actor: CONTROL.to_owned(),
+                tag: tag.to_owned(),
+            }),
+        }
+    }
+}
+
+fn encode_reply<T: serde::Serialize>(value: &T, tag: &str) -> Result<Vec<u8>, WireError> {
+    rmp_serde::to_vec(value).map_err(|e| WireError::Encode {
+        tag: tag.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// The live tree: declared processes in tree order, with each live one's counters.
+async fn status(node: &Arc<Node>, cluster: String, declared: &[Declared]) -> Status {
+    let members = node.directory.members();
+    let find = |path: &str| members.iter().find(|m| m.path == path);
+    // (path, role, member, disabled, actor type) in tree order.
+    let mut rows: Vec<(String, &'static str, Option<&Member>, bool, Option<&'static str>)> =
+        vec![(cluster.clone(), "master", find(&cluster), false, None)];
+    for worker in declared {
+        let path = format!("{cluster}/{}", worker.name);
+        let hosts = (worker.forks == 0).then_some(worker.type_name).flatten();
+        rows.push((path.clone(), "spawn", find(&path), worker.disabled, hosts));
+        if !worker.disabled {
+            for number in 1..=worker.forks {
+                let fork = format!("{path}/{number}");
+                rows.push((fork.clone(), "fork", find(&fork), false, worker.type_name));
+            }
+        }
+    }
+    let counters = join_all(rows.iter().map(|(_, role, member, _, _)| async move {
+        match (member, *role) {
+            (Some(_), "master") => Some(node.stats.snapshot()),
+            (Some(member), _) => fetch(node, member).await,
+            (None, _) => None,
+        }
+    }))
+    .await;
+    let processes = rows
+        .into_iter()
+        .zip(counters)
+        .map(|((path, role, member, disabled, type_name), counters)| {
+            let counters = counters.unwrap_or_default();
+            let up = member.is_some();
+            ProcessStatus {
+                path,
+                role: role.to_owned(),
+                state: match (disabled, up) {
+                    (true, _) => "disabled",
+                    (false, true) => "up",
+                    (false, false) => "down",
+                }
+                .to_owned(),
+                pid: member.map(|m| m.pid),
+                actor: member.and_then(|m| m.actor.clone()).filter(|_| role != "master"),
+                actor_type: type_name.map(str::to_owned),
+                uptime_ms: up.then_some(counters.uptime_ms),
+                restarts: 0,
+                messages_in: counters.messages_in,
+                messages_out: counters.messages_out,
+                errors: counters.errors,
+                rss_bytes: counters.rss_bytes,
+                latency_us: counters.latency_us,
+            }
+        })
+        .collect();
+    Status { cluster, processes }
+}
+
+/// One live process's counters, over its connection with the master.
+async fn fetch(node: &Arc<Node>, member: &Member) -> Option<ProcessStats> {
+    let link = match &member.socket {
+        Some(_) => node.link_to(member).await.ok()?,
+        // It hosts nothing, so it does not listen: use the connection it opened to us.
+        None => node.link_for(&member.path, member.incarnation)?,
+    };
+    let reply = call(&link, STATS, STATS_TAG, member.incarnation, &[0xc0], STATS_TIMEOUT)
+        .await
+        .ok()?;
+    rmp_serde::from_slice(&reply).ok()
+}
+
+/// The files that let tools find this cluster by name; removed on drop.
+pub(crate) struct Advertisement {
+    endpoint: PathBuf,
+    cookie: PathBuf,
+}
+
+impl Advertisement {
+    /// Advertises the master's socket under the cluster's name, unless a
+    /// live master already does.
+    pub fn publish(cluster: &str, socket: &str, cookie: &Cookie) -> Result<Advertisement, Error> {
+        use std::io::Write;
+
+        let dir = control::discovery_dir(rustix::process::getuid().as_raw());
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(&dir)
+            .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        let endpoint = control::endpoint_file(&dir, cluster);
+        if let Some(pid) = advertised_pid(&endpoint) {
+            if pid != std::process::id() && alive(pid) {
+                return Err(Error::NameTaken {
+                    cluster: cluster.to_owned(),
+                    pid,
+                });
+            }
+        }
+        let write = |path: &PathBuf, text: String| -> Result<(), Error> {
+            let context = || format!("cannot write {}", path.display());
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            // Only the owner may read the cookie.
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(path)
+                .map_err(|e| Error::io(context(), e))?;
+            file.write_all(text.as_bytes()).map_err(|e| Error::io(context(), e))
+        };
+        let cookie_path = control::cookie_file(&dir, cluster);
+        write(&cookie_path, format!("{}\n", hex::encode(cookie.as_bytes())))?;
+        write(&endpoint, format!("{socket}\n{}\n", std::process::id()))?;
+        Ok(Advertisement {
+            endpoint,
+            cookie: cookie_path,
+        })
+    }
+}
+
+impl Drop for Advertisement {
+    fn drop(&mut self) {
+        // Only our own: a newer master of the same name may have taken over.
+        if advertised_pid(&self.endpoint) == Some(std::process::id()) {
+            let _ = std::fs::remove_file(&self.endpoint);
+            let _ = std::fs::remove_file(&self.cookie);
+        }
+    }
+}
+
+fn advertised_pid(endpoint: &PathBuf) -> Option<u32> {
+    std::fs::read_to_string(endpoint).ok()?.lines().nth(1)?.trim().parse().ok()
+}
+
+fn alive(pid: u32) -> bool {
+    rustix::process::Pid::from_raw(pid as i32).is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
+}
