@@ -35,7 +35,9 @@ impl Client {
             path: format!("{cluster}/test-tool"),
             incarnation: 1,
         };
-        let master = handshake::connect(&mut framed, &me, &cookie, [5; NONCE_LEN]).await.expect("handshake");
+        let master = handshake::connect(&mut framed, &me, &cookie, [5; NONCE_LEN])
+            .await
+            .expect("handshake");
         Client {
             framed,
             incarnation: master.incarnation,
@@ -73,7 +75,10 @@ fn status_lists_every_process_and_stop_stops_the_cluster() {
     let members = fixture.members();
     fixture.command("check");
     fixture.expect_line("checked ok");
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let tmp = fixture.tmp.path().to_owned();
     let status: Status = runtime.block_on(async {
         let mut client = Client::connect(&tmp, "fixture").await;
@@ -82,7 +87,14 @@ fn status_lists_every_process_and_stop_stops_the_cluster() {
     let rows: Vec<(&str, &str, &str, Option<&str>)> = status
         .processes
         .iter()
-        .map(|p| (p.path.as_str(), p.role.as_str(), p.state.as_str(), p.actor_type.as_deref()))
+        .map(|p| {
+            (
+                p.path.as_str(),
+                p.role.as_str(),
+                p.state.as_str(),
+                p.actor_type.as_deref(),
+            )
+        })
         .collect();
     assert_eq!(
         rows,
@@ -99,9 +111,15 @@ fn status_lists_every_process_and_stop_stops_the_cluster() {
         ]
     );
     for process in status.processes.iter().filter(|p| p.state == "up") {
-        let member = members.iter().find(|m| m.path == process.path).expect("listed by the fixture");
+        let member = members
+            .iter()
+            .find(|m| m.path == process.path)
+            .expect("listed by the fixture");
         assert_eq!(process.pid, Some(member.pid), "{}", process.path);
-        assert!(process.uptime_ms.is_some() && process.rss_bytes.is_some_and(|b| b > 0), "{process:?}");
+        assert!(
+            process.uptime_ms.is_some() && process.rss_bytes.is_some_and(|b| b > 0),
+            "{process:?}"
+        );
     }
     // The `check` above wrote and read the store: it counted them.
     let store = status.processes.iter().find(|p| p.path == "fixture/store").unwrap();

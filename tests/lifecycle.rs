@@ -54,8 +54,14 @@ fn a_clean_exit_leaves_no_process_and_no_socket_file() {
     }
     // The per-user directory where masters advertise themselves to tools
     // (`evilcluster ps`) stays, empty; nothing else does.
-    let discovery = fixture.tmp.path().join(format!("evilcluster-{}", rustix::process::getuid().as_raw()));
-    let left: Vec<_> = files_below(fixture.tmp.path()).into_iter().filter(|p| *p != discovery).collect();
+    let discovery = fixture
+        .tmp
+        .path()
+        .join(format!("evilcluster-{}", rustix::process::getuid().as_raw()));
+    let left: Vec<_> = files_below(fixture.tmp.path())
+        .into_iter()
+        .filter(|p| *p != discovery)
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 

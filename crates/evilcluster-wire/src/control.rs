@@ -41,7 +41,8 @@ pub struct Status {
     /// The cluster's name.
     pub cluster: String,
     /// Every declared process, in tree order: the master, then each worker
-    /// in declaration order followed by its forks.
+    /// in declaration order followed by its forks (a disabled worker is one
+    /// entry, without forks).
     pub processes: Vec<ProcessStatus>,
 }
 
@@ -56,7 +57,7 @@ pub struct ProcessStatus {
     pub state: String,
     /// Operating-system process id, while up.
     pub pid: Option<u32>,
-    /// The hosted actor's `NAME`, if it hosts one.
+    /// The `NAME` of the actor it hosts (or would host, while down).
     pub actor: Option<String>,
     /// The hosted actor's Rust type, for display.
     pub actor_type: Option<String>,
@@ -64,11 +65,12 @@ pub struct ProcessStatus {
     pub uptime_ms: Option<u64>,
     /// How many times this path was restarted.
     pub restarts: u32,
-    /// Requests this process handled for other processes.
+    /// Requests its actor handled for other processes (the runtime's own
+    /// traffic — registry, status — is not counted here or below).
     pub messages_in: u64,
-    /// Requests this process sent to other processes.
+    /// Requests this process sent to actors (`send` and `do_send`).
     pub messages_out: u64,
-    /// Requests it refused or that failed.
+    /// Requests for its actor that it refused or whose handling failed.
     pub errors: u64,
     /// Resident memory in bytes, where the platform tells.
     pub rss_bytes: Option<u64>,

@@ -132,13 +132,15 @@ impl Cluster {
     }
 
     /// Runs this process's part: in the master, starts the tree and serves
-    /// until SIGINT or SIGTERM, then stops it cleanly; in a child, runs its
-    /// actor or task until told to stop.
+    /// until SIGINT, SIGTERM or `evilcluster stop`, then stops it cleanly
+    /// and returns. A child never returns from this call: it runs its actor
+    /// or task until told to stop, then exits (code 0, or 1 after logging
+    /// why), so code after `run` runs in the master only.
     pub fn run(self) -> Result<()> {
         self.validate()?;
         init_tracing();
         match ChildEnv::from_env()? {
-            Some(env) => self.run_child(env),
+            Some(env) => self.run_child_and_exit(env),
             None => {
                 let span = error_span!("master", cluster = %self.name, pid = std::process::id());
                 let _entered = span.enter();
@@ -173,8 +175,7 @@ impl Cluster {
         self.validate()?;
         init_tracing();
         if let Some(env) = ChildEnv::from_env()? {
-            let code = if self.run_child(env).is_ok() { 0 } else { 1 };
-            std::process::exit(code);
+            self.run_child_and_exit(env);
         }
         let span = error_span!("master", cluster = %self.name, pid = std::process::id());
         let _entered = span.enter();
@@ -268,6 +269,7 @@ impl Cluster {
                 name: w.name.clone(),
                 forks: w.forks,
                 disabled: w.disabled,
+                actor: w.actor_name(),
                 type_name: w.type_name(),
             })
             .collect();
@@ -334,6 +336,16 @@ impl Cluster {
         Ok(handle)
     }
 
+    fn run_child_and_exit(self, env: ChildEnv) -> ! {
+        let outcome = self.run_child(env);
+        if let Err(error) = &outcome {
+            error!("{error}");
+        }
+        // Every line written so far reaches the terminal before the exit.
+        crate::output::finish();
+        std::process::exit(if outcome.is_ok() { 0 } else { 1 })
+    }
+
     fn run_child(mut self, env: ChildEnv) -> Result<()> {
         let (cookie, stop_requests) = crate::process::attach_to_parent(&env, self.config.shutdown_timeout * 2)?;
         let name = env.role.worker().expect("a child has a worker").to_owned();
@@ -362,12 +374,7 @@ impl Cluster {
             cookie,
             order: index as u32 + 1,
         };
-        let outcome = actix_rt::System::new().block_on(child.run(worker, stop_requests));
-        if let Err(error) = &outcome {
-            error!("{error}");
-        }
-        crate::output::finish();
-        outcome
+        actix_rt::System::new().block_on(child.run(worker, stop_requests))
     }
 }
 

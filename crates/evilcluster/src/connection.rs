@@ -356,12 +356,10 @@ async fn read_loop(node: &Node, link: &Link, mut frames: FramedRead<ReadHalf, Le
     loop {
         tokio::select! {
             biased;
-            Some((id, started, result)) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((id, counted, started, result)) = in_flight.next(), if !in_flight.is_empty() => {
                 let result: Result<Vec<u8>, WireError> = result;
-                if let Some(started) = started {
-                    node.stats.handled(Some(started), result.is_err());
-                } else if result.is_err() {
-                    node.stats.failed();
+                if counted {
+                    node.stats.handled(started, result.is_err());
                 }
                 link.reply(id, result);
             }
@@ -380,15 +378,17 @@ async fn read_loop(node: &Node, link: &Link, mut frames: FramedRead<ReadHalf, Le
                         Ok(Frame::Request(request)) => {
                             let id = request.id;
                             // The runtime's own traffic is not the actors' work.
-                            let started = match request.actor.starts_with(SYSTEM_PREFIX) {
-                                true => None,
-                                false => node.stats.received(),
-                            };
+                            let counted = !request.actor.starts_with(SYSTEM_PREFIX);
+                            let started = if counted { node.stats.received() } else { None };
                             match node.dispatch(&request) {
                                 Ok(None) => {}
-                                Ok(Some(pending)) => in_flight.push(async move { (id, started, pending.await) }),
+                                Ok(Some(pending)) => {
+                                    in_flight.push(async move { (id, counted, started, pending.await) })
+                                }
                                 Err(error) => {
-                                    node.stats.failed();
+                                    if counted {
+                                        node.stats.failed();
+                                    }
                                     warn!(peer = %link.peer.path, actor = request.actor, tag = request.tag, %error, "refused a request");
                                     if request.reply {
                                         link.reply(id, Err(error));

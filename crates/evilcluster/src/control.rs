@@ -65,22 +65,39 @@ fn encode_reply<T: serde::Serialize>(value: &T, tag: &str) -> Result<Vec<u8>, Wi
 async fn status(node: &Arc<Node>, cluster: String, declared: &[Declared]) -> Status {
     let members = node.directory.members();
     let find = |path: &str| members.iter().find(|m| m.path == path);
-    // (path, role, member, disabled, actor type) in tree order.
-    let mut rows: Vec<(String, &'static str, Option<&Member>, bool, Option<&'static str>)> =
-        vec![(cluster.clone(), "master", find(&cluster), false, None)];
+    let mut rows = vec![Row {
+        path: cluster.clone(),
+        role: "master",
+        member: find(&cluster),
+        disabled: false,
+        hosts: None,
+    }];
     for worker in declared {
         let path = format!("{cluster}/{}", worker.name);
-        let hosts = (worker.forks == 0).then_some(worker.type_name).flatten();
-        rows.push((path.clone(), "spawn", find(&path), worker.disabled, hosts));
+        // A spawn with forks hosts nothing itself; each fork hosts the actor.
+        let hosts = worker.actor.zip(worker.type_name);
+        rows.push(Row {
+            path: path.clone(),
+            role: "spawn",
+            member: find(&path),
+            disabled: worker.disabled,
+            hosts: hosts.filter(|_| worker.forks == 0),
+        });
         if !worker.disabled {
             for number in 1..=worker.forks {
                 let fork = format!("{path}/{number}");
-                rows.push((fork.clone(), "fork", find(&fork), false, worker.type_name));
+                rows.push(Row {
+                    member: find(&fork),
+                    path: fork,
+                    role: "fork",
+                    disabled: false,
+                    hosts,
+                });
             }
         }
     }
-    let counters = join_all(rows.iter().map(|(_, role, member, _, _)| async move {
-        match (member, *role) {
+    let counters = join_all(rows.iter().map(|row| async move {
+        match (row.member, row.role) {
             (Some(_), "master") => Some(node.stats.snapshot()),
             (Some(member), _) => fetch(node, member).await,
             (None, _) => None,
@@ -90,21 +107,21 @@ async fn status(node: &Arc<Node>, cluster: String, declared: &[Declared]) -> Sta
     let processes = rows
         .into_iter()
         .zip(counters)
-        .map(|((path, role, member, disabled, type_name), counters)| {
+        .map(|(row, counters)| {
             let counters = counters.unwrap_or_default();
-            let up = member.is_some();
+            let up = row.member.is_some();
             ProcessStatus {
-                path,
-                role: role.to_owned(),
-                state: match (disabled, up) {
+                path: row.path,
+                role: row.role.to_owned(),
+                state: match (row.disabled, up) {
                     (true, _) => "disabled",
                     (false, true) => "up",
                     (false, false) => "down",
                 }
                 .to_owned(),
-                pid: member.map(|m| m.pid),
-                actor: member.and_then(|m| m.actor.clone()).filter(|_| role != "master"),
-                actor_type: type_name.map(str::to_owned),
+                pid: row.member.map(|m| m.pid),
+                actor: row.hosts.map(|(name, _)| name.to_owned()),
+                actor_type: row.hosts.map(|(_, type_name)| type_name.to_owned()),
                 uptime_ms: up.then_some(counters.uptime_ms),
                 restarts: 0,
                 messages_in: counters.messages_in,
@@ -116,6 +133,16 @@ async fn status(node: &Arc<Node>, cluster: String, declared: &[Declared]) -> Sta
         })
         .collect();
     Status { cluster, processes }
+}
+
+/// One declared process, in tree order.
+struct Row<'a> {
+    path: String,
+    role: &'static str,
+    member: Option<&'a Member>,
+    disabled: bool,
+    /// The actor it hosts (or would host): `NAME` and Rust type.
+    hosts: Option<(&'static str, &'static str)>,
 }
 
 /// One live process's counters, over its connection with the master.
@@ -167,8 +194,7 @@ impl Advertisement {
             // Only the owner may read the cookie.
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options.open(path)
-                .map_err(|e| Error::io(context(), e))?;
+            let mut file = options.open(path).map_err(|e| Error::io(context(), e))?;
             file.write_all(text.as_bytes()).map_err(|e| Error::io(context(), e))
         };
         let cookie_path = control::cookie_file(&dir, cluster);
@@ -192,9 +218,23 @@ impl Drop for Advertisement {
 }
 
 fn advertised_pid(endpoint: &PathBuf) -> Option<u32> {
-    std::fs::read_to_string(endpoint).ok()?.lines().nth(1)?.trim().parse().ok()
+    std::fs::read_to_string(endpoint)
+        .ok()?
+        .lines()
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
 }
 
+/// Whether `pid` runs; a zombie (exited, not yet reaped) does not.
 fn alive(pid: u32) -> bool {
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        return stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X");
+    }
     rustix::process::Pid::from_raw(pid as i32).is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
 }

@@ -51,7 +51,7 @@ impl Stats {
     /// when this one is sampled for the latency histogram.
     pub fn received(&self) -> Option<Instant> {
         let seen = self.messages_in.fetch_add(1, Ordering::Relaxed);
-        (seen % SAMPLE_EVERY == 0).then(Instant::now)
+        seen.is_multiple_of(SAMPLE_EVERY).then(Instant::now)
     }
 
     pub fn handled(&self, started: Option<Instant>, failed: bool) {
@@ -138,7 +138,10 @@ mod tests {
         stats.sent();
         stats.handled(Some(Instant::now()), true);
         let snapshot = stats.snapshot();
-        assert_eq!((snapshot.messages_in, snapshot.messages_out, snapshot.errors), (32, 1, 1));
+        assert_eq!(
+            (snapshot.messages_in, snapshot.messages_out, snapshot.errors),
+            (32, 1, 1)
+        );
         assert_eq!(snapshot.latency_us.iter().sum::<u64>(), 1);
         assert!(snapshot.rss_bytes.is_some_and(|rss| rss > 0));
     }

@@ -10,6 +10,8 @@ pub(crate) struct Declared {
     pub name: String,
     pub forks: u32,
     pub disabled: bool,
+    /// The hosted actor's `NAME` and Rust type, for an actor worker.
+    pub actor: Option<&'static str>,
     pub type_name: Option<&'static str>,
 }
 
@@ -104,18 +106,21 @@ mod tests {
                 name: "web".into(),
                 forks: 2,
                 disabled: false,
+                actor: Some("web"),
                 type_name: Some("Web"),
             },
             Declared {
                 name: "old".into(),
                 forks: 0,
                 disabled: true,
+                actor: None,
                 type_name: None,
             },
             Declared {
                 name: "tasks".into(),
                 forks: 0,
                 disabled: false,
+                actor: None,
                 type_name: None,
             },
         ];

@@ -109,6 +109,13 @@ impl Worker {
         &self.name
     }
 
+    pub(crate) fn actor_name(&self) -> Option<&'static str> {
+        match &self.body {
+            Body::Actor { name, .. } => Some(name),
+            Body::Task(_) => None,
+        }
+    }
+
     pub(crate) fn type_name(&self) -> Option<&'static str> {
         match &self.body {
             Body::Actor { type_name, .. } => Some(type_name),
