@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use evilcluster_wire::control::render_tree;
 
 use crate::client::{Client, DEFAULT_TIMEOUT};
 use crate::discovery::{self, Master};
@@ -72,7 +73,7 @@ pub fn run(cli: Cli, dir: &Path, out: &mut dyn Write) -> Result<(), CliError> {
         }
         Command::Tree { cluster } => {
             let status = fetch_status(dir, &cluster)?;
-            write_all(out, &render::tree(&status))
+            write_all(out, &render_tree(&status))
         }
         Command::Stop { cluster, timeout } => {
             let master = discovery::locate(dir, &cluster)?;

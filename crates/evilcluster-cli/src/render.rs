@@ -1,147 +1,7 @@
 //! Rendering a [`Status`] for people: the tree, the `ps` table, and their
 //! units.
 
-use std::fmt::Write;
-
-use evilcluster_wire::control::{ProcessStatus, Status};
-
-/// One line of the tree: a process (or the cluster itself, when the status
-/// has no master entry) with its place in the tree.
-struct Line<'a> {
-    /// The process, `None` for a synthetic root.
-    process: Option<&'a ProcessStatus>,
-    /// Box-drawing prefix before the label (empty for the root).
-    prefix: String,
-    /// The name under its parent: the worker name, the fork number.
-    label: String,
-    /// Whether other processes hang below it.
-    has_children: bool,
-}
-
-/// Lays out `status.processes` as a tree by path: each process hangs below
-/// the nearest listed process whose path is a prefix of its own (a fork
-/// below its spawn), and below the master otherwise. Siblings keep the
-/// order of the list.
-fn layout(status: &Status) -> Vec<Line<'_>> {
-    let processes = &status.processes;
-    let root = processes
-        .iter()
-        .position(|p| p.role == "master")
-        .or_else(|| processes.iter().position(|p| p.path == status.cluster));
-    let mut children: Vec<Vec<usize>> = vec![Vec::new(); processes.len()];
-    let mut top = Vec::new();
-    for index in (0..processes.len()).filter(|&i| Some(i) != root) {
-        match parent_of(processes, index, root) {
-            Some(parent) => children[parent].push(index),
-            None => top.push(index),
-        }
-    }
-    let mut lines = vec![Line {
-        process: root.map(|r| &processes[r]),
-        prefix: String::new(),
-        label: root.map_or_else(|| status.cluster.clone(), |r| processes[r].path.clone()),
-        has_children: !top.is_empty(),
-    }];
-    let root_path = root.map_or(status.cluster.as_str(), |r| processes[r].path.as_str());
-    walk(processes, &children, &top, root_path, "", &mut lines);
-    lines
-}
-
-/// The index of the process `index` hangs below, `None` for the root.
-fn parent_of(processes: &[ProcessStatus], index: usize, root: Option<usize>) -> Option<usize> {
-    let mut path = processes[index].path.as_str();
-    while let Some((parent, _)) = path.rsplit_once('/') {
-        if let Some(found) = processes
-            .iter()
-            .enumerate()
-            .position(|(i, p)| i != index && p.path == parent)
-        {
-            return if Some(found) == root { None } else { Some(found) };
-        }
-        path = parent;
-    }
-    None
-}
-
-fn walk<'a>(
-    processes: &'a [ProcessStatus],
-    children: &[Vec<usize>],
-    siblings: &[usize],
-    parent_path: &str,
-    indent: &str,
-    lines: &mut Vec<Line<'a>>,
-) {
-    for (position, &index) in siblings.iter().enumerate() {
-        let last = position + 1 == siblings.len();
-        let (branch, more) = if last {
-            ("└── ", "    ")
-        } else {
-            ("├── ", "│   ")
-        };
-        let process = &processes[index];
-        let label = process
-            .path
-            .strip_prefix(parent_path)
-            .and_then(|rest| rest.strip_prefix('/'))
-            .unwrap_or(&process.path)
-            .to_owned();
-        lines.push(Line {
-            process: Some(process),
-            prefix: format!("{indent}{branch}"),
-            label,
-            has_children: !children[index].is_empty(),
-        });
-        walk(
-            processes,
-            children,
-            &children[index],
-            &process.path,
-            &format!("{indent}{more}"),
-            lines,
-        );
-    }
-}
-
-/// Renders the tree as the runtime logs it:
-///
-/// ```text
-/// myapp (master, pid 100)
-/// ├── webserverFrontend (spawn, pid 101)
-/// │   ├── 1 (fork, pid 104) WebserverFrontend up
-/// │   └── 2 (fork, pid 105) WebserverFrontend up
-/// ├── ghost (disabled)
-/// └── backgroundTaskManager (spawn, pid 103) up
-/// ```
-///
-/// A process with others below it (a spawn with forks, the master) shows no
-/// state; a process without a pid shows none.
-pub fn tree(status: &Status) -> String {
-    let mut out = String::new();
-    for line in layout(status) {
-        let _ = write!(out, "{}{}", line.prefix, line.label);
-        let Some(process) = line.process else {
-            out.push('\n');
-            continue;
-        };
-        if process.state == "disabled" {
-            out.push_str(" (disabled)\n");
-            continue;
-        }
-        let _ = write!(out, " ({}", process.role);
-        if let Some(pid) = process.pid {
-            let _ = write!(out, ", pid {pid}");
-        }
-        out.push(')');
-        if !line.has_children && process.role != "master" {
-            if let Some(actor_type) = &process.actor_type {
-                let _ = write!(out, " {actor_type}");
-            }
-            let _ = write!(out, " {}", process.state);
-        }
-        out.push('\n');
-    }
-    out
-}
+use evilcluster_wire::control::{tree_lines, Status};
 
 /// An uptime for people: `3s`, `2m10s`, `1h02m`, `4d03h`.
 pub fn format_uptime(ms: u64) -> String {
@@ -189,7 +49,7 @@ const NONE: &str = "-";
 /// order, the NAME column drawn as the tree.
 pub fn table(status: &Status) -> String {
     let mut rows: Vec<Vec<String>> = vec![COLUMNS.iter().map(|(name, _)| (*name).to_owned()).collect()];
-    for line in layout(status) {
+    for line in tree_lines(status) {
         let name = format!("{}{}", line.prefix, line.label);
         let Some(p) = line.process else {
             let mut row = vec![NONE.to_owned(); COLUMNS.len()];
@@ -262,6 +122,7 @@ pub fn json(status: &Status) -> Result<String, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use evilcluster_wire::control::{render_tree, ProcessStatus};
 
     fn process(path: &str, role: &str, state: &str, pid: Option<u32>, actor_type: Option<&str>) -> ProcessStatus {
         ProcessStatus {
@@ -331,7 +192,7 @@ myapp (master, pid 100)
 ├── ghost (disabled)
 └── backgroundTaskManager (spawn, pid 103) up
 ";
-        assert_eq!(tree(&readme_status()), expected);
+        assert_eq!(render_tree(&readme_status()), expected);
     }
 
     #[test]
@@ -358,7 +219,7 @@ app (master, pid 10)
 ├── store (spawn) Store down
 └── tasks (spawn, pid 14) up
 ";
-        assert_eq!(tree(&status), expected);
+        assert_eq!(render_tree(&status), expected);
     }
 
     #[test]
@@ -380,7 +241,7 @@ app (master, pid 10)
     ├── 1 (fork) Web down
     └── 2 (fork) Web down
 ";
-        assert_eq!(tree(&status), expected);
+        assert_eq!(render_tree(&status), expected);
     }
 
     #[test]
@@ -389,12 +250,12 @@ app (master, pid 10)
             cluster: "app".into(),
             processes: vec![process("app/a", "spawn", "up", Some(11), None)],
         };
-        assert_eq!(tree(&status), "app\n└── a (spawn, pid 11) up\n");
+        assert_eq!(render_tree(&status), "app\n└── a (spawn, pid 11) up\n");
         let empty = Status {
             cluster: "app".into(),
             processes: Vec::new(),
         };
-        assert_eq!(tree(&empty), "app\n");
+        assert_eq!(render_tree(&empty), "app\n");
     }
 
     #[test]

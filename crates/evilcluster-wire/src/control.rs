@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::tree::{render_tree, tree_lines, TreeLine};
+
 /// The service every master hosts for tools.
 pub const CONTROL: &str = "evilcluster.control";
 /// Asks for a [`Status`]; the payload is MessagePack nil (`0xc0`).

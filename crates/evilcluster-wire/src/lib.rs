@@ -31,6 +31,7 @@ pub mod control;
 mod error;
 mod frame;
 pub mod handshake;
+mod tree;
 
 pub use codec::{codec, DEFAULT_MAX_FRAME_LENGTH};
 pub use error::{DecodeError, HandshakeError, WireError};

@@ -394,12 +394,7 @@ pub struct ClusterHandle {
 impl ClusterHandle {
     /// The tree as it is now, rendered as text.
     pub fn tree(&self) -> String {
-        tree::render(
-            &self.name,
-            std::process::id(),
-            &self.declared,
-            &self.node.directory.members(),
-        )
+        tree::render(&self.name, &self.declared, &self.node.directory.members())
     }
 
     /// Resolves when a control client (`evilcluster stop`) asks the cluster
@@ -437,10 +432,7 @@ async fn log_tree_changes(node: Arc<Node>, cluster: String, declared: Vec<Declar
         tokio::time::sleep(Duration::from_millis(50)).await;
         changes.mark_unchanged();
         let members = node.directory.members();
-        info!(
-            "cluster changed\n{}",
-            tree::render(&cluster, std::process::id(), &declared, &members)
-        );
+        info!("cluster changed\n{}", tree::render(&cluster, &declared, &members));
     }
 }
 

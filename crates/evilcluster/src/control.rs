@@ -64,11 +64,38 @@ fn encode_reply<T: serde::Serialize>(value: &T, tag: &str) -> Result<Vec<u8>, Wi
 /// The live tree: declared processes in tree order, with each live one's counters.
 async fn status(node: &Arc<Node>, cluster: String, declared: &[Declared]) -> Status {
     let members = node.directory.members();
+    let rows = rows(&cluster, declared, &members);
+    let counters = join_all(rows.iter().map(|row| async move {
+        match (row.member, row.role) {
+            (Some(_), "master") => Some(node.stats.snapshot()),
+            (Some(member), _) => fetch(node, member).await,
+            (None, _) => None,
+        }
+    }))
+    .await;
+    let processes = rows.into_iter().zip(counters).map(|(row, c)| row.status(c)).collect();
+    Status { cluster, processes }
+}
+
+/// The declared processes as the directory knows them, without counters:
+/// what the master's logged tree shows.
+pub(crate) fn declared_status(cluster: &str, declared: &[Declared], members: &[Member]) -> Status {
+    Status {
+        cluster: cluster.to_owned(),
+        processes: rows(cluster, declared, members)
+            .into_iter()
+            .map(|row| row.status(None))
+            .collect(),
+    }
+}
+
+/// The master, then each worker followed by its forks.
+fn rows<'a>(cluster: &str, declared: &[Declared], members: &'a [Member]) -> Vec<Row<'a>> {
     let find = |path: &str| members.iter().find(|m| m.path == path);
     let mut rows = vec![Row {
-        path: cluster.clone(),
+        path: cluster.to_owned(),
         role: "master",
-        member: find(&cluster),
+        member: find(cluster),
         disabled: false,
         hosts: None,
     }];
@@ -96,43 +123,7 @@ async fn status(node: &Arc<Node>, cluster: String, declared: &[Declared]) -> Sta
             }
         }
     }
-    let counters = join_all(rows.iter().map(|row| async move {
-        match (row.member, row.role) {
-            (Some(_), "master") => Some(node.stats.snapshot()),
-            (Some(member), _) => fetch(node, member).await,
-            (None, _) => None,
-        }
-    }))
-    .await;
-    let processes = rows
-        .into_iter()
-        .zip(counters)
-        .map(|(row, counters)| {
-            let counters = counters.unwrap_or_default();
-            let up = row.member.is_some();
-            ProcessStatus {
-                path: row.path,
-                role: row.role.to_owned(),
-                state: match (row.disabled, up) {
-                    (true, _) => "disabled",
-                    (false, true) => "up",
-                    (false, false) => "down",
-                }
-                .to_owned(),
-                pid: row.member.map(|m| m.pid),
-                actor: row.hosts.map(|(name, _)| name.to_owned()),
-                actor_type: row.hosts.map(|(_, type_name)| type_name.to_owned()),
-                uptime_ms: up.then_some(counters.uptime_ms),
-                restarts: 0,
-                messages_in: counters.messages_in,
-                messages_out: counters.messages_out,
-                errors: counters.errors,
-                rss_bytes: counters.rss_bytes,
-                latency_us: counters.latency_us,
-            }
-        })
-        .collect();
-    Status { cluster, processes }
+    rows
 }
 
 /// One declared process, in tree order.
@@ -143,6 +134,33 @@ struct Row<'a> {
     disabled: bool,
     /// The actor it hosts (or would host): `NAME` and Rust type.
     hosts: Option<(&'static str, &'static str)>,
+}
+
+impl Row<'_> {
+    fn status(self, counters: Option<ProcessStats>) -> ProcessStatus {
+        let counters = counters.unwrap_or_default();
+        let up = self.member.is_some();
+        ProcessStatus {
+            path: self.path,
+            role: self.role.to_owned(),
+            state: match (self.disabled, up) {
+                (true, _) => "disabled",
+                (false, true) => "up",
+                (false, false) => "down",
+            }
+            .to_owned(),
+            pid: self.member.map(|m| m.pid),
+            actor: self.hosts.map(|(name, _)| name.to_owned()),
+            actor_type: self.hosts.map(|(_, type_name)| type_name.to_owned()),
+            uptime_ms: up.then_some(counters.uptime_ms),
+            restarts: 0,
+            messages_in: counters.messages_in,
+            messages_out: counters.messages_out,
+            errors: counters.errors,
+            rss_bytes: counters.rss_bytes,
+            latency_us: counters.latency_us,
+        }
+    }
 }
 
 /// One live process's counters, over its connection with the master.

@@ -1,6 +1,6 @@
 //! The tree of processes, rendered for people.
 
-use std::fmt::Write;
+use evilcluster_wire::control::render_tree;
 
 use crate::directory::Member;
 
@@ -24,60 +24,11 @@ pub(crate) struct Declared {
 /// │   └── 2 (fork, pid 105) WebserverApi up
 /// └── backgroundTaskManager (spawn, pid 103) up
 /// ```
-pub(crate) fn render(cluster: &str, master_pid: u32, workers: &[Declared], members: &[Member]) -> String {
-    let mut out = format!("{cluster} (master, pid {master_pid})\n");
-    for (index, worker) in workers.iter().enumerate() {
-        let last = index + 1 == workers.len();
-        let (branch, indent) = if last {
-            ("└── ", "    ")
-        } else {
-            ("├── ", "│   ")
-        };
-        let path = format!("{cluster}/{}", worker.name);
-        let spawn = members.iter().find(|m| m.path == path);
-        let _ = write!(out, "{branch}{}", worker.name);
-        if worker.disabled {
-            out.push_str(" (disabled)\n");
-            continue;
-        }
-        match spawn {
-            Some(member) => {
-                let _ = write!(out, " (spawn, pid {})", member.pid);
-            }
-            None => out.push_str(" (spawn)"),
-        }
-        if worker.forks == 0 {
-            out.push_str(&state(worker, spawn.is_some()));
-            out.push('\n');
-            continue;
-        }
-        out.push('\n');
-        for number in 1..=worker.forks {
-            let fork_branch = if number == worker.forks {
-                "└── "
-            } else {
-                "├── "
-            };
-            let fork_path = format!("{path}/{number}");
-            let fork = members.iter().find(|m| m.path == fork_path);
-            let _ = write!(out, "{indent}{fork_branch}{number} (fork");
-            if let Some(member) = fork {
-                let _ = write!(out, ", pid {}", member.pid);
-            }
-            out.push(')');
-            out.push_str(&state(worker, fork.is_some()));
-            out.push('\n');
-        }
-    }
-    out
-}
-
-fn state(worker: &Declared, up: bool) -> String {
-    let state = if up { "up" } else { "down" };
-    match worker.type_name {
-        Some(type_name) => format!(" {type_name} {state}"),
-        None => format!(" {state}"),
-    }
+///
+/// The same text as `evilcluster tree` prints: both render with
+/// [`render_tree`].
+pub(crate) fn render(cluster: &str, workers: &[Declared], members: &[Member]) -> String {
+    render_tree(&crate::control::declared_status(cluster, workers, members))
 }
 
 #[cfg(test)]
@@ -124,7 +75,12 @@ mod tests {
                 type_name: None,
             },
         ];
-        let members = [member("app/web", 11), member("app/web/1", 12), member("app/tasks", 14)];
+        let members = [
+            member("app", 10),
+            member("app/web", 11),
+            member("app/web/1", 12),
+            member("app/tasks", 14),
+        ];
         let expected = "\
 app (master, pid 10)
 ├── web (spawn, pid 11)
@@ -133,6 +89,6 @@ app (master, pid 10)
 ├── old (disabled)
 └── tasks (spawn, pid 14) up
 ";
-        assert_eq!(render("app", 10, &workers, &members), expected);
+        assert_eq!(render("app", &workers, &members), expected);
     }
 }
