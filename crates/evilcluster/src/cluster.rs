@@ -328,7 +328,7 @@ impl Cluster {
             }
         }
         info!("cluster ready\n{}", handle.tree());
-        handle.tree_logger = Some(tokio::spawn(log_tree_changes(
+        handle.tree_logger = Some(actix_rt::spawn(log_tree_changes(
             node.clone(),
             self.name.clone(),
             handle.declared.clone(),

@@ -220,7 +220,7 @@ pub(crate) enum Side {
 }
 
 /// Runs the handshake on a fresh stream, then starts the connection's tasks
-/// on the current runtime.
+/// on the current actix arbiter.
 pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Result<Arc<Link>, HandshakeError> {
     let max_frame = node.config.max_frame_length;
     let mut framed = Framed::new(transport::into_io(stream), codec(max_frame));
@@ -256,9 +256,11 @@ pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Re
         closed: AtomicBool::new(false),
         close_reason: Mutex::new(None),
     });
-    let write_task = tokio::spawn(write_loop(link.clone(), write_half));
-    let sweep_task = tokio::spawn(sweep_loop(link.clone()));
-    tokio::spawn({
+    // On the actix arbiter's local task set, like the actors they serve:
+    // waking across that boundary would cost the runtime a syscall.
+    let write_task = actix_rt::spawn(write_loop(link.clone(), write_half));
+    let sweep_task = actix_rt::spawn(sweep_loop(link.clone()));
+    actix_rt::spawn({
         let link = link.clone();
         async move {
             let reason = read_loop(&node, &link, reader).await;

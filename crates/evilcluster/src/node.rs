@@ -62,7 +62,8 @@ pub(crate) struct Node {
     pub master: (String, String),
     services: RwLock<FxHashMap<String, Arc<dyn Service>>>,
     links: Mutex<FxHashMap<String, Slot>>,
-    runtime: tokio::runtime::Handle,
+    /// The actix arbiter (thread) that carries this node's connections.
+    arbiter: actix_rt::ArbiterHandle,
     accept_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Fires when a child loses its connection to the master.
     pub master_lost: Notify,
@@ -109,7 +110,7 @@ impl Node {
             master: spec.master,
             services: RwLock::new(FxHashMap::default()),
             links: Mutex::new(FxHashMap::default()),
-            runtime: tokio::runtime::Handle::current(),
+            arbiter: actix_rt::Arbiter::current(),
             accept_task: Mutex::new(None),
             master_lost: Notify::new(),
             registry: OnceLock::new(),
@@ -121,7 +122,7 @@ impl Node {
             Arc::new(crate::registry::DirectoryService(node.directory.clone())),
         );
         if let Some(listener) = listener {
-            let task = tokio::spawn(accept_loop(node.clone(), listener));
+            let task = actix_rt::spawn(accept_loop(node.clone(), listener));
             *node.accept_task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         }
         *current = Some(node.clone());
@@ -201,19 +202,24 @@ impl Node {
                 let node = self.clone();
                 let path = member.path.clone();
                 async move {
-                    // Connections live on the node's runtime, whichever thread asks.
-                    node.runtime
-                        .clone()
-                        .spawn(async move {
+                    // Connections live on the node's own thread (its actix
+                    // arbiter), whichever thread asks.
+                    let (done, connected) = tokio::sync::oneshot::channel();
+                    let arbiter = node.arbiter.clone();
+                    arbiter.spawn(async move {
+                        let connecting = async {
                             let stream = transport::connect(&socket)
                                 .await
                                 .map_err(|e| format!("cannot connect to {path} at {socket}: {e}"))?;
                             connection::establish(node, stream, Side::Caller)
                                 .await
                                 .map_err(|e| format!("handshake with {path} failed: {e}"))
-                        })
+                        };
+                        let _ = done.send(connecting.await);
+                    });
+                    connected
                         .await
-                        .map_err(|e| format!("connecting task failed: {e}"))?
+                        .map_err(|_| "the connecting task was dropped".to_owned())?
                 }
             })
             .await?;
@@ -291,7 +297,7 @@ async fn accept_loop(node: Arc<Node>, listener: Listener) {
             }
         };
         let node = node.clone();
-        tokio::spawn(async move {
+        actix_rt::spawn(async move {
             match connection::establish(node.clone(), stream, Side::Listener).await {
                 Ok(link) => {
                     tracing::debug!(peer = %link.peer.path, incarnation = link.peer.incarnation, "accepted a connection");

@@ -75,7 +75,7 @@ fn watch_child(mut child: ChildProcess, grace: Duration) -> Supervised {
     let (stop, mut stop_requests) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
     let (exit_tx, exited) = watch::channel(None);
     let supervised = Supervised { stop, exited };
-    tokio::spawn(async move {
+    actix_rt::spawn(async move {
         let (exit, requested) = tokio::select! {
             status = child.wait() => (Exit::from_status(status), None),
             // A stop request, or every handle dropped: either way, stop it.
