@@ -46,3 +46,10 @@ fn a_request_in_flight_to_a_dying_process_fails_with_disconnected() {
     fixture.expect_line("ok disconnect");
     assert!(fixture.wait().success(), "{:#?}", fixture.seen);
 }
+
+#[test]
+fn each_event_route_reaches_exactly_the_processes_it_names() {
+    let mut fixture = Fixture::start(&["events"]);
+    fixture.expect_line("ok events");
+    assert!(fixture.wait().success(), "{:#?}", fixture.seen);
+}

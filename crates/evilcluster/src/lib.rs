@@ -77,6 +77,7 @@ mod connection;
 mod control;
 mod directory;
 mod error;
+mod events;
 mod node;
 #[cfg(unix)]
 mod output;
@@ -106,6 +107,7 @@ pub use addr::{addr_of, addr_of_fork, RemoteAddr, SendRequest};
 pub use cluster::{shutdown_signal, Cluster, ClusterHandle};
 pub use directory::Member;
 pub use error::{Error, Result, SendError};
+pub use events::{publish, subscribe, Delivery, Event, PublishError, Subscription, To};
 pub use remote::{RemoteActor, RemoteMessage, Routes, DEFAULT_MAILBOX_CAPACITY};
 pub use role::{fork_number, is_fork, is_master, is_spawn, role, Role};
 pub use worker::{options, options_of, TaskResult, Worker};

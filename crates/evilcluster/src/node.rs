@@ -15,6 +15,7 @@ use tracing::warn;
 
 use crate::connection::{self, Link, Side, DEFAULT_HANDSHAKE_TIMEOUT};
 use crate::directory::{Directory, Member};
+use crate::events::{EventService, EVENTS};
 use crate::registry::{PeerGone, Registry};
 use crate::remote::{Dispatch, Service};
 use crate::stats::{Stats, StatsService, STATS};
@@ -117,6 +118,7 @@ impl Node {
             stats: Stats::new(),
         });
         node.add_service(STATS, Arc::new(StatsService(Arc::downgrade(&node))));
+        node.add_service(EVENTS, Arc::new(EventService(Arc::downgrade(&node))));
         node.add_service(
             crate::registry::DIRECTORY,
             Arc::new(crate::registry::DirectoryService(node.directory.clone())),
@@ -254,6 +256,17 @@ impl Node {
                 links.insert(link.peer.path.clone(), fresh());
             }
         }
+    }
+
+    /// This child's connection to the master.
+    pub fn master_link(&self) -> Option<Arc<Link>> {
+        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        links
+            .get(&self.master.0)?
+            .link
+            .get()
+            .filter(|link| !link.is_closed())
+            .cloned()
     }
 
     /// The connection to an already connected peer, by path.

@@ -135,6 +135,7 @@ type OptionsTable = HashMap<String, Arc<dyn Any + Send + Sync>>;
 static OPTIONS: OnceLock<(Option<String>, OptionsTable)> = OnceLock::new();
 
 pub(crate) fn publish_options(own: Option<&str>, workers: &[Worker]) {
+    crate::events::declare(workers.iter().map(|w| (w.name.clone(), w.forks)));
     let table = workers
         .iter()
         .filter_map(|w| Some((w.name.clone(), w.options.clone()?)))
