@@ -53,3 +53,10 @@ fn each_event_route_reaches_exactly_the_processes_it_names() {
     fixture.expect_line("ok events");
     assert!(fixture.wait().success(), "{:#?}", fixture.seen);
 }
+
+#[test]
+fn broadcast_reaches_every_fork_and_reports_a_dead_one() {
+    let mut fixture = Fixture::start(&["broadcast"]);
+    fixture.expect_line("ok broadcast");
+    assert!(fixture.wait().success(), "{:#?}", fixture.seen);
+}

@@ -111,6 +111,35 @@ impl<A: RemoteActor> RemoteAddr<A> {
         SendRequest { addr: *self, message }
     }
 
+    /// Sends `message` to every instance of the actor — each fork of its
+    /// worker, or its one process — at once, and collects each one's result:
+    /// `(Some(fork), result)` per fork, or `(None, result)` for a worker
+    /// without forks. An instance that is not running gives
+    /// [`SendError::NotRegistered`] at once rather than being waited for.
+    pub async fn broadcast<M>(&self, message: M) -> Vec<(Option<u32>, Result<M::Result, SendError>)>
+    where
+        A: Handler<M>,
+        M: RemoteMessage + Clone,
+        M::Result: DeserializeOwned + Send,
+    {
+        let now = Duration::ZERO;
+        match crate::events::declared_forks(A::NAME) {
+            Some(forks) if forks > 0 => {
+                let sends = (1..=forks).map(|fork| {
+                    let addr = RemoteAddr {
+                        pick: Pick::Fork(fork),
+                        ..*self
+                    }
+                    .resolve_timeout(now);
+                    let request = addr.send(message.clone());
+                    async move { (Some(fork), request.await) }
+                });
+                futures_util::future::join_all(sends).await
+            }
+            _ => vec![(None, self.resolve_timeout(now).send(message).await)],
+        }
+    }
+
     /// Sends `message` without waiting for a result. Returns once the message
     /// is queued on the connection; messages from one process to one actor
     /// are delivered in the order sent, `send` and `do_send` alike.

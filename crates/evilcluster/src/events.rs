@@ -126,17 +126,21 @@ pub(crate) fn declare(workers: impl IntoIterator<Item = (String, u32)>) {
     let _ = DECLARED.set(workers.into_iter().collect());
 }
 
+/// How many forks the worker named `worker` declares, if it is declared.
+pub(crate) fn declared_forks(worker: &str) -> Option<u32> {
+    let declared = DECLARED.get()?;
+    declared
+        .iter()
+        .find(|(name, _)| name == worker)
+        .map(|(_, forks)| *forks)
+}
+
 /// Publishes `event` to the processes `to` names. Returns once it is on its
 /// way to the master, which delivers it; an event nobody subscribed to is
 /// dropped silently, a worker or fork that is not declared is an error.
 pub async fn publish<E: Event>(to: To, event: &E) -> Result<(), PublishError> {
     if let To::Worker(worker) | To::Fork(worker, _) = &to {
-        let declared = DECLARED.get().map(Vec::as_slice).unwrap_or_default();
-        let forks = declared
-            .iter()
-            .find(|(name, _)| name == worker)
-            .map(|(_, forks)| *forks)
-            .ok_or_else(|| PublishError::UnknownWorker(worker.clone()))?;
+        let forks = declared_forks(worker).ok_or_else(|| PublishError::UnknownWorker(worker.clone()))?;
         if let To::Fork(_, fork) = to {
             if fork == 0 || fork > forks {
                 return Err(PublishError::UnknownFork {
