@@ -175,14 +175,7 @@ impl Drop for Fixture {
 
 /// Whether `pid` is a live process (a zombie waiting to be reaped counts as gone).
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state is the first field after the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+    evilcluster_wire::control::pid_alive(pid)
 }
 
 /// Polls until `condition` holds, or panics with `what` after the deadline.

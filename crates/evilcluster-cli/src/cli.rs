@@ -113,7 +113,7 @@ fn stop(master: &Master, timeout: Duration) -> Result<(), CliError> {
         Err(error) => return Err(error),
     }
     let started = Instant::now();
-    while discovery::pid_alive(master.pid) {
+    while evilcluster_wire::control::pid_alive(master.pid) {
         if started.elapsed() >= timeout {
             return Err(CliError::StopTimedOut {
                 cluster: master.cluster.clone(),

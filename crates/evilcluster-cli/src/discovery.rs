@@ -58,11 +58,11 @@ pub fn locate(dir: &Path, cluster: &str) -> Result<Master, CliError> {
             })
         }
     };
-    let (socket, pid) = parse_endpoint(&text).map_err(|detail| CliError::MalformedFile {
+    let (socket, pid) = control::parse_endpoint(&text).map_err(|detail| CliError::MalformedFile {
         file: endpoint_file.clone(),
         detail,
     })?;
-    if !pid_alive(pid) {
+    if !control::pid_alive(pid) {
         return Err(CliError::NotRunning {
             cluster: cluster.to_owned(),
             reason: NotRunning::MasterGone {
@@ -89,26 +89,6 @@ pub fn locate(dir: &Path, cluster: &str) -> Result<Master, CliError> {
     })
 }
 
-/// Parses an endpoint file: line 1 the socket path, line 2 the pid.
-pub fn parse_endpoint(text: &str) -> Result<(PathBuf, u32), String> {
-    let mut lines = text.lines();
-    let socket = lines
-        .next()
-        .map(str::trim_end)
-        .filter(|line| !line.is_empty())
-        .ok_or("line 1 should be the master's socket path, but the file is empty")?;
-    let pid_line = lines
-        .next()
-        .map(str::trim)
-        .ok_or("line 2 should be the master's pid, but there is no line 2")?;
-    let pid = pid_line
-        .parse::<u32>()
-        .ok()
-        .filter(|&pid| pid > 0)
-        .ok_or_else(|| format!("line 2 should be the master's pid, found {pid_line:?}"))?;
-    Ok((PathBuf::from(socket), pid))
-}
-
 /// Parses a cookie file: the cookie, hex-encoded.
 pub fn parse_cookie(text: &str) -> Result<Cookie, String> {
     let hex_text = text.trim();
@@ -120,44 +100,9 @@ pub fn parse_cookie(text: &str) -> Result<Cookie, String> {
         .map_err(|error| format!("the cookie is not hex: {error}"))
 }
 
-/// Whether process `pid` exists and is not a zombie.
-pub fn pid_alive(pid: u32) -> bool {
-    // On Linux a zombie (exited, not yet reaped by its parent) still
-    // answers kill(0); its state in /proc tells it is gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            return stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                .is_some_and(|state| state != "Z" && state != "X")
-        }
-        Err(error) if error.kind() == ErrorKind::NotFound && Path::new("/proc/self/stat").exists() => return false,
-        Err(_) => {}
-    }
-    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
-        return false;
-    };
-    match rustix::process::test_kill_process(pid) {
-        Ok(()) => true,
-        // It exists, but belongs to someone else.
-        Err(error) => error == rustix::io::Errno::PERM,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn endpoint_lines() {
-        let (socket, pid) = parse_endpoint("/tmp/x/master.sock\n1234\n").unwrap();
-        assert_eq!(socket, PathBuf::from("/tmp/x/master.sock"));
-        assert_eq!(pid, 1234);
-        assert!(parse_endpoint("").is_err());
-        assert!(parse_endpoint("/tmp/x.sock\n").is_err());
-        assert!(parse_endpoint("/tmp/x.sock\nabc\n").is_err());
-        assert!(parse_endpoint("/tmp/x.sock\n0\n").is_err());
-    }
 
     #[test]
     fn cookie_is_hex() {
@@ -171,12 +116,6 @@ mod tests {
         assert!(validate_name("myapp").is_ok());
         assert!(validate_name("").is_err());
         assert!(validate_name("a/b").is_err());
-    }
-
-    #[test]
-    fn this_process_is_alive() {
-        assert!(pid_alive(std::process::id()));
-        assert!(!pid_alive(u32::MAX));
     }
 
     #[test]

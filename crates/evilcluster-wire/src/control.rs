@@ -32,6 +32,58 @@ pub fn endpoint_file(dir: &Path, cluster: &str) -> PathBuf {
     dir.join(format!("{cluster}.endpoint"))
 }
 
+/// The text of an endpoint file: the master's socket path, then its pid.
+pub fn endpoint_text(socket: &str, pid: u32) -> String {
+    format!("{socket}\n{pid}\n")
+}
+
+/// Parses an endpoint file: line 1 the socket path, line 2 the pid.
+pub fn parse_endpoint(text: &str) -> Result<(PathBuf, u32), String> {
+    let mut lines = text.lines();
+    let socket = lines
+        .next()
+        .map(str::trim_end)
+        .filter(|line| !line.is_empty())
+        .ok_or("line 1 should be the master's socket path, but the file is empty")?;
+    let pid_line = lines
+        .next()
+        .map(str::trim)
+        .ok_or("line 2 should be the master's pid, but there is no line 2")?;
+    let pid = pid_line
+        .parse::<u32>()
+        .ok()
+        .filter(|&pid| pid > 0)
+        .ok_or_else(|| format!("line 2 should be the master's pid, found {pid_line:?}"))?;
+    Ok((PathBuf::from(socket), pid))
+}
+
+/// Whether process `pid` (an advertised master) runs. A zombie — exited,
+/// not yet reaped by its parent — does not, though it still answers kill(0):
+/// on Linux its state in `/proc` tells.
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state follows the parenthesised command name.
+            return stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X");
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound && Path::new("/proc/self/stat").exists() => {
+            return false
+        }
+        Err(_) => {}
+    }
+    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+        return false;
+    };
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) => true,
+        // It exists, but belongs to someone else.
+        Err(error) => error == rustix::io::Errno::PERM,
+    }
+}
+
 /// The file holding a cluster's cookie, hex-encoded.
 pub fn cookie_file(dir: &Path, cluster: &str) -> PathBuf {
     dir.join(format!("{cluster}.cookie"))
@@ -80,4 +132,26 @@ pub struct ProcessStatus {
     /// buckets: `latency_us[i]` counts requests that took less than `2^i` µs
     /// (the last bucket: the rest).
     pub latency_us: Vec<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_files_round_trip_and_bad_ones_are_refused() {
+        let (socket, pid) = parse_endpoint(&endpoint_text("/tmp/x/master.sock", 1234)).unwrap();
+        assert_eq!(socket, PathBuf::from("/tmp/x/master.sock"));
+        assert_eq!(pid, 1234);
+        assert!(parse_endpoint("").is_err());
+        assert!(parse_endpoint("/tmp/x.sock\n").is_err());
+        assert!(parse_endpoint("/tmp/x.sock\nabc\n").is_err());
+        assert!(parse_endpoint("/tmp/x.sock\n0\n").is_err());
+    }
+
+    #[test]
+    fn this_process_is_alive() {
+        assert!(pid_alive(std::process::id()));
+        assert!(!pid_alive(u32::MAX));
+    }
 }

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use crate::addr::call;
 use crate::directory::Member;
 use crate::node::Node;
-use crate::remote::{Dispatch, Service};
+use crate::remote::{encode_reply, Dispatch, Service};
 use crate::stats::{ProcessStats, STATS, STATS_TAG};
 use crate::tree::Declared;
 use crate::Error;
@@ -38,13 +38,13 @@ impl Service for ControlService {
                 let (cluster, declared) = (self.cluster.clone(), self.declared.clone());
                 let tag = tag.to_owned();
                 Ok(Some(Box::pin(async move {
-                    encode_reply(&status(&node, cluster, &declared).await, &tag)
+                    encode_reply(&tag, &status(&node, cluster, &declared).await)
                 })))
             }
             STOP_TAG => {
                 tracing::info!("stop requested by a control client");
                 self.stop.notify_one();
-                Ok(Some(Box::pin(std::future::ready(encode_reply(&(), tag)))))
+                Ok(Some(Box::pin(std::future::ready(encode_reply(tag, &())))))
             }
             _ => Err(WireError::UnknownMessage {
                 actor: CONTROL.to_owned(),
@@ -52,13 +52,6 @@ impl Service for ControlService {
             }),
         }
     }
-}
-
-fn encode_reply<T: serde::Serialize>(value: &T, tag: &str) -> Result<Vec<u8>, WireError> {
-    rmp_serde::to_vec(value).map_err(|e| WireError::Encode {
-        tag: tag.to_owned(),
-        detail: e.to_string(),
-    })
 }
 
 /// The live tree: declared processes in tree order, with each live one's counters.
@@ -198,7 +191,7 @@ impl Advertisement {
             .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
         let endpoint = control::endpoint_file(&dir, cluster);
         if let Some(pid) = advertised_pid(&endpoint) {
-            if pid != std::process::id() && alive(pid) {
+            if pid != std::process::id() && control::pid_alive(pid) {
                 return Err(Error::NameTaken {
                     cluster: cluster.to_owned(),
                     pid,
@@ -217,7 +210,7 @@ impl Advertisement {
         };
         let cookie_path = control::cookie_file(&dir, cluster);
         write(&cookie_path, format!("{}\n", hex::encode(cookie.as_bytes())))?;
-        write(&endpoint, format!("{socket}\n{}\n", std::process::id()))?;
+        write(&endpoint, control::endpoint_text(socket, std::process::id()))?;
         Ok(Advertisement {
             endpoint,
             cookie: cookie_path,
@@ -236,23 +229,6 @@ impl Drop for Advertisement {
 }
 
 fn advertised_pid(endpoint: &PathBuf) -> Option<u32> {
-    std::fs::read_to_string(endpoint)
-        .ok()?
-        .lines()
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// Whether `pid` runs; a zombie (exited, not yet reaped) does not.
-fn alive(pid: u32) -> bool {
-    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        return stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X");
-    }
-    rustix::process::Pid::from_raw(pid as i32).is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
+    let text = std::fs::read_to_string(endpoint).ok()?;
+    control::parse_endpoint(&text).ok().map(|(_, pid)| pid)
 }

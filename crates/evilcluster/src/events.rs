@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::node::{self, Node};
-use crate::remote::{Dispatch, Service};
+use crate::remote::{decode_payload, Dispatch, Service};
 use crate::SendError;
 
 /// Name of the event service every process hosts.
@@ -229,18 +229,14 @@ pub(crate) struct EventService(pub std::sync::Weak<Node>);
 
 impl Service for EventService {
     fn dispatch(&self, tag: &str, payload: &[u8], _reply: bool) -> Result<Dispatch, WireError> {
-        let decode_error = |e: rmp_serde::decode::Error| WireError::Decode {
-            tag: tag.to_owned(),
-            detail: e.to_string(),
-        };
         match tag {
             DELIVER_TAG => {
-                let arrival: Arrival = rmp_serde::from_slice(payload).map_err(decode_error)?;
+                let arrival: Arrival = decode_payload(tag, payload)?;
                 deliver(&arrival.tag, &arrival.from, Bytes::from(arrival.payload));
                 Ok(None)
             }
             PUBLISH_TAG => {
-                let publication: Publication = rmp_serde::from_slice(payload).map_err(decode_error)?;
+                let publication: Publication = decode_payload(tag, payload)?;
                 if let Some(node) = self.0.upgrade().filter(|node| node.registry.get().is_some()) {
                     fan_out(&node, publication);
                 }

@@ -10,7 +10,7 @@ use tracing::debug;
 
 use crate::directory::{Directory, Member, Snapshot};
 use crate::node::Node;
-use crate::remote::{Dispatch, RemoteActor, RemoteMessage, Routes, Service};
+use crate::remote::{decode_payload, Dispatch, RemoteActor, RemoteMessage, Routes, Service};
 
 /// Name of the master's registry actor.
 pub(crate) const REGISTRY: &str = "evilcluster.registry";
@@ -29,10 +29,7 @@ impl Service for DirectoryService {
                 tag: tag.to_owned(),
             });
         }
-        let snapshot: Snapshot = rmp_serde::from_slice(payload).map_err(|e| WireError::Decode {
-            tag: tag.to_owned(),
-            detail: e.to_string(),
-        })?;
+        let snapshot: Snapshot = decode_payload(tag, payload)?;
         self.0.apply(snapshot);
         Ok(None)
     }

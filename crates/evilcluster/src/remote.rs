@@ -116,6 +116,22 @@ pub(crate) trait Service: Send + Sync {
     fn dispatch(&self, tag: &str, payload: &[u8], reply: bool) -> Result<Dispatch, WireError>;
 }
 
+/// Decodes a request's payload, or says why it did not decode.
+pub(crate) fn decode_payload<T: DeserializeOwned>(tag: &str, payload: &[u8]) -> Result<T, WireError> {
+    rmp_serde::from_slice(payload).map_err(|e| WireError::Decode {
+        tag: tag.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// Encodes a handler's result for its reply, or says why it did not encode.
+pub(crate) fn encode_reply<T: Serialize>(tag: &str, value: &T) -> Result<Vec<u8>, WireError> {
+    rmp_serde::to_vec(value).map_err(|e| WireError::Encode {
+        tag: tag.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
 type Route<A> = Box<dyn Fn(&Addr<A>, &[u8], bool) -> Result<Dispatch, WireError> + Send + Sync>;
 
 /// The messages a [`RemoteActor`] answers, filled in by [`RemoteActor::routes`].
@@ -144,10 +160,7 @@ impl<A: RemoteActor> Routes<A> {
         M::Result: Serialize + Send,
     {
         let route: Route<A> = Box::new(|addr, payload, reply| {
-            let message: M = rmp_serde::from_slice(payload).map_err(|e| WireError::Decode {
-                tag: M::TAG.to_owned(),
-                detail: e.to_string(),
-            })?;
+            let message: M = decode_payload(M::TAG, payload)?;
             if !reply {
                 // Same queue as `send`, so do_send and send stay in order.
                 addr.do_send(message);
@@ -158,10 +171,7 @@ impl<A: RemoteActor> Routes<A> {
                 let result = pending.await.map_err(|_| WireError::MailboxClosed {
                     actor: A::NAME.to_owned(),
                 })?;
-                rmp_serde::to_vec(&result).map_err(|e| WireError::Encode {
-                    tag: M::TAG.to_owned(),
-                    detail: e.to_string(),
-                })
+                encode_reply(M::TAG, &result)
             })))
         });
         let name = std::any::type_name::<M>();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use evilcluster_wire::WireError;
 use serde::{Deserialize, Serialize};
 
-use crate::remote::{Dispatch, Service};
+use crate::remote::{encode_reply, Dispatch, Service};
 
 /// Buckets of the latency histogram: `< 1 µs`, `< 2 µs`, … `< 2^22 µs` (4 s), and the rest.
 pub(crate) const LATENCY_BUCKETS: usize = 24;
@@ -109,11 +109,7 @@ impl Service for StatsService {
             });
         }
         let stats = self.0.upgrade().map(|node| node.stats.snapshot()).unwrap_or_default();
-        let encoded = rmp_serde::to_vec(&stats).map_err(|e| WireError::Encode {
-            tag: tag.to_owned(),
-            detail: e.to_string(),
-        });
-        Ok(Some(Box::pin(std::future::ready(encoded))))
+        Ok(Some(Box::pin(std::future::ready(encode_reply(tag, &stats)))))
     }
 }
 

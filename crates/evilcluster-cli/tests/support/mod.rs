@@ -240,7 +240,7 @@ impl Drop for Fixture {
 
 /// Whether `pid` is a live process (a zombie counts as gone).
 pub fn alive(pid: u32) -> bool {
-    evilcluster_cli::discovery::pid_alive(pid)
+    evilcluster_wire::control::pid_alive(pid)
 }
 
 /// Polls until `condition` holds, or panics with `what` after the deadline.
