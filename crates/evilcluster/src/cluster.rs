@@ -505,15 +505,14 @@ impl Child {
         };
         if supervises_forks {
             let mut forks = Vec::new();
-            let started = self.start_forks(node, &worker, &mut forks).await;
-            let outcome = match started {
-                Ok(()) => {
-                    announce(&master, member).await?;
-                    wait_for_stop(node, stop_requests).await;
-                    Ok(())
-                }
-                Err(error) => Err(error),
-            };
+            let outcome = async {
+                self.start_forks(node, &worker, &mut forks).await?;
+                announce(&master, member).await?;
+                wait_for_stop(node, stop_requests).await;
+                Ok(())
+            }
+            .await;
+            // Whatever happened, the forks stop before their spawn does.
             supervisor::stop_all(&mut forks).await;
             return outcome;
         }
