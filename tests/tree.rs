@@ -35,7 +35,7 @@ fn last_tree(lines: &[String], heading: &str) -> Option<String> {
 
 #[test]
 fn the_tree_is_logged_when_ready_and_after_a_change() {
-    let mut fixture = Fixture::start_logging(&["serve"], "info");
+    let mut fixture = Fixture::start_logging(&["serve", "--temporary-echo"], "info");
     let members = fixture.members();
     let ready = "\
 fixture (master, pid N)

@@ -39,8 +39,13 @@ impl Fixture {
 
     /// Like [`start`](Self::start), with `RUST_LOG` set to `log`.
     pub fn start_logging(args: &[&str], log: &str) -> Fixture {
+        Fixture::launch(env!("CARGO_BIN_EXE_cluster-fixture"), args, log)
+    }
+
+    /// Starts the fixture binary `exe` as a cluster's master.
+    pub fn launch(exe: &str, args: &[&str], log: &str) -> Fixture {
         let tmp = tempfile::tempdir().expect("temp dir");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cluster-fixture"))
+        let mut child = Command::new(exe)
             .args(args)
             .env("TMPDIR", tmp.path())
             .env("RUST_LOG", log)
@@ -159,6 +164,11 @@ impl Fixture {
         }
     }
 
+    /// Sends `signal` to the master.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        signal_pid(self.pid(), signal);
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -171,6 +181,29 @@ impl Drop for Fixture {
             self.kill();
         }
     }
+}
+
+/// Sends `signal` to the process `pid`.
+pub fn signal_pid(pid: u32, signal: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
+    rustix::process::kill_process(pid, signal).expect("send a signal");
+}
+
+/// Live processes (zombies excluded) whose command line contains `marker`.
+pub fn processes_with_arg(marker: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline.split(|&b| b == 0).any(|arg| arg == marker.as_bytes()) && alive(pid) {
+            found.push(pid);
+        }
+    }
+    found
 }
 
 /// Whether `pid` is a live process (a zombie waiting to be reaped counts as gone).

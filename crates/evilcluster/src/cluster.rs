@@ -9,20 +9,20 @@ use std::time::Duration;
 use evilcluster_wire::control::CONTROL;
 use evilcluster_wire::{Cookie, Identity};
 use tokio::sync::{mpsc, Notify};
-use tracing::{error, error_span, info, warn};
+use tracing::{debug, error, error_span, info, warn};
 
 use crate::addr::{call, decode, encode};
 use crate::connection::{self, Link, Side};
 use crate::control::{Advertisement, ControlService};
 use crate::directory::{Member, Snapshot};
 use crate::node::{Config, Node, NodeSpec};
-use crate::process::{Launch, StopReason};
-use crate::registry::{Announce, Registry, Subscribe, REGISTRY};
+use crate::process::StopReason;
+use crate::registry::{Announce, Leave, Registry, Subscribe, REGISTRY};
 use crate::remote::{ActorService, RemoteMessage};
 use crate::role::ChildEnv;
-use crate::supervisor::{self, Supervised};
+use crate::supervisor::{self, ChildSpec, Intensity, Plan, Strategy, SupervisorHandle};
 use crate::tree::{self, Declared};
-use crate::worker::{publish_options, Body, Worker};
+use crate::worker::{publish_options, Body, Hosted, Worker};
 use crate::{transport, Error, Result, Role};
 
 /// A tree of workers, declared the same way in every process.
@@ -49,6 +49,8 @@ pub struct Cluster {
     workers: Vec<Worker>,
     config: Config,
     cookie: Option<Vec<u8>>,
+    strategy: Strategy,
+    intensity: Intensity,
 }
 
 impl Cluster {
@@ -60,7 +62,25 @@ impl Cluster {
             workers: Vec::new(),
             config: Config::default(),
             cookie: None,
+            strategy: Strategy::default(),
+            intensity: Intensity::default(),
         }
+    }
+
+    /// Which spawns the master restarts when one of them is to be restarted
+    /// (default [`Strategy::OneForOne`]). Each worker's own
+    /// [`restart`](Worker::restart) type says whether it is.
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// How many spawn restarts the master allows within `within` before it
+    /// gives up: it stops the whole tree and [`run`](Self::run) returns
+    /// [`Error::GaveUp`] naming the child (default 10 within 60 s).
+    pub fn intensity(mut self, max_restarts: u32, within: Duration) -> Self {
+        self.intensity = Intensity { max_restarts, within };
+        self
     }
 
     /// Adds a worker. Workers start in the order they are added, each ready
@@ -89,13 +109,15 @@ impl Cluster {
         self
     }
 
-    /// How long a child may take to become ready (default 30 s).
+    /// How long a child may take to become ready (default 30 s); running out
+    /// counts as a failed start. [`Worker::start_timeout`] overrides it.
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.config.start_timeout = timeout;
         self
     }
 
-    /// How long a child may take to stop before it is killed (default 5 s).
+    /// How long a child may take to stop gracefully before it is killed
+    /// (default 5 s). [`Worker::shutdown_timeout`] overrides it.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.config.shutdown_timeout = timeout;
         self
@@ -153,6 +175,10 @@ impl Cluster {
                     tokio::select! {
                         () = signal => info!("shutdown signal received"),
                         () = cluster.stop_requested() => {}
+                        gave_up = cluster.gave_up() => {
+                            cluster.shutdown().await?;
+                            return Err(gave_up);
+                        }
                     }
                     cluster.shutdown().await
                 })
@@ -165,7 +191,8 @@ impl Cluster {
     /// never returns from this call: it exits when its part is done.
     ///
     /// A SIGINT or SIGTERM before `main` finishes stops the tree and returns
-    /// [`Error::Interrupted`].
+    /// [`Error::Interrupted`]; the master's supervisor giving up stops it and
+    /// returns [`Error::GaveUp`].
     pub fn run_with<F, Fut, T>(self, main: F) -> Result<T>
     where
         F: FnOnce() -> Fut,
@@ -186,6 +213,10 @@ impl Cluster {
             // costs the runtime a syscall per wake-up.
             let mut main = actix_rt::spawn(main());
             let outcome = tokio::select! {
+                gave_up = cluster.gave_up() => {
+                    main.abort();
+                    Err(gave_up)
+                }
                 value = &mut main => match value {
                     Ok(value) => Ok(value),
                     Err(failed) => std::panic::resume_unwind(failed.into_panic()),
@@ -259,6 +290,7 @@ impl Cluster {
                 actor: Some(REGISTRY.into()),
                 actor_type: None,
                 socket: Some(master_socket.clone()),
+                restarts: 0,
             }))
             .await;
 
@@ -283,50 +315,57 @@ impl Cluster {
                 stop: stop.clone(),
             }),
         );
-        let mut handle = ClusterHandle {
+        let plan = Plan {
+            path: self.name.clone(),
+            strategy: self.strategy,
+            intensity: self.intensity,
+            children: self
+                .workers
+                .iter()
+                .filter(|w| !w.disabled)
+                .map(|worker| ChildSpec {
+                    role: Role::Spawn {
+                        name: worker.name.clone(),
+                    },
+                    path: format!("{}/{}", self.name, worker.name),
+                    restart: worker.supervision.restart,
+                    backoff: worker.supervision.backoff,
+                    start_timeout: worker.supervision.start_timeout.unwrap_or(self.config.start_timeout),
+                    shutdown_timeout: worker
+                        .supervision
+                        .shutdown_timeout
+                        .unwrap_or(self.config.shutdown_timeout),
+                })
+                .collect(),
+            master_socket: master_socket.clone(),
+            socket_dir: node.socket_dir.clone(),
+            cookie: cookie.clone(),
+        };
+        let handle = ClusterHandle {
             name: self.name.clone(),
             stop,
             advertisement: Some(advertisement),
             node: node.clone(),
-            children: Vec::new(),
+            supervisor: supervisor::supervise(node.clone(), plan),
             declared,
             socket_dir: Some(socket_dir),
             tree_logger: None,
         };
-        let mut interrupt = std::pin::pin!(interrupt);
-        for worker in self.workers.iter().filter(|w| !w.disabled) {
-            let path = format!("{}/{}", self.name, worker.name);
-            let role = Role::Spawn {
-                name: worker.name.clone(),
-            };
-            let starting = supervisor::start_child(
-                &node,
-                Launch {
-                    role: &role,
-                    path: &path,
-                    incarnation: random_incarnation(),
-                    master_socket: &master_socket,
-                    socket_dir: &node.socket_dir,
-                    cookie: &cookie,
-                },
-            );
-            let started = tokio::select! {
-                started = starting => started,
-                () = &mut interrupt => {
-                    info!("shutdown signal received while starting");
-                    handle.shutdown().await?;
-                    return Err(Error::Interrupted);
-                }
-            };
-            match started {
-                Ok(child) => handle.children.push(child),
-                Err(error) => {
-                    error!("{error}; stopping the cluster");
-                    let _ = handle.shutdown().await;
-                    return Err(error);
-                }
-            }
+        let started = tokio::select! {
+            started = handle.supervisor.started() => Some(started),
+            () = interrupt => None,
+        };
+        let Some(started) = started else {
+            info!("shutdown signal received while starting");
+            handle.shutdown().await?;
+            return Err(Error::Interrupted);
+        };
+        if let Err(error) = started {
+            error!("{error}; stopping the cluster");
+            let _ = handle.shutdown().await;
+            return Err(error);
         }
+        let mut handle = handle;
         info!("cluster ready\n{}", handle.tree());
         handle.tree_logger = Some(actix_rt::spawn(log_tree_changes(
             node.clone(),
@@ -347,14 +386,19 @@ impl Cluster {
     }
 
     fn run_child(mut self, env: ChildEnv) -> Result<()> {
-        let (cookie, stop_requests) = crate::process::attach_to_parent(&env, self.config.shutdown_timeout * 2)?;
         let name = env.role.worker().expect("a child has a worker").to_owned();
-        publish_options(Some(&name), &self.workers);
         let index = self
             .workers
             .iter()
             .position(|w| w.name == name)
             .ok_or_else(|| Error::Environment(format!("worker `{name}` is not declared in this program")))?;
+        let shutdown_timeout = self.workers[index]
+            .supervision
+            .shutdown_timeout
+            .unwrap_or(self.config.shutdown_timeout);
+        let (cookie, stop_requests) = crate::process::attach_to_parent(&env, shutdown_timeout * 2)?;
+        publish_options(Some(&name), &self.workers);
+        record_panics();
         let worker = self.workers.swap_remove(index);
         // Every line this process writes, logs included, carries its path
         // and pid: from the output relay, or failing that from a span (at
@@ -385,7 +429,7 @@ pub struct ClusterHandle {
     stop: Arc<Notify>,
     advertisement: Option<Advertisement>,
     node: Arc<Node>,
-    children: Vec<Supervised>,
+    supervisor: SupervisorHandle,
     declared: Vec<Declared>,
     socket_dir: Option<tempfile::TempDir>,
     tree_logger: Option<tokio::task::JoinHandle<()>>,
@@ -403,6 +447,14 @@ impl ClusterHandle {
         self.stop.notified().await
     }
 
+    /// Resolves if the master's supervisor gives up (a spawn restarted more
+    /// often than [`Cluster::intensity`] allows): every worker has been
+    /// stopped by then, and the error names the spawn. Never resolves
+    /// otherwise.
+    pub async fn gave_up(&self) -> Error {
+        self.supervisor.gave_up().await
+    }
+
     /// Stops every worker in reverse start order (graceful, then killed after
     /// the shutdown timeout), and removes the cluster's sockets.
     pub async fn shutdown(mut self) -> Result<()> {
@@ -410,7 +462,7 @@ impl ClusterHandle {
         if let Some(logger) = self.tree_logger.take() {
             logger.abort();
         }
-        supervisor::stop_all(&mut self.children).await;
+        self.supervisor.shutdown().await;
         self.node.stop();
         self.advertisement.take();
         if let Some(dir) = self.socket_dir.take() {
@@ -502,25 +554,41 @@ impl Child {
             actor: hosted.map(|(name, _)| name.to_owned()),
             actor_type: hosted.map(|(_, type_name)| type_name.to_owned()),
             socket,
+            restarts: self.env.restarts,
         };
         if supervises_forks {
-            let mut forks = Vec::new();
-            let outcome = async {
-                self.start_forks(node, &worker, &mut forks).await?;
+            let forks = supervisor::supervise(node.clone(), self.fork_plan(&worker));
+            let work = async {
+                forks.started().await?;
                 announce(&master, member).await?;
-                wait_for_stop(node, stop_requests).await;
-                Ok(())
-            }
-            .await;
+                Err(forks.gave_up().await)
+            };
+            let outcome = tokio::select! {
+                outcome = work => outcome,
+                () = wait_for_stop(node, stop_requests) => Ok(()),
+            };
             // Whatever happened, the forks stop before their spawn does.
-            supervisor::stop_all(&mut forks).await;
+            forks.shutdown().await;
             return outcome;
         }
         match worker.body {
             Body::Actor { name, host, .. } => {
-                node.add_service(name, host());
+                let Hosted { service, stop, stopped } = host();
+                let mut stopped = std::pin::pin!(stopped);
+                node.add_service(name, service);
+                let path = member.path.clone();
                 announce(&master, member).await?;
-                wait_for_stop(node, stop_requests).await;
+                tokio::select! {
+                    () = wait_for_stop(node, stop_requests) => {}
+                    _ = &mut stopped => return actor_ended(name),
+                }
+                // New requests go to other instances from now on; the actor
+                // handles what it has already received, then stops.
+                leave(node, &master, path).await;
+                node.remove_service(name);
+                let _ = stop.send(());
+                let _ = stopped.await;
+                node.drain(self.config.shutdown_timeout).await;
                 Ok(())
             }
             Body::Task(task) => {
@@ -533,28 +601,81 @@ impl Child {
         }
     }
 
-    async fn start_forks(&self, node: &Arc<Node>, worker: &Worker, forks: &mut Vec<Supervised>) -> Result<()> {
-        for number in 1..=worker.forks {
-            let path = format!("{}/{number}", self.env.path);
-            let fork = supervisor::start_child(
-                node,
-                Launch {
-                    role: &Role::Fork {
+    /// How this spawn supervises its forks.
+    fn fork_plan(&self, worker: &Worker) -> Plan {
+        let supervision = &worker.supervision;
+        Plan {
+            path: self.env.path.clone(),
+            strategy: supervision.fork_strategy,
+            intensity: supervision.fork_intensity,
+            children: (1..=worker.forks)
+                .map(|number| ChildSpec {
+                    role: Role::Fork {
                         name: worker.name.clone(),
                         number,
                         of: worker.forks,
                     },
-                    path: &path,
-                    incarnation: random_incarnation(),
-                    master_socket: &self.env.master_socket,
-                    socket_dir: &self.env.socket_dir,
-                    cookie: &self.cookie,
-                },
-            )
-            .await?;
-            forks.push(fork);
+                    path: format!("{}/{number}", self.env.path),
+                    restart: supervision.restart,
+                    backoff: supervision.backoff,
+                    start_timeout: supervision.start_timeout.unwrap_or(self.config.start_timeout),
+                    shutdown_timeout: supervision.shutdown_timeout.unwrap_or(self.config.shutdown_timeout),
+                })
+                .collect(),
+            master_socket: self.env.master_socket.clone(),
+            socket_dir: self.env.socket_dir.clone(),
+            cookie: self.cookie.clone(),
         }
+    }
+}
+
+/// The hosted actor stopped by itself: the process ends with it, abnormally
+/// if a handler panicked.
+fn actor_ended(name: &str) -> Result<()> {
+    if PANICKED.load(std::sync::atomic::Ordering::SeqCst) {
+        Err(Error::ActorFailed {
+            actor: name.to_owned(),
+            reason: "a handler panicked".into(),
+        })
+    } else {
+        info!(actor = name, "the actor stopped; exiting");
         Ok(())
+    }
+}
+
+static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Remembers that a panic happened (after the usual report), so that an
+/// actor ended by a panic ends its process abnormally.
+fn record_panics() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICKED.store(true, std::sync::atomic::Ordering::SeqCst);
+        report(info);
+    }));
+}
+
+/// Tells the registry this process is leaving, so that callers stop
+/// choosing it before it stops.
+async fn leave(node: &Node, master: &Link, path: String) {
+    let leave = Leave {
+        path,
+        incarnation: node.identity.incarnation,
+    };
+    let Ok(payload) = encode(Leave::TAG, &leave) else {
+        return;
+    };
+    if let Err(error) = call(
+        master,
+        REGISTRY,
+        Leave::TAG,
+        master.peer.incarnation,
+        &payload,
+        Duration::from_secs(1),
+    )
+    .await
+    {
+        debug!(%error, "could not tell the registry this process is leaving");
     }
 }
 
@@ -684,7 +805,7 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 
 /// Incarnations are random: a restarted process, even under a restarted
 /// parent, never reuses its predecessor's.
-fn random_incarnation() -> u64 {
+pub(crate) fn random_incarnation() -> u64 {
     u64::from_ne_bytes(random_bytes::<8>()).max(1)
 }
 

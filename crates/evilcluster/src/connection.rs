@@ -2,7 +2,7 @@
 //! them and multiplexed by request id. Either side may send requests.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -87,6 +87,8 @@ pub(crate) struct Link {
     /// Wakes a sleeping sweeper when a request starts waiting.
     waiting: Notify,
     next_id: AtomicU64,
+    /// Requests from the peer being handled, as the reader last counted.
+    serving: AtomicUsize,
     closed: AtomicBool,
     close_reason: Mutex<Option<String>>,
 }
@@ -94,6 +96,12 @@ pub(crate) struct Link {
 impl Link {
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// No request from the peer is being handled and nothing waits to be written.
+    pub fn is_idle(&self) -> bool {
+        self.serving.load(Ordering::Relaxed) == 0
+            && self.outbox.lock().unwrap_or_else(|e| e.into_inner()).frames.is_empty()
     }
 
     fn closed_error(&self) -> LinkError {
@@ -253,6 +261,7 @@ pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Re
         sweeper_asleep: AtomicBool::new(false),
         waiting: Notify::new(),
         next_id: AtomicU64::new(1),
+        serving: AtomicUsize::new(0),
         closed: AtomicBool::new(false),
         close_reason: Mutex::new(None),
     });
@@ -364,6 +373,7 @@ async fn read_loop(node: &Node, link: &Link, mut frames: FramedRead<ReadHalf, Le
                     node.stats.handled(started, result.is_err());
                 }
                 link.reply(id, result);
+                link.serving.store(in_flight.len(), Ordering::Relaxed);
             }
             frame = frames.next(), if in_flight.len() < MAX_IN_FLIGHT => match frame {
                 None => return "closed by the peer".to_owned(),
@@ -385,7 +395,8 @@ async fn read_loop(node: &Node, link: &Link, mut frames: FramedRead<ReadHalf, Le
                             match node.dispatch(&request) {
                                 Ok(None) => {}
                                 Ok(Some(pending)) => {
-                                    in_flight.push(async move { (id, counted, started, pending.await) })
+                                    in_flight.push(async move { (id, counted, started, pending.await) });
+                                    link.serving.store(in_flight.len(), Ordering::Relaxed);
                                 }
                                 Err(error) => {
                                     if counted {

@@ -146,7 +146,7 @@ impl Row<'_> {
             actor: self.hosts.map(|(name, _)| name.to_owned()),
             actor_type: self.hosts.map(|(_, type_name)| type_name.to_owned()),
             uptime_ms: up.then_some(counters.uptime_ms),
-            restarts: 0,
+            restarts: self.member.map_or(0, |m| m.restarts),
             messages_in: counters.messages_in,
             messages_out: counters.messages_out,
             errors: counters.errors,

@@ -29,6 +29,9 @@ pub struct Member {
     pub actor_type: Option<String>,
     /// The local socket it listens on, when it hosts something.
     pub socket: Option<String>,
+    /// How many times its supervisor restarted this path before this process.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// The registry's state, as pushed to every process.
@@ -195,6 +198,7 @@ mod tests {
             actor: Some("w".into()),
             actor_type: None,
             socket: Some(format!("/tmp/{number}.sock")),
+            restarts: 0,
         }
     }
 

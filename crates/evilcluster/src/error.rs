@@ -45,12 +45,26 @@ pub enum Error {
         #[source]
         source: HandshakeError,
     },
-    /// A child did not become ready.
-    #[error("{path} did not start: {reason}")]
-    StartFailed {
-        /// The child's path in the tree.
-        path: String,
-        /// Why: it exited, or the start timeout ran out.
+    /// A supervisor's child exited more often than its intensity allows:
+    /// the supervisor stopped its children and failed (the master then
+    /// stopped the whole tree).
+    #[error("{child} exited more than {max_restarts} times within {within:?}; {supervisor} gave up and stopped its children")]
+    GaveUp {
+        /// The supervisor's path (the cluster's name for the master).
+        supervisor: String,
+        /// The child whose exits used up the limit.
+        child: String,
+        /// The limit: at most this many restarts...
+        max_restarts: u32,
+        /// ...within this period.
+        within: Duration,
+    },
+    /// The actor hosted by this process stopped abnormally (a handler panicked).
+    #[error("actor `{actor}` failed: {reason}")]
+    ActorFailed {
+        /// The actor's name.
+        actor: String,
+        /// What happened.
         reason: String,
     },
     /// A request the runtime itself needed failed.

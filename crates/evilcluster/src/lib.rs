@@ -78,6 +78,7 @@ mod control;
 mod directory;
 mod error;
 mod events;
+mod lifecycle;
 mod node;
 #[cfg(unix)]
 mod output;
@@ -108,8 +109,10 @@ pub use cluster::{shutdown_signal, Cluster, ClusterHandle};
 pub use directory::Member;
 pub use error::{Error, Result, SendError};
 pub use events::{publish, subscribe, Delivery, Event, PublishError, Subscription, To};
+pub use lifecycle::{lifecycle, ExitReason, Lifecycle};
 pub use remote::{RemoteActor, RemoteMessage, Routes, DEFAULT_MAILBOX_CAPACITY};
 pub use role::{fork_number, is_fork, is_master, is_spawn, role, Role};
+pub use supervisor::{Backoff, Intensity, Restart, Strategy};
 pub use worker::{options, options_of, TaskResult, Worker};
 
 /// The wire protocol crate, re-exported for tools that speak it directly.
@@ -124,7 +127,8 @@ pub fn members() -> Vec<Member> {
 /// Everything a typical evilcluster program needs, actix's actor API included.
 pub mod prelude {
     pub use crate::{
-        addr_of, addr_of_fork, Cluster, RemoteActor, RemoteAddr, RemoteMessage, Role, Routes, SendError, Worker,
+        addr_of, addr_of_fork, Backoff, Cluster, RemoteActor, RemoteAddr, RemoteMessage, Restart, Role, Routes,
+        SendError, Strategy, Worker,
     };
     pub use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, ResponseFuture};
     pub use serde::{Deserialize, Serialize};

@@ -150,6 +150,31 @@ impl Node {
         }
     }
 
+    /// Stops routing requests to `name`: they are refused as unknown.
+    pub fn remove_service(&self, name: &str) {
+        self.services.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+    }
+
+    /// Waits (at most `limit`) until every connection has answered what it
+    /// was working on and written it out: a graceful stop loses no reply.
+    pub async fn drain(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let links: Vec<Arc<Link>> = {
+                let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+                links.values().filter_map(|slot| slot.link.get().cloned()).collect()
+            };
+            if links.iter().all(|link| link.is_closed() || link.is_idle()) {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                warn!("replies still unwritten after {limit:?}; stopping anyway");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     pub fn add_service(&self, name: &str, service: Arc<dyn Service>) {
         self.services
             .write()

@@ -24,6 +24,8 @@ pub(crate) struct Launch<'a> {
     pub role: &'a Role,
     pub path: &'a str,
     pub incarnation: u64,
+    /// How many times this path was restarted before this start.
+    pub restarts: u32,
     pub master_socket: &'a str,
     pub socket_dir: &'a std::path::Path,
     pub cookie: &'a Cookie,
@@ -33,6 +35,7 @@ pub(crate) struct Launch<'a> {
 pub(crate) struct ChildProcess {
     pub path: String,
     pub pid: u32,
+    pub incarnation: u64,
     child: Child,
     control: Option<ChildStdin>,
 }
@@ -65,6 +68,7 @@ pub(crate) async fn launch(launch: Launch<'_>) -> Result<ChildProcess, Error> {
         .env(env::WORKER, worker)
         .env(env::PATH, launch.path)
         .env(env::INCARNATION, launch.incarnation.to_string())
+        .env(env::RESTARTS, launch.restarts.to_string())
         .env(env::MASTER, launch.master_socket)
         .env(env::SOCKET_DIR, launch.socket_dir)
         .env(env::PARENT, std::process::id().to_string());
@@ -86,6 +90,7 @@ pub(crate) async fn launch(launch: Launch<'_>) -> Result<ChildProcess, Error> {
     Ok(ChildProcess {
         path: launch.path.to_owned(),
         pid,
+        incarnation: launch.incarnation,
         child,
         control: Some(control),
     })

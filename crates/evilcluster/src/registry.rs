@@ -52,6 +52,18 @@ impl RemoteMessage for Announce {
     const TAG: &'static str = "registry.announce";
 }
 
+/// A process is about to stop: callers should stop choosing it.
+#[derive(Debug, Message, Serialize, Deserialize)]
+#[rtype(result = "()")]
+pub(crate) struct Leave {
+    pub path: String,
+    pub incarnation: u64,
+}
+
+impl RemoteMessage for Leave {
+    const TAG: &'static str = "registry.leave";
+}
+
 impl RemoteMessage for Subscribe {
     const TAG: &'static str = "registry.subscribe";
 }
@@ -113,7 +125,7 @@ impl RemoteActor for Registry {
     const NAME: &'static str = REGISTRY;
 
     fn routes(routes: &mut Routes<Self>) {
-        routes.handle::<Announce>().handle::<Subscribe>();
+        routes.handle::<Announce>().handle::<Subscribe>().handle::<Leave>();
     }
 }
 
@@ -137,6 +149,20 @@ impl Handler<Subscribe> for Registry {
         self.subscribers.retain(|(path, _)| *path != subscribe.path);
         self.subscribers.push((subscribe.path, subscribe.incarnation));
         actix::MessageResult(self.snapshot())
+    }
+}
+
+impl Handler<Leave> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, leave: Leave, _: &mut Context<Self>) {
+        let before = self.members.len();
+        self.members
+            .retain(|m| !(m.path == leave.path && m.incarnation == leave.incarnation));
+        if self.members.len() != before {
+            debug!(path = %leave.path, "leaving");
+            self.changed();
+        }
     }
 }
 

@@ -15,7 +15,19 @@ pub(crate) mod env {
     pub const MASTER: &str = "EVILCLUSTER_MASTER";
     pub const SOCKET_DIR: &str = "EVILCLUSTER_SOCKET_DIR";
     pub const PARENT: &str = "EVILCLUSTER_PARENT";
-    pub const ALL: [&str; 9] = [ROLE, WORKER, FORK, FORKS, PATH, INCARNATION, MASTER, SOCKET_DIR, PARENT];
+    pub const RESTARTS: &str = "EVILCLUSTER_RESTARTS";
+    pub const ALL: [&str; 10] = [
+        ROLE,
+        WORKER,
+        FORK,
+        FORKS,
+        PATH,
+        INCARNATION,
+        MASTER,
+        SOCKET_DIR,
+        PARENT,
+        RESTARTS,
+    ];
 }
 
 /// What this process is in the cluster's tree.
@@ -76,6 +88,8 @@ pub(crate) struct ChildEnv {
     pub master_socket: String,
     pub socket_dir: PathBuf,
     pub parent: u32,
+    /// How many times this path was restarted before this process.
+    pub restarts: u32,
 }
 
 fn var(name: &str) -> Result<String, Error> {
@@ -111,6 +125,7 @@ impl ChildEnv {
             master_socket: var(env::MASTER)?,
             socket_dir: PathBuf::from(var(env::SOCKET_DIR)?),
             parent: number(env::PARENT)?,
+            restarts: number(env::RESTARTS)?,
         }))
     }
 }

@@ -1,59 +1,658 @@
-//! Watching child processes: their exit, and stopping them on request.
+//! Supervision: starting children in order, restarting them by strategy,
+//! restart type, intensity and backoff, and stopping them in reverse.
+//!
+//! The master supervises its spawns and each spawn its forks, with the same
+//! code: a [`Supervisor`] task owns its children's processes.
 
-use std::process::ExitStatus;
+use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use evilcluster_wire::Cookie;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{info, warn};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
 
 use crate::directory::Member;
+use crate::events::{publish, To};
+use crate::lifecycle::{ExitReason, Lifecycle};
 use crate::node::Node;
 use crate::process::{self, ChildProcess, Launch};
-use crate::Error;
+use crate::{Error, Role};
 
-/// How a child ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Exit {
-    /// Exit code 0.
-    Normal,
-    /// A non-zero exit code, or death by a signal.
-    Abnormal(String),
+/// Which children a supervisor restarts when one of them is to be restarted
+/// (OTP's strategies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Only the child that exited.
+    #[default]
+    OneForOne,
+    /// Every child: the others are stopped (in reverse order), then all are
+    /// started again in declaration order.
+    OneForAll,
+    /// The child that exited and every child declared after it: those are
+    /// stopped (in reverse order), then started again in declaration order.
+    RestForOne,
 }
 
-impl Exit {
-    fn from_status(status: std::io::Result<ExitStatus>) -> Exit {
-        match status {
-            Ok(status) if status.success() => Exit::Normal,
-            Ok(status) => Exit::Abnormal(describe(status)),
-            Err(error) => Exit::Abnormal(format!("could not be waited for: {error}")),
+/// When a child is restarted after it exits (OTP's restart types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Restart {
+    /// Always.
+    #[default]
+    Permanent,
+    /// Only after an abnormal exit (non-zero code, a signal, a failed start).
+    Transient,
+    /// Never.
+    Temporary,
+}
+
+impl Restart {
+    /// Whether a child of this type is restarted after exiting for `reason`.
+    pub fn applies_to(self, reason: &ExitReason) -> bool {
+        match self {
+            Restart::Permanent => true,
+            Restart::Transient => !reason.is_normal(),
+            Restart::Temporary => false,
         }
     }
 }
 
-fn describe(status: ExitStatus) -> String {
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::ExitStatusExt;
-        if let Some(signal) = status.signal() {
-            return format!("killed by signal {signal}");
+/// The delay before each restart of a child: capped exponential, reset once
+/// the child has run for a while (pm2's `exp_backoff_restart_delay`).
+///
+/// The first restart waits `initial`, each following one `factor` times
+/// longer, never more than `max`. A child that ran `reset_after` or longer
+/// before exiting starts over from `initial`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    factor: f64,
+    reset_after: Duration,
+}
+
+impl Backoff {
+    /// Starts at `initial`, grows 1.5 times per restart up to `max`, resets
+    /// after 30 s of running.
+    pub fn exponential(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max: max.max(initial),
+            factor: 1.5,
+            reset_after: Duration::from_secs(30),
         }
     }
-    match status.code() {
-        Some(code) => format!("exit code {code}"),
-        None => status.to_string(),
+
+    /// No delay: restart at once (OTP's behaviour).
+    pub fn none() -> Self {
+        Backoff::exponential(Duration::ZERO, Duration::ZERO)
+    }
+
+    /// Growth per restart (at least 1).
+    pub fn factor(mut self, factor: f64) -> Self {
+        self.factor = if factor.is_finite() { factor.max(1.0) } else { 1.0 };
+        self
+    }
+
+    /// How long a child must run before its next restart waits `initial` again.
+    pub fn reset_after(mut self, stable: Duration) -> Self {
+        self.reset_after = stable;
+        self
+    }
+
+    /// The delay after `previous` (None: the first restart, or after a reset).
+    pub fn next(&self, previous: Option<Duration>) -> Duration {
+        match previous {
+            None => self.initial,
+            Some(previous) => previous.mul_f64(self.factor).clamp(self.initial, self.max),
+        }
+    }
+}
+
+impl Default for Backoff {
+    /// 100 ms, growing 1.5 times per restart up to 15 s, reset after 30 s of running.
+    fn default() -> Self {
+        Backoff::exponential(Duration::from_millis(100), Duration::from_secs(15))
+    }
+}
+
+/// How many restarts a supervisor allows in a period before it gives up:
+/// stops its children and fails upward (OTP's intensity and period).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Intensity {
+    /// At most this many restarts...
+    pub max_restarts: u32,
+    /// ...within this period.
+    pub within: Duration,
+}
+
+impl Default for Intensity {
+    /// 10 restarts within 60 s.
+    fn default() -> Self {
+        Intensity {
+            max_restarts: 10,
+            within: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One child of a supervisor, as declared.
+pub(crate) struct ChildSpec {
+    pub role: Role,
+    pub path: String,
+    pub restart: Restart,
+    pub backoff: Backoff,
+    pub start_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+/// Everything a supervisor needs to run its children.
+pub(crate) struct Plan {
+    /// The supervisor's own path.
+    pub path: String,
+    pub strategy: Strategy,
+    pub intensity: Intensity,
+    pub children: Vec<ChildSpec>,
+    pub master_socket: String,
+    pub socket_dir: PathBuf,
+    pub cookie: Cookie,
+}
+
+/// Why a supervisor gave up.
+#[derive(Debug, Clone)]
+pub(crate) struct GaveUp {
+    pub child: String,
+    pub intensity: Intensity,
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    Starting,
+    Running,
+    Failed(GaveUp),
+    Stopped,
+}
+
+/// Controls a running supervisor task.
+pub(crate) struct SupervisorHandle {
+    path: String,
+    shutdown: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    phase: watch::Receiver<Phase>,
+}
+
+impl SupervisorHandle {
+    /// Resolves once every child has been started (each ready before the
+    /// next), or with the supervisor's failure.
+    pub async fn started(&self) -> Result<(), Error> {
+        let mut phase = self.phase.clone();
+        let reached = phase
+            .wait_for(|p| !matches!(p, Phase::Starting))
+            .await
+            .map(|p| p.clone());
+        match reached {
+            Ok(Phase::Failed(gave_up)) => Err(self.error(gave_up)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Resolves when the supervisor gives up (never, if it does not).
+    pub async fn gave_up(&self) -> Error {
+        let mut phase = self.phase.clone();
+        let failed = phase
+            .wait_for(|p| matches!(p, Phase::Failed(_)))
+            .await
+            .map(|p| p.clone());
+        match failed {
+            Ok(Phase::Failed(gave_up)) => self.error(gave_up),
+            _ => std::future::pending().await,
+        }
+    }
+
+    fn error(&self, gave_up: GaveUp) -> Error {
+        Error::GaveUp {
+            supervisor: self.path.clone(),
+            child: gave_up.child,
+            max_restarts: gave_up.intensity.max_restarts,
+            within: gave_up.intensity.within,
+        }
+    }
+
+    /// Stops every child in reverse order and waits until they have exited.
+    pub async fn shutdown(&self) {
+        let (done, stopped) = oneshot::channel();
+        if self.shutdown.send(done).is_ok() {
+            let _ = stopped.await;
+        }
+        // A supervisor that had given up has stopped already.
+        let mut phase = self.phase.clone();
+        let _ = phase.wait_for(|p| matches!(p, Phase::Stopped | Phase::Failed(_))).await;
+    }
+}
+
+/// Starts a supervisor task for `plan` on the current arbiter.
+pub(crate) fn supervise(node: Arc<Node>, plan: Plan) -> SupervisorHandle {
+    let (shutdown, shutdown_requests) = mpsc::unbounded_channel();
+    let (phase_tx, phase) = watch::channel(Phase::Starting);
+    let (exits_tx, exits) = mpsc::unbounded_channel();
+    let handle = SupervisorHandle {
+        path: plan.path.clone(),
+        shutdown,
+        phase,
+    };
+    let now = Instant::now();
+    let supervisor = Supervisor {
+        node,
+        slots: plan
+            .children
+            .iter()
+            .map(|_| Slot {
+                state: State::Pending { at: now },
+                restarts: 0,
+                delay: None,
+            })
+            .collect(),
+        plan,
+        restarts: VecDeque::new(),
+        exits_tx,
+        exits,
+        next_generation: 0,
+        phase: phase_tx,
+    };
+    actix_rt::spawn(supervisor.run(shutdown_requests));
+    handle
+}
+
+struct Supervisor {
+    node: Arc<Node>,
+    plan: Plan,
+    slots: Vec<Slot>,
+    /// When recent restarts happened, for the intensity limit.
+    restarts: VecDeque<Instant>,
+    exits_tx: mpsc::UnboundedSender<ChildExit>,
+    exits: mpsc::UnboundedReceiver<ChildExit>,
+    next_generation: u64,
+    phase: watch::Sender<Phase>,
+}
+
+struct Slot {
+    state: State,
+    restarts: u32,
+    /// The last backoff delay, if the child has not run stably since.
+    delay: Option<Duration>,
+}
+
+enum State {
+    /// To be started once `at` has passed (and every earlier child is up).
+    Pending {
+        at: Instant,
+    },
+    Running(Running),
+    /// Exited and not to be restarted, or stopped for good.
+    Down,
+}
+
+struct Running {
+    child: Supervised,
+    generation: u64,
+    since: Instant,
+}
+
+/// A child's exit, as its watcher reports it.
+struct ChildExit {
+    index: usize,
+    generation: u64,
+    pid: u32,
+    incarnation: u64,
+    reason: ExitReason,
+}
+
+enum Started {
+    Ready,
+    Failed {
+        pid: u32,
+        incarnation: u64,
+        reason: ExitReason,
+    },
+    ShutdownRequested(Option<oneshot::Sender<()>>),
+}
+
+impl Supervisor {
+    async fn run(mut self, mut shutdown: mpsc::UnboundedReceiver<oneshot::Sender<()>>) {
+        loop {
+            let mut wake_at = None;
+            if let Some(index) = self.slots.iter().position(|s| matches!(s.state, State::Pending { .. })) {
+                let State::Pending { at } = self.slots[index].state else {
+                    unreachable!()
+                };
+                if at <= Instant::now() {
+                    match self.start(index, &mut shutdown).await {
+                        Started::Ready => {}
+                        Started::Failed {
+                            pid,
+                            incarnation,
+                            reason,
+                        } => {
+                            if !self.exited(index, pid, incarnation, reason, None).await {
+                                return;
+                            }
+                        }
+                        Started::ShutdownRequested(reply) => return self.stop(reply).await,
+                    }
+                    continue;
+                }
+                wake_at = Some(at);
+            } else if matches!(*self.phase.borrow(), Phase::Starting) {
+                self.phase.send_replace(Phase::Running);
+            }
+            tokio::select! {
+                Some(exit) = self.exits.recv() => {
+                    let since = match &self.slots[exit.index].state {
+                        State::Running(running) if running.generation == exit.generation => running.since,
+                        // Stopped by this supervisor, or a failed start: handled there.
+                        _ => continue,
+                    };
+                    if !self.exited(exit.index, exit.pid, exit.incarnation, exit.reason, Some(since)).await {
+                        return;
+                    }
+                }
+                () = sleep_until(wake_at) => {}
+                reply = shutdown.recv() => return self.stop(reply).await,
+            }
+        }
+    }
+
+    /// Starts child `index` and waits until it is ready, exits, or its start
+    /// timeout passes.
+    async fn start(&mut self, index: usize, shutdown: &mut mpsc::UnboundedReceiver<oneshot::Sender<()>>) -> Started {
+        let spec = &self.plan.children[index];
+        let incarnation = crate::cluster::random_incarnation();
+        let restarts = self.slots[index].restarts;
+        let launched = process::launch(Launch {
+            role: &spec.role,
+            path: &spec.path,
+            incarnation,
+            restarts,
+            master_socket: &self.plan.master_socket,
+            socket_dir: &self.plan.socket_dir,
+            cookie: &self.plan.cookie,
+        })
+        .await;
+        let child = match launched {
+            Ok(child) => child,
+            Err(error) => {
+                error!(path = %spec.path, "{error}");
+                return Started::Failed {
+                    pid: 0,
+                    incarnation,
+                    reason: ExitReason::StartFailed(error.to_string()),
+                };
+            }
+        };
+        let pid = child.pid;
+        info!(path = %spec.path, pid, "started");
+        self.announce(match spec.role {
+            Role::Fork { .. } => Lifecycle::Forked {
+                path: spec.path.clone(),
+                pid,
+                incarnation,
+            },
+            _ => Lifecycle::Spawned {
+                path: spec.path.clone(),
+                pid,
+                incarnation,
+            },
+        })
+        .await;
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let supervised = watch_child(child, spec.shutdown_timeout, {
+            let exits = self.exits_tx.clone();
+            move |reason| {
+                let _ = exits.send(ChildExit {
+                    index,
+                    generation,
+                    pid,
+                    incarnation,
+                    reason,
+                });
+            }
+        });
+        let path = spec.path.clone();
+        let is_it = |m: &Arc<Member>| m.path == path && m.incarnation == incarnation;
+        let start_timeout = spec.start_timeout;
+        let ready = self
+            .node
+            .directory
+            .wait_for(start_timeout, |members| members.iter().any(is_it));
+        let failure = tokio::select! {
+            ready = ready => {
+                if ready {
+                    None
+                } else {
+                    supervised.stop().await;
+                    Some(ExitReason::StartFailed(format!("not ready within {start_timeout:?}")))
+                }
+            }
+            reason = supervised.exited() => Some(ExitReason::StartFailed(format!("exited before it was ready ({reason})"))),
+            reply = shutdown.recv() => {
+                self.slots[index].state = State::Running(Running { child: supervised, generation, since: Instant::now() });
+                return Started::ShutdownRequested(reply);
+            }
+        };
+        if let Some(reason) = failure {
+            warn!(path = %spec.path, pid, "{reason}");
+            return Started::Failed {
+                pid,
+                incarnation,
+                reason,
+            };
+        }
+        self.slots[index].state = State::Running(Running {
+            child: supervised,
+            generation,
+            since: Instant::now(),
+        });
+        let path = spec.path.clone();
+        self.announce(Lifecycle::Ready {
+            path: path.clone(),
+            pid,
+            incarnation,
+            restarts,
+        })
+        .await;
+        if restarts > 0 {
+            info!(%path, pid, restarts, "restarted");
+            self.announce(Lifecycle::Restarted {
+                path,
+                pid,
+                incarnation,
+                restarts,
+            })
+            .await;
+        }
+        Started::Ready
+    }
+
+    /// Child `index` exited (or failed to start) on its own. Returns false
+    /// once the supervisor has given up.
+    async fn exited(
+        &mut self,
+        index: usize,
+        pid: u32,
+        incarnation: u64,
+        reason: ExitReason,
+        running_since: Option<Instant>,
+    ) -> bool {
+        let spec = &self.plan.children[index];
+        let path = spec.path.clone();
+        match &reason {
+            ExitReason::Normal => info!(%path, pid, "exited normally"),
+            reason => warn!(%path, pid, "exited with error: {reason}"),
+        }
+        self.slots[index].state = State::Down;
+        let restart = spec.restart;
+        let backoff = spec.backoff;
+        self.announce(Lifecycle::Exited {
+            path: path.clone(),
+            pid,
+            incarnation,
+            reason: reason.clone(),
+        })
+        .await;
+        if !restart.applies_to(&reason) {
+            info!(%path, "not restarted ({restart:?} child)");
+            self.announce_if_all_exited().await;
+            return true;
+        }
+
+        let now = Instant::now();
+        let intensity = self.plan.intensity;
+        self.restarts.push_back(now);
+        while self
+            .restarts
+            .front()
+            .is_some_and(|&at| now.duration_since(at) > intensity.within)
+        {
+            self.restarts.pop_front();
+        }
+        if self.restarts.len() > intensity.max_restarts as usize {
+            error!(
+                supervisor = %self.plan.path,
+                child = %path,
+                "{path} exited ({reason}) more than {} times within {:?}: giving up, stopping every child",
+                intensity.max_restarts,
+                intensity.within
+            );
+            self.stop_children().await;
+            self.announce(Lifecycle::GaveUp {
+                supervisor: self.plan.path.clone(),
+                child: path.clone(),
+                max_restarts: intensity.max_restarts,
+                within: intensity.within,
+            })
+            .await;
+            self.phase
+                .send_replace(Phase::Failed(GaveUp { child: path, intensity }));
+            return false;
+        }
+
+        let slot = &mut self.slots[index];
+        if running_since.is_some_and(|since| now.duration_since(since) >= backoff.reset_after) {
+            slot.delay = None;
+        }
+        let delay = backoff.next(slot.delay);
+        slot.delay = Some(delay);
+        let at = now + delay;
+
+        let affected: Vec<usize> = match self.plan.strategy {
+            Strategy::OneForOne => vec![index],
+            Strategy::OneForAll => (0..self.slots.len()).collect(),
+            Strategy::RestForOne => (index..self.slots.len()).collect(),
+        };
+        // Siblings stop in reverse order; each restarts unless temporary.
+        for &sibling in affected.iter().rev().filter(|&&i| i != index) {
+            if let State::Running(running) = std::mem::replace(&mut self.slots[sibling].state, State::Down) {
+                let sibling_path = self.plan.children[sibling].path.clone();
+                info!(path = %sibling_path, "stopping it too ({:?}, after {path} exited)", self.plan.strategy);
+                running.child.stop().await;
+                let reason = running.child.exited().await;
+                self.announce(Lifecycle::Exited {
+                    path: sibling_path,
+                    pid: running.child.pid,
+                    incarnation: running.child.incarnation,
+                    reason,
+                })
+                .await;
+                if self.plan.children[sibling].restart != Restart::Temporary {
+                    self.schedule(sibling, at, delay).await;
+                }
+            }
+        }
+        info!(%path, ?delay, "restarting");
+        self.schedule(index, at, delay).await;
+        true
+    }
+
+    async fn schedule(&mut self, index: usize, at: Instant, delay: Duration) {
+        let slot = &mut self.slots[index];
+        slot.restarts += 1;
+        slot.state = State::Pending { at };
+        let event = Lifecycle::Restarting {
+            path: self.plan.children[index].path.clone(),
+            restarts: slot.restarts,
+            delay,
+        };
+        self.announce(event).await;
+    }
+
+    /// Stops every running child, last declared first; nothing restarts.
+    async fn stop_children(&mut self) {
+        for index in (0..self.slots.len()).rev() {
+            if let State::Running(running) = std::mem::replace(&mut self.slots[index].state, State::Down) {
+                running.child.stop().await;
+                let reason = running.child.exited().await;
+                let path = self.plan.children[index].path.clone();
+                match &reason {
+                    ExitReason::Normal => info!(%path, pid = running.child.pid, "stopped"),
+                    reason => warn!(%path, pid = running.child.pid, "stopped: {reason}"),
+                }
+                self.announce(Lifecycle::Exited {
+                    path,
+                    pid: running.child.pid,
+                    incarnation: running.child.incarnation,
+                    reason,
+                })
+                .await;
+            }
+            self.slots[index].state = State::Down;
+        }
+        self.announce_if_all_exited().await;
+    }
+
+    async fn stop(mut self, reply: Option<oneshot::Sender<()>>) {
+        self.stop_children().await;
+        self.phase.send_replace(Phase::Stopped);
+        if let Some(reply) = reply {
+            let _ = reply.send(());
+        }
+    }
+
+    async fn announce_if_all_exited(&self) {
+        if self.slots.iter().all(|s| matches!(s.state, State::Down)) {
+            self.announce(Lifecycle::AllExited {
+                supervisor: self.plan.path.clone(),
+            })
+            .await;
+        }
+    }
+
+    async fn announce(&self, event: Lifecycle) {
+        // Nobody listening (or the master gone) is not the supervisor's problem.
+        let _ = publish(To::All, &event).await;
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
 /// A running child, watched by a task of its own.
-pub(crate) struct Supervised {
+struct Supervised {
+    pid: u32,
+    incarnation: u64,
     stop: mpsc::UnboundedSender<oneshot::Sender<()>>,
-    exited: watch::Receiver<Option<Exit>>,
+    exited: watch::Receiver<Option<ExitReason>>,
 }
 
 impl Supervised {
-    /// Stops the child (graceful, then killed after `grace`) and waits for it.
-    pub async fn stop(&self) {
+    /// Stops the child (graceful, then killed after its shutdown timeout)
+    /// and waits for it.
+    async fn stop(&self) {
         let (done, stopped) = oneshot::channel();
         if self.stop.send(done).is_ok() {
             let _ = stopped.await;
@@ -61,75 +660,37 @@ impl Supervised {
     }
 
     /// Resolves once the child has exited, with how.
-    pub async fn exited(&self) -> Exit {
+    async fn exited(&self) -> ExitReason {
         let mut exited = self.exited.clone();
         let exit = exited.wait_for(Option::is_some).await;
         match exit {
             Ok(exit) => exit.clone().expect("waited for Some"),
-            Err(_) => Exit::Abnormal("its supervisor task ended".into()),
+            Err(_) => ExitReason::StartFailed("its watcher ended".into()),
         }
     }
 }
 
-fn watch_child(mut child: ChildProcess, grace: Duration) -> Supervised {
+/// Watches `child` until it exits, or stops it when asked (or when the
+/// handle is dropped); then reports how it ended to `on_exit`.
+fn watch_child(mut child: ChildProcess, grace: Duration, on_exit: impl FnOnce(ExitReason) + 'static) -> Supervised {
     let (stop, mut stop_requests) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
     let (exit_tx, exited) = watch::channel(None);
-    let supervised = Supervised { stop, exited };
+    let supervised = Supervised {
+        pid: child.pid,
+        incarnation: child.incarnation,
+        stop,
+        exited,
+    };
     actix_rt::spawn(async move {
-        let (exit, requested) = tokio::select! {
-            status = child.wait() => (Exit::from_status(status), None),
-            // A stop request, or every handle dropped: either way, stop it.
-            request = stop_requests.recv() => (Exit::from_status(child.stop(grace).await), request),
+        let (reason, requested) = tokio::select! {
+            status = child.wait() => (ExitReason::from_status(status), None),
+            request = stop_requests.recv() => (ExitReason::from_status(child.stop(grace).await), request),
         };
-        match &exit {
-            Exit::Normal => info!(path = %child.path, pid = child.pid, "exited normally"),
-            Exit::Abnormal(how) if requested.is_some() => {
-                warn!(path = %child.path, pid = child.pid, "exited with error while stopping: {how}")
-            }
-            Exit::Abnormal(how) => warn!(path = %child.path, pid = child.pid, "exited with error: {how}"),
-        }
-        exit_tx.send_replace(Some(exit));
+        exit_tx.send_replace(Some(reason.clone()));
+        on_exit(reason);
         if let Some(done) = requested {
             let _ = done.send(());
         }
     });
     supervised
-}
-
-/// Starts a child and waits until it has registered with the master (its
-/// readiness), it exits, or the start timeout passes.
-pub(crate) async fn start_child(node: &Arc<Node>, launch: Launch<'_>) -> Result<Supervised, Error> {
-    let path = launch.path.to_owned();
-    let incarnation = launch.incarnation;
-    let child = process::launch(launch).await?;
-    info!(%path, pid = child.pid, "started");
-    let supervised = watch_child(child, node.config.shutdown_timeout);
-    let is_it = |m: &Arc<Member>| m.path == path && m.incarnation == incarnation;
-    let ready = node
-        .directory
-        .wait_for(node.config.start_timeout, |members| members.iter().any(is_it));
-    tokio::select! {
-        ready = ready => {
-            if ready {
-                Ok(supervised)
-            } else {
-                supervised.stop().await;
-                Err(Error::StartFailed { path, reason: format!("not ready within {:?}", node.config.start_timeout) })
-            }
-        }
-        exit = supervised.exited() => Err(Error::StartFailed {
-            path,
-            reason: match exit {
-                Exit::Normal => "exited normally before it was ready".into(),
-                Exit::Abnormal(how) => format!("exited before it was ready ({how})"),
-            },
-        }),
-    }
-}
-
-/// Stops children in reverse start order.
-pub(crate) async fn stop_all(children: &mut Vec<Supervised>) {
-    while let Some(child) = children.pop() {
-        child.stop().await;
-    }
 }

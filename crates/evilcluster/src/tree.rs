@@ -47,6 +47,7 @@ mod tests {
             actor: None,
             actor_type: None,
             socket: None,
+            restarts: 0,
         }
     }
 

@@ -4,15 +4,30 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use actix::fut::{wrap_future, ActorFutureExt};
+use actix::{ActorContext, AsyncContext};
 use futures_util::future::LocalBoxFuture;
+use tokio::sync::oneshot;
 
 use crate::remote::{ActorService, RemoteActor, Service};
+use crate::supervisor::{Backoff, Intensity, Restart, Strategy};
 
 /// What a task worker's function returns.
 pub type TaskResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-pub(crate) type Host = Box<dyn FnOnce() -> Arc<dyn Service>>;
+pub(crate) type Host = Box<dyn FnOnce() -> Hosted>;
+
+/// A hosted actor, running.
+pub(crate) struct Hosted {
+    pub service: Arc<dyn Service>,
+    /// Asks the actor to stop: it handles what its mailbox holds, then its
+    /// `stopping` and `stopped` run (`stopping` may refuse).
+    pub stop: oneshot::Sender<()>,
+    /// Closes once the actor has stopped, for whatever reason.
+    pub stopped: oneshot::Receiver<()>,
+}
 pub(crate) type Task = Box<dyn FnOnce() -> LocalBoxFuture<'static, TaskResult>>;
 
 pub(crate) enum Body {
@@ -36,6 +51,20 @@ pub struct Worker {
     pub(crate) disabled: bool,
     pub(crate) options: Option<Arc<dyn Any + Send + Sync>>,
     pub(crate) body: Body,
+    pub(crate) supervision: Supervision,
+}
+
+/// How a worker's processes are supervised.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Supervision {
+    pub restart: Restart,
+    pub backoff: Backoff,
+    /// Overrides of the cluster's defaults.
+    pub start_timeout: Option<Duration>,
+    pub shutdown_timeout: Option<Duration>,
+    /// How the spawn supervises its forks.
+    pub fork_strategy: Strategy,
+    pub fork_intensity: Intensity,
 }
 
 impl Worker {
@@ -47,17 +76,36 @@ impl Worker {
     /// A worker hosting `A`, built by `make` in the hosting process only.
     pub fn actor_with<A: RemoteActor>(make: impl FnOnce() -> A + 'static) -> Self {
         let host: Host = Box::new(move || {
-            let addr = A::create(|ctx| {
+            let (stop, stop_requested) = oneshot::channel::<()>();
+            let (alive, stopped) = oneshot::channel::<()>();
+            let addr = A::create(move |ctx| {
                 ctx.set_mailbox_capacity(A::mailbox_capacity());
+                // Dropped with the actor's context, after `stopped` ran.
+                ctx.spawn(wrap_future(async move {
+                    let _alive = alive;
+                    std::future::pending::<()>().await
+                }));
+                ctx.spawn(
+                    wrap_future::<_, A>(stop_requested).map(|requested, _, ctx: &mut actix::Context<A>| {
+                        if requested.is_ok() {
+                            ctx.stop();
+                        }
+                    }),
+                );
                 make()
             });
-            Arc::new(ActorService::new(addr))
+            Hosted {
+                service: Arc::new(ActorService::new(addr)),
+                stop,
+                stopped,
+            }
         });
         Worker {
             name: A::NAME.to_owned(),
             forks: 0,
             disabled: false,
             options: None,
+            supervision: Supervision::default(),
             body: Body::Actor {
                 name: A::NAME,
                 type_name: short_type_name::<A>(),
@@ -79,6 +127,7 @@ impl Worker {
             forks: 0,
             disabled: false,
             options: None,
+            supervision: Supervision::default(),
             body: Body::Task(Box::new(move || Box::pin(task()))),
         }
     }
@@ -101,6 +150,50 @@ impl Worker {
     /// [`options`](crate::options) and anywhere with [`options_of`](crate::options_of).
     pub fn options<T: Any + Send + Sync>(mut self, options: T) -> Self {
         self.options = Some(Arc::new(options));
+        self
+    }
+
+    /// When this worker's processes (the spawn, and each fork) are
+    /// restarted after they exit. Default: [`Restart::Permanent`].
+    pub fn restart(mut self, restart: Restart) -> Self {
+        self.supervision.restart = restart;
+        self
+    }
+
+    /// The delay before each restart of this worker's processes.
+    /// Default: [`Backoff::default`] (100 ms, ×1.5 per restart, at most 15 s).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.supervision.backoff = backoff;
+        self
+    }
+
+    /// How long each of this worker's processes may take to become ready
+    /// (overrides [`Cluster::start_timeout`](crate::Cluster::start_timeout));
+    /// running out counts as a failed start.
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.supervision.start_timeout = Some(timeout);
+        self
+    }
+
+    /// How long each of this worker's processes may take to stop gracefully
+    /// before it is killed (overrides [`Cluster::shutdown_timeout`](crate::Cluster::shutdown_timeout)).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.supervision.shutdown_timeout = Some(timeout);
+        self
+    }
+
+    /// Which forks the spawn restarts when one of them is to be restarted.
+    /// Default: [`Strategy::OneForOne`].
+    pub fn fork_strategy(mut self, strategy: Strategy) -> Self {
+        self.supervision.fork_strategy = strategy;
+        self
+    }
+
+    /// How many fork restarts the spawn allows within `within` before it
+    /// gives up: it stops its forks and exits abnormally, which its own
+    /// supervisor (the master) sees as the spawn failing. Default: 10 in 60 s.
+    pub fn fork_intensity(mut self, max_restarts: u32, within: Duration) -> Self {
+        self.supervision.fork_intensity = Intensity { max_restarts, within };
         self
     }
 

@@ -1,0 +1,423 @@
+//! Supervision across real processes: strategies, restart types, intensity,
+//! backoff, clean shutdown. The fixture's master prints every lifecycle
+//! event; its actors log each start and stop to a file.
+
+mod support;
+
+use std::path::PathBuf;
+
+use rustix::process::Signal;
+use support::{alive, eventually, processes_with_arg, signal_pid, Fixture};
+
+/// A supervision fixture run, with its starts file.
+struct Sup {
+    fixture: Fixture,
+    starts: PathBuf,
+    /// Passed as an argument to every process of the run, to find them all.
+    run_id: String,
+    /// How far [`event`](Self::event) has read `fixture.seen`.
+    cursor: usize,
+    _dir: tempfile::TempDir,
+}
+
+impl Sup {
+    fn start(args: &[&str]) -> Sup {
+        let mut sup = Sup::launch(args);
+        sup.fixture.expect_line("ready");
+        sup
+    }
+
+    /// Starts the master without waiting for the tree to be ready.
+    fn launch(args: &[&str]) -> Sup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let starts = dir.path().join("starts");
+        let run_id = format!("run-{}", dir.path().display());
+        let mut all: Vec<&str> = args.to_vec();
+        let starts_arg = starts.to_string_lossy().into_owned();
+        all.extend(["--starts", &starts_arg, "--run-id", &run_id]);
+        let fixture = Fixture::launch(env!("CARGO_BIN_EXE_supervision-fixture"), &all, "info");
+        Sup {
+            fixture,
+            starts,
+            run_id,
+            cursor: 0,
+            _dir: dir,
+        }
+    }
+
+    /// The next event line (after the last one returned) starting with
+    /// `event {prefix}`, waiting for it if need be; its words after the prefix.
+    fn event(&mut self, prefix: &str) -> Vec<String> {
+        let wanted = format!("event {prefix}");
+        let seen = &self.fixture.seen;
+        let line = match seen[self.cursor..].iter().position(|l| l.starts_with(&wanted)) {
+            Some(at) => {
+                self.cursor += at + 1;
+                seen[self.cursor - 1].clone()
+            }
+            None => {
+                let line = self.fixture.expect_line(&wanted);
+                self.cursor = self.fixture.seen.len();
+                line
+            }
+        };
+        line[wanted.len()..]
+            .split(' ')
+            .filter(|w| !w.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The pid from the `ready` event of `path` (the next one not yet read).
+    fn ready(&mut self, path: &str) -> u32 {
+        self.event(&format!("ready {path} "))[0].parse().expect("pid")
+    }
+
+    /// Every `start`/`stop` line of the starts file, as (what, path).
+    fn records(&self) -> Vec<(String, String)> {
+        std::fs::read_to_string(&self.starts)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| {
+                let mut words = line.split(' ');
+                (
+                    words.next().unwrap_or("").to_owned(),
+                    words.next().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn count(&self, what: &str, path: &str) -> usize {
+        self.records().iter().filter(|(w, p)| w == what && p == path).count()
+    }
+
+    /// Paths in the order they did `what`.
+    fn order(&self, what: &str) -> Vec<String> {
+        self.records()
+            .into_iter()
+            .filter(|(w, _)| w == what)
+            .map(|(_, p)| p)
+            .collect()
+    }
+
+    fn quit(&mut self) {
+        self.fixture.command("quit");
+        let status = self.fixture.wait();
+        assert!(status.success(), "{status:?}: {:#?}", self.fixture.seen);
+        self.nothing_left();
+    }
+
+    fn nothing_left(&self) {
+        eventually("no process of the run is left", || {
+            processes_with_arg(&self.run_id).is_empty()
+        });
+    }
+}
+
+impl Drop for Sup {
+    fn drop(&mut self) {
+        self.fixture.kill();
+        // Children die with the master; wait for them, pass or fail.
+        let deadline = std::time::Instant::now() + support::DEADLINE;
+        while !processes_with_arg(&self.run_id).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+fn counts(sup: &Sup) -> [usize; 3] {
+    ["sup/a", "sup/b", "sup/c"].map(|path| sup.count("start", path))
+}
+
+/// Starts a, b, c under `strategy`, SIGKILLs b, waits until `last` is back.
+fn kill_b(strategy: &str, last: &str) -> Sup {
+    let mut sup = Sup::start(&["--strategy", strategy]);
+    sup.ready("sup/a");
+    let b = sup.ready("sup/b");
+    sup.ready("sup/c");
+    signal_pid(b, Signal::KILL);
+    sup.event(&format!("restarted {last} "));
+    sup
+}
+
+#[test]
+fn one_for_one_restarts_only_the_child_that_died() {
+    let mut sup = kill_b("one-for-one", "sup/b");
+    sup.quit();
+    assert_eq!(counts(&sup), [1, 2, 1], "{:?}", sup.records());
+}
+
+#[test]
+fn one_for_all_restarts_every_child_in_declaration_order() {
+    let mut sup = kill_b("one-for-all", "sup/c");
+    assert_eq!(counts(&sup), [2, 2, 2], "{:?}", sup.records());
+    // The survivors stopped last-declared first, then all started in order.
+    assert_eq!(sup.order("stop"), ["sup/c", "sup/a"]);
+    assert_eq!(sup.order("start")[3..], ["sup/a", "sup/b", "sup/c"]);
+    sup.quit();
+}
+
+#[test]
+fn rest_for_one_restarts_the_child_and_those_declared_after_it() {
+    let mut sup = kill_b("rest-for-one", "sup/c");
+    assert_eq!(counts(&sup), [1, 2, 2], "{:?}", sup.records());
+    assert_eq!(sup.order("stop"), ["sup/c"]);
+    assert_eq!(sup.order("start")[3..], ["sup/b", "sup/c"]);
+    sup.quit();
+}
+
+const RESTART_TYPES: [&str; 2] = ["--restart", "a=permanent,b=transient,c=temporary"];
+
+#[test]
+fn after_a_normal_exit_only_permanent_children_restart() {
+    let mut sup = Sup::start(&RESTART_TYPES);
+    sup.ready("sup/a");
+    let b = sup.ready("sup/b");
+    sup.ready("sup/c");
+
+    // A request in flight when b is told to stop still gets its reply.
+    sup.fixture.command("slow b 300");
+    sup.fixture.expect_line("slow sent");
+    signal_pid(b, Signal::TERM); // SIGTERM to a child is a normal stop.
+    assert_eq!(sup.event("exited sup/b "), [b.to_string(), "normal".into()]);
+    if !sup.fixture.seen.iter().any(|l| l.starts_with("slow ")) {
+        sup.fixture.expect_line("slow ");
+    }
+    assert!(
+        sup.fixture.seen.iter().any(|l| l == "slow ok"),
+        "{:#?}",
+        sup.fixture.seen
+    );
+
+    sup.fixture.command("exit c 0");
+    assert_eq!(sup.event("exited sup/c ")[1], "normal");
+    sup.fixture.command("exit a 0");
+    assert_eq!(sup.event("exited sup/a ")[1], "normal");
+    // The supervisor handles exits in order: a back means b and c were decided.
+    sup.event("restarted sup/a ");
+    assert!(
+        !sup.fixture
+            .seen
+            .iter()
+            .any(|l| l.starts_with("event restarting sup/b") || l.starts_with("event restarting sup/c")),
+        "{:#?}",
+        sup.fixture.seen
+    );
+    assert_eq!(counts(&sup), [2, 1, 1], "{:?}", sup.records());
+    sup.quit();
+}
+
+#[test]
+fn after_an_abnormal_exit_permanent_and_transient_children_restart() {
+    let mut sup = Sup::start(&RESTART_TYPES);
+    let a = sup.ready("sup/a");
+    sup.ready("sup/b");
+    let c = sup.ready("sup/c");
+
+    sup.fixture.command("exit b 7");
+    assert_eq!(sup.event("exited sup/b ")[1], "code:7");
+    sup.event("restarted sup/b ");
+    signal_pid(c, Signal::KILL);
+    assert_eq!(sup.event("exited sup/c "), [c.to_string(), "signal:9".into()]);
+    signal_pid(a, Signal::KILL);
+    sup.event("restarted sup/a ");
+    assert!(
+        !sup.fixture.seen.iter().any(|l| l.starts_with("event restarting sup/c")),
+        "{:#?}",
+        sup.fixture.seen
+    );
+    assert_eq!(counts(&sup), [2, 2, 1], "{:?}", sup.records());
+    sup.quit();
+}
+
+#[test]
+fn a_fork_killed_under_load_fails_its_callers_promptly_and_comes_back() {
+    let mut sup = Sup::start(&["--pool", "3"]);
+    for k in 1..=3 {
+        sup.event(&format!("ready sup/pool/{k} "));
+    }
+    let old = sup.event("ready sup/pool ");
+    assert_eq!(old.len(), 3);
+    let fork2: Vec<String> = sup
+        .fixture
+        .seen
+        .iter()
+        .find_map(|l| l.strip_prefix("event ready sup/pool/2 "))
+        .expect("fork 2 was ready")
+        .split(' ')
+        .map(str::to_owned)
+        .collect();
+    let (old_pid, old_incarnation) = (fork2[0].parse::<u32>().unwrap(), fork2[1].clone());
+
+    sup.fixture.command("load");
+    sup.fixture.expect_line("load started");
+    let report = |sup: &mut Sup| -> Vec<Vec<String>> {
+        sup.fixture.command("report");
+        let rows: Vec<Vec<String>> = (1..=3)
+            .map(|k| {
+                let line = sup.fixture.expect_line(&format!("report {k} "));
+                line.split(' ').skip(2).map(str::to_owned).collect()
+            })
+            .collect();
+        sup.fixture.expect_line("report end");
+        rows
+    };
+    let field = |row: &[String], name: &str| -> String {
+        row.iter()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // Load reaches every fork before the kill.
+    let deadline = std::time::Instant::now() + support::DEADLINE;
+    while report(&mut sup).iter().any(|row| field(row, "ok") == "0") {
+        assert!(std::time::Instant::now() < deadline, "load never reached every fork");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    signal_pid(old_pid, Signal::KILL);
+    let back = sup.event("restarted sup/pool/2 ");
+    assert_ne!(back[0], old_pid.to_string(), "a new process");
+    assert_ne!(back[1], old_incarnation, "a new incarnation");
+    let new_pid = back[0].clone();
+
+    // Sends reach the new fork.
+    let rows = loop {
+        let rows = report(&mut sup);
+        if field(&rows[1], "last_pid") == new_pid {
+            break rows;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reply from the new fork 2: {rows:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    for other in [0, 2] {
+        assert_eq!(
+            field(&rows[other], "errors"),
+            "0",
+            "fork {}: {:?}",
+            other + 1,
+            rows[other]
+        );
+    }
+    let errors: usize = field(&rows[1], "errors").parse().unwrap();
+    assert!(
+        errors >= 1,
+        "requests were in flight to fork 2 when it died: {:?}",
+        rows[1]
+    );
+    let slowest: u64 = field(&rows[1], "slowest_error_ms").parse().unwrap();
+    assert!(
+        slowest < 1000,
+        "callers of the dead fork waited {slowest} ms for their error"
+    );
+    for kind in field(&rows[1], "kinds").split(',') {
+        assert!(
+            ["Disconnected", "NotRegistered"].contains(&kind),
+            "typed errors only: {:?}",
+            rows[1]
+        );
+    }
+    sup.quit();
+}
+
+#[test]
+fn a_child_crashing_on_every_start_backs_off_then_the_master_gives_up() {
+    let mut sup = Sup::launch(&["--crash", "b", "--intensity", "3,60000", "--backoff", "100,1000"]);
+    let status = sup.fixture.wait();
+    assert_eq!(status.code(), Some(3), "exits non-zero: {:#?}", sup.fixture.seen);
+    let seen = sup.fixture.seen.clone();
+    assert!(seen.iter().any(|l| l == "event gave-up sup sup/b"), "{seen:#?}");
+    // Backoff: 100 ms, then 1.5 times longer each restart.
+    let delays: Vec<u64> = seen
+        .iter()
+        .filter_map(|l| l.strip_prefix("event restarting sup/b "))
+        .map(|rest| rest.split(' ').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(delays, [100, 150, 225], "{seen:#?}");
+    // ...and really waited: each attempt at least that long after the one before.
+    let attempts: Vec<u128> = std::fs::read_to_string(&sup.starts)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("attempt sup/b "))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(attempts.len(), 4, "first start and three restarts");
+    for (gap, delay) in attempts.windows(2).map(|w| w[1] - w[0]).zip(&delays) {
+        assert!(
+            gap + 1 >= u128::from(*delay),
+            "waited {gap} ms, backoff said {delay} ms"
+        );
+    }
+    // The log names the child that used up the limit.
+    assert!(
+        sup.fixture
+            .stderr_lines()
+            .iter()
+            .any(|l| l.contains("sup/b exited") && l.contains("giving up")),
+        "{:#?}",
+        sup.fixture.stderr_lines()
+    );
+    // a was started and stopped cleanly; nothing is left.
+    assert_eq!(sup.count("start", "sup/a"), 1);
+    assert_eq!(sup.count("stop", "sup/a"), 1);
+    sup.nothing_left();
+}
+
+#[test]
+fn sigterm_to_the_master_stops_every_child_in_reverse_order_and_exits_zero() {
+    let mut sup = Sup::start(&["--pool", "2"]);
+    sup.event("ready sup/pool ");
+    sup.fixture.signal(Signal::TERM);
+    let status = sup.fixture.wait();
+    assert!(status.success(), "{status:?}: {:#?}", sup.fixture.seen);
+    assert!(sup.fixture.seen.iter().any(|l| l == "stopped"));
+    assert_eq!(
+        sup.order("stop"),
+        ["sup/pool/2", "sup/pool/1", "sup/c", "sup/b", "sup/a"]
+    );
+    assert!(sup.fixture.seen.iter().any(|l| l == "event all-exited sup"));
+    sup.nothing_left();
+    let left = support::files_below(sup.fixture.tmp.path());
+    assert!(left.iter().all(|p| p.is_dir()), "left behind: {left:?}");
+}
+
+#[test]
+fn a_child_that_ignores_the_graceful_stop_is_killed_after_its_shutdown_timeout() {
+    let mut sup = Sup::start(&["--stubborn", "c", "--shutdown-ms", "300"]);
+    sup.ready("sup/a");
+    sup.ready("sup/b");
+    let c = sup.ready("sup/c");
+    sup.fixture.command("quit");
+    assert!(sup.fixture.wait().success(), "{:#?}", sup.fixture.seen);
+    assert_eq!(sup.count("refuses-to-stop", "sup/c"), 1);
+    assert!(
+        sup.fixture.seen.contains(&format!("event exited sup/c {c} signal:9")),
+        "{:#?}",
+        sup.fixture.seen
+    );
+    assert!(
+        sup.fixture
+            .stderr_lines()
+            .iter()
+            .any(|l| l.contains("did not stop in time; killing it") && l.contains("sup/c")),
+        "{:#?}",
+        sup.fixture.stderr_lines()
+    );
+    // The others still stopped gracefully, after c.
+    assert_eq!(sup.order("stop"), ["sup/b", "sup/a"]);
+    assert!(!alive(c));
+    sup.nothing_left();
+}
+
+#[test]
+fn killing_the_master_in_the_middle_of_restarts_leaves_nothing() {
+    let mut sup = Sup::launch(&["--crash", "c", "--intensity", "100,60000", "--backoff", "50,50"]);
+    sup.event("restarting sup/c 2 ");
+    assert!(!processes_with_arg(&sup.run_id).is_empty());
+    sup.fixture.kill();
+    sup.nothing_left();
+}
