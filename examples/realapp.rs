@@ -517,10 +517,15 @@ fn main() -> ExitCode {
                 ("eve", "Eve Moneypenny, auditor"),
             ],
         }))
-        .spawn(Worker::task("backgroundTaskManager", background).options(TaskOptions {
-            interval_ms: 200,
-            rounds: 25,
-        }))
+        // Its job ends: restarted only if it fails.
+        .spawn(
+            Worker::task("backgroundTaskManager", background)
+                .restart(Restart::Transient)
+                .options(TaskOptions {
+                    interval_ms: 200,
+                    rounds: 25,
+                }),
+        )
         .run_with(move || demo(serve));
     match outcome {
         Ok(Ok(())) => ExitCode::SUCCESS,

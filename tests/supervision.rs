@@ -421,3 +421,12 @@ fn killing_the_master_in_the_middle_of_restarts_leaves_nothing() {
     sup.fixture.kill();
     sup.nothing_left();
 }
+
+#[test]
+fn messages_sent_just_before_a_normal_exit_are_not_lost() {
+    let mut sup = Sup::start(&["--sender"]);
+    assert_eq!(sup.event("exited sup/sender ")[1], "normal");
+    sup.fixture.command("count a");
+    assert_eq!(sup.fixture.expect_line("count "), "count 2000");
+    sup.quit();
+}

@@ -178,3 +178,51 @@ fn stop_stops_the_cluster() {
         "{after:#?}"
     );
 }
+
+#[test]
+fn ps_counts_the_restarts_of_a_killed_fork() {
+    let name = unique_name("restarts");
+    let mut fixture = Fixture::start(&name);
+    let status = fixture.wait_until_up();
+    let path = format!("{name}/web/2");
+    assert!(status.processes.iter().all(|p| p.restarts == 0), "{status:#?}");
+    let old = find(&status.processes, &path).pid.expect("web/2 runs");
+    let pid = rustix::process::Pid::from_raw(old as i32).expect("a pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("SIGKILL web/2");
+
+    let mut after = None;
+    eventually("web/2 is back, as a new process with one restart", || {
+        let run = fixture.evilcluster(&["ps", "--json", &name]);
+        let Ok(status) = serde_json::from_str::<evilcluster_wire::control::Status>(&run.stdout) else {
+            return false;
+        };
+        let fork = find(&status.processes, &path);
+        let back = fork.state == "up" && fork.pid.is_some_and(|pid| pid != old) && fork.restarts == 1;
+        if back {
+            after = Some(status);
+        }
+        back
+    });
+    let after = after.expect("seen");
+    fixture.remember(&after);
+    for p in after.processes.iter().filter(|p| p.path != path) {
+        assert_eq!(p.restarts, 0, "only web/2 restarted: {p:#?}");
+    }
+    // The table shows it too, right-aligned under RESTARTS.
+    let run = fixture.evilcluster(&["ps", &name]);
+    let new_pid = find(&after.processes, &path).pid.expect("web/2 runs").to_string();
+    let header: Vec<char> = run.stdout.lines().next().expect("a header").chars().collect();
+    let end = (0..header.len())
+        .find(|&i| header[i..].starts_with(&"RESTARTS".chars().collect::<Vec<_>>()))
+        .expect("a RESTARTS column")
+        + "RESTARTS".len();
+    let row: Vec<char> = run
+        .stdout
+        .lines()
+        .find(|l| l.contains(&format!(" {new_pid} ")))
+        .unwrap_or_else(|| panic!("no web/2 row in {}", run.stdout))
+        .chars()
+        .collect();
+    let cell: String = row[..end].iter().collect();
+    assert_eq!(cell.split_whitespace().last(), Some("1"), "{}", run.stdout);
+}

@@ -109,7 +109,7 @@ fn walk<'a>(
 /// myapp (master, pid 100)
 /// ├── webserverFrontend (spawn, pid 101)
 /// │   ├── 1 (fork, pid 104) WebserverFrontend up
-/// │   └── 2 (fork, pid 105) WebserverFrontend up
+/// │   └── 2 (fork, pid 105) WebserverFrontend up, restarts 1
 /// ├── ghost (disabled)
 /// └── backgroundTaskManager (spawn, pid 103) up
 /// ```
@@ -138,6 +138,11 @@ pub fn render_tree(status: &Status) -> String {
                 let _ = write!(out, " {actor_type}");
             }
             let _ = write!(out, " {}", process.state);
+            if process.restarts > 0 {
+                let _ = write!(out, ", restarts {}", process.restarts);
+            }
+        } else if process.restarts > 0 {
+            let _ = write!(out, " restarts {}", process.restarts);
         }
         out.push('\n');
     }

@@ -526,6 +526,9 @@ impl Child {
         let outcome = self
             .serve(&node, worker, socket, hosted, supervises_forks, &mut stop_requests)
             .await;
+        // Replies to requests handled, and messages sent just before the
+        // end (a task's last do_send), leave before the process does.
+        node.drain(self.config.shutdown_timeout).await;
         node.stop();
         outcome
     }
@@ -588,7 +591,6 @@ impl Child {
                 node.remove_service(name);
                 let _ = stop.send(());
                 let _ = stopped.await;
-                node.drain(self.config.shutdown_timeout).await;
                 Ok(())
             }
             Body::Task(task) => {
