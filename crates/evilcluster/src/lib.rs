@@ -90,6 +90,7 @@ mod stats;
 mod supervisor;
 mod transport;
 mod tree;
+mod watch;
 mod worker;
 
 /// Children's output is relayed with a prefix on Unix only.
@@ -113,6 +114,7 @@ pub use lifecycle::{lifecycle, ExitReason, Lifecycle};
 pub use remote::{RemoteActor, RemoteMessage, Routes, DEFAULT_MAILBOX_CAPACITY};
 pub use role::{fork_number, is_fork, is_master, is_spawn, role, Role};
 pub use supervisor::{Backoff, Intensity, Restart, Strategy};
+pub use watch::{watch, Watch, Watched};
 pub use worker::{options, options_of, TaskResult, Worker};
 
 /// The wire protocol crate, re-exported for tools that speak it directly.
