@@ -9,9 +9,11 @@
 //!                                       into a "report" key, and checks the api
 //! ```
 //!
-//! Every box is its own OS process running this same executable. The master
-//! starts the tree, then plays 12 page requests against the frontend (round
-//! robin over its forks); each request travels frontend fork → api fork →
+//! Every box is its own OS process running this same executable. The
+//! frontend's spawn binds one TCP port (any free one, or `--port N`) and hands
+//! it to both its forks, which serve HTTP on it with actix-web. The master
+//! starts the tree, then plays 12 real HTTP requests against that port (the
+//! kernel picks the fork); each request travels frontend fork → api fork →
 //! datastore across processes, and the printed line says which fork and pid
 //! served each hop. The master then waits for the background task manager's
 //! report, prints it with the live members, and stops the tree: the program
@@ -29,8 +31,9 @@
 //! cargo run --release --example realapp -- --serve
 //! ```
 //!
-//! With `--serve` the cluster keeps running after the demo: type a user name
-//! and Enter to request a page, Ctrl-C (or SIGTERM) stops the whole tree
+//! With `--serve` the cluster keeps running after the demo: browse
+//! `http://127.0.0.1:<port>/<user>`, or type a user name and Enter to request
+//! a page through the frontend actor; Ctrl-C (or SIGTERM) stops the whole tree
 //! cleanly. The runtime logs to stderr (`RUST_LOG=warn` quiets it); results
 //! go to stdout.
 
@@ -320,29 +323,66 @@ impl Actor for WebserverFrontend {
         self.site = evilcluster::options::<FrontendOptions>()
             .map(|o| o.site.to_owned())
             .unwrap_or_else(|| "an unnamed site".into());
+        // Every fork serves HTTP on the port its spawn bound once.
+        if let Some(listener) = evilcluster::listener() {
+            serve_http(listener, self.site.clone());
+        }
+    }
+}
+
+/// A page for `user`: the visit is recorded by an api fork, which reads the
+/// profile from the datastore.
+async fn render(site: String, user: String) -> Result<Page, String> {
+    let visit = evilcluster::addr_of::<WebserverApi>()
+        .send(RecordVisit { user: user.clone() })
+        .await
+        .map_err(|e| e.to_string())??;
+    let who = visit.profile.clone().unwrap_or_else(|| "anonymous visitor".into());
+    let title = match visit.number {
+        1 => format!("Welcome to {site}, {user} ({who})"),
+        n => format!("Welcome back to {site}, {user} ({who}), visit #{n}"),
+    };
+    Ok(Page {
+        title,
+        frontend: Hop::here(),
+        visit,
+    })
+}
+
+/// `GET /{user}` with actix-web on the shared listener; the handler calls the
+/// api and the datastore in other processes with `addr_of`.
+fn serve_http(listener: std::net::TcpListener, site: String) {
+    let app = move || {
+        let site = site.clone();
+        actix_web::App::new().route(
+            "/{user}",
+            actix_web::web::get().to(move |user: actix_web::web::Path<String>| {
+                let site = site.clone();
+                async move {
+                    match render(site, user.into_inner()).await {
+                        Ok(page) => actix_web::HttpResponse::Ok().body(describe(&page)),
+                        Err(error) => actix_web::HttpResponse::BadGateway().body(error),
+                    }
+                }
+            }),
+        )
+    };
+    match actix_web::HttpServer::new(app)
+        .workers(1)
+        .disable_signals()
+        .listen(listener)
+    {
+        Ok(server) => {
+            actix_rt::spawn(server.run());
+        }
+        Err(error) => tracing::error!(%error, "cannot serve HTTP"),
     }
 }
 
 impl Handler<Render> for WebserverFrontend {
     type Result = ResponseFuture<Result<Page, String>>;
     fn handle(&mut self, Render { user }: Render, _: &mut Context<Self>) -> Self::Result {
-        let site = self.site.clone();
-        Box::pin(async move {
-            let visit = evilcluster::addr_of::<WebserverApi>()
-                .send(RecordVisit { user: user.clone() })
-                .await
-                .map_err(|e| e.to_string())??;
-            let who = visit.profile.clone().unwrap_or_else(|| "anonymous visitor".into());
-            let title = match visit.number {
-                1 => format!("Welcome to {site}, {user} ({who})"),
-                n => format!("Welcome back to {site}, {user} ({who}), visit #{n}"),
-            };
-            Ok(Page {
-                title,
-                frontend: Hop::here(),
-                visit,
-            })
-        })
+        Box::pin(render(self.site.clone(), user))
     }
 }
 
@@ -402,15 +442,38 @@ fn describe(page: &Page) -> String {
     )
 }
 
+/// `GET {path}` over HTTP/1.1 to `address`: the body of a 200 answer.
+async fn http_get(address: &str, path: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.map_err(|e| e.to_string())?;
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
+        _ => Err(format!("GET {path}: {response:?}")),
+    }
+}
+
+/// The address the frontend's forks share, as its spawn announced it.
+fn frontend_address() -> Result<String, String> {
+    evilcluster::members()
+        .into_iter()
+        .find_map(|m| m.listen.filter(|_| m.worker == WebserverFrontend::NAME))
+        .ok_or_else(|| "webserverFrontend announced no listening address".to_owned())
+}
+
 /// What the master runs once the tree is ready.
 async fn demo(serve: bool) -> Result<(), String> {
     let frontend = evilcluster::addr_of::<WebserverFrontend>();
+    let address = frontend_address()?;
+    println!("webserverFrontend: both forks serve http://{address}/");
     for (i, user) in USERS.iter().enumerate() {
-        let page = frontend
-            .send(Render { user: (*user).into() })
-            .await
-            .map_err(|e| e.to_string())??;
-        println!("request {:>2} GET /{user:<8} → {}", i + 1, describe(&page));
+        let page = http_get(&address, &format!("/{user}")).await?;
+        println!("request {:>2} GET /{user:<8} → {page}", i + 1);
     }
 
     // Wait for a report that has seen every request.
@@ -454,6 +517,7 @@ async fn demo(serve: bool) -> Result<(), String> {
     }
 
     if serve {
+        println!("serving http://{address}/<user>");
         serve_until_signal(frontend).await?;
     }
     Ok(())
@@ -500,10 +564,18 @@ async fn serve_until_signal(frontend: RemoteAddr<WebserverFrontend>) -> Result<(
 
 fn main() -> ExitCode {
     let serve = std::env::args().skip(1).any(|arg| arg == "--serve");
+    // `--port N` to choose the port; by default any free one.
+    let args: Vec<String> = std::env::args().collect();
+    let port = args
+        .iter()
+        .position(|arg| arg == "--port")
+        .and_then(|at| args.get(at + 1))
+        .map_or("0", String::as_str);
     let outcome = Cluster::new("myapp")
         .spawn(
             Worker::actor::<WebserverFrontend>()
                 .forks(2)
+                .listen(format!("127.0.0.1:{port}"))
                 .options(FrontendOptions { site: "MyApp" }),
         )
         .spawn(Worker::actor::<WebserverApi>().forks(2))

@@ -291,6 +291,7 @@ impl Cluster {
                 actor_type: None,
                 socket: Some(master_socket.clone()),
                 restarts: 0,
+                listen: None,
             }))
             .await;
 
@@ -340,6 +341,7 @@ impl Cluster {
             master_socket: master_socket.clone(),
             socket_dir: node.socket_dir.clone(),
             cookie: cookie.clone(),
+            listener: None,
         };
         let handle = ClusterHandle {
             name: self.name.clone(),
@@ -543,6 +545,7 @@ impl Child {
         stop_requests: &mut mpsc::UnboundedReceiver<StopReason>,
     ) -> Result<()> {
         let master = join(node).await?;
+        let shared = self.share_listener(&worker, supervises_forks)?;
         let member = Member {
             path: self.env.path.clone(),
             role: self.env.role.kind().into(),
@@ -558,9 +561,12 @@ impl Child {
             actor_type: hosted.map(|(_, type_name)| type_name.to_owned()),
             socket,
             restarts: self.env.restarts,
+            listen: shared.address,
         };
         if supervises_forks {
-            let forks = supervisor::supervise(node.clone(), self.fork_plan(&worker));
+            let mut plan = self.fork_plan(&worker);
+            plan.listener = shared.handoff.as_ref().map(|h| h.path.clone());
+            let forks = supervisor::supervise(node.clone(), plan);
             let work = async {
                 forks.started().await?;
                 announce(&master, member).await?;
@@ -627,8 +633,61 @@ impl Child {
             master_socket: self.env.master_socket.clone(),
             socket_dir: self.env.socket_dir.clone(),
             cookie: self.cookie.clone(),
+            listener: None,
         }
     }
+
+    /// The worker's shared listener ([`Worker::listen`]): a spawn binds it
+    /// (and hands it to its forks), a fork fetches it from its spawn.
+    fn share_listener(&self, worker: &Worker, supervises_forks: bool) -> Result<SharedListener> {
+        let Some(address) = &worker.listen else {
+            return Ok(SharedListener::default());
+        };
+        #[cfg(unix)]
+        {
+            use crate::listener;
+            let bound = match &self.env.listener {
+                Some(handoff) => listener::receive(handoff)?,
+                None => listener::bind(address)?,
+            };
+            let local = bound
+                .local_addr()
+                .map_err(|e| Error::io("cannot read the listener's address", e))?;
+            let handoff = if supervises_forks {
+                let path = self.env.socket_dir.join(format!("{}.listener", std::process::id()));
+                Some(listener::Handoff::serve(&bound, path)?)
+            } else {
+                None
+            };
+            listener::install(bound);
+            Ok(SharedListener {
+                address: Some(local.to_string()),
+                handoff,
+            })
+        }
+        #[cfg(not(unix))]
+        Err(Error::Declaration(format!(
+            "worker `{}` listens on {address}: sharing a listener is Unix only",
+            worker.name
+        )))
+    }
+}
+
+/// A worker's shared listener, as its spawn or fork holds it.
+#[derive(Default)]
+struct SharedListener {
+    /// The bound address, as announced.
+    address: Option<String>,
+    /// In a spawn with forks: where the forks fetch it.
+    #[cfg(unix)]
+    handoff: Option<crate::listener::Handoff>,
+    #[cfg(not(unix))]
+    handoff: Option<NoHandoff>,
+}
+
+#[cfg(not(unix))]
+struct NoHandoff {
+    path: std::path::PathBuf,
 }
 
 /// The hosted actor stopped by itself: the process ends with it, abnormally

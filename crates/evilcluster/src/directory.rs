@@ -32,6 +32,9 @@ pub struct Member {
     /// How many times its supervisor restarted this path before this process.
     #[serde(default)]
     pub restarts: u32,
+    /// The TCP address its worker's processes share ([`Worker::listen`](crate::Worker::listen)).
+    #[serde(default)]
+    pub listen: Option<String>,
 }
 
 /// The registry's state, as pushed to every process.
@@ -199,6 +202,7 @@ mod tests {
             actor_type: None,
             socket: Some(format!("/tmp/{number}.sock")),
             restarts: 0,
+            listen: None,
         }
     }
 

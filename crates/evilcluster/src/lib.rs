@@ -79,6 +79,8 @@ mod directory;
 mod error;
 mod events;
 mod lifecycle;
+#[cfg(unix)]
+mod listener;
 mod node;
 #[cfg(unix)]
 mod output;
@@ -111,6 +113,8 @@ pub use directory::Member;
 pub use error::{Error, Result, SendError};
 pub use events::{publish, subscribe, Delivery, Event, PublishError, Subscription, To};
 pub use lifecycle::{lifecycle, ExitReason, Lifecycle};
+#[cfg(unix)]
+pub use listener::listener;
 pub use remote::{RemoteActor, RemoteMessage, Routes, DEFAULT_MAILBOX_CAPACITY};
 pub use role::{fork_number, is_fork, is_master, is_spawn, role, Role};
 pub use supervisor::{Backoff, Intensity, Restart, Strategy};

@@ -29,6 +29,8 @@ pub(crate) struct Launch<'a> {
     pub master_socket: &'a str,
     pub socket_dir: &'a std::path::Path,
     pub cookie: &'a Cookie,
+    /// Where the child fetches its worker's shared listener.
+    pub listener: Option<&'a std::path::Path>,
 }
 
 /// A running child and the write end of its control pipe.
@@ -72,6 +74,9 @@ pub(crate) async fn launch(launch: Launch<'_>) -> Result<ChildProcess, Error> {
         .env(env::MASTER, launch.master_socket)
         .env(env::SOCKET_DIR, launch.socket_dir)
         .env(env::PARENT, std::process::id().to_string());
+    if let Some(listener) = launch.listener {
+        command.env(env::LISTENER, listener);
+    }
     if let Some((number, of)) = fork {
         command
             .env(env::FORK, number.to_string())

@@ -16,7 +16,8 @@ pub(crate) mod env {
     pub const SOCKET_DIR: &str = "EVILCLUSTER_SOCKET_DIR";
     pub const PARENT: &str = "EVILCLUSTER_PARENT";
     pub const RESTARTS: &str = "EVILCLUSTER_RESTARTS";
-    pub const ALL: [&str; 10] = [
+    pub const LISTENER: &str = "EVILCLUSTER_LISTENER";
+    pub const ALL: [&str; 11] = [
         ROLE,
         WORKER,
         FORK,
@@ -27,6 +28,7 @@ pub(crate) mod env {
         SOCKET_DIR,
         PARENT,
         RESTARTS,
+        LISTENER,
     ];
 }
 
@@ -90,6 +92,8 @@ pub(crate) struct ChildEnv {
     pub parent: u32,
     /// How many times this path was restarted before this process.
     pub restarts: u32,
+    /// Where to fetch the worker's shared listener (a fork of a listening worker).
+    pub listener: Option<PathBuf>,
 }
 
 fn var(name: &str) -> Result<String, Error> {
@@ -126,6 +130,7 @@ impl ChildEnv {
             socket_dir: PathBuf::from(var(env::SOCKET_DIR)?),
             parent: number(env::PARENT)?,
             restarts: number(env::RESTARTS)?,
+            listener: std::env::var_os(env::LISTENER).map(PathBuf::from),
         }))
     }
 }

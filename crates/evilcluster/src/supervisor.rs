@@ -158,6 +158,8 @@ pub(crate) struct Plan {
     pub master_socket: String,
     pub socket_dir: PathBuf,
     pub cookie: Cookie,
+    /// Where children fetch their worker's shared listener.
+    pub listener: Option<PathBuf>,
 }
 
 /// Why a supervisor gave up.
@@ -377,6 +379,7 @@ impl Supervisor {
             master_socket: &self.plan.master_socket,
             socket_dir: &self.plan.socket_dir,
             cookie: &self.plan.cookie,
+            listener: self.plan.listener.as_deref(),
         })
         .await;
         let child = match launched {

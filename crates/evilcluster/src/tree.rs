@@ -48,6 +48,7 @@ mod tests {
             actor_type: None,
             socket: None,
             restarts: 0,
+            listen: None,
         }
     }
 

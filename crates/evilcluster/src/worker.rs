@@ -52,6 +52,8 @@ pub struct Worker {
     pub(crate) options: Option<Arc<dyn Any + Send + Sync>>,
     pub(crate) body: Body,
     pub(crate) supervision: Supervision,
+    /// The TCP address its processes share, if any.
+    pub(crate) listen: Option<String>,
 }
 
 /// How a worker's processes are supervised.
@@ -106,6 +108,7 @@ impl Worker {
             disabled: false,
             options: None,
             supervision: Supervision::default(),
+            listen: None,
             body: Body::Actor {
                 name: A::NAME,
                 type_name: short_type_name::<A>(),
@@ -128,6 +131,7 @@ impl Worker {
             disabled: false,
             options: None,
             supervision: Supervision::default(),
+            listen: None,
             body: Body::Task(Box::new(move || Box::pin(task()))),
         }
     }
@@ -194,6 +198,18 @@ impl Worker {
     /// supervisor (the master) sees as the spawn failing. Default: 10 in 60 s.
     pub fn fork_intensity(mut self, max_restarts: u32, within: Duration) -> Self {
         self.supervision.fork_intensity = Intensity { max_restarts, within };
+        self
+    }
+
+    /// Shares one TCP listener bound to `address` (`"127.0.0.1:8080"`; port 0
+    /// picks a free port) among the worker's processes: the spawn binds it
+    /// once and hands it to each fork, restarted forks included, so all forks
+    /// serve one port and connections are never refused while the spawn is
+    /// up. Get it in a fork with [`listener`](crate::listener); the bound
+    /// address is in the spawn's [`Member::listen`](crate::Member::listen).
+    /// Unix only.
+    pub fn listen(mut self, address: impl Into<String>) -> Self {
+        self.listen = Some(address.into());
         self
     }
 

@@ -1,0 +1,118 @@
+//! Forks sharing one listening port.
+//!
+//! The spawn binds the TCP listener once and keeps it for its whole life; each
+//! fork, restarted ones included, receives a duplicate of that descriptor over
+//! a Unix socket in the cluster's private socket directory (`SCM_RIGHTS`).
+//! Every fork then accepts on the same socket, and connections wait in its
+//! backlog — never refused — while at least the spawn is up.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::net::TcpListener;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rustix::net::{
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage,
+    SendFlags,
+};
+use tracing::warn;
+
+use crate::Error;
+
+/// This process's listener, once it has one.
+static LISTENER: Mutex<Option<TcpListener>> = Mutex::new(None);
+
+/// The TCP listener this process's worker shares, declared with
+/// [`Worker::listen`](crate::Worker::listen): in each fork (and in a spawn
+/// without forks) a handle to the one socket the spawn bound. `None`
+/// elsewhere. Each call returns a new handle to the same socket; hand it to
+/// a web server (`actix_web::HttpServer::listen`, `tokio::net::TcpListener::from_std`
+/// after `set_nonblocking(true)`).
+pub fn listener() -> Option<TcpListener> {
+    let listener = LISTENER.lock().unwrap_or_else(|e| e.into_inner());
+    match listener.as_ref()?.try_clone() {
+        Ok(handle) => Some(handle),
+        Err(error) => {
+            warn!(%error, "cannot duplicate the shared listener");
+            None
+        }
+    }
+}
+
+pub(crate) fn install(listener: TcpListener) {
+    *LISTENER.lock().unwrap_or_else(|e| e.into_inner()) = Some(listener);
+}
+
+/// Binds `address` (`host:port`; port 0 picks a free one).
+pub(crate) fn bind(address: &str) -> Result<TcpListener, Error> {
+    TcpListener::bind(address).map_err(|e| Error::io(format!("cannot listen on {address}"), e))
+}
+
+/// The spawn's side: serves duplicates of `listener` to whoever connects to
+/// `path` (only this user can: the directory is private). Removes the
+/// socket file when dropped.
+pub(crate) struct Handoff {
+    pub path: PathBuf,
+}
+
+impl Handoff {
+    pub fn serve(listener: &TcpListener, path: PathBuf) -> Result<Handoff, Error> {
+        let shared = listener
+            .try_clone()
+            .map_err(|e| Error::io("cannot duplicate the listener", e))?;
+        let handoff =
+            UnixListener::bind(&path).map_err(|e| Error::io(format!("cannot listen on {}", path.display()), e))?;
+        std::thread::Builder::new()
+            .name("evilcluster-listener".into())
+            .spawn(move || {
+                for fork in handoff.incoming() {
+                    let sent = fork.and_then(|fork| send_descriptor(&fork, shared.as_fd()));
+                    if let Err(error) = sent {
+                        warn!(%error, "could not hand the listener to a fork");
+                    }
+                }
+            })
+            .map_err(|e| Error::io("cannot start the listener handoff thread", e))?;
+        Ok(Handoff { path })
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn send_descriptor(to: &UnixStream, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    let fds = [fd];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    control.push(SendAncillaryMessage::ScmRights(&fds));
+    sendmsg(to, &[IoSlice::new(b"L")], &mut control, SendFlags::empty())?;
+    Ok(())
+}
+
+/// The fork's side: fetches the spawn's listener from `path`.
+pub(crate) fn receive(path: &Path) -> Result<TcpListener, Error> {
+    let context = || format!("cannot get the shared listener from {}", path.display());
+    let stream = UnixStream::connect(path).map_err(|e| Error::io(context(), e))?;
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    recvmsg(
+        &stream,
+        &mut [IoSliceMut::new(&mut byte)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| Error::io(context(), e.into()))?;
+    let fd: Option<OwnedFd> = control.drain().find_map(|message| match message {
+        RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+        _ => None,
+    });
+    let fd = fd.ok_or_else(|| Error::Environment(format!("{}: no descriptor arrived", context())))?;
+    Ok(TcpListener::from(fd))
+}
