@@ -591,3 +591,79 @@ fn forks_share_one_port_and_keep_serving_while_one_is_killed_and_restarted() {
     );
     sup.quit();
 }
+
+#[test]
+fn a_rolling_restart_replaces_every_fork_while_no_http_request_fails() {
+    let mut sup = Sup::start(&["--pool", "3", "--http"]);
+    for k in 1..=3 {
+        sup.event(&format!("ready sup/pool/{k} "));
+    }
+    sup.fixture.command("addr");
+    let addr = sup.fixture.expect_line("addr ")["addr ".len()..].to_owned();
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (ok, failed) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    let (mut ok, mut failed) = (0u32, Vec::new());
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        match http_get(&addr) {
+                            Ok(_) => ok += 1,
+                            Err(error) => failed.push(error.to_string()),
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        sup.fixture.command("roll pool");
+        let rolled = sup.fixture.expect_line("roll");
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(rolled, "rolled 3", "{:#?}", sup.fixture.seen);
+        clients
+            .into_iter()
+            .map(|c| c.join().expect("client"))
+            .fold((0, Vec::new()), |(ok, mut failed), (o, f)| {
+                failed.extend(f);
+                (ok + o, failed)
+            })
+    });
+    assert!(ok > 0);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        ok as usize + failed.len()
+    );
+
+    // One at a time: each fork was back before the next one stopped. (The
+    // events are printed by another thread of the master than the reply.)
+    sup.event("restarted sup/pool/3 ");
+    let order: Vec<String> = sup
+        .fixture
+        .seen
+        .iter()
+        .filter_map(|l| l.strip_prefix("event "))
+        .filter(|l| l.starts_with("exited sup/pool/") || l.starts_with("restarted sup/pool/"))
+        .map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "exited sup/pool/1",
+            "restarted sup/pool/1",
+            "exited sup/pool/2",
+            "restarted sup/pool/2",
+            "exited sup/pool/3",
+            "restarted sup/pool/3"
+        ]
+    );
+    // A worker without forks restarts its one process; an unknown one is refused.
+    sup.fixture.command("roll b");
+    assert_eq!(sup.fixture.expect_line("roll"), "rolled 1");
+    sup.fixture.command("roll nope");
+    assert!(sup.fixture.expect_line("roll").contains("no worker named `nope`"));
+    assert_eq!(sup.count("start", "sup/b"), 2);
+    sup.quit();
+}

@@ -12,7 +12,7 @@ use crate::discovery::{self, Master};
 use crate::error::CliError;
 use crate::render;
 
-/// Inspect and stop running evilcluster clusters of the current user.
+/// Inspect, restart and stop running evilcluster clusters of the current user.
 #[derive(Debug, Parser)]
 #[command(name = "evilcluster", version)]
 pub struct Cli {
@@ -36,6 +36,17 @@ pub enum Command {
     Tree {
         /// The cluster's name (the one given to `Cluster::new`).
         cluster: String,
+    },
+    /// Restart a worker's processes one at a time, each ready again before
+    /// the next stops (its forks keep serving throughout), as `pm2 reload`.
+    Restart {
+        /// The cluster's name (the one given to `Cluster::new`).
+        cluster: String,
+        /// The worker to restart.
+        worker: String,
+        /// How long to wait for the restart to finish, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value = "120", value_parser = parse_seconds)]
+        timeout: Duration,
     },
     /// Stop a running cluster cleanly and wait until its master has exited.
     Stop {
@@ -74,6 +85,21 @@ pub fn run(cli: Cli, dir: &Path, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Tree { cluster } => {
             let status = fetch_status(dir, &cluster)?;
             write_all(out, &render_tree(&status))
+        }
+        Command::Restart {
+            cluster,
+            worker,
+            timeout,
+        } => {
+            let master = discovery::locate(dir, &cluster)?;
+            let restarted = runtime()?.block_on(async {
+                let mut client = Client::connect(&master, DEFAULT_TIMEOUT).await?;
+                client.restart(&worker, timeout).await
+            })?;
+            write_all(
+                out,
+                &format!("restarted {restarted} process(es) of {cluster}/{worker}, one at a time\n"),
+            )
         }
         Command::Stop { cluster, timeout } => {
             let master = discovery::locate(dir, &cluster)?;
@@ -156,6 +182,11 @@ mod tests {
         assert!(matches!(cli.command, Command::Stop { timeout, .. } if timeout == Duration::from_millis(2500)));
         assert!(Cli::try_parse_from(["evilcluster", "stop", "myapp", "--timeout", "soon"]).is_err());
         assert!(Cli::try_parse_from(["evilcluster", "tree"]).is_err());
+        let cli = Cli::try_parse_from(["evilcluster", "restart", "myapp", "web"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Restart { ref worker, timeout, .. } if worker == "web" && timeout == Duration::from_secs(120))
+        );
+        assert!(Cli::try_parse_from(["evilcluster", "restart", "myapp"]).is_err());
     }
 
     #[test]

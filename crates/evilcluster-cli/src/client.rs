@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
-use evilcluster_wire::control::{Status, CONTROL, STATUS_TAG, STOP_TAG};
+use evilcluster_wire::control::{Status, CONTROL, RESTART_TAG, STATUS_TAG, STOP_TAG};
 use evilcluster_wire::handshake::{self, NONCE_LEN};
 use evilcluster_wire::{Cookie, Frame, Identity, Request};
 use futures_util::{SinkExt, StreamExt};
@@ -117,9 +117,37 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<T> {
         })
     }
 
+    /// Asks for a rolling restart of `worker` and waits (up to `timeout`)
+    /// until it is done; returns how many processes were restarted.
+    pub async fn restart(&mut self, worker: &str, timeout: Duration) -> Result<u32, CliError> {
+        let payload = rmp_serde::to_vec(worker).map_err(|error| CliError::Encode {
+            tag: RESTART_TAG,
+            detail: error.to_string(),
+        })?;
+        let usual = std::mem::replace(&mut self.timeout, timeout);
+        let reply = self.request_with(RESTART_TAG, &payload).await;
+        self.timeout = usual;
+        let outcome: Result<u32, String> = rmp_serde::from_slice(&reply?).map_err(|error| CliError::BadReply {
+            cluster: self.cluster.clone(),
+            tag: RESTART_TAG,
+            detail: error.to_string(),
+        })?;
+        outcome.map_err(|reason| CliError::RestartFailed {
+            cluster: self.cluster.clone(),
+            worker: worker.to_owned(),
+            reason,
+        })
+    }
+
     /// Sends `tag` with a nil payload to the control service and returns the
     /// reply's payload.
     pub async fn request(&mut self, tag: &'static str) -> Result<Vec<u8>, CliError> {
+        self.request_with(tag, NIL).await
+    }
+
+    /// Sends `tag` with `payload` to the control service and returns the
+    /// reply's payload.
+    pub async fn request_with(&mut self, tag: &'static str, payload: &[u8]) -> Result<Vec<u8>, CliError> {
         let id = self.next_id;
         self.next_id += 1;
         let body = Frame::Request(Request {
@@ -128,7 +156,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<T> {
             tag,
             incarnation: self.master_incarnation,
             reply: true,
-            payload: NIL,
+            payload,
         })
         .encode()
         .map_err(|error| CliError::Encode {
@@ -191,6 +219,7 @@ fn waiting_step(tag: &str) -> &'static str {
     match tag {
         STATUS_TAG => "waiting for the status",
         STOP_TAG => "waiting for the stop to be confirmed",
+        RESTART_TAG => "waiting for the rolling restart to finish",
         _ => "waiting for the reply",
     }
 }

@@ -167,6 +167,17 @@ pub enum CliError {
         /// The encoder's words.
         detail: String,
     },
+    /// The master could not restart the worker (unknown, disabled, down, or a
+    /// process that did not come back).
+    #[error("cluster {cluster:?} could not restart worker `{worker}`: {reason}")]
+    RestartFailed {
+        /// The cluster.
+        cluster: String,
+        /// The worker asked for.
+        worker: String,
+        /// The master's reason.
+        reason: String,
+    },
     /// `stop` was accepted but the master is still there after the deadline.
     #[error("cluster {cluster:?} was asked to stop, but its master (pid {pid}) is still running after {}s; it may still be stopping its workers (try a longer --timeout, or `kill -TERM {pid}`)", after.as_secs_f64())]
     StopTimedOut {

@@ -226,3 +226,39 @@ fn ps_counts_the_restarts_of_a_killed_fork() {
     let cell: String = row[..end].iter().collect();
     assert_eq!(cell.split_whitespace().last(), Some("1"), "{}", run.stdout);
 }
+
+#[test]
+fn restart_replaces_a_workers_forks_one_at_a_time() {
+    let name = unique_name("reload");
+    let mut fixture = Fixture::start(&name);
+    let before = fixture.wait_until_up();
+    let pid_of = |status: &evilcluster_wire::control::Status, path: &str| find(&status.processes, path).pid;
+    let (web1, web2) = (format!("{name}/web/1"), format!("{name}/web/2"));
+
+    let run = fixture.evilcluster(&["restart", &name, "web"]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert_eq!(
+        run.stdout,
+        format!("restarted 2 process(es) of {name}/web, one at a time\n")
+    );
+    let run = fixture.evilcluster(&["ps", "--json", &name]);
+    let after: evilcluster_wire::control::Status = serde_json::from_str(&run.stdout).expect("a status");
+    fixture.remember(&after);
+    for path in [&web1, &web2] {
+        let fork = find(&after.processes, path);
+        assert_eq!(fork.state, "up", "{fork:#?}");
+        assert_ne!(fork.pid, pid_of(&before, path), "{path} is a new process");
+        assert_eq!(fork.restarts, 1, "{fork:#?}");
+    }
+    let store = format!("{name}/store");
+    assert_eq!(pid_of(&after, &store), pid_of(&before, &store), "others untouched");
+
+    let unknown = fixture.evilcluster(&["restart", &name, "nope"]);
+    assert_eq!(unknown.code, Some(2), "{unknown:#?}");
+    assert!(
+        unknown
+            .stderr
+            .contains("could not restart worker `nope`: no worker named `nope` is declared"),
+        "{unknown:#?}"
+    );
+}

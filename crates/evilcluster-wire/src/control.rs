@@ -21,6 +21,11 @@ pub const STATUS_TAG: &str = "control.status";
 /// Asks the master to stop the cluster cleanly, as SIGTERM does; the
 /// payload is MessagePack nil, the reply is nil once the stop has begun.
 pub const STOP_TAG: &str = "control.stop";
+/// Asks for a rolling restart of one worker: its forks one at a time, each
+/// ready again before the next stops (or its one process). The payload is
+/// the worker's name (a MessagePack string); the reply, once done, is a
+/// `Result<u32, String>`: how many processes were restarted, or why not.
+pub const RESTART_TAG: &str = "control.restart";
 
 /// Where masters of user `uid` advertise themselves: `<temp dir>/evilcluster-<uid>`.
 pub fn discovery_dir(uid: u32) -> PathBuf {

@@ -13,7 +13,7 @@ use tracing::{debug, error, error_span, info, warn};
 
 use crate::addr::{call, decode, encode};
 use crate::connection::{self, Link, Side};
-use crate::control::{Advertisement, ControlService};
+use crate::control::{Advertisement, ControlService, SupervisorService, SUPERVISOR};
 use crate::directory::{Member, Snapshot};
 use crate::node::{Config, Node, NodeSpec};
 use crate::process::StopReason;
@@ -307,15 +307,6 @@ impl Cluster {
             })
             .collect();
         let stop = Arc::new(Notify::new());
-        node.add_service(
-            CONTROL,
-            Arc::new(ControlService {
-                node: Arc::downgrade(&node),
-                cluster: self.name.clone(),
-                declared: declared.clone(),
-                stop: stop.clone(),
-            }),
-        );
         let plan = Plan {
             path: self.name.clone(),
             strategy: self.strategy,
@@ -343,12 +334,23 @@ impl Cluster {
             cookie: cookie.clone(),
             listener: None,
         };
+        let supervisor = supervisor::supervise(node.clone(), plan);
+        node.add_service(
+            CONTROL,
+            Arc::new(ControlService {
+                node: Arc::downgrade(&node),
+                cluster: self.name.clone(),
+                declared: declared.clone(),
+                stop: stop.clone(),
+                restarter: supervisor.restarter(),
+            }),
+        );
         let handle = ClusterHandle {
             name: self.name.clone(),
             stop,
             advertisement: Some(advertisement),
             node: node.clone(),
-            supervisor: supervisor::supervise(node.clone(), plan),
+            supervisor,
             declared,
             socket_dir: Some(socket_dir),
             tree_logger: None,
@@ -567,6 +569,7 @@ impl Child {
             let mut plan = self.fork_plan(&worker);
             plan.listener = shared.handoff.as_ref().map(|h| h.path.clone());
             let forks = supervisor::supervise(node.clone(), plan);
+            node.add_service(SUPERVISOR, Arc::new(SupervisorService(forks.restarter())));
             let work = async {
                 forks.started().await?;
                 announce(&master, member).await?;

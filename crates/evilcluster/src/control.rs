@@ -5,16 +5,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use evilcluster_wire::control::{self, ProcessStatus, Status, CONTROL, STATUS_TAG, STOP_TAG};
+use evilcluster_wire::control::{self, ProcessStatus, Status, CONTROL, RESTART_TAG, STATUS_TAG, STOP_TAG};
 use evilcluster_wire::{Cookie, WireError};
 use futures_util::future::join_all;
 use tokio::sync::Notify;
 
-use crate::addr::call;
+use crate::addr::{call, decode, encode};
 use crate::directory::Member;
 use crate::node::Node;
-use crate::remote::{encode_reply, Dispatch, Service};
+use crate::remote::{decode_payload, encode_reply, Dispatch, Service};
 use crate::stats::{ProcessStats, STATS, STATS_TAG};
+use crate::supervisor::Restarter;
 use crate::tree::Declared;
 use crate::Error;
 
@@ -26,10 +27,102 @@ pub(crate) struct ControlService {
     pub cluster: String,
     pub declared: Vec<Declared>,
     pub stop: Arc<Notify>,
+    /// The master's supervisor, for restarts of spawns without forks.
+    pub restarter: Restarter,
+}
+
+/// The service a spawn with forks hosts: rolling restarts of its forks.
+pub(crate) const SUPERVISOR: &str = "evilcluster.supervisor";
+
+pub(crate) struct SupervisorService(pub Restarter);
+
+impl Service for SupervisorService {
+    fn dispatch(&self, tag: &str, _payload: &[u8], _reply: bool) -> Result<Dispatch, WireError> {
+        if tag != RESTART_TAG {
+            return Err(WireError::UnknownMessage {
+                actor: SUPERVISOR.to_owned(),
+                tag: tag.to_owned(),
+            });
+        }
+        let restarter = self.0.clone();
+        Ok(Some(Box::pin(async move {
+            encode_reply(RESTART_TAG, &restarter.restart(None).await)
+        })))
+    }
+}
+
+/// Restarts worker `worker` one process at a time; how many were restarted.
+async fn restart(
+    node: &Arc<Node>,
+    cluster: &str,
+    declared: &[Declared],
+    restarter: &Restarter,
+    worker: &str,
+) -> Result<u32, String> {
+    let found = declared
+        .iter()
+        .find(|d| d.name == worker)
+        .ok_or_else(|| format!("no worker named `{worker}` is declared"))?;
+    if found.disabled {
+        return Err(format!("worker `{worker}` is disabled"));
+    }
+    let path = format!("{cluster}/{worker}");
+    if found.forks == 0 {
+        return restarter.restart(Some(path)).await;
+    }
+    // Its forks are the spawn's to restart.
+    let spawn = node
+        .directory
+        .members()
+        .into_iter()
+        .find(|m| m.path == path)
+        .ok_or_else(|| format!("{path} is not running"))?;
+    let link = node
+        .link_for(&spawn.path, spawn.incarnation)
+        .ok_or_else(|| format!("no connection to {path}"))?;
+    let budget = (node.config.start_timeout + node.config.shutdown_timeout) * (found.forks + 1);
+    let reply = call(&link, SUPERVISOR, RESTART_TAG, spawn.incarnation, &[0xc0], budget)
+        .await
+        .map_err(|e| e.to_string())?;
+    decode::<Result<u32, String>>(RESTART_TAG, &reply).map_err(|e| e.to_string())?
+}
+
+/// Restarts the processes of worker `worker` one at a time, each ready again
+/// before the next one stops — pm2's `reload`: with forks, the worker keeps
+/// serving throughout. Returns how many processes were restarted. Callable
+/// from any process of a running cluster.
+pub async fn restart_worker(worker: &str) -> Result<u32, Error> {
+    let node = crate::node::current().ok_or(crate::SendError::NotInCluster)?;
+    let payload = encode(RESTART_TAG, &worker)?;
+    let failed = |reason: String| Error::RestartFailed {
+        worker: worker.to_owned(),
+        reason,
+    };
+    let reply = if node.registry.get().is_some() {
+        let control = node
+            .service(CONTROL)
+            .ok_or_else(|| failed("the cluster is not started".into()))?;
+        let pending = control
+            .dispatch(RESTART_TAG, &payload, true)
+            .map_err(|e| failed(e.to_string()))?
+            .ok_or_else(|| failed("no reply".into()))?;
+        pending.await.map_err(|e| failed(e.to_string()))?
+    } else {
+        let master = node
+            .master_link()
+            .ok_or_else(|| failed("not connected to the master".into()))?;
+        // A generous bound: every fork of the largest worker stopping and starting.
+        let budget = (node.config.start_timeout + node.config.shutdown_timeout) * 64;
+        call(&master, CONTROL, RESTART_TAG, master.peer.incarnation, &payload, budget)
+            .await?
+            .to_vec()
+    };
+    let outcome: Result<u32, String> = decode(RESTART_TAG, &reply)?;
+    outcome.map_err(failed)
 }
 
 impl Service for ControlService {
-    fn dispatch(&self, tag: &str, _payload: &[u8], _reply: bool) -> Result<Dispatch, WireError> {
+    fn dispatch(&self, tag: &str, payload: &[u8], _reply: bool) -> Result<Dispatch, WireError> {
         match tag {
             STATUS_TAG => {
                 let node = self.node.upgrade().ok_or_else(|| WireError::MailboxClosed {
@@ -39,6 +132,23 @@ impl Service for ControlService {
                 let tag = tag.to_owned();
                 Ok(Some(Box::pin(async move {
                     encode_reply(&tag, &status(&node, cluster, &declared).await)
+                })))
+            }
+            RESTART_TAG => {
+                let worker: String = decode_payload(tag, payload)?;
+                let node = self.node.upgrade().ok_or_else(|| WireError::MailboxClosed {
+                    actor: CONTROL.to_owned(),
+                })?;
+                let (cluster, declared, restarter) =
+                    (self.cluster.clone(), self.declared.clone(), self.restarter.clone());
+                Ok(Some(Box::pin(async move {
+                    tracing::info!(%worker, "rolling restart requested");
+                    let outcome = restart(&node, &cluster, &declared, &restarter, &worker).await;
+                    match &outcome {
+                        Ok(count) => tracing::info!(%worker, count, "rolling restart done"),
+                        Err(reason) => tracing::warn!(%worker, "rolling restart failed: {reason}"),
+                    }
+                    encode_reply(RESTART_TAG, &outcome)
                 })))
             }
             STOP_TAG => {

@@ -59,6 +59,14 @@ pub enum Error {
         /// ...within this period.
         within: Duration,
     },
+    /// A rolling restart ([`restart_worker`](crate::restart_worker)) did not complete.
+    #[error("restarting worker `{worker}` failed: {reason}")]
+    RestartFailed {
+        /// The worker.
+        worker: String,
+        /// Why.
+        reason: String,
+    },
     /// The actor hosted by this process stopped abnormally (a handler panicked).
     #[error("actor `{actor}` failed: {reason}")]
     ActorFailed {

@@ -109,6 +109,7 @@ mod output {
 
 pub use addr::{addr_of, addr_of_fork, RemoteAddr, SendRequest};
 pub use cluster::{shutdown_signal, Cluster, ClusterHandle};
+pub use control::restart_worker;
 pub use directory::Member;
 pub use error::{Error, Result, SendError};
 pub use events::{publish, subscribe, Delivery, Event, PublishError, Subscription, To};

@@ -182,6 +182,15 @@ impl Node {
             .insert(name.to_owned(), service);
     }
 
+    /// The service hosted under `name`, if any.
+    pub fn service(&self, name: &str) -> Option<Arc<dyn Service>> {
+        self.services
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
     pub fn dispatch(&self, request: &Request<'_>) -> Result<Dispatch, WireError> {
         if request.incarnation != self.identity.incarnation {
             return Err(WireError::StaleIncarnation {

@@ -177,10 +177,40 @@ enum Phase {
     Stopped,
 }
 
+/// What a supervisor can be asked to do.
+enum Command {
+    /// Stop every child, last first, and end.
+    Shutdown(oneshot::Sender<()>),
+    /// Restart every running child (or only the one at `path`), one at a
+    /// time in declaration order, each ready before the next stops.
+    Restart {
+        path: Option<String>,
+        reply: oneshot::Sender<Result<u32, String>>,
+    },
+}
+
+/// Asks a supervisor for rolling restarts; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Restarter(mpsc::UnboundedSender<Command>);
+
+impl Restarter {
+    /// Restarts every running child (or the one at `path`) one at a time;
+    /// returns how many were restarted.
+    pub async fn restart(&self, path: Option<String>) -> Result<u32, String> {
+        let (reply, answer) = oneshot::channel();
+        self.0
+            .send(Command::Restart { path, reply })
+            .map_err(|_| "the supervisor has stopped".to_owned())?;
+        answer
+            .await
+            .map_err(|_| "the supervisor stopped during the restart".to_owned())?
+    }
+}
+
 /// Controls a running supervisor task.
 pub(crate) struct SupervisorHandle {
     path: String,
-    shutdown: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    commands: mpsc::UnboundedSender<Command>,
     phase: watch::Receiver<Phase>,
 }
 
@@ -221,10 +251,15 @@ impl SupervisorHandle {
         }
     }
 
+    /// Asks for rolling restarts of this supervisor's children.
+    pub fn restarter(&self) -> Restarter {
+        Restarter(self.commands.clone())
+    }
+
     /// Stops every child in reverse order and waits until they have exited.
     pub async fn shutdown(&self) {
         let (done, stopped) = oneshot::channel();
-        if self.shutdown.send(done).is_ok() {
+        if self.commands.send(Command::Shutdown(done)).is_ok() {
             let _ = stopped.await;
         }
         // A supervisor that had given up has stopped already.
@@ -235,12 +270,12 @@ impl SupervisorHandle {
 
 /// Starts a supervisor task for `plan` on the current arbiter.
 pub(crate) fn supervise(node: Arc<Node>, plan: Plan) -> SupervisorHandle {
-    let (shutdown, shutdown_requests) = mpsc::unbounded_channel();
+    let (commands, command_requests) = mpsc::unbounded_channel();
     let (phase_tx, phase) = watch::channel(Phase::Starting);
     let (exits_tx, exits) = mpsc::unbounded_channel();
     let handle = SupervisorHandle {
         path: plan.path.clone(),
-        shutdown,
+        commands,
         phase,
     };
     let now = Instant::now();
@@ -262,7 +297,7 @@ pub(crate) fn supervise(node: Arc<Node>, plan: Plan) -> SupervisorHandle {
         next_generation: 0,
         phase: phase_tx,
     };
-    actix_rt::spawn(supervisor.run(shutdown_requests));
+    actix_rt::spawn(supervisor.run(command_requests));
     handle
 }
 
@@ -310,6 +345,12 @@ struct ChildExit {
     reason: ExitReason,
 }
 
+enum Rolled {
+    Done(Result<u32, String>),
+    GaveUp,
+    ShutdownRequested(Option<oneshot::Sender<()>>),
+}
+
 enum Started {
     Ready,
     Failed {
@@ -321,7 +362,7 @@ enum Started {
 }
 
 impl Supervisor {
-    async fn run(mut self, mut shutdown: mpsc::UnboundedReceiver<oneshot::Sender<()>>) {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         loop {
             let mut wake_at = None;
             if let Some(index) = self.slots.iter().position(|s| matches!(s.state, State::Pending { .. })) {
@@ -329,7 +370,7 @@ impl Supervisor {
                     unreachable!()
                 };
                 if at <= Instant::now() {
-                    match self.start(index, &mut shutdown).await {
+                    match self.start(index, &mut commands).await {
                         Started::Ready => {}
                         Started::Failed {
                             pid,
@@ -360,14 +401,32 @@ impl Supervisor {
                     }
                 }
                 () = sleep_until(wake_at) => {}
-                reply = shutdown.recv() => return self.stop(reply).await,
+                command = commands.recv() => match command {
+                    None => return self.stop(None).await,
+                    Some(Command::Shutdown(reply)) => return self.stop(Some(reply)).await,
+                    Some(Command::Restart { path, reply }) => {
+                        match self.roll(path, &mut commands).await {
+                            Rolled::Done(outcome) => {
+                                let _ = reply.send(outcome);
+                            }
+                            Rolled::GaveUp => {
+                                let _ = reply.send(Err("the supervisor gave up".into()));
+                                return;
+                            }
+                            Rolled::ShutdownRequested(shutdown) => {
+                                let _ = reply.send(Err("the supervisor is shutting down".into()));
+                                return self.stop(shutdown).await;
+                            }
+                        }
+                    }
+                },
             }
         }
     }
 
     /// Starts child `index` and waits until it is ready, exits, or its start
     /// timeout passes.
-    async fn start(&mut self, index: usize, shutdown: &mut mpsc::UnboundedReceiver<oneshot::Sender<()>>) -> Started {
+    async fn start(&mut self, index: usize, commands: &mut mpsc::UnboundedReceiver<Command>) -> Started {
         let spec = &self.plan.children[index];
         let incarnation = crate::cluster::random_incarnation();
         let restarts = self.slots[index].restarts;
@@ -429,19 +488,31 @@ impl Supervisor {
             .node
             .directory
             .wait_for(start_timeout, |members| members.iter().any(is_it));
-        let failure = tokio::select! {
-            ready = ready => {
-                if ready {
-                    None
-                } else {
+        let mut ready = std::pin::pin!(ready);
+        let failure = loop {
+            tokio::select! {
+                ready = &mut ready => {
+                    if ready {
+                        break None;
+                    }
                     supervised.stop().await;
-                    Some(ExitReason::StartFailed(format!("not ready within {start_timeout:?}")))
+                    break Some(ExitReason::StartFailed(format!("not ready within {start_timeout:?}")));
                 }
-            }
-            reason = supervised.exited() => Some(ExitReason::StartFailed(format!("exited before it was ready ({reason})"))),
-            reply = shutdown.recv() => {
-                self.slots[index].state = State::Running(Running { child: supervised, generation, since: Instant::now() });
-                return Started::ShutdownRequested(reply);
+                reason = supervised.exited() => {
+                    break Some(ExitReason::StartFailed(format!("exited before it was ready ({reason})")));
+                }
+                command = commands.recv() => {
+                    let reply = match command {
+                        Some(Command::Restart { reply, .. }) => {
+                            let _ = reply.send(Err("a child is starting; try again once the tree is up".into()));
+                            continue;
+                        }
+                        Some(Command::Shutdown(reply)) => Some(reply),
+                        None => None,
+                    };
+                    self.slots[index].state = State::Running(Running { child: supervised, generation, since: Instant::now() });
+                    return Started::ShutdownRequested(reply);
+                }
             }
         };
         if let Some(reason) = failure {
@@ -576,6 +647,55 @@ impl Supervisor {
         info!(%path, ?delay, "restarting");
         self.schedule(index, at, delay).await;
         true
+    }
+
+    /// A rolling restart: each running child (or only `path`) is stopped
+    /// gracefully and started again, ready before the next one stops.
+    async fn roll(&mut self, path: Option<String>, commands: &mut mpsc::UnboundedReceiver<Command>) -> Rolled {
+        let targets: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| path.as_deref().is_none_or(|p| self.plan.children[i].path == p))
+            .filter(|&i| matches!(self.slots[i].state, State::Running(_)))
+            .collect();
+        if targets.is_empty() {
+            return Rolled::Done(Err(match path {
+                Some(path) => format!("{path} is not running"),
+                None => format!("{} has no running child", self.plan.path),
+            }));
+        }
+        let mut restarted = 0;
+        for index in targets {
+            let State::Running(running) = std::mem::replace(&mut self.slots[index].state, State::Down) else {
+                continue; // It exited meanwhile; the restart logic has it.
+            };
+            let child_path = self.plan.children[index].path.clone();
+            info!(path = %child_path, "rolling restart: stopping it");
+            running.child.stop().await;
+            let reason = running.child.exited().await;
+            self.announce(Lifecycle::Exited {
+                path: child_path.clone(),
+                pid: running.child.pid,
+                incarnation: running.child.incarnation,
+                reason,
+            })
+            .await;
+            self.schedule(index, Instant::now(), Duration::ZERO).await;
+            match self.start(index, commands).await {
+                Started::Ready => restarted += 1,
+                Started::Failed {
+                    pid,
+                    incarnation,
+                    reason,
+                } => {
+                    let why = format!("{child_path} did not come back: {reason}");
+                    if !self.exited(index, pid, incarnation, reason, None).await {
+                        return Rolled::GaveUp;
+                    }
+                    return Rolled::Done(Err(why));
+                }
+                Started::ShutdownRequested(reply) => return Rolled::ShutdownRequested(reply),
+            }
+        }
+        Rolled::Done(Ok(restarted))
     }
 
     async fn schedule(&mut self, index: usize, at: Instant, delay: Duration) {
