@@ -142,3 +142,38 @@ fn status_lists_every_process_and_stop_stops_the_cluster() {
 fn rmp_decode(bytes: &[u8]) -> Status {
     rmp_serde::from_slice(bytes).expect("a Status")
 }
+
+#[test]
+fn status_shows_the_restart_count_of_a_process_waiting_for_its_restart() {
+    // `c` crashes on every start; between attempts it is down, and `ps`
+    // still tells how many times it was restarted.
+    let mut fixture = Fixture::launch(
+        env!("CARGO_BIN_EXE_supervision-fixture"),
+        &["--crash", "c", "--backoff", "3000,3000", "--intensity", "50,60000"],
+        "warn",
+    );
+    fixture.expect_line("event restarting sup/c 2 ");
+    let tmp = fixture.tmp.path().to_owned();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = Client::connect(&tmp, "sup").await;
+        let mut id = 0;
+        loop {
+            id += 1;
+            let status: Status = rmp_serde::from_slice(&client.ask(id, STATUS_TAG).await).unwrap();
+            let c = status
+                .processes
+                .iter()
+                .find(|p| p.path == "sup/c")
+                .expect("a row for c");
+            if c.state == "down" && c.restarts >= 2 {
+                break;
+            }
+            assert!(id < 1000, "c: {c:#?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}

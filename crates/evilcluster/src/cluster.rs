@@ -334,6 +334,7 @@ impl Cluster {
             cookie: cookie.clone(),
             listener: None,
         };
+        actix_rt::spawn(crate::control::track_restarts());
         let supervisor = supervisor::supervise(node.clone(), plan);
         node.add_service(
             CONTROL,

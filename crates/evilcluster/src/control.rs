@@ -19,6 +19,27 @@ use crate::supervisor::Restarter;
 use crate::tree::Declared;
 use crate::Error;
 
+/// The restart count of every path, as the master last heard it from a
+/// supervisor: what `ps` shows for a process that is down.
+static LAST_RESTARTS: std::sync::Mutex<Option<rustc_hash::FxHashMap<String, u32>>> = std::sync::Mutex::new(None);
+
+fn last_restarts(path: &str) -> u32 {
+    let counts = LAST_RESTARTS.lock().unwrap_or_else(|e| e.into_inner());
+    counts.as_ref().and_then(|c| c.get(path).copied()).unwrap_or(0)
+}
+
+/// In the master: keeps [`LAST_RESTARTS`] up to date from the lifecycle events.
+pub(crate) async fn track_restarts() {
+    use futures_util::StreamExt;
+    let mut events = crate::lifecycle::lifecycle();
+    while let Some(delivery) = events.next().await {
+        if let crate::Lifecycle::Restarting { path, restarts, .. } = delivery.event {
+            let mut counts = LAST_RESTARTS.lock().unwrap_or_else(|e| e.into_inner());
+            counts.get_or_insert_with(Default::default).insert(path, restarts);
+        }
+    }
+}
+
 /// How long the status waits for one process's counters.
 const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -243,6 +264,11 @@ impl Row<'_> {
     fn status(self, counters: Option<ProcessStats>) -> ProcessStatus {
         let counters = counters.unwrap_or_default();
         let up = self.member.is_some();
+        let restarts = match self.member {
+            Some(member) => member.restarts,
+            // Down (waiting for its restart, or for good): the last count seen.
+            None => last_restarts(&self.path),
+        };
         ProcessStatus {
             path: self.path,
             role: self.role.to_owned(),
@@ -256,7 +282,7 @@ impl Row<'_> {
             actor: self.hosts.map(|(name, _)| name.to_owned()),
             actor_type: self.hosts.map(|(_, type_name)| type_name.to_owned()),
             uptime_ms: up.then_some(counters.uptime_ms),
-            restarts: self.member.map_or(0, |m| m.restarts),
+            restarts,
             messages_in: counters.messages_in,
             messages_out: counters.messages_out,
             errors: counters.errors,
