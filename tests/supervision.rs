@@ -667,3 +667,76 @@ fn a_rolling_restart_replaces_every_fork_while_no_http_request_fails() {
     assert_eq!(sup.count("start", "sup/b"), 2);
     sup.quit();
 }
+
+#[test]
+fn a_spawn_whose_forks_keep_crashing_gives_up_and_fails_upward() {
+    let mut sup = Sup::launch(&[
+        "--pool",
+        "2",
+        "--crash",
+        "pool",
+        "--backoff",
+        "20,20",
+        "--fork-intensity",
+        "2,60000",
+        "--intensity",
+        "1,60000",
+    ]);
+    let status = sup.fixture.wait();
+    assert_eq!(status.code(), Some(3), "{:#?}", sup.fixture.seen);
+    let seen = &sup.fixture.seen;
+    // The spawn gave up on its fork, exited abnormally, was restarted once by
+    // the master, gave up again; then the master gave up on the spawn.
+    let gave_up: Vec<&String> = seen.iter().filter(|l| l.starts_with("event gave-up ")).collect();
+    assert_eq!(
+        gave_up,
+        [
+            "event gave-up sup/pool sup/pool/1",
+            "event gave-up sup/pool sup/pool/1",
+            "event gave-up sup sup/pool"
+        ],
+        "{seen:#?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("event exited sup/pool ") && l.ends_with(" start-failed")),
+        "{seen:#?}"
+    );
+    assert!(
+        seen.iter().any(|l| l.starts_with("event restarting sup/pool 1 ")),
+        "{seen:#?}"
+    );
+    sup.nothing_left();
+}
+
+#[test]
+fn a_child_not_ready_within_its_start_timeout_counts_as_a_failed_start() {
+    let mut sup = Sup::launch(&[
+        "--hang",
+        "c",
+        "--start-ms",
+        "300",
+        "--shutdown-ms",
+        "200",
+        "--backoff",
+        "20,20",
+        "--intensity",
+        "1,60000",
+    ]);
+    let status = sup.fixture.wait();
+    assert_eq!(status.code(), Some(3), "{:#?}", sup.fixture.seen);
+    assert_eq!(
+        sup.count("attempt", "sup/c"),
+        2,
+        "started, timed out, restarted once, timed out"
+    );
+    assert!(
+        sup.fixture
+            .stderr_lines()
+            .iter()
+            .any(|l| l.contains("not ready within 300ms") && l.contains("sup/c")),
+        "{:#?}",
+        sup.fixture.stderr_lines()
+    );
+    sup.nothing_left();
+}

@@ -62,6 +62,18 @@
 //! parent-death signal, everywhere when the control pipe or its connection
 //! to the master closes.
 //!
+//! ## Supervision
+//! The master supervises its spawns and each spawn its forks, as OTP
+//! supervisors do: a [`Strategy`] (one-for-one, one-for-all, rest-for-one)
+//! per supervisor, a [`Restart`] type (permanent, transient, temporary) and a
+//! [`Backoff`] per worker, an intensity limit after which the supervisor
+//! stops its children and fails upward ([`Error::GaveUp`]). Exit code 0 is a
+//! normal exit; any other code or a signal is abnormal. Children stop
+//! gracefully in reverse order (the actor's `stopping`/`stopped` run, replies
+//! in flight are written), then are killed after their shutdown timeout.
+//! [`lifecycle`] streams what happens, [`watch`] follows one actor's
+//! instances, and [`restart_worker`] restarts a worker's forks one at a time.
+//!
 //! ## Transport
 //! One local socket per hosting process (in a directory only the owner can
 //! enter), one connection per pair of processes, multiplexed by request id;
