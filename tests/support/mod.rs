@@ -1,6 +1,8 @@
 //! Runs the fixture cluster as real processes and reads what its master prints.
 #![allow(dead_code)]
 
+pub mod sup;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};

@@ -1,0 +1,111 @@
+//! Forks sharing one TCP port ([`Worker::listen`]), serving HTTP with
+//! actix-web: the supervision fixture's `pool` with `--http`.
+
+mod support;
+
+use rustix::process::Signal;
+use support::sup::{http_get, Sup};
+use support::{eventually, signal_pid};
+
+#[test]
+fn forks_share_one_port_and_keep_serving_while_one_is_killed_and_restarted() {
+    let mut sup = Sup::start(&["--pool", "3", "--http"]);
+    for k in 1..=3 {
+        sup.event(&format!("ready sup/pool/{k} "));
+    }
+    sup.fixture.command("addr");
+    let addr = sup.fixture.expect_line("addr ")["addr ".len()..].to_owned();
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+
+    // 200 requests from 4 clients at once: all answered, by more than one fork.
+    let bodies: Vec<String> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..4)
+            .map(|_| scope.spawn(|| (0..50).map(|_| http_get(&addr).expect("an answer")).collect::<Vec<_>>()))
+            .collect();
+        clients.into_iter().flat_map(|c| c.join().expect("client")).collect()
+    });
+    assert_eq!(bodies.len(), 200);
+    let a = sup
+        .fixture
+        .seen
+        .iter()
+        .find_map(|l| l.strip_prefix("event ready sup/a "))
+        .unwrap();
+    let a_pid = a.split(' ').next().unwrap();
+    let mut forks: Vec<&str> = bodies
+        .iter()
+        .map(|body| {
+            // "fork K pid P a A": the handler reached `a` across processes.
+            let words: Vec<&str> = body.split(' ').collect();
+            assert_eq!((words[0], words[4], words[5]), ("fork", "a", a_pid), "{body}");
+            words[1]
+        })
+        .collect();
+    forks.sort_unstable();
+    forks.dedup();
+    assert!(forks.len() > 1, "every request went to fork {forks:?}");
+
+    // Fork 1 killed and restarted under load: no connection is refused; only
+    // a request fork 1 had accepted when it died can fail.
+    let fork1: u32 = sup
+        .fixture
+        .seen
+        .iter()
+        .find_map(|l| l.strip_prefix("event ready sup/pool/1 "))
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let served_by_new_fork1 = std::sync::atomic::AtomicBool::new(false);
+    let new_fork1 = std::sync::Mutex::new(String::new());
+    let (ok, failed) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    let (mut ok, mut failed) = (0, Vec::new());
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        match http_get(&addr) {
+                            Ok(body) => {
+                                ok += 1;
+                                let new = new_fork1.lock().unwrap();
+                                if !new.is_empty() && body.starts_with(&format!("fork 1 pid {new} ")) {
+                                    served_by_new_fork1.store(true, std::sync::atomic::Ordering::SeqCst);
+                                }
+                            }
+                            Err(error) => failed.push(error),
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        signal_pid(fork1, Signal::KILL);
+        let back = sup.event("restarted sup/pool/1 ");
+        *new_fork1.lock().unwrap() = back[0].clone();
+        eventually("the new fork 1 serves requests", || {
+            served_by_new_fork1.load(std::sync::atomic::Ordering::SeqCst)
+        });
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        clients
+            .into_iter()
+            .map(|c| c.join().expect("client"))
+            .fold((0, Vec::new()), |(ok, mut failed), (o, f)| {
+                failed.extend(f);
+                (ok + o, failed)
+            })
+    });
+    assert!(ok > 0);
+    for error in &failed {
+        assert_ne!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{failed:?}");
+    }
+    assert!(
+        failed.len() <= 4,
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    sup.quit();
+}
