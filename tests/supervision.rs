@@ -461,3 +461,17 @@ fn a_child_not_ready_within_its_start_timeout_counts_as_a_failed_start() {
     );
     sup.nothing_left();
 }
+
+#[test]
+fn a_panicking_handler_ends_its_process_abnormally_and_it_is_restarted() {
+    let mut sup = Sup::start(&[]);
+    let a = sup.ready("sup/a");
+    sup.fixture.command("panic a");
+    assert_eq!(sup.event("exited sup/a "), [a.to_string(), "code:1".into()]);
+    sup.event("restarted sup/a ");
+    assert!(
+        sup.fixture.seen.iter().any(|l| l == "panic reply error")
+            || sup.fixture.expect_line("panic reply") == "panic reply error"
+    );
+    sup.quit();
+}
