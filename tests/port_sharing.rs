@@ -4,7 +4,7 @@
 mod support;
 
 use rustix::process::Signal;
-use support::sup::{http_get, Sup};
+use support::sup::{http_get, http_load_during, Sup};
 use support::{eventually, signal_pid};
 
 #[test]
@@ -58,54 +58,36 @@ fn forks_share_one_port_and_keep_serving_while_one_is_killed_and_restarted() {
         .unwrap()
         .parse()
         .unwrap();
-    let stop = std::sync::atomic::AtomicBool::new(false);
     let served_by_new_fork1 = std::sync::atomic::AtomicBool::new(false);
     let new_fork1 = std::sync::Mutex::new(String::new());
-    let (ok, failed) = std::thread::scope(|scope| {
-        let clients: Vec<_> = (0..4)
-            .map(|_| {
-                scope.spawn(|| {
-                    let (mut ok, mut failed) = (0, Vec::new());
-                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                        match http_get(&addr) {
-                            Ok(body) => {
-                                ok += 1;
-                                let new = new_fork1.lock().unwrap();
-                                if !new.is_empty() && body.starts_with(&format!("fork 1 pid {new} ")) {
-                                    served_by_new_fork1.store(true, std::sync::atomic::Ordering::SeqCst);
-                                }
-                            }
-                            Err(error) => failed.push(error),
-                        }
-                    }
-                    (ok, failed)
-                })
-            })
-            .collect();
-        signal_pid(fork1, Signal::KILL);
-        let back = sup.event("restarted sup/pool/1 ");
-        *new_fork1.lock().unwrap() = back[0].clone();
-        eventually("the new fork 1 serves requests", || {
-            served_by_new_fork1.load(std::sync::atomic::Ordering::SeqCst)
-        });
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        clients
-            .into_iter()
-            .map(|c| c.join().expect("client"))
-            .fold((0, Vec::new()), |(ok, mut failed), (o, f)| {
-                failed.extend(f);
-                (ok + o, failed)
-            })
-    });
-    assert!(ok > 0);
-    for error in &failed {
-        assert_ne!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{failed:?}");
+    let load = http_load_during(
+        &addr,
+        4,
+        |body| {
+            let new = new_fork1.lock().unwrap();
+            if !new.is_empty() && body.starts_with(&format!("fork 1 pid {new} ")) {
+                served_by_new_fork1.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        },
+        || {
+            signal_pid(fork1, Signal::KILL);
+            let back = sup.event("restarted sup/pool/1 ");
+            *new_fork1.lock().unwrap() = back[0].clone();
+            eventually("the new fork 1 serves requests", || {
+                served_by_new_fork1.load(std::sync::atomic::Ordering::SeqCst)
+            });
+        },
+    );
+    assert!(load.ok > 0);
+    for error in &load.failed {
+        assert_ne!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{:?}", load.failed);
     }
     assert!(
-        failed.len() <= 4,
-        "{} of {} requests failed: {failed:?}",
-        failed.len(),
-        ok + failed.len()
+        load.failed.len() <= 4,
+        "{} of {} requests failed: {:?}",
+        load.failed.len(),
+        load.ok + load.failed.len(),
+        load.failed
     );
     sup.quit();
 }

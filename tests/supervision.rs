@@ -5,7 +5,7 @@
 mod support;
 
 use rustix::process::Signal;
-use support::sup::{http_get, Sup};
+use support::sup::{http_load_during, Sup};
 use support::{alive, processes_with_arg, signal_pid};
 
 fn counts(sup: &Sup) -> [usize; 3] {
@@ -322,40 +322,24 @@ fn a_rolling_restart_replaces_every_fork_while_no_http_request_fails() {
     sup.fixture.command("addr");
     let addr = sup.fixture.expect_line("addr ")["addr ".len()..].to_owned();
 
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let (ok, failed) = std::thread::scope(|scope| {
-        let clients: Vec<_> = (0..4)
-            .map(|_| {
-                scope.spawn(|| {
-                    let (mut ok, mut failed) = (0u32, Vec::new());
-                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                        match http_get(&addr) {
-                            Ok(_) => ok += 1,
-                            Err(error) => failed.push(error.to_string()),
-                        }
-                    }
-                    (ok, failed)
-                })
-            })
-            .collect();
-        sup.fixture.command("roll pool");
-        let rolled = sup.fixture.expect_line("roll");
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        assert_eq!(rolled, "rolled 3", "{:#?}", sup.fixture.seen);
-        clients
-            .into_iter()
-            .map(|c| c.join().expect("client"))
-            .fold((0, Vec::new()), |(ok, mut failed), (o, f)| {
-                failed.extend(f);
-                (ok + o, failed)
-            })
-    });
-    assert!(ok > 0);
+    let mut rolled = String::new();
+    let load = http_load_during(
+        &addr,
+        4,
+        |_| {},
+        || {
+            sup.fixture.command("roll pool");
+            rolled = sup.fixture.expect_line("roll");
+        },
+    );
+    assert_eq!(rolled, "rolled 3", "{:#?}", sup.fixture.seen);
+    assert!(load.ok > 0);
     assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {failed:?}",
-        failed.len(),
-        ok as usize + failed.len()
+        load.failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        load.failed.len(),
+        load.ok + load.failed.len(),
+        load.failed
     );
 
     // One at a time: each fork was back before the next one stopped. (The

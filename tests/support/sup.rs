@@ -136,3 +136,52 @@ pub fn http_get(addr: &str) -> Result<String, std::io::Error> {
         _ => Err(std::io::Error::other(format!("bad response: {response:?}"))),
     }
 }
+
+/// What HTTP clients saw while they ran.
+pub struct Load {
+    /// Requests answered with 200.
+    pub ok: usize,
+    /// Every other outcome.
+    pub failed: Vec<std::io::Error>,
+}
+
+/// Runs `clients` threads sending `GET /` to `addr` back to back, handing
+/// each answer's body to `on_body`, for as long as `during` runs.
+pub fn http_load_during(addr: &str, clients: usize, on_body: impl Fn(&str) + Sync, during: impl FnOnce()) -> Load {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..clients)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut load = Load {
+                        ok: 0,
+                        failed: Vec::new(),
+                    };
+                    while !stop.load(Ordering::SeqCst) {
+                        match http_get(addr) {
+                            Ok(body) => {
+                                load.ok += 1;
+                                on_body(&body);
+                            }
+                            Err(error) => load.failed.push(error),
+                        }
+                    }
+                    load
+                })
+            })
+            .collect();
+        during();
+        stop.store(true, Ordering::SeqCst);
+        let mut total = Load {
+            ok: 0,
+            failed: Vec::new(),
+        };
+        for thread in threads {
+            let load = thread.join().expect("an HTTP client");
+            total.ok += load.ok;
+            total.failed.extend(load.failed);
+        }
+        total
+    })
+}
