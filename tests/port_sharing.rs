@@ -78,6 +78,11 @@ fn forks_share_one_port_and_keep_serving_while_one_is_killed_and_restarted() {
             });
         },
     );
+    eprintln!(
+        "while fork 1 was killed and restarted: {} answered, {} failed",
+        load.ok,
+        load.failed.len()
+    );
     assert!(load.ok > 0);
     for error in &load.failed {
         assert_ne!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{:?}", load.failed);

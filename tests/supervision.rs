@@ -333,6 +333,11 @@ fn a_rolling_restart_replaces_every_fork_while_no_http_request_fails() {
         },
     );
     assert_eq!(rolled, "rolled 3", "{:#?}", sup.fixture.seen);
+    eprintln!(
+        "during the rolling restart: {} answered, {} failed",
+        load.ok,
+        load.failed.len()
+    );
     assert!(load.ok > 0);
     assert!(
         load.failed.is_empty(),
