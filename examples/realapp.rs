@@ -42,6 +42,7 @@ use std::fmt;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use actix::fut::ActorFutureExt;
 use actix::MessageResult;
 use evilcluster::prelude::*;
 use evilcluster::TaskResult;
@@ -314,6 +315,8 @@ impl RemoteActor for WebserverApi {
 #[derive(Default)]
 struct WebserverFrontend {
     site: String,
+    /// This fork's HTTP server on the shared port.
+    http: Option<actix_web::dev::ServerHandle>,
 }
 
 impl Actor for WebserverFrontend {
@@ -325,8 +328,28 @@ impl Actor for WebserverFrontend {
             .unwrap_or_else(|| "an unnamed site".into());
         // Every fork serves HTTP on the port its spawn bound once.
         if let Some(listener) = evilcluster::listener() {
-            serve_http(listener, self.site.clone());
+            self.http = serve_http(listener, self.site.clone());
         }
+    }
+
+    /// On a graceful stop (shutdown, rolling restart), the HTTP requests
+    /// under way finish first; the other forks take the new connections.
+    fn stopping(&mut self, ctx: &mut Context<Self>) -> actix::Running {
+        let Some(server) = self.http.take() else {
+            return actix::Running::Stop;
+        };
+        ctx.wait(
+            actix::fut::wrap_future::<_, Self>(async move {
+                // Stop accepting, and let the worker take what was accepted
+                // already: actix-server drops connections still queued for a
+                // worker that is stopping.
+                server.pause().await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                server.stop(true).await
+            })
+            .map(|(), _, ctx: &mut Context<Self>| ctx.stop()),
+        );
+        actix::Running::Continue
     }
 }
 
@@ -351,7 +374,7 @@ async fn render(site: String, user: String) -> Result<Page, String> {
 
 /// `GET /{user}` with actix-web on the shared listener; the handler calls the
 /// api and the datastore in other processes with `addr_of`.
-fn serve_http(listener: std::net::TcpListener, site: String) {
+fn serve_http(listener: std::net::TcpListener, site: String) -> Option<actix_web::dev::ServerHandle> {
     let app = move || {
         let site = site.clone();
         actix_web::App::new().route(
@@ -370,12 +393,19 @@ fn serve_http(listener: std::net::TcpListener, site: String) {
     match actix_web::HttpServer::new(app)
         .workers(1)
         .disable_signals()
+        .shutdown_timeout(5)
         .listen(listener)
     {
         Ok(server) => {
-            actix_rt::spawn(server.run());
+            let server = server.run();
+            let handle = server.handle();
+            actix_rt::spawn(server);
+            Some(handle)
         }
-        Err(error) => tracing::error!(%error, "cannot serve HTTP"),
+        Err(error) => {
+            tracing::error!(%error, "cannot serve HTTP");
+            None
+        }
     }
 }
 
