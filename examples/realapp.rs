@@ -344,7 +344,7 @@ impl Actor for WebserverFrontend {
                 // already: actix-server drops connections still queued for a
                 // worker that is stopping.
                 server.pause().await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
                 server.stop(true).await
             })
             .map(|(), _, ctx: &mut Context<Self>| ctx.stop()),
