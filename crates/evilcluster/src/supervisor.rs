@@ -627,21 +627,9 @@ impl Supervisor {
         };
         // Siblings stop in reverse order; each restarts unless temporary.
         for &sibling in affected.iter().rev().filter(|&&i| i != index) {
-            if let State::Running(running) = std::mem::replace(&mut self.slots[sibling].state, State::Down) {
-                let sibling_path = self.plan.children[sibling].path.clone();
-                info!(path = %sibling_path, "stopping it too ({:?}, after {path} exited)", self.plan.strategy);
-                running.child.stop().await;
-                let reason = running.child.exited().await;
-                self.announce(Lifecycle::Exited {
-                    path: sibling_path,
-                    pid: running.child.pid,
-                    incarnation: running.child.incarnation,
-                    reason,
-                })
-                .await;
-                if self.plan.children[sibling].restart != Restart::Temporary {
-                    self.schedule(sibling, at, delay).await;
-                }
+            let why = format!("{:?}, after {path} exited", self.plan.strategy);
+            if self.stop_child(sibling, &why).await && self.plan.children[sibling].restart != Restart::Temporary {
+                self.schedule(sibling, at, delay).await;
             }
         }
         info!(%path, ?delay, "restarting");
@@ -664,20 +652,10 @@ impl Supervisor {
         }
         let mut restarted = 0;
         for index in targets {
-            let State::Running(running) = std::mem::replace(&mut self.slots[index].state, State::Down) else {
+            if !self.stop_child(index, "rolling restart").await {
                 continue; // It exited meanwhile; the restart logic has it.
-            };
+            }
             let child_path = self.plan.children[index].path.clone();
-            info!(path = %child_path, "rolling restart: stopping it");
-            running.child.stop().await;
-            let reason = running.child.exited().await;
-            self.announce(Lifecycle::Exited {
-                path: child_path.clone(),
-                pid: running.child.pid,
-                incarnation: running.child.incarnation,
-                reason,
-            })
-            .await;
             self.schedule(index, Instant::now(), Duration::ZERO).await;
             match self.start(index, commands).await {
                 Started::Ready => restarted += 1,
@@ -713,25 +691,35 @@ impl Supervisor {
     /// Stops every running child, last declared first; nothing restarts.
     async fn stop_children(&mut self) {
         for index in (0..self.slots.len()).rev() {
-            if let State::Running(running) = std::mem::replace(&mut self.slots[index].state, State::Down) {
-                running.child.stop().await;
-                let reason = running.child.exited().await;
-                let path = self.plan.children[index].path.clone();
-                match &reason {
-                    ExitReason::Normal => info!(%path, pid = running.child.pid, "stopped"),
-                    reason => warn!(%path, pid = running.child.pid, "stopped: {reason}"),
-                }
-                self.announce(Lifecycle::Exited {
-                    path,
-                    pid: running.child.pid,
-                    incarnation: running.child.incarnation,
-                    reason,
-                })
-                .await;
-            }
+            self.stop_child(index, "stopping every child").await;
             self.slots[index].state = State::Down;
         }
         self.announce_if_all_exited().await;
+    }
+
+    /// Stops child `index` if it runs (gracefully, then killed after its
+    /// shutdown timeout) and announces its exit; it is left down. Returns
+    /// whether it was running.
+    async fn stop_child(&mut self, index: usize, why: &str) -> bool {
+        let State::Running(running) = std::mem::replace(&mut self.slots[index].state, State::Down) else {
+            return false;
+        };
+        let path = self.plan.children[index].path.clone();
+        let pid = running.child.pid;
+        running.child.stop().await;
+        let reason = running.child.exited().await;
+        match &reason {
+            ExitReason::Normal => info!(%path, pid, "stopped ({why})"),
+            reason => warn!(%path, pid, "stopped ({why}): {reason}"),
+        }
+        self.announce(Lifecycle::Exited {
+            path,
+            pid,
+            incarnation: running.child.incarnation,
+            reason,
+        })
+        .await;
+        true
     }
 
     async fn stop(mut self, reply: Option<oneshot::Sender<()>>) {
