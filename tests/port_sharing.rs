@@ -9,11 +9,11 @@ use support::{eventually, signal_pid};
 
 #[test]
 fn forks_share_one_port_and_keep_serving_while_one_is_killed_and_restarted() {
-    let mut sup = Sup::start(&["--pool", "3", "--http"]);
+    let mut sup = Sup::start(&["--pool", "3", "--listen", "pool"]);
     for k in 1..=3 {
         sup.event(&format!("ready sup/pool/{k} "));
     }
-    sup.fixture.command("addr");
+    sup.fixture.command("addr pool");
     let addr = sup.fixture.expect_line("addr ")["addr ".len()..].to_owned();
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
 
@@ -94,5 +94,17 @@ fn forks_share_one_port_and_keep_serving_while_one_is_killed_and_restarted() {
         load.ok + load.failed.len(),
         load.failed
     );
+    sup.quit();
+}
+
+#[test]
+fn a_worker_without_forks_serves_on_its_own_listener() {
+    let mut sup = Sup::start(&["--listen", "b"]);
+    let b = sup.ready("sup/b");
+    sup.fixture.command("addr b");
+    let addr = sup.fixture.expect_line("addr ")["addr ".len()..].to_owned();
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    let body = http_get(&addr).expect("an answer");
+    assert!(body.starts_with(&format!("fork 0 pid {b} a ")), "{body}");
     sup.quit();
 }

@@ -315,11 +315,11 @@ fn messages_sent_just_before_a_normal_exit_are_not_lost() {
 
 #[test]
 fn a_rolling_restart_replaces_every_fork_while_no_http_request_fails() {
-    let mut sup = Sup::start(&["--pool", "3", "--http"]);
+    let mut sup = Sup::start(&["--pool", "3", "--listen", "pool"]);
     for k in 1..=3 {
         sup.event(&format!("ready sup/pool/{k} "));
     }
-    sup.fixture.command("addr");
+    sup.fixture.command("addr pool");
     let addr = sup.fixture.expect_line("addr ")["addr ".len()..].to_owned();
 
     let mut rolled = String::new();
