@@ -20,7 +20,7 @@ use crate::process::StopReason;
 use crate::registry::{Announce, Leave, Registry, Subscribe, REGISTRY};
 use crate::remote::{ActorService, RemoteMessage};
 use crate::role::ChildEnv;
-use crate::supervisor::{self, ChildSpec, Intensity, Plan, Strategy, SupervisorHandle};
+use crate::supervisor::{self, Intensity, Plan, Strategy, SupervisorHandle};
 use crate::tree::{self, Declared};
 use crate::worker::{publish_options, Body, Hosted, Worker};
 use crate::{transport, Error, Result, Role};
@@ -315,18 +315,14 @@ impl Cluster {
                 .workers
                 .iter()
                 .filter(|w| !w.disabled)
-                .map(|worker| ChildSpec {
-                    role: Role::Spawn {
-                        name: worker.name.clone(),
-                    },
-                    path: format!("{}/{}", self.name, worker.name),
-                    restart: worker.supervision.restart,
-                    backoff: worker.supervision.backoff,
-                    start_timeout: worker.supervision.start_timeout.unwrap_or(self.config.start_timeout),
-                    shutdown_timeout: worker
-                        .supervision
-                        .shutdown_timeout
-                        .unwrap_or(self.config.shutdown_timeout),
+                .map(|worker| {
+                    worker.supervision.child(
+                        Role::Spawn {
+                            name: worker.name.clone(),
+                        },
+                        format!("{}/{}", self.name, worker.name),
+                        &self.config,
+                    )
                 })
                 .collect(),
             master_socket: master_socket.clone(),
@@ -397,10 +393,7 @@ impl Cluster {
             .iter()
             .position(|w| w.name == name)
             .ok_or_else(|| Error::Environment(format!("worker `{name}` is not declared in this program")))?;
-        let shutdown_timeout = self.workers[index]
-            .supervision
-            .shutdown_timeout
-            .unwrap_or(self.config.shutdown_timeout);
+        let shutdown_timeout = self.workers[index].supervision.shutdown_timeout(&self.config);
         let (cookie, stop_requests) = crate::process::attach_to_parent(&env, shutdown_timeout * 2)?;
         publish_options(Some(&name), &self.workers);
         record_panics();
@@ -548,7 +541,16 @@ impl Child {
         stop_requests: &mut mpsc::UnboundedReceiver<StopReason>,
     ) -> Result<()> {
         let master = join(node).await?;
-        let shared = self.share_listener(&worker, supervises_forks)?;
+        // The worker's shared listener ([`Worker::listen`]): a spawn binds
+        // it (and serves it to its forks), a fork fetches it from its spawn.
+        let shared = match &worker.listen {
+            Some(address) => Some(crate::listener::share(
+                address,
+                self.env.listener.as_deref(),
+                supervises_forks.then(|| self.env.socket_dir.join(format!("{}.listener", std::process::id()))),
+            )?),
+            None => None,
+        };
         let member = Member {
             path: self.env.path.clone(),
             role: self.env.role.kind().into(),
@@ -564,11 +566,11 @@ impl Child {
             actor_type: hosted.map(|(_, type_name)| type_name.to_owned()),
             socket,
             restarts: self.env.restarts,
-            listen: shared.address,
+            listen: shared.as_ref().map(|s| s.address.clone()),
         };
         if supervises_forks {
             let mut plan = self.fork_plan(&worker);
-            plan.listener = shared.handoff.as_ref().map(|h| h.path.clone());
+            plan.listener = shared.as_ref().and_then(|s| s.handoff.as_ref()).map(|h| h.path.clone());
             let forks = supervisor::supervise(node.clone(), plan);
             node.add_service(SUPERVISOR, Arc::new(SupervisorService(forks.restarter())));
             let work = async {
@@ -621,17 +623,16 @@ impl Child {
             strategy: supervision.fork_strategy,
             intensity: supervision.fork_intensity,
             children: (1..=worker.forks)
-                .map(|number| ChildSpec {
-                    role: Role::Fork {
-                        name: worker.name.clone(),
-                        number,
-                        of: worker.forks,
-                    },
-                    path: format!("{}/{number}", self.env.path),
-                    restart: supervision.restart,
-                    backoff: supervision.backoff,
-                    start_timeout: supervision.start_timeout.unwrap_or(self.config.start_timeout),
-                    shutdown_timeout: supervision.shutdown_timeout.unwrap_or(self.config.shutdown_timeout),
+                .map(|number| {
+                    supervision.child(
+                        Role::Fork {
+                            name: worker.name.clone(),
+                            number,
+                            of: worker.forks,
+                        },
+                        format!("{}/{number}", self.env.path),
+                        &self.config,
+                    )
                 })
                 .collect(),
             master_socket: self.env.master_socket.clone(),
@@ -640,58 +641,6 @@ impl Child {
             listener: None,
         }
     }
-
-    /// The worker's shared listener ([`Worker::listen`]): a spawn binds it
-    /// (and hands it to its forks), a fork fetches it from its spawn.
-    fn share_listener(&self, worker: &Worker, supervises_forks: bool) -> Result<SharedListener> {
-        let Some(address) = &worker.listen else {
-            return Ok(SharedListener::default());
-        };
-        #[cfg(unix)]
-        {
-            use crate::listener;
-            let bound = match &self.env.listener {
-                Some(handoff) => listener::receive(handoff)?,
-                None => listener::bind(address)?,
-            };
-            let local = bound
-                .local_addr()
-                .map_err(|e| Error::io("cannot read the listener's address", e))?;
-            let handoff = if supervises_forks {
-                let path = self.env.socket_dir.join(format!("{}.listener", std::process::id()));
-                Some(listener::Handoff::serve(&bound, path)?)
-            } else {
-                None
-            };
-            listener::install(bound);
-            Ok(SharedListener {
-                address: Some(local.to_string()),
-                handoff,
-            })
-        }
-        #[cfg(not(unix))]
-        Err(Error::Declaration(format!(
-            "worker `{}` listens on {address}: sharing a listener is Unix only",
-            worker.name
-        )))
-    }
-}
-
-/// A worker's shared listener, as its spawn or fork holds it.
-#[derive(Default)]
-struct SharedListener {
-    /// The bound address, as announced.
-    address: Option<String>,
-    /// In a spawn with forks: where the forks fetch it.
-    #[cfg(unix)]
-    handoff: Option<crate::listener::Handoff>,
-    #[cfg(not(unix))]
-    handoff: Option<NoHandoff>,
-}
-
-#[cfg(not(unix))]
-struct NoHandoff {
-    path: std::path::PathBuf,
 }
 
 /// The hosted actor stopped by itself: the process ends with it, abnormally

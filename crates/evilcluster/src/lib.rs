@@ -107,6 +107,29 @@ mod tree;
 mod watch;
 mod worker;
 
+/// Forks share a listener on Unix only.
+#[cfg(not(unix))]
+mod listener {
+    use std::path::{Path, PathBuf};
+
+    /// Always `None`: sharing a listener is Unix only.
+    pub fn listener() -> Option<std::net::TcpListener> {
+        None
+    }
+    pub(crate) struct Handoff {
+        pub path: PathBuf,
+    }
+    pub(crate) struct Shared {
+        pub address: String,
+        pub handoff: Option<Handoff>,
+    }
+    pub(crate) fn share(address: &str, _: Option<&Path>, _: Option<PathBuf>) -> Result<Shared, crate::Error> {
+        Err(crate::Error::Declaration(format!(
+            "a worker listens on {address}: sharing a listener is Unix only"
+        )))
+    }
+}
+
 /// Children's output is relayed with a prefix on Unix only.
 #[cfg(not(unix))]
 mod output {
@@ -126,7 +149,6 @@ pub use directory::Member;
 pub use error::{Error, Result, SendError};
 pub use events::{publish, subscribe, Delivery, Event, PublishError, Subscription, To};
 pub use lifecycle::{lifecycle, ExitReason, Lifecycle};
-#[cfg(unix)]
 pub use listener::listener;
 pub use remote::{RemoteActor, RemoteMessage, Routes, DEFAULT_MAILBOX_CAPACITY};
 pub use role::{fork_number, is_fork, is_master, is_spawn, role, Role};

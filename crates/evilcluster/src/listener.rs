@@ -42,13 +42,31 @@ pub fn listener() -> Option<TcpListener> {
     }
 }
 
-pub(crate) fn install(listener: TcpListener) {
-    *LISTENER.lock().unwrap_or_else(|e| e.into_inner()) = Some(listener);
+/// This process's part of a worker's shared listener.
+pub(crate) struct Shared {
+    /// The bound address, as the process announces it.
+    pub address: String,
+    /// In a spawn with forks: where its forks fetch the listener.
+    pub handoff: Option<Handoff>,
 }
 
-/// Binds `address` (`host:port`; port 0 picks a free one).
-pub(crate) fn bind(address: &str) -> Result<TcpListener, Error> {
-    TcpListener::bind(address).map_err(|e| Error::io(format!("cannot listen on {address}"), e))
+/// Gets the worker's listener — from the spawn at `from_spawn` (a fork), or
+/// by binding `address` — makes it this process's [`listener`], and, with
+/// `for_forks`, serves it to the forks at that path.
+pub(crate) fn share(address: &str, from_spawn: Option<&Path>, for_forks: Option<PathBuf>) -> Result<Shared, Error> {
+    let bound = match from_spawn {
+        Some(handoff) => receive(handoff)?,
+        None => TcpListener::bind(address).map_err(|e| Error::io(format!("cannot listen on {address}"), e))?,
+    };
+    let local = bound
+        .local_addr()
+        .map_err(|e| Error::io("cannot read the listener's address", e))?;
+    let handoff = for_forks.map(|path| Handoff::serve(&bound, path)).transpose()?;
+    *LISTENER.lock().unwrap_or_else(|e| e.into_inner()) = Some(bound);
+    Ok(Shared {
+        address: local.to_string(),
+        handoff,
+    })
 }
 
 /// The spawn's side: serves duplicates of `listener` to whoever connects to
@@ -96,7 +114,7 @@ fn send_descriptor(to: &UnixStream, fd: std::os::fd::BorrowedFd<'_>) -> std::io:
 }
 
 /// The fork's side: fetches the spawn's listener from `path`.
-pub(crate) fn receive(path: &Path) -> Result<TcpListener, Error> {
+fn receive(path: &Path) -> Result<TcpListener, Error> {
     let context = || format!("cannot get the shared listener from {}", path.display());
     let stream = UnixStream::connect(path).map_err(|e| Error::io(context(), e))?;
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];

@@ -11,8 +11,10 @@ use actix::{ActorContext, AsyncContext};
 use futures_util::future::LocalBoxFuture;
 use tokio::sync::oneshot;
 
+use crate::node::Config;
 use crate::remote::{ActorService, RemoteActor, Service};
-use crate::supervisor::{Backoff, Intensity, Restart, Strategy};
+use crate::supervisor::{Backoff, ChildSpec, Intensity, Restart, Strategy};
+use crate::Role;
 
 /// What a task worker's function returns.
 pub type TaskResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -67,6 +69,25 @@ pub(crate) struct Supervision {
     /// How the spawn supervises its forks.
     pub fork_strategy: Strategy,
     pub fork_intensity: Intensity,
+}
+
+impl Supervision {
+    /// How one of the worker's processes (the spawn, or fork `k`) is supervised.
+    pub fn child(&self, role: Role, path: String, config: &Config) -> ChildSpec {
+        ChildSpec {
+            role,
+            path,
+            restart: self.restart,
+            backoff: self.backoff,
+            start_timeout: self.start_timeout.unwrap_or(config.start_timeout),
+            shutdown_timeout: self.shutdown_timeout(config),
+        }
+    }
+
+    /// How long each of the worker's processes may take to stop gracefully.
+    pub fn shutdown_timeout(&self, config: &Config) -> Duration {
+        self.shutdown_timeout.unwrap_or(config.shutdown_timeout)
+    }
 }
 
 impl Worker {
