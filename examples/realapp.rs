@@ -42,7 +42,6 @@ use std::fmt;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use actix::fut::ActorFutureExt;
 use actix::MessageResult;
 use evilcluster::prelude::*;
 use evilcluster::TaskResult;
@@ -338,17 +337,7 @@ impl Actor for WebserverFrontend {
         let Some(server) = self.http.take() else {
             return actix::Running::Stop;
         };
-        ctx.wait(
-            actix::fut::wrap_future::<_, Self>(async move {
-                // Stop accepting, and let the worker take what was accepted
-                // already: actix-server drops connections still queued for a
-                // worker that is stopping.
-                server.pause().await;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                server.stop(true).await
-            })
-            .map(|(), _, ctx: &mut Context<Self>| ctx.stop()),
-        );
+        evilcluster_suite::http::finish_then_stop(server, ctx);
         actix::Running::Continue
     }
 }

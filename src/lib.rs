@@ -3,12 +3,42 @@
 //!
 //! The library only holds what several targets share; see [`bench`](mod@bench) for the
 //! transport benchmark support used by `benches/transport.rs` and
-//! `examples/transport_compare.rs`, and [`fixture`] for the fixture binaries.
+//! `examples/transport_compare.rs`, [`http`] for the HTTP-serving forks of the
+//! real example and the fixtures, and [`fixture`] for the fixture binaries.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 #[cfg(unix)]
 pub mod bench;
+
+/// HTTP serving from a fork of a worker that shares a listener.
+pub mod http {
+    use std::time::Duration;
+
+    use actix::fut::{wrap_future, ActorFutureExt};
+    use actix::{Actor, ActorContext, AsyncContext, Context};
+
+    /// For an actor's `stopping`: the actor's HTTP `server` finishes the
+    /// requests under way, then the actor stops (return
+    /// `Running::Continue` after calling this). The other forks take the new
+    /// connections meanwhile.
+    pub fn finish_then_stop<A: Actor<Context = Context<A>>>(
+        server: actix_web::dev::ServerHandle,
+        ctx: &mut Context<A>,
+    ) {
+        ctx.wait(
+            wrap_future::<_, A>(async move {
+                // Stop accepting, and let the worker take what was accepted
+                // already: actix-server drops connections still queued for a
+                // worker that is stopping.
+                server.pause().await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                server.stop(true).await
+            })
+            .map(|(), _, ctx: &mut Context<A>| ctx.stop()),
+        );
+    }
+}
 
 /// Helpers the fixture binaries share.
 pub mod fixture {
