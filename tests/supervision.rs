@@ -235,14 +235,7 @@ fn a_child_crashing_on_every_start_backs_off_then_the_master_gives_up() {
         );
     }
     // The log names the child that used up the limit.
-    assert!(
-        sup.fixture
-            .stderr_lines()
-            .iter()
-            .any(|l| l.contains("sup/b exited") && l.contains("giving up")),
-        "{:#?}",
-        sup.fixture.stderr_lines()
-    );
+    sup.assert_logged(&["sup/b exited", "giving up"]);
     // a was started and stopped cleanly; nothing is left.
     assert_eq!(sup.count("start", "sup/a"), 1);
     assert_eq!(sup.count("stop", "sup/a"), 1);
@@ -281,14 +274,7 @@ fn a_child_that_ignores_the_graceful_stop_is_killed_after_its_shutdown_timeout()
         "{:#?}",
         sup.fixture.seen
     );
-    assert!(
-        sup.fixture
-            .stderr_lines()
-            .iter()
-            .any(|l| l.contains("did not stop in time; killing it") && l.contains("sup/c")),
-        "{:#?}",
-        sup.fixture.stderr_lines()
-    );
+    sup.assert_logged(&["did not stop in time; killing it", "sup/c"]);
     // The others still stopped gracefully, after c.
     assert_eq!(sup.order("stop"), ["sup/b", "sup/a"]);
     assert!(!alive(c));
@@ -440,14 +426,7 @@ fn a_child_not_ready_within_its_start_timeout_counts_as_a_failed_start() {
         2,
         "started, timed out, restarted once, timed out"
     );
-    assert!(
-        sup.fixture
-            .stderr_lines()
-            .iter()
-            .any(|l| l.contains("not ready within 300ms") && l.contains("sup/c")),
-        "{:#?}",
-        sup.fixture.stderr_lines()
-    );
+    sup.assert_logged(&["not ready within 300ms", "sup/c"]);
     sup.nothing_left();
 }
 

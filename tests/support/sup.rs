@@ -98,6 +98,15 @@ impl Sup {
             .collect()
     }
 
+    /// Panics unless one line the cluster logged contains every one of `parts`.
+    pub fn assert_logged(&self, parts: &[&str]) {
+        let lines = self.fixture.stderr_lines();
+        assert!(
+            lines.iter().any(|l| parts.iter().all(|part| l.contains(part))),
+            "no log line with {parts:?} in {lines:#?}"
+        );
+    }
+
     pub fn quit(&mut self) {
         self.fixture.command("quit");
         let status = self.fixture.wait();
