@@ -33,9 +33,18 @@ pub enum WireError {
         /// The encoder's own words.
         detail: String,
     },
-    /// The actor's mailbox is closed: it stopped while the request was queued.
+    /// The actor's mailbox was already closed when the request arrived: it
+    /// was not queued, so its handler did not run.
     #[error("the mailbox of actor `{actor}` is closed")]
     MailboxClosed {
+        /// The target actor.
+        actor: String,
+    },
+    /// The actor stopped after the request was queued and before it
+    /// answered: its handler may have started (an asynchronous handler
+    /// cancelled by the stop) or not run at all.
+    #[error("actor `{actor}` stopped before it answered")]
+    Stopped {
         /// The target actor.
         actor: String,
     },

@@ -3,7 +3,7 @@ use serde::{Deserialize, Serialize};
 use crate::{DecodeError, WireError};
 
 /// The protocol version spoken by this crate; both ends of a connection must agree.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// A frame after the handshake. Borrows its strings and payload from the
 /// received buffer, so forwarding a payload never copies or re-encodes it.
@@ -15,6 +15,21 @@ pub enum Frame<'a> {
     /// The answer to an earlier request of the receiving process.
     #[serde(borrow)]
     Reply(Reply<'a>),
+    /// The receiver finished this many one-way messages (requests that
+    /// wanted no reply): the sender may put as many more in flight.
+    Credit(Credit),
+}
+
+/// Flow control for one-way messages: how many the sender of this frame
+/// has finished handling since its last credit.
+///
+/// Each side lets at most a window of user messages wait on its peer; a
+/// request's reply gives its place back, and one-way messages, which have
+/// no reply, give theirs back in batches through this frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credit {
+    /// One-way messages finished.
+    pub count: u32,
 }
 
 /// A message for a named actor.
@@ -72,6 +87,7 @@ impl<'a> Frame<'a> {
         32 + match self {
             Frame::Request(r) => r.actor.len() + r.tag.len() + r.payload.len(),
             Frame::Reply(r) => r.result.as_ref().map_or(64, |p| p.0.len()),
+            Frame::Credit(_) => 0,
         }
     }
 }

@@ -35,5 +35,5 @@ mod tree;
 
 pub use codec::{codec, DEFAULT_MAX_FRAME_LENGTH};
 pub use error::{DecodeError, HandshakeError, WireError};
-pub use frame::{Frame, Reply, ReplyPayload, Request, PROTOCOL_VERSION};
+pub use frame::{Credit, Frame, Reply, ReplyPayload, Request, PROTOCOL_VERSION};
 pub use handshake::{Cookie, Identity};

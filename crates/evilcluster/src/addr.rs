@@ -79,18 +79,22 @@ pub fn addr_of_fork<A: RemoteActor>(number: u32) -> RemoteAddr<A> {
 }
 
 impl<A: RemoteActor> RemoteAddr<A> {
-    /// Sets how long each call through this address waits for its reply
-    /// (default: the cluster's call timeout, 5 s unless configured).
-    /// Deadlines are kept by the connection with a 5 ms tick, so a timeout
-    /// fires up to 10 ms late, never early.
+    /// Sets the deadline of each call through this address, counted from
+    /// the moment the call starts and covering everything: waiting for the
+    /// name to be registered, connecting, waiting for room on a busy
+    /// connection and waiting for the reply (default: the cluster's call
+    /// timeout, 5 s unless configured). The deadline is kept by the
+    /// caller's own runtime, whatever the receiving side is doing.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
     }
 
-    /// Sets how long a send waits for the name to be registered before it
-    /// fails with [`SendError::NotRegistered`] (default: the cluster's
-    /// resolve timeout, 10 s unless configured).
+    /// Sets how long a send waits for a declared actor to be registered
+    /// before it fails with [`SendError::NotRegistered`] (default: the
+    /// cluster's resolve timeout, 10 s unless configured; never past the
+    /// call's deadline). An actor no worker declares fails at once with
+    /// [`SendError::NotDeclared`].
     pub fn resolve_timeout(mut self, timeout: Duration) -> Self {
         self.resolve_timeout = Some(timeout);
         self
@@ -99,16 +103,42 @@ impl<A: RemoteActor> RemoteAddr<A> {
     /// Sends `message` and waits for the handler's result.
     ///
     /// Await the returned request, optionally after setting its own
-    /// [`timeout`](SendRequest::timeout). Delivery is at most once: after
-    /// [`SendError::Disconnected`] or [`SendError::Timeout`] the handler may
-    /// or may not have run.
+    /// [`timeout`](SendRequest::timeout). When the connection is full (its
+    /// byte budget or its window of messages in flight), the call waits for
+    /// room within its deadline; [`try_send`](Self::try_send) fails instead.
+    ///
+    /// Delivery is at most once; [`SendError::handler_may_have_run`] tells
+    /// which errors leave the handler's effect unknown. A request refused
+    /// before it reached a handler (the instance was leaving, or restarted)
+    /// is sent again to another live instance within the deadline, and so
+    /// is an [idempotent](RemoteMessage::IDEMPOTENT) one whose instance died.
     pub fn send<M>(&self, message: M) -> SendRequest<A, M>
     where
         A: Handler<M>,
         M: RemoteMessage,
         M::Result: DeserializeOwned + Send,
     {
-        SendRequest { addr: *self, message }
+        SendRequest {
+            addr: *self,
+            message,
+            wait_for_room: true,
+        }
+    }
+
+    /// Like [`send`](Self::send), but fails at once with
+    /// [`SendError::Full`] instead of waiting when the connection has no
+    /// room (it still waits for the name to resolve and to connect).
+    pub fn try_send<M>(&self, message: M) -> SendRequest<A, M>
+    where
+        A: Handler<M>,
+        M: RemoteMessage,
+        M::Result: DeserializeOwned + Send,
+    {
+        SendRequest {
+            addr: *self,
+            message,
+            wait_for_room: false,
+        }
     }
 
     /// Sends `message` to every instance of the actor — each fork of its
@@ -143,20 +173,46 @@ impl<A: RemoteActor> RemoteAddr<A> {
     /// Sends `message` without waiting for a result. Returns once the message
     /// is queued on the connection; messages from one process to one actor
     /// are delivered in the order sent, `send` and `do_send` alike.
+    ///
+    /// When the connection is full (the receiver is behind), it waits for
+    /// room, up to the address's timeout: a fast sender is slowed to the
+    /// receiver's pace rather than queueing without bound.
     pub async fn do_send<M>(&self, message: M) -> Result<(), SendError>
     where
         A: Handler<M>,
         M: RemoteMessage,
     {
+        self.one_way(message, true).await
+    }
+
+    /// Like [`do_send`](Self::do_send), but fails at once with
+    /// [`SendError::Full`] instead of waiting when the connection has no room.
+    pub async fn try_do_send<M>(&self, message: M) -> Result<(), SendError>
+    where
+        A: Handler<M>,
+        M: RemoteMessage,
+    {
+        self.one_way(message, false).await
+    }
+
+    async fn one_way<M>(&self, message: M, wait_for_room: bool) -> Result<(), SendError>
+    where
+        A: Handler<M>,
+        M: RemoteMessage,
+    {
         let node = node::current().ok_or(SendError::NotInCluster)?;
+        let deadline = self.deadline(&node);
         node.stats.sent();
         let (link, incarnation) = match self.route_now(&node) {
             Route::Ready(link, incarnation) => (link, incarnation),
-            pending => self.route(&node, pending).await?,
+            pending => self.route(&node, pending, deadline, &[]).await?,
         };
-        with_payload(&message, |payload| {
-            queue(&link, A::NAME, M::TAG, incarnation, payload?, None).map(drop)
-        })
+        let queued = queue::<M>(link, A::NAME, incarnation, &message, false, wait_for_room, deadline);
+        queued.await.map(drop)
+    }
+
+    fn deadline(&self, node: &Node) -> Instant {
+        deadline_after(self.timeout.unwrap_or(node.config.call_timeout))
     }
 
     /// The connection to send on right now, when the name is known and the
@@ -172,32 +228,95 @@ impl<A: RemoteActor> RemoteAddr<A> {
     }
 
     /// Finishes what [`route_now`](Self::route_now) could not: waits for the
-    /// name to be registered and connects.
-    async fn route(&self, node: &Arc<Node>, route: Route) -> Result<(Arc<Link>, u64), SendError> {
-        let member = match route {
-            Route::Ready(link, incarnation) => return Ok((link, incarnation)),
-            Route::Connect(member) => member,
-            Route::Resolve => {
-                let waited = self.resolve_timeout.unwrap_or(node.config.resolve_timeout);
-                node.directory
-                    .resolve(A::NAME, self.pick, waited)
-                    .await
-                    .ok_or(SendError::NotRegistered {
-                        actor: A::NAME,
-                        fork: match self.pick {
-                            Pick::Fork(number) => Some(number),
-                            Pick::Any => None,
-                        },
-                        waited,
-                    })?
+    /// name to be registered and connects, by the deadline. Instances in
+    /// `avoid` (path and incarnation) refused this message already.
+    async fn route(
+        &self,
+        node: &Arc<Node>,
+        mut route: Route,
+        deadline: Instant,
+        avoid: &[(String, u64)],
+    ) -> Result<(Arc<Link>, u64), SendError> {
+        let started = Instant::now();
+        let resolve_by = deadline.min(deadline_after(
+            self.resolve_timeout.unwrap_or(node.config.resolve_timeout),
+        ));
+        let avoided = |path: &str, incarnation: u64| avoid.iter().any(|(p, inc)| p == path && *inc == incarnation);
+        loop {
+            let member = match route {
+                Route::Ready(link, incarnation) if !avoided(&link.peer.path, incarnation) => {
+                    return Ok((link, incarnation))
+                }
+                Route::Ready(..) => {
+                    route = Route::Resolve;
+                    continue;
+                }
+                Route::Connect(member) => member,
+                Route::Resolve => {
+                    if crate::events::declared_forks(A::NAME).is_none() && crate::events::declared_any() {
+                        return Err(SendError::NotDeclared { actor: A::NAME });
+                    }
+                    let accept = |m: &Member| !avoided(&m.path, m.incarnation);
+                    let wait = node.directory.wait_pick(A::NAME, self.pick, accept);
+                    tokio::time::timeout_at(resolve_by.into(), wait)
+                        .await
+                        .map_err(|_| SendError::NotRegistered {
+                            actor: A::NAME,
+                            fork: match self.pick {
+                                Pick::Fork(number) => Some(number),
+                                Pick::Any => None,
+                            },
+                            waited: started.elapsed(),
+                        })?
+                }
+            };
+            if avoided(&member.path, member.incarnation) {
+                route = Route::Resolve;
+                continue;
             }
-        };
-        let link = node.link_to(&member).await.map_err(|reason| SendError::Disconnected {
-            actor: A::NAME,
-            path: member.path.clone(),
-            reason,
-        })?;
-        Ok((link, member.incarnation))
+            let connect = tokio::time::timeout_at(deadline.into(), node.link_to(&member));
+            match connect.await {
+                Ok(Ok(link)) => return Ok((link, member.incarnation)),
+                Err(_) => return Err(timed_out(A::NAME, "(connecting)", started)),
+                // The process is gone (the directory has not caught up yet):
+                // nothing was sent, so look for another instance.
+                Ok(Err(reason)) if Instant::now() < deadline => {
+                    tracing::debug!(actor = A::NAME, path = %member.path, %reason, "connecting failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    route = Route::Resolve;
+                    if let Some(next) = node.directory.pick_where(A::NAME, self.pick, |m| {
+                        !(m.path == member.path && m.incarnation == member.incarnation)
+                    }) {
+                        route = match node.open_link(&next) {
+                            Some(link) => Route::Ready(link, next.incarnation),
+                            None => Route::Connect(next),
+                        };
+                    }
+                }
+                Ok(Err(reason)) => {
+                    return Err(SendError::Disconnected {
+                        actor: A::NAME,
+                        path: member.path.clone(),
+                        reason,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// The instant `timeout` from now, or a far one for a timeout too large to add.
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+fn timed_out(actor: &'static str, tag: &'static str, started: Instant) -> SendError {
+    SendError::Timeout {
+        actor,
+        tag,
+        after: started.elapsed(),
     }
 }
 
@@ -213,15 +332,23 @@ enum Route {
 pub struct SendRequest<A, M> {
     addr: RemoteAddr<A>,
     message: M,
+    wait_for_room: bool,
 }
 
 impl<A, M> SendRequest<A, M> {
-    /// Sets how long this call waits for its reply (fires up to 10 ms late,
-    /// never early).
+    /// Sets this call's deadline, counted from when it starts (see
+    /// [`RemoteAddr::timeout`]).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.addr.timeout = Some(timeout);
         self
     }
+}
+
+/// A request queued on a connection, waiting for its reply.
+struct Queued {
+    link: Arc<Link>,
+    incarnation: u64,
+    waiter: ReplyWaiter,
 }
 
 impl<A, M> IntoFuture for SendRequest<A, M>
@@ -234,42 +361,83 @@ where
     type IntoFuture = BoxFuture<'static, Self::Output>;
 
     fn into_future(self) -> Self::IntoFuture {
-        let SendRequest { addr, message } = self;
+        let SendRequest {
+            addr,
+            message,
+            wait_for_room,
+        } = self;
         let Some(node) = node::current() else {
             return Box::pin(std::future::ready(Err(SendError::NotInCluster)));
         };
-        let timeout = addr.timeout.unwrap_or(node.config.call_timeout);
+        let started = Instant::now();
+        let deadline = addr.deadline(&node);
         node.stats.sent();
-        let ask = move |link: Arc<Link>, incarnation: u64, message: &M| {
-            let waiter = with_payload(message, |payload| {
-                queue(&link, A::NAME, M::TAG, incarnation, payload?, Some(timeout))
-            })?;
-            Ok::<_, SendError>((link, waiter.expect("a reply was asked for")))
+        // Queued now when there is room, so that the order of sends is the
+        // order of the calls; otherwise once the name resolves and there is room.
+        let (first, mut route) = match addr.route_now(&node) {
+            Route::Ready(link, incarnation) => match try_queue::<M>(&link, A::NAME, incarnation, &message, true) {
+                Ok(Some(waiter)) => (
+                    Some(Ok(Queued {
+                        link,
+                        incarnation,
+                        waiter: waiter.expect("a reply was asked for"),
+                    })),
+                    None,
+                ),
+                Ok(None) => (None, Some(Route::Ready(link, incarnation))),
+                Err(error) => (Some(Err(error)), None),
+            },
+            // Kept for the first attempt: picking again would skip an
+            // instance of the round robin.
+            pending => (None, Some(pending)),
         };
-        // Queued now when possible, so that the order of sends is the order
-        // of the calls; otherwise once the name resolves.
-        let queued = match addr.route_now(&node) {
-            Route::Ready(link, incarnation) => Ok(ask(link, incarnation, &message)),
-            pending => Err((pending, message)),
-        };
-        // Tracing each request costs a clock read: only when it is logged.
-        let started = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
         Box::pin(async move {
-            let outcome = async {
-                let (link, waiter) = match queued {
-                    Ok(queued) => queued?,
-                    Err((pending, message)) => {
-                        let (link, incarnation) = addr.route(&node, pending).await?;
-                        ask(link, incarnation, &message)?
+            let node_for_log = node.clone();
+            let outcome = async move {
+                let mut avoid: Vec<(String, u64)> = Vec::new();
+                let mut first = first;
+                loop {
+                    let Queued {
+                        link,
+                        incarnation,
+                        waiter,
+                    } = match first.take() {
+                        Some(queued) => queued?,
+                        None => {
+                            let next = route.take().unwrap_or_else(|| addr.route_now(&node));
+                            let (link, incarnation) = addr.route(&node, next, deadline, &avoid).await?;
+                            let queued = queue::<M>(
+                                link.clone(),
+                                A::NAME,
+                                incarnation,
+                                &message,
+                                true,
+                                wait_for_room,
+                                deadline,
+                            );
+                            let waiter = queued.await?.expect("a reply was asked for");
+                            Queued {
+                                link,
+                                incarnation,
+                                waiter,
+                            }
+                        }
+                    };
+                    match wait(&link, waiter, A::NAME, M::TAG, deadline, started).await {
+                        Ok(reply) => return decode_reply(M::TAG, &reply),
+                        Err(error) if Instant::now() < deadline && retry_elsewhere::<M>(&error) => {
+                            tracing::debug!(actor = A::NAME, tag = M::TAG, path = %link.peer.path, %error, "sending again to another instance");
+                            avoid.push((link.peer.path.clone(), incarnation));
+                        }
+                        Err(error) => return Err(error),
                     }
-                };
-                let reply = wait(&link, waiter, A::NAME, M::TAG, timeout).await?;
-                decode(M::TAG, &reply)
+                }
             }
             .await;
-            if let Some(started) = started {
+            // Tracing each request costs a clock read: only when it is logged.
+            if tracing::enabled!(tracing::Level::DEBUG) {
                 let latency = started.elapsed();
-                let caller = &node.identity.path;
+                let caller = &node_for_log.identity.path;
                 match &outcome {
                     Ok(_) => tracing::debug!(%caller, actor = A::NAME, tag = M::TAG, ?latency, "request answered"),
                     Err(error) => {
@@ -282,9 +450,130 @@ where
     }
 }
 
-/// Encodes `message` into this thread's payload buffer and hands it to `f`:
-/// no allocation per message once the buffer has grown.
-fn with_payload<M: RemoteMessage, T>(message: &M, f: impl FnOnce(Result<&[u8], SendError>) -> T) -> T {
+/// Whether a failed call may be sent again to another instance: when it
+/// provably reached no handler, or when the message says it is safe to
+/// handle twice.
+fn retry_elsewhere<M: RemoteMessage>(error: &SendError) -> bool {
+    match error {
+        SendError::Disconnected { .. } | SendError::Stopped { .. } => M::IDEMPOTENT,
+        SendError::UnknownActor { .. } | SendError::MailboxClosed { .. } => true,
+        SendError::Rejected { .. } => true,
+        _ => false,
+    }
+}
+
+/// The size a request frame of `payload` bytes will have, near enough to
+/// refuse an oversized one before building it.
+fn frame_size(actor: &str, tag: &str, payload: usize) -> usize {
+    payload + actor.len() + tag.len() + 32
+}
+
+/// Encodes `message` and queues it if the connection has room now.
+/// `Ok(None)`: no room (nothing queued; the caller waits for room).
+#[allow(clippy::type_complexity)]
+fn try_queue<M: RemoteMessage>(
+    link: &Link,
+    actor: &'static str,
+    incarnation: u64,
+    message: &M,
+    reply: bool,
+) -> Result<Option<Option<ReplyWaiter>>, SendError> {
+    with_payload(message, link.max_frame, |payload| {
+        let payload = payload?;
+        let admission = match link.try_admit(frame_size(actor, M::TAG, payload.len())) {
+            Ok(admission) => admission,
+            Err(LinkError::Full) => return Ok(None),
+            Err(error) => return Err(link_error(link, actor, M::TAG, error)),
+        };
+        link.request(actor, M::TAG, incarnation, payload, reply, Some(admission))
+            .map(Some)
+            .map_err(|error| link_error(link, actor, M::TAG, error))
+    })
+}
+
+/// Encodes `message` and queues it, waiting for room up to `deadline`
+/// (or failing with [`SendError::Full`] when told not to wait).
+fn queue<M: RemoteMessage>(
+    link: Arc<Link>,
+    actor: &'static str,
+    incarnation: u64,
+    message: &M,
+    reply: bool,
+    wait_for_room: bool,
+    deadline: Instant,
+) -> impl std::future::Future<Output = Result<Option<ReplyWaiter>, SendError>> + Send + 'static {
+    let started = Instant::now();
+    // Encoded here, before any waiting, so the future does not borrow the message.
+    let prepared = match try_queue(&link, actor, incarnation, message, reply) {
+        Ok(Some(queued)) => Ok(Ok(queued)),
+        Ok(None) if !wait_for_room => Err(SendError::Full {
+            actor,
+            path: link.peer.path.clone(),
+        }),
+        // No room: keep the encoding while waiting for it.
+        Ok(None) => with_payload(message, link.max_frame, |payload| payload.map(<[u8]>::to_vec)).map(Err),
+        Err(error) => Err(error),
+    };
+    async move {
+        let payload = match prepared? {
+            Ok(queued) => return Ok(queued),
+            Err(payload) => payload,
+        };
+        let admission = tokio::time::timeout_at(deadline.into(), link.admit(frame_size(actor, M::TAG, payload.len())))
+            .await
+            .map_err(|_| timed_out(actor, M::TAG, started))?
+            .map_err(|error| link_error(&link, actor, M::TAG, error))?;
+        link.request(actor, M::TAG, incarnation, &payload, reply, Some(admission))
+            .map_err(|error| link_error(&link, actor, M::TAG, error))
+    }
+}
+
+fn link_error(link: &Link, actor: &'static str, tag: &'static str, error: LinkError) -> SendError {
+    match error {
+        LinkError::TooLarge { size } => SendError::TooLarge {
+            tag,
+            size,
+            max: link.max_frame,
+        },
+        LinkError::Full => SendError::Full {
+            actor,
+            path: link.peer.path.clone(),
+        },
+        LinkError::Closed(reason) => SendError::Disconnected {
+            actor,
+            path: link.peer.path.clone(),
+            reason,
+        },
+    }
+}
+
+/// A `Write` that refuses to grow past a limit, so that an oversized
+/// message is refused while it is being encoded, not after.
+struct Capped<'a> {
+    out: &'a mut Vec<u8>,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for Capped<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + bytes.len() > self.limit {
+            self.overflowed = true;
+            return Err(std::io::Error::other("over the maximum frame length"));
+        }
+        self.out.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Encodes `message` (at most `limit` bytes) into this thread's payload
+/// buffer and hands it to `f`: no allocation per message once the buffer
+/// has grown, and a buffer grown by one large message is given back.
+fn with_payload<M: RemoteMessage, T>(message: &M, limit: usize, f: impl FnOnce(Result<&[u8], SendError>) -> T) -> T {
     thread_local! {
         static PAYLOAD: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(256));
     }
@@ -296,13 +585,35 @@ fn with_payload<M: RemoteMessage, T>(message: &M, f: impl FnOnce(Result<&[u8], S
             Err(_) => &mut fresh,
         };
         payload.clear();
-        match rmp_serde::encode::write(payload, message) {
+        let mut capped = Capped {
+            out: payload,
+            limit,
+            overflowed: false,
+        };
+        let encoded = rmp_serde::encode::write(&mut capped, message);
+        let overflowed = capped.overflowed;
+        let result = match encoded {
             Ok(()) => f(Ok(payload)),
+            // The size is at least what was written when the limit was hit.
+            Err(_) if overflowed => f(Err(SendError::TooLarge {
+                tag: M::TAG,
+                size: payload.len() + 1,
+                max: limit,
+            })),
             Err(e) => f(Err(SendError::Encode {
                 tag: M::TAG,
                 detail: e.to_string(),
             })),
-        }
+        };
+        crate::connection::shrink(payload);
+        result
+    })
+}
+
+fn decode_reply<T: DeserializeOwned>(tag: &'static str, bytes: &[u8]) -> Result<T, SendError> {
+    rmp_serde::from_slice(bytes).map_err(|e| SendError::ReplyDecode {
+        tag,
+        detail: e.to_string(),
     })
 }
 
@@ -320,32 +631,7 @@ pub(crate) fn encode<T: Serialize>(tag: &'static str, value: &T) -> Result<Vec<u
     })
 }
 
-type Waiter = Option<ReplyWaiter>;
-
-fn queue(
-    link: &Link,
-    actor: &'static str,
-    tag: &'static str,
-    incarnation: u64,
-    payload: &[u8],
-    reply_within: Option<Duration>,
-) -> Result<Waiter, SendError> {
-    link.request(actor, tag, incarnation, payload, reply_within)
-        .map_err(|error| match error {
-            LinkError::TooLarge { size } => SendError::TooLarge {
-                tag,
-                size,
-                max: link.max_frame,
-            },
-            LinkError::Closed(reason) => SendError::Disconnected {
-                actor,
-                path: link.peer.path.clone(),
-                reason,
-            },
-        })
-}
-
-/// Forgets a request if its caller stops waiting (timeout or drop).
+/// Forgets a request if its caller stops waiting (deadline or drop).
 struct Cancel<'a> {
     link: &'a Link,
     id: u64,
@@ -357,7 +643,8 @@ impl Drop for Cancel<'_> {
     }
 }
 
-/// Sends one request on `link` and waits for its reply bytes.
+/// Sends one request of the runtime's own on `link` and waits for its
+/// reply bytes. These take no place in the flow-control window.
 pub(crate) async fn call(
     link: &Link,
     actor: &'static str,
@@ -366,32 +653,38 @@ pub(crate) async fn call(
     payload: &[u8],
     timeout: Duration,
 ) -> Result<Bytes, SendError> {
-    let waiter = queue(link, actor, tag, incarnation, payload, Some(timeout))?.expect("a reply was asked for");
-    wait(link, waiter, actor, tag, timeout).await
+    let started = Instant::now();
+    let deadline = deadline_after(timeout);
+    let waiter = link
+        .request(actor, tag, incarnation, payload, true, None)
+        .map_err(|error| link_error(link, actor, tag, error))?
+        .expect("a reply was asked for");
+    wait(link, waiter, actor, tag, deadline, started).await
 }
 
-/// Waits for the reply to a queued request.
+/// Waits for the reply to a queued request, until `deadline`.
 async fn wait(
     link: &Link,
     (id, reply): ReplyWaiter,
     actor: &'static str,
     tag: &'static str,
-    timeout: Duration,
+    deadline: Instant,
+    started: Instant,
 ) -> Result<Bytes, SendError> {
     let _cancel = Cancel { link, id };
-    // The connection's sweeper ends the wait at the deadline (see `Link`).
-    match reply.await {
-        Err(_) => Err(SendError::Disconnected {
+    match tokio::time::timeout_at(deadline.into(), reply).await {
+        Err(_) => Err(timed_out(actor, tag, started)),
+        Ok(Err(_)) => Err(SendError::Disconnected {
             actor,
             path: link.peer.path.clone(),
             reason: "the connection closed before the reply arrived".to_owned(),
         }),
-        Ok(Err(Failure::TimedOut)) => Err(SendError::Timeout {
+        Ok(Ok(Err(Failure::Closed(reason)))) => Err(SendError::Disconnected {
             actor,
-            tag,
-            after: timeout,
+            path: link.peer.path.clone(),
+            reason,
         }),
-        Ok(Err(Failure::Wire(error))) => Err(SendError::from_wire(actor, tag, error)),
-        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Ok(Err(Failure::Wire(error)))) => Err(SendError::from_wire(actor, tag, error)),
+        Ok(Ok(Ok(bytes))) => Ok(bytes),
     }
 }

@@ -129,6 +129,17 @@ impl Cluster {
         self
     }
 
+    /// How many bytes of messages one connection may hold waiting to be
+    /// written (default 8 MiB). Past it, `send` and `do_send` wait for the
+    /// writer to catch up (the `try_` variants fail with
+    /// [`SendError::Full`](crate::SendError::Full) instead): a peer that
+    /// stops reading cannot make its callers' memory grow. Replies do not
+    /// count, so two processes calling each other never deadlock.
+    pub fn outbox_budget(mut self, bytes: usize) -> Self {
+        self.config.outbox_budget = bytes;
+        self
+    }
+
     fn validate(&self) -> Result<()> {
         if self.name.is_empty() || self.name.contains('/') {
             return Err(Error::Declaration(format!(

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use evilcluster_wire::handshake::{self, NONCE_LEN};
-use evilcluster_wire::{codec, Frame, HandshakeError, Identity, Reply, ReplyPayload, Request, WireError};
+use evilcluster_wire::{codec, Credit, Frame, HandshakeError, Identity, Reply, ReplyPayload, Request, WireError};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use interprocess::local_socket::tokio::Stream;
 use rustc_hash::FxHashMap;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::codec::{Encoder, Framed, FramedRead, LengthDelimitedCodec};
 use tracing::{debug, warn};
 
@@ -24,18 +24,41 @@ use crate::transport::{self, ReadHalf, WriteHalf};
 /// Names of the runtime's own services start with this.
 const SYSTEM_PREFIX: &str = "evilcluster.";
 
-/// Requests a connection works on at once before it stops reading more.
-const MAX_IN_FLIGHT: usize = 4096;
+/// User messages (requests and one-way messages alike) that one side lets
+/// wait on its peer at once: the flow-control window. A request's reply
+/// gives its place back; one-way messages give theirs back through
+/// [`Credit`] frames. The receiver never has more than this many of one
+/// peer's messages queued or being handled, so its mailbox and memory are
+/// bounded per connection, and it never has to stop reading — which is
+/// what lets replies through when two processes call each other at full
+/// speed.
+pub(crate) const WINDOW: usize = 4096;
+/// One-way messages finished before their places are given back in one
+/// [`Credit`] frame (sooner when the receiver runs out of work).
+const CREDIT_BATCH: usize = WINDOW / 16;
+/// The runtime's own messages do not take places in the window; a peer
+/// that has this many messages in flight is misbehaving, and the reader
+/// stops reading from it until they are done.
+const MAX_IN_FLIGHT: usize = 2 * WINDOW;
 const READ_BUFFER: usize = 64 * 1024;
 const WRITE_BUFFER: usize = 64 * 1024;
+/// A buffer that grew past this for one large message is given back to
+/// the allocator afterwards rather than kept for the process's lifetime.
+pub(crate) const KEEP_BUFFER: usize = 256 * 1024;
+
+/// Whether messages to `actor` take a place in the window (user actors do;
+/// the runtime's own services, reached from synchronous code, do not).
+pub(crate) fn takes_slot(actor: &str) -> bool {
+    !actor.starts_with(SYSTEM_PREFIX)
+}
 
 /// Why a request got no result.
 #[derive(Debug)]
 pub(crate) enum Failure {
     /// The receiving process answered with an error.
     Wire(WireError),
-    /// The deadline passed first.
-    TimedOut,
+    /// The connection closed first.
+    Closed(String),
 }
 
 type Outcome = Result<Bytes, Failure>;
@@ -45,20 +68,26 @@ pub(crate) type ReplyWaiter = (u64, oneshot::Receiver<Outcome>);
 /// A request waiting for its reply.
 struct Pending {
     reply: oneshot::Sender<Outcome>,
-    /// On the connection's clock (see [`TICK`]).
-    expires: u64,
+    /// Whether it holds a place in the window (given back with its reply).
+    slotted: bool,
 }
 
-/// Resolution of request deadlines. Each connection keeps a coarse clock
-/// and sweeps expired requests once a tick while any are waiting: far
-/// cheaper than a runtime timer per request, at the price of deadlines
-/// being up to two ticks late.
-const TICK: Duration = Duration::from_millis(5);
+/// The requests waiting on a connection, and whether it is closed: one
+/// lock, so that a request is either admitted before the connection
+/// closes (and then failed by the close) or refused — never left waiting.
+struct Calls {
+    pending: FxHashMap<u64, Pending>,
+    closed: Option<String>,
+}
 
 /// Why a frame could not be queued.
 #[derive(Debug)]
 pub(crate) enum LinkError {
-    TooLarge { size: usize },
+    TooLarge {
+        size: usize,
+    },
+    /// No room right now, and the caller asked not to wait.
+    Full,
     Closed(String),
 }
 
@@ -70,6 +99,26 @@ pub(crate) enum LinkError {
 struct Outbox {
     codec: LengthDelimitedCodec,
     frames: BytesMut,
+    /// Bytes of the frames here that hold room in the byte budget.
+    budgeted: usize,
+}
+
+/// What a caller holds after [`Link::admit`]: a place in the window and
+/// room for its frame in the outbox. Queue the frame with it, or drop it
+/// to give both back.
+pub(crate) struct Admission<'a> {
+    link: &'a Link,
+    bytes: u32,
+    used: bool,
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if !self.used {
+            self.link.slots.add_permits(1);
+            self.link.room.add_permits(self.bytes as usize);
+        }
+    }
 }
 
 /// The sending side of a connection, shared by every caller.
@@ -79,18 +128,20 @@ pub(crate) struct Link {
     outbox: Mutex<Outbox>,
     /// Wakes the writer when the outbox goes from empty to not empty.
     queued: Notify,
-    pending: Mutex<FxHashMap<u64, Pending>>,
-    /// Ticks since the connection opened, advanced by its sweeper.
-    clock: AtomicU64,
-    /// Whether the sweeper sleeps (no request has waited for a while).
-    sweeper_asleep: AtomicBool,
-    /// Wakes a sleeping sweeper when a request starts waiting.
-    waiting: Notify,
+    calls: Mutex<Calls>,
+    /// Mirrors `calls.closed` for lock-free checks on the fast path.
+    closed: AtomicBool,
     next_id: AtomicU64,
+    /// Places in the peer's window still free (see [`WINDOW`]).
+    slots: Semaphore,
+    /// Bytes of user frames the outbox may still take (the byte budget).
+    room: Semaphore,
+    budget: usize,
+    /// Bytes queued or being written: zero only once the writer has
+    /// handed the last byte to the kernel.
+    unwritten: AtomicUsize,
     /// Requests from the peer being handled, as the reader last counted.
     serving: AtomicUsize,
-    closed: AtomicBool,
-    close_reason: Mutex<Option<String>>,
 }
 
 impl Link {
@@ -98,37 +149,78 @@ impl Link {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// No request from the peer is being handled and nothing waits to be written.
+    /// No request from the peer is being handled and every byte queued has
+    /// been written.
     pub fn is_idle(&self) -> bool {
-        self.serving.load(Ordering::Relaxed) == 0
-            && self.outbox.lock().unwrap_or_else(|e| e.into_inner()).frames.is_empty()
+        self.serving.load(Ordering::Acquire) == 0 && self.unwritten.load(Ordering::Acquire) == 0
     }
 
     fn closed_error(&self) -> LinkError {
-        let reason = self.close_reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let reason = self.lock_calls().closed.clone();
         LinkError::Closed(reason.unwrap_or_else(|| "connection closed".to_owned()))
     }
 
-    /// Queues a request. With `reply_within`, the caller waits that long for
-    /// a reply: returns the id and where the reply (or the timeout) arrives.
+    /// The bytes a frame of `size` takes from the budget: a frame larger
+    /// than the whole budget takes all of it, and so goes alone.
+    fn budget_share(&self, size: usize) -> u32 {
+        size.min(self.budget) as u32
+    }
+
+    /// Takes a place in the window and room for a frame of `size` bytes at
+    /// once, or says why not.
+    pub fn try_admit(&self, size: usize) -> Result<Admission<'_>, LinkError> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        let bytes = self.budget_share(size);
+        let slot = self.slots.try_acquire().map_err(|_| LinkError::Full)?;
+        let room = self.room.try_acquire_many(bytes).map_err(|_| LinkError::Full)?;
+        slot.forget();
+        room.forget();
+        Ok(Admission {
+            link: self,
+            bytes,
+            used: false,
+        })
+    }
+
+    /// Waits for a place in the window and room for a frame of `size`
+    /// bytes. Waiters are served in turn, so one sender's messages keep
+    /// their order. The caller bounds the wait with its deadline.
+    pub async fn admit(&self, size: usize) -> Result<Admission<'_>, LinkError> {
+        let bytes = self.budget_share(size);
+        let slot = self.slots.acquire().await.map_err(|_| self.closed_error())?;
+        let room = self.room.acquire_many(bytes).await.map_err(|_| self.closed_error())?;
+        slot.forget();
+        room.forget();
+        Ok(Admission {
+            link: self,
+            bytes,
+            used: false,
+        })
+    }
+
+    /// Queues a request. For a user actor, `admission` is what
+    /// [`admit`](Self::admit) gave; the runtime's own services pass `None`.
+    /// With `reply`, returns the id and where the reply will arrive.
     pub fn request(
         &self,
         actor: &str,
         tag: &str,
         incarnation: u64,
         payload: &[u8],
-        reply_within: Option<Duration>,
+        reply: bool,
+        admission: Option<Admission<'_>>,
     ) -> Result<Option<ReplyWaiter>, LinkError> {
-        if self.is_closed() {
-            return Err(self.closed_error());
-        }
+        let slotted = admission.is_some();
+        debug_assert_eq!(slotted, takes_slot(actor), "user messages take a place in the window");
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = Frame::Request(Request {
             id,
             actor,
             tag,
             incarnation,
-            reply: reply_within.is_some(),
+            reply,
             payload,
         });
         with_scratch(|body| {
@@ -136,31 +228,44 @@ impl Link {
             if body.len() > self.max_frame {
                 return Err(LinkError::TooLarge { size: body.len() });
             }
-            let waiter = reply_within.map(|timeout| {
-                let (reply, rx) = oneshot::channel();
-                // Whole ticks, plus one for the tick already under way.
-                let ticks = timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1;
-                let expires = self.clock.load(Ordering::Relaxed).saturating_add(ticks);
-                self.lock_pending().insert(id, Pending { reply, expires });
-                if self.sweeper_asleep.load(Ordering::SeqCst) {
-                    self.waiting.notify_one();
+            let waiter = if reply {
+                let (sender, rx) = oneshot::channel();
+                let mut calls = self.lock_calls();
+                if let Some(reason) = &calls.closed {
+                    return Err(LinkError::Closed(reason.clone()));
                 }
-                (id, rx)
-            });
-            self.queue(body);
+                calls.pending.insert(id, Pending { reply: sender, slotted });
+                Some((id, rx))
+            } else {
+                if self.is_closed() {
+                    return Err(self.closed_error());
+                }
+                None
+            };
+            let budgeted = match admission {
+                Some(mut admission) => {
+                    admission.used = true;
+                    admission.bytes as usize
+                }
+                None => 0,
+            };
+            self.queue(body, budgeted);
             Ok(waiter)
         })
     }
 
     /// Appends one frame body to the outbox.
-    fn queue(&self, body: &[u8]) {
+    fn queue(&self, body: &[u8], budgeted: usize) {
         let was_empty = {
             let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
-            let Outbox { codec, frames } = &mut *outbox;
+            let Outbox { codec, frames, .. } = &mut *outbox;
             let was_empty = frames.is_empty();
+            let before = frames.len();
             codec
                 .encode(body, frames)
                 .expect("frames are checked against the maximum length first");
+            self.unwritten.fetch_add(frames.len() - before, Ordering::AcqRel);
+            outbox.budgeted += budgeted;
             was_empty
         };
         if was_empty {
@@ -168,23 +273,48 @@ impl Link {
         }
     }
 
-    /// Forgets a request whose caller stopped waiting.
+    /// Forgets a request whose caller stopped waiting. Its place in the
+    /// window stays taken until the reply comes: the peer is still on it.
     pub fn cancel(&self, id: u64) {
-        self.lock_pending().remove(&id);
+        let mut calls = self.lock_calls();
+        match calls.pending.get_mut(&id) {
+            Some(pending) if pending.slotted => {
+                // Keep the entry, without its caller: the late reply gives
+                // the place back (at most a window of these per peer).
+                let (orphan, _) = oneshot::channel();
+                pending.reply = orphan;
+            }
+            Some(_) => {
+                calls.pending.remove(&id);
+            }
+            None => {}
+        }
     }
 
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, FxHashMap<u64, Pending>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_calls(&self) -> std::sync::MutexGuard<'_, Calls> {
+        self.calls.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn complete(&self, id: u64, result: Result<Bytes, WireError>) {
-        let waiter = self.lock_pending().remove(&id);
+        let waiter = self.lock_calls().pending.remove(&id);
         match waiter {
             Some(waiter) => {
+                if waiter.slotted {
+                    self.slots.add_permits(1);
+                }
                 let _ = waiter.reply.send(result.map_err(Failure::Wire));
             }
-            None => debug!(peer = %self.peer.path, id, "reply for a request nobody waits for (timed out?)"),
+            None => debug!(peer = %self.peer.path, id, "reply for a request nobody waits for"),
         }
+    }
+
+    /// The peer finished `count` one-way messages: their places are free.
+    fn credited(&self, count: u32) {
+        // A peer cannot give back more than the window: a bogus credit must
+        // not lift the bound.
+        let free = self.slots.available_permits();
+        let count = (count as usize).min(WINDOW.saturating_sub(free));
+        self.slots.add_permits(count);
     }
 
     fn reply(&self, id: u64, result: Result<Vec<u8>, WireError>) {
@@ -208,16 +338,40 @@ impl Link {
                 };
                 encode(body, Err(too_large));
             }
-            self.queue(body);
+            // Replies take no room from the budget: they must never wait
+            // behind requests (two processes calling each other would
+            // deadlock), and the window already bounds them.
+            self.queue(body, 0);
+        })
+    }
+
+    fn credit(&self, count: usize) {
+        with_scratch(|body| {
+            Frame::Credit(Credit { count: count as u32 })
+                .encode_into(body)
+                .expect("a credit frame always encodes");
+            self.queue(body, 0);
         })
     }
 
     /// Marks the link dead and fails every request waiting on it: their
-    /// callers get `Disconnected` at once rather than at their timeout.
+    /// callers get `Disconnected` at once rather than at their deadline.
     fn close(&self, reason: String) {
-        *self.close_reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-        self.closed.store(true, Ordering::Release);
-        self.lock_pending().clear();
+        let pending = {
+            let mut calls = self.lock_calls();
+            if calls.closed.is_some() {
+                return;
+            }
+            calls.closed = Some(reason.clone());
+            self.closed.store(true, Ordering::Release);
+            std::mem::take(&mut calls.pending)
+        };
+        // Callers waiting for room get `Closed` too.
+        self.slots.close();
+        self.room.close();
+        for (_, waiter) in pending {
+            let _ = waiter.reply.send(Err(Failure::Closed(reason.clone())));
+        }
     }
 }
 
@@ -248,35 +402,40 @@ pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Re
     let mut reader = FramedRead::with_capacity(read_half, codec(max_frame), READ_BUFFER);
     reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
 
+    let budget = node.config.outbox_budget.max(1);
     let link = Arc::new(Link {
         peer,
         max_frame,
         outbox: Mutex::new(Outbox {
             codec: codec(max_frame),
             frames: BytesMut::with_capacity(WRITE_BUFFER),
+            budgeted: 0,
         }),
         queued: Notify::new(),
-        pending: Mutex::new(FxHashMap::default()),
-        clock: AtomicU64::new(0),
-        sweeper_asleep: AtomicBool::new(false),
-        waiting: Notify::new(),
-        next_id: AtomicU64::new(1),
-        serving: AtomicUsize::new(0),
+        calls: Mutex::new(Calls {
+            pending: FxHashMap::default(),
+            closed: None,
+        }),
         closed: AtomicBool::new(false),
-        close_reason: Mutex::new(None),
+        next_id: AtomicU64::new(1),
+        slots: Semaphore::new(WINDOW),
+        room: Semaphore::new(budget),
+        budget,
+        unwritten: AtomicUsize::new(0),
+        serving: AtomicUsize::new(0),
     });
     // On the actix arbiter's local task set, like the actors they serve:
     // waking across that boundary would cost the runtime a syscall.
     let write_task = actix_rt::spawn(write_loop(link.clone(), write_half));
-    let sweep_task = actix_rt::spawn(sweep_loop(link.clone()));
     actix_rt::spawn({
         let link = link.clone();
         async move {
             let reason = read_loop(&node, &link, reader).await;
             write_task.abort();
-            sweep_task.abort();
             debug!(peer = %link.peer.path, %reason, "connection closed");
             link.close(reason);
+            // Nothing more will be written: a drain must not wait for it.
+            link.unwritten.store(0, Ordering::Release);
             node.link_closed(&link);
         }
     });
@@ -298,82 +457,73 @@ fn with_scratch<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
         Ok(mut body) => {
             body.clear();
-            f(&mut body)
+            let result = f(&mut body);
+            shrink(&mut body);
+            result
         }
         Err(_) => f(&mut Vec::new()),
     })
 }
 
-/// Advances the connection's clock while requests wait, and fails those
-/// whose deadline has passed.
-async fn sweep_loop(link: Arc<Link>) {
-    /// Idle ticks before the sweeper sleeps: steady traffic never wakes it.
-    const IDLE_TICKS: u32 = 200;
-    let mut ticks = tokio::time::interval(TICK);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut idle = IDLE_TICKS;
-    loop {
-        if idle >= IDLE_TICKS {
-            // Announce the sleep before the last look: a request queued
-            // after that look sees the flag and wakes us.
-            link.sweeper_asleep.store(true, Ordering::SeqCst);
-            if link.lock_pending().is_empty() {
-                link.waiting.notified().await;
-                ticks.reset();
-            }
-            link.sweeper_asleep.store(false, Ordering::SeqCst);
-            idle = 0;
-        }
-        ticks.tick().await;
-        let now = link.clock.fetch_add(1, Ordering::Relaxed) + 1;
-        let expired: Vec<Pending> = {
-            let mut pending = link.lock_pending();
-            let ids: Vec<u64> = pending
-                .iter()
-                .filter(|(_, waiting)| waiting.expires <= now)
-                .map(|(&id, _)| id)
-                .collect();
-            ids.into_iter().filter_map(|id| pending.remove(&id)).collect()
-        };
-        for waiting in expired {
-            let _ = waiting.reply.send(Err(Failure::TimedOut));
-        }
-        idle = if link.lock_pending().is_empty() { idle + 1 } else { 0 };
+/// Gives back a scratch buffer that one large message made large.
+pub(crate) fn shrink(buffer: &mut Vec<u8>) {
+    if buffer.capacity() > KEEP_BUFFER {
+        *buffer = Vec::with_capacity(1024);
     }
 }
 
-/// Writes whatever the outbox holds, one write per batch.
+/// Writes whatever the outbox holds, one write per batch, and gives the
+/// batch's bytes back to the budget once the kernel has them.
 async fn write_loop(link: Arc<Link>, mut io: WriteHalf) {
     let mut batch = BytesMut::with_capacity(WRITE_BUFFER);
     loop {
-        {
+        let budgeted = {
             let mut outbox = link.outbox.lock().unwrap_or_else(|e| e.into_inner());
             std::mem::swap(&mut outbox.frames, &mut batch);
-        }
+            std::mem::take(&mut outbox.budgeted)
+        };
         if batch.is_empty() {
             link.queued.notified().await;
             continue;
         }
-        if io.write_all(&batch).await.is_err() {
+        if let Err(error) = io.write_all(&batch).await {
+            link.close(format!("write failed: {error}"));
+            link.unwritten.store(0, Ordering::Release);
             return;
         }
-        batch.clear();
+        link.unwritten.fetch_sub(batch.len(), Ordering::AcqRel);
+        link.room.add_permits(budgeted);
+        if batch.capacity() > KEEP_BUFFER {
+            batch = BytesMut::with_capacity(WRITE_BUFFER);
+        } else {
+            batch.clear();
+        }
     }
 }
 
 /// Reads frames until the connection ends; returns why it ended.
-async fn read_loop(node: &Node, link: &Link, mut frames: FramedRead<ReadHalf, LengthDelimitedCodec>) -> String {
+///
+/// It keeps reading while the actors work: the peer's window bounds what
+/// it may have in flight here, so replies to this process's own requests
+/// are never stuck behind requests it has no room for.
+async fn read_loop(node: &Arc<Node>, link: &Link, mut frames: FramedRead<ReadHalf, LengthDelimitedCodec>) -> String {
     let mut in_flight = FuturesUnordered::new();
+    // One-way messages finished and not yet credited back to the peer.
+    let mut credit_due = 0usize;
     loop {
         tokio::select! {
             biased;
-            Some((id, counted, started, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let result: Result<Vec<u8>, WireError> = result;
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let Done { id, reply, slotted, counted, started, result } = done;
                 if counted {
                     node.stats.handled(started, result.is_err());
                 }
-                link.reply(id, result);
-                link.serving.store(in_flight.len(), Ordering::Relaxed);
+                if reply {
+                    link.reply(id, result);
+                } else if slotted {
+                    credit_due += 1;
+                }
+                link.serving.store(in_flight.len(), Ordering::Release);
             }
             frame = frames.next(), if in_flight.len() < MAX_IN_FLIGHT => match frame {
                 None => return "closed by the peer".to_owned(),
@@ -383,37 +533,77 @@ async fn read_loop(node: &Node, link: &Link, mut frames: FramedRead<ReadHalf, Le
                     return format!("unreadable frame: {error}");
                 }
                 Some(Ok(body)) => {
+                    let large = body.len() > KEEP_BUFFER;
                     let body = body.freeze();
                     match Frame::decode(&body) {
                         Err(error) => warn!(peer = %link.peer.path, %error, "ignored a malformed frame"),
                         Ok(Frame::Reply(reply)) => link.complete(reply.id, reply.result.map(|p| body.slice_ref(p.0))),
+                        Ok(Frame::Credit(credit)) => link.credited(credit.count),
                         Ok(Frame::Request(request)) => {
                             let id = request.id;
+                            let reply = request.reply;
+                            let slotted = takes_slot(request.actor);
                             // The runtime's own traffic is not the actors' work.
-                            let counted = !request.actor.starts_with(SYSTEM_PREFIX);
+                            let counted = slotted;
                             let started = if counted { node.stats.received() } else { None };
                             match node.dispatch(&request) {
-                                Ok(None) => {}
+                                Ok(None) => {
+                                    if slotted && !reply {
+                                        credit_due += 1;
+                                    }
+                                }
                                 Ok(Some(pending)) => {
-                                    in_flight.push(async move { (id, counted, started, pending.await) });
-                                    link.serving.store(in_flight.len(), Ordering::Relaxed);
+                                    in_flight.push(async move {
+                                        let result = pending.await;
+                                        Done { id, reply, slotted, counted, started, result }
+                                    });
+                                    link.serving.store(in_flight.len(), Ordering::Release);
                                 }
                                 Err(error) => {
                                     if counted {
                                         node.stats.failed();
                                     }
-                                    warn!(peer = %link.peer.path, actor = request.actor, tag = request.tag, %error, "refused a request");
-                                    if request.reply {
+                                    node.refused(link, &request, &error);
+                                    if reply {
                                         link.reply(id, Err(error));
+                                    } else if slotted {
+                                        credit_due += 1;
                                     }
                                 }
                             }
                         }
                     }
+                    if large {
+                        release_read_buffer(&mut frames);
+                    }
                 }
             },
         }
+        if credit_due >= CREDIT_BATCH || (credit_due > 0 && in_flight.is_empty()) {
+            link.credit(credit_due);
+            credit_due = 0;
+        }
     }
+}
+
+/// A request the reader finished.
+struct Done {
+    id: u64,
+    reply: bool,
+    slotted: bool,
+    counted: bool,
+    started: Option<std::time::Instant>,
+    result: Result<Vec<u8>, WireError>,
+}
+
+/// After a large frame, moves what is left of the read buffer to a fresh
+/// small one: the old allocation, sized for that frame, would otherwise
+/// stay with the connection for its lifetime.
+fn release_read_buffer(frames: &mut FramedRead<ReadHalf, LengthDelimitedCodec>) {
+    let buffer = frames.read_buffer_mut();
+    let mut fresh = BytesMut::with_capacity(READ_BUFFER.max(buffer.len()));
+    fresh.extend_from_slice(buffer);
+    *buffer = fresh;
 }
 
 /// A peer that went away, as opposed to one that sent something wrong.

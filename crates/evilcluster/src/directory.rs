@@ -137,35 +137,43 @@ impl Directory {
 
     /// The instance of `actor` to send to now, if one is registered.
     pub fn pick(&self, actor: &str, pick: Pick) -> Option<Arc<Member>> {
+        self.pick_where(actor, pick, |_| true)
+    }
+
+    /// Like [`pick`](Self::pick), skipping instances that `accept` turns
+    /// down (one that just refused a request, say).
+    pub fn pick_where(&self, actor: &str, pick: Pick, accept: impl Fn(&Member) -> bool) -> Option<Arc<Member>> {
         let current = self.read();
         let entry = current.by_actor.get(actor)?;
         let index = match pick {
             Pick::Any => {
                 let turn = entry.next.fetch_add(1, Ordering::Relaxed);
-                entry.hosts[turn % entry.hosts.len()]
+                let count = entry.hosts.len();
+                (0..count)
+                    .map(|step| entry.hosts[(turn + step) % count])
+                    .find(|&i| accept(&current.members[i]))?
             }
-            Pick::Fork(number) => *entry.hosts.iter().find(|&&i| current.members[i].fork == Some(number))?,
+            Pick::Fork(number) => *entry
+                .hosts
+                .iter()
+                .find(|&&i| current.members[i].fork == Some(number) && accept(&current.members[i]))?,
         };
         Some(current.members[index].clone())
     }
 
-    /// Waits until `actor` is registered, or `timeout` passes.
-    pub async fn resolve(&self, actor: &str, pick: Pick, timeout: Duration) -> Option<Arc<Member>> {
-        if let Some(found) = self.pick(actor, pick) {
-            return Some(found);
-        }
+    /// Waits until an instance of `actor` that `accept` takes is registered.
+    /// The caller bounds the wait with its deadline.
+    pub async fn wait_pick(&self, actor: &str, pick: Pick, accept: impl Fn(&Member) -> bool) -> Arc<Member> {
         let mut changes = self.version.subscribe();
-        let wait = async {
-            loop {
-                if let Some(found) = self.pick(actor, pick) {
-                    return found;
-                }
-                if changes.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
+        loop {
+            changes.mark_unchanged();
+            if let Some(found) = self.pick_where(actor, pick, &accept) {
+                return found;
             }
-        };
-        tokio::time::timeout(timeout, wait).await.ok()
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Waits until `condition` holds for the members, or `timeout` passes.

@@ -103,15 +103,49 @@ impl Error {
 
 /// Why a message to a remote actor got no answer.
 ///
-/// Delivery is *at most once*: after [`SendError::Disconnected`] or
-/// [`SendError::Timeout`] the handler may or may not have run. Every other
-/// variant means the message was not handled.
+/// Delivery is *at most once*. Whether the handler ran splits the variants
+/// in two ([`SendError::handler_may_have_run`]):
+/// - **the handler did not run**: [`NotInCluster`](Self::NotInCluster),
+///   [`NotDeclared`](Self::NotDeclared), [`NotRegistered`](Self::NotRegistered),
+///   [`Full`](Self::Full), [`MailboxClosed`](Self::MailboxClosed),
+///   [`UnknownActor`](Self::UnknownActor), [`UnknownMessage`](Self::UnknownMessage),
+///   [`Encode`](Self::Encode), [`Decode`](Self::Decode), [`TooLarge`](Self::TooLarge),
+///   [`Rejected`](Self::Rejected);
+/// - **the handler may have run** (its effects may have happened; only the
+///   answer is missing): [`Disconnected`](Self::Disconnected),
+///   [`Timeout`](Self::Timeout), [`Stopped`](Self::Stopped);
+/// - **the handler ran**, and its result was lost on the way back:
+///   [`ReplyEncode`](Self::ReplyEncode), [`ReplyTooLarge`](Self::ReplyTooLarge),
+///   [`ReplyDecode`](Self::ReplyDecode).
+///
+/// A `send` refused before any handler saw it (the instance it reached was
+/// leaving or restarted) is sent again to another live instance within the
+/// call's deadline, so those refusals rarely reach the caller; a message
+/// declared [idempotent](crate::RemoteMessage::IDEMPOTENT) is also sent
+/// again after `Disconnected` or `Stopped`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SendError {
     /// This process is not part of a running cluster (`Cluster::run` has not started it).
     #[error("this process is not part of a running evilcluster (call it from inside `Cluster::run`)")]
     NotInCluster,
+    /// No worker of the running cluster declares this actor: no process
+    /// will ever host it, so the send fails at once.
+    #[error("no worker of this cluster declares actor `{actor}`; add a `Worker::actor` for it to the cluster")]
+    NotDeclared {
+        /// The actor's name.
+        actor: &'static str,
+    },
+    /// The connection to the hosting process has no room (its byte budget or
+    /// its window of messages in flight is used up) and the caller asked not
+    /// to wait (`try_send`, `try_do_send`). The message was not sent.
+    #[error("the connection to {path} (hosting `{actor}`) is full; the receiver is behind")]
+    Full {
+        /// The actor's name.
+        actor: &'static str,
+        /// The hosting process's path.
+        path: String,
+    },
     /// No live process hosts the actor (or that fork of it) after waiting the resolve timeout.
     #[error("no live process hosts actor `{actor}`{} after waiting {waited:?}; is its worker declared, enabled and started?", fork.map(|k| format!(" fork {k}")).unwrap_or_default())]
     NotRegistered {
@@ -133,7 +167,9 @@ pub enum SendError {
         /// What happened.
         reason: String,
     },
-    /// No reply within the call's timeout; the handler may or may not have run.
+    /// The call's deadline passed first (while resolving, connecting,
+    /// waiting for room or waiting for the reply); the handler may or may
+    /// not have run.
     #[error("no reply from `{actor}` to `{tag}` within {after:?}")]
     Timeout {
         /// The actor's name.
@@ -143,9 +179,18 @@ pub enum SendError {
         /// The timeout that ran out.
         after: Duration,
     },
-    /// The actor stopped before handling the message.
+    /// The actor had stopped when the message arrived: it was not queued,
+    /// and its handler did not run.
     #[error("the mailbox of `{actor}` is closed (the actor stopped)")]
     MailboxClosed {
+        /// The actor's name.
+        actor: &'static str,
+    },
+    /// The actor stopped after the message was queued, before it answered:
+    /// its handler may have started (an asynchronous handler cancelled by
+    /// the stop) or not run at all.
+    #[error("actor `{actor}` stopped before it answered")]
+    Stopped {
         /// The actor's name.
         actor: &'static str,
     },
@@ -163,7 +208,7 @@ pub enum SendError {
         /// The message tag.
         tag: &'static str,
     },
-    /// The message or the reply did not encode.
+    /// The message did not encode (it was not sent).
     #[error("`{tag}` did not encode: {detail}")]
     Encode {
         /// The message tag.
@@ -171,7 +216,8 @@ pub enum SendError {
         /// The encoder's words.
         detail: String,
     },
-    /// The message or the reply did not decode (the two ends disagree on its type).
+    /// The receiver could not decode the message (the two ends disagree on
+    /// its type); the handler did not run.
     #[error("`{tag}` did not decode: {detail}")]
     Decode {
         /// The message tag.
@@ -179,15 +225,43 @@ pub enum SendError {
         /// The decoder's words.
         detail: String,
     },
-    /// The encoded message is larger than the maximum frame length.
-    #[error("`{tag}` encodes to {size} bytes, over the maximum frame of {max} bytes")]
+    /// The encoded message is larger than the maximum frame length; it was
+    /// refused while being encoded, and not sent.
+    #[error("`{tag}` encodes to at least {size} bytes, over the maximum frame of {max} bytes")]
     TooLarge {
         /// The message tag.
         tag: &'static str,
-        /// The encoded size.
+        /// The encoded size (at least this; encoding stopped at the limit).
         size: usize,
         /// The maximum frame length.
         max: usize,
+    },
+    /// The handler ran, but its result did not encode in the receiving process.
+    #[error("the handler of `{tag}` ran, but its result did not encode: {detail}")]
+    ReplyEncode {
+        /// The message tag.
+        tag: &'static str,
+        /// The encoder's words.
+        detail: String,
+    },
+    /// The handler ran, but its encoded result is over the maximum frame length.
+    #[error("the handler of `{tag}` ran, but its result of {size} bytes is over the maximum frame of {max} bytes")]
+    ReplyTooLarge {
+        /// The message tag.
+        tag: &'static str,
+        /// The encoded size of the result.
+        size: usize,
+        /// The maximum frame length.
+        max: usize,
+    },
+    /// The handler ran, but its result did not decode here (the two ends
+    /// disagree on the result type).
+    #[error("the handler of `{tag}` ran, but its result did not decode: {detail}")]
+    ReplyDecode {
+        /// The message tag.
+        tag: &'static str,
+        /// The decoder's words.
+        detail: String,
     },
     /// The receiving process refused the request for another reason.
     #[error("`{actor}` refused `{tag}`: {reason}")]
@@ -202,14 +276,30 @@ pub enum SendError {
 }
 
 impl SendError {
+    /// Whether the handler may have run (its effects may have happened)
+    /// although the call failed: `false` means it provably did not run, so
+    /// the message can be sent again safely.
+    pub fn handler_may_have_run(&self) -> bool {
+        matches!(
+            self,
+            SendError::Disconnected { .. }
+                | SendError::Timeout { .. }
+                | SendError::Stopped { .. }
+                | SendError::ReplyEncode { .. }
+                | SendError::ReplyTooLarge { .. }
+                | SendError::ReplyDecode { .. }
+        )
+    }
+
     pub(crate) fn from_wire(actor: &'static str, tag: &'static str, error: WireError) -> Self {
         match error {
             WireError::UnknownActor { .. } => SendError::UnknownActor { actor },
             WireError::UnknownMessage { .. } => SendError::UnknownMessage { actor, tag },
             WireError::Decode { detail, .. } => SendError::Decode { tag, detail },
-            WireError::Encode { detail, .. } => SendError::Encode { tag, detail },
+            WireError::Encode { detail, .. } => SendError::ReplyEncode { tag, detail },
             WireError::MailboxClosed { .. } => SendError::MailboxClosed { actor },
-            WireError::ReplyTooLarge { size, max } => SendError::TooLarge { tag, size, max },
+            WireError::Stopped { .. } => SendError::Stopped { actor },
+            WireError::ReplyTooLarge { size, max } => SendError::ReplyTooLarge { tag, size, max },
             other @ WireError::StaleIncarnation { .. } => SendError::Rejected {
                 actor,
                 tag,

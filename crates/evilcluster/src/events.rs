@@ -126,6 +126,11 @@ pub(crate) fn declare(workers: impl IntoIterator<Item = (String, u32)>) {
     let _ = DECLARED.set(workers.into_iter().collect());
 }
 
+/// Whether the running cluster's workers are known here.
+pub(crate) fn declared_any() -> bool {
+    DECLARED.get().is_some()
+}
+
 /// How many forks the worker named `worker` declares, if it is declared.
 pub(crate) fn declared_forks(worker: &str) -> Option<u32> {
     let declared = DECLARED.get()?;
@@ -170,7 +175,7 @@ pub async fn publish<E: Event>(to: To, event: &E) -> Result<(), PublishError> {
     })?;
     let body = crate::addr::encode(PUBLISH_TAG, &publication)?;
     master
-        .request(EVENTS, PUBLISH_TAG, master.peer.incarnation, &body, None)
+        .request(EVENTS, PUBLISH_TAG, master.peer.incarnation, &body, false, None)
         .map_err(|_| SendError::Disconnected {
             actor: EVENTS,
             path: master.peer.path.clone(),
@@ -209,7 +214,7 @@ fn fan_out(node: &Arc<Node>, publication: Publication) {
         }
         match node.link_for(&member.path, member.incarnation) {
             Some(link) => {
-                let _ = link.request(EVENTS, DELIVER_TAG, member.incarnation, &body, None);
+                let _ = link.request(EVENTS, DELIVER_TAG, member.incarnation, &body, false, None);
             }
             None => debug!(path = %member.path, "event not delivered: no connection"),
         }

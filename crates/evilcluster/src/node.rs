@@ -2,6 +2,7 @@
 //! its connections to the other processes.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use actix::Addr;
@@ -11,10 +12,10 @@ use evilcluster_wire::{Cookie, Identity, Request, WireError, DEFAULT_MAX_FRAME_L
 use interprocess::local_socket::tokio::Listener;
 use rustc_hash::FxHashMap;
 use tokio::sync::{Notify, OnceCell};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::connection::{self, Link, Side, DEFAULT_HANDSHAKE_TIMEOUT};
-use crate::directory::{Directory, Member};
+use crate::directory::{Directory, Member, Pick};
 use crate::events::{EventService, EVENTS};
 use crate::registry::{PeerGone, Registry};
 use crate::remote::{Dispatch, Service};
@@ -22,10 +23,14 @@ use crate::stats::{Stats, StatsService, STATS};
 use crate::transport;
 use crate::Error;
 
+/// Bytes of user messages a connection holds unwritten before senders wait.
+pub(crate) const DEFAULT_OUTBOX_BUDGET: usize = 8 * 1024 * 1024;
+
 /// Tunables shared by every process of a cluster.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub max_frame_length: usize,
+    pub outbox_budget: usize,
     pub call_timeout: Duration,
     pub resolve_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -37,6 +42,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             max_frame_length: DEFAULT_MAX_FRAME_LENGTH,
+            outbox_budget: DEFAULT_OUTBOX_BUDGET,
             call_timeout: Duration::from_secs(5),
             resolve_timeout: Duration::from_secs(10),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
@@ -71,6 +77,9 @@ pub(crate) struct Node {
     /// The registry, in the master.
     pub registry: OnceLock<Addr<Registry>>,
     pub stats: Stats,
+    /// One-way messages being passed on to another instance (see
+    /// [`Node::refused`]); a drain waits for them.
+    forwarding: AtomicUsize,
 }
 
 static CURRENT: RwLock<Option<Arc<Node>>> = RwLock::new(None);
@@ -116,6 +125,7 @@ impl Node {
             master_lost: Notify::new(),
             registry: OnceLock::new(),
             stats: Stats::new(),
+            forwarding: AtomicUsize::new(0),
         });
         node.add_service(STATS, Arc::new(StatsService(Arc::downgrade(&node))));
         node.add_service(EVENTS, Arc::new(EventService(Arc::downgrade(&node))));
@@ -164,7 +174,8 @@ impl Node {
                 let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
                 links.values().filter_map(|slot| slot.link.get().cloned()).collect()
             };
-            if links.iter().all(|link| link.is_closed() || link.is_idle()) {
+            let forwarding = self.forwarding.load(Ordering::Acquire) > 0;
+            if !forwarding && links.iter().all(|link| link.is_closed() || link.is_idle()) {
                 return;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -203,6 +214,69 @@ impl Node {
             actor: request.actor.to_owned(),
         })?;
         service.dispatch(request.tag, request.payload, request.reply)
+    }
+
+    /// A request this process refused before dispatching it. A one-way
+    /// message for an actor this process no longer hosts (it is leaving,
+    /// or was restarted) was provably not delivered, and its sender cannot
+    /// learn of the refusal: it is passed on to another live instance of
+    /// the same actor, so that a rolling restart loses no `do_send`.
+    pub(crate) fn refused(self: &Arc<Self>, link: &Link, request: &Request<'_>, error: &WireError) {
+        let undelivered = matches!(
+            error,
+            WireError::UnknownActor { .. } | WireError::StaleIncarnation { .. } | WireError::MailboxClosed { .. }
+        );
+        if !request.reply && undelivered && connection::takes_slot(request.actor) {
+            debug!(peer = %link.peer.path, actor = request.actor, tag = request.tag, %error, "passing a one-way message on");
+            self.forward(
+                request.actor.to_owned(),
+                request.tag.to_owned(),
+                request.payload.to_vec(),
+            );
+            return;
+        }
+        warn!(peer = %link.peer.path, actor = request.actor, tag = request.tag, %error, "refused a request");
+    }
+
+    /// Sends a one-way message that reached the wrong process to another
+    /// instance of its actor, waiting for one up to the resolve timeout.
+    fn forward(self: &Arc<Self>, actor: String, tag: String, payload: Vec<u8>) {
+        self.forwarding.fetch_add(1, Ordering::AcqRel);
+        let node = self.clone();
+        actix_rt::spawn(async move {
+            let deadline = tokio::time::Instant::now() + node.config.resolve_timeout;
+            let own = node.identity.path.clone();
+            let sent = tokio::time::timeout_at(deadline, async {
+                loop {
+                    let elsewhere = node
+                        .directory
+                        .wait_pick(&actor, Pick::Any, |member| member.path != own)
+                        .await;
+                    let Ok(link) = node.link_to(&elsewhere).await else {
+                        // Going away too: look again once the directory says so.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    let Ok(admission) = link.admit(payload.len() + actor.len() + tag.len() + 32).await else {
+                        continue;
+                    };
+                    if link
+                        .request(&actor, &tag, elsewhere.incarnation, &payload, false, Some(admission))
+                        .is_ok()
+                    {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if sent.is_err() {
+                warn!(
+                    actor,
+                    tag, "dropped a one-way message: no other instance of its actor came up in time"
+                );
+            }
+            node.forwarding.fetch_sub(1, Ordering::AcqRel);
+        });
     }
 
     /// The connection to `member`'s process, opened on first use.

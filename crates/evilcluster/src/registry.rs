@@ -110,7 +110,7 @@ impl Registry {
         self.subscribers
             .retain(|(path, incarnation)| match node.link_for(path, *incarnation) {
                 Some(link) => link
-                    .request(DIRECTORY, SNAPSHOT_TAG, *incarnation, &payload, None)
+                    .request(DIRECTORY, SNAPSHOT_TAG, *incarnation, &payload, false, None)
                     .is_ok(),
                 None => false,
             });

@@ -26,6 +26,13 @@ use serde::Serialize;
 pub trait RemoteMessage: Message + Serialize + DeserializeOwned + Send + 'static {
     /// The message's stable name on the wire.
     const TAG: &'static str;
+
+    /// Whether handling the message twice does no harm (a read, or a write
+    /// of the same value). A `send` of an idempotent message whose instance
+    /// died before answering (`Disconnected`) is sent again to another live
+    /// instance within the same deadline; other messages are never sent
+    /// twice. Default: `false`.
+    const IDEMPOTENT: bool = false;
 }
 
 /// Implements [`RemoteMessage`] for several types at once.
@@ -45,12 +52,32 @@ pub trait RemoteMessage: Message + Serialize + DeserializeOwned + Send + 'static
 ///     Get => "datastore.get",
 /// }
 /// ```
+///
+/// Add `, idempotent` after a tag for a message that is safe to handle twice
+/// (see [`RemoteMessage::IDEMPOTENT`]):
+///
+/// ```
+/// # use evilcluster::prelude::*;
+/// # #[derive(Message, Serialize, Deserialize)]
+/// # #[rtype(result = "Option<String>")]
+/// # struct Get(String);
+/// evilcluster::remote_messages! { Get => "datastore.get", idempotent }
+/// ```
 #[macro_export]
 macro_rules! remote_messages {
-    ($($message:ty => $tag:expr),+ $(,)?) => {
-        $(impl $crate::RemoteMessage for $message {
+    () => {};
+    ($message:ty => $tag:expr, idempotent $(, $($rest:tt)*)?) => {
+        impl $crate::RemoteMessage for $message {
             const TAG: &'static str = $tag;
-        })+
+            const IDEMPOTENT: bool = true;
+        }
+        $($crate::remote_messages! { $($rest)* })?
+    };
+    ($message:ty => $tag:expr $(, $($rest:tt)*)?) => {
+        impl $crate::RemoteMessage for $message {
+            const TAG: &'static str = $tag;
+        }
+        $($crate::remote_messages! { $($rest)* })?
     };
 }
 
@@ -103,7 +130,9 @@ pub trait RemoteActor: Actor<Context = Context<Self>> {
 
 /// Default mailbox capacity of a hosted actor. Large enough that a send
 /// never parks the caller, which is what keeps a connection's messages in
-/// order; each connection bounds its own requests in flight instead.
+/// order; each connection's flow-control window (4,096 messages) bounds
+/// what one peer can queue, so the mailbox holds at most that many per
+/// connected process.
 pub const DEFAULT_MAILBOX_CAPACITY: usize = 1 << 20;
 
 /// The outcome of dispatching one request to a local service.
@@ -161,17 +190,25 @@ impl<A: RemoteActor> Routes<A> {
     {
         let route: Route<A> = Box::new(|addr, payload, reply| {
             let message: M = decode_payload(M::TAG, payload)?;
-            if !reply {
-                // Same queue as `send`, so do_send and send stay in order.
-                addr.do_send(message);
-                return Ok(None);
+            if !addr.connected() {
+                // Not queued: the handler did not run.
+                return Err(WireError::MailboxClosed {
+                    actor: A::NAME.to_owned(),
+                });
             }
+            // One queue for both kinds, so do_send and send stay in order;
+            // a one-way message is awaited too, so that the connection knows
+            // when its place in the window is free again.
             let pending = addr.send(message);
             Ok(Some(Box::pin(async move {
-                let result = pending.await.map_err(|_| WireError::MailboxClosed {
+                let result = pending.await.map_err(|_| WireError::Stopped {
                     actor: A::NAME.to_owned(),
                 })?;
-                encode_reply(M::TAG, &result)
+                if reply {
+                    encode_reply(M::TAG, &result)
+                } else {
+                    Ok(Vec::new())
+                }
             })))
         });
         let name = std::any::type_name::<M>();
