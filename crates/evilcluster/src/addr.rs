@@ -207,8 +207,8 @@ impl<A: RemoteActor> RemoteAddr<A> {
             Route::Ready(link, incarnation) => (link, incarnation),
             pending => self.route(&node, pending, deadline, &[]).await?,
         };
-        let queued = queue::<M>(link, A::NAME, incarnation, &message, false, wait_for_room, deadline);
-        queued.await.map(drop)
+        let (_, queued) = queue(&link, A::NAME, incarnation, message, false, wait_for_room, deadline).await;
+        queued.map(drop)
     }
 
     fn deadline(&self, node: &Node) -> Instant {
@@ -394,6 +394,7 @@ where
         Box::pin(async move {
             let node_for_log = node.clone();
             let outcome = async move {
+                let mut message = message;
                 let mut avoid: Vec<(String, u64)> = Vec::new();
                 let mut first = first;
                 loop {
@@ -406,16 +407,10 @@ where
                         None => {
                             let next = route.take().unwrap_or_else(|| addr.route_now(&node));
                             let (link, incarnation) = addr.route(&node, next, deadline, &avoid).await?;
-                            let queued = queue::<M>(
-                                link.clone(),
-                                A::NAME,
-                                incarnation,
-                                &message,
-                                true,
-                                wait_for_room,
-                                deadline,
-                            );
-                            let waiter = queued.await?.expect("a reply was asked for");
+                            let (returned, queued) =
+                                queue(&link, A::NAME, incarnation, message, true, wait_for_room, deadline).await;
+                            message = returned;
+                            let waiter = queued?.expect("a reply was asked for");
                             Queued {
                                 link,
                                 incarnation,
@@ -492,40 +487,63 @@ fn try_queue<M: RemoteMessage>(
 }
 
 /// Encodes `message` and queues it, waiting for room up to `deadline`
-/// (or failing with [`SendError::Full`] when told not to wait).
-fn queue<M: RemoteMessage>(
-    link: Arc<Link>,
+/// (or failing with [`SendError::Full`] when told not to wait). Takes the
+/// message and gives it back, for a caller that may send it again.
+///
+/// A caller that has to wait first waits for a place in the window holding
+/// only its message, not an encoding of it: a crowd of callers waiting on a
+/// slow receiver costs what their messages cost.
+async fn queue<M: RemoteMessage>(
+    link: &Link,
     actor: &'static str,
     incarnation: u64,
-    message: &M,
+    message: M,
     reply: bool,
     wait_for_room: bool,
     deadline: Instant,
-) -> impl std::future::Future<Output = Result<Option<ReplyWaiter>, SendError>> + Send + 'static {
+) -> (M, Result<Option<ReplyWaiter>, SendError>) {
     let started = Instant::now();
-    // Encoded here, before any waiting, so the future does not borrow the message.
-    let prepared = match try_queue(&link, actor, incarnation, message, reply) {
-        Ok(Some(queued)) => Ok(Ok(queued)),
-        Ok(None) if !wait_for_room => Err(SendError::Full {
-            actor,
-            path: link.peer.path.clone(),
-        }),
-        // No room: keep the encoding while waiting for it.
-        Ok(None) => with_payload(message, link.max_frame, |payload| payload.map(<[u8]>::to_vec)).map(Err),
-        Err(error) => Err(error),
-    };
-    async move {
-        let payload = match prepared? {
-            Ok(queued) => return Ok(queued),
-            Err(payload) => payload,
-        };
-        let admission = tokio::time::timeout_at(deadline.into(), link.admit(frame_size(actor, M::TAG, payload.len())))
-            .await
-            .map_err(|_| timed_out(actor, M::TAG, started))?
-            .map_err(|error| link_error(&link, actor, M::TAG, error))?;
-        link.request(actor, M::TAG, incarnation, &payload, reply, Some(admission))
-            .map_err(|error| link_error(&link, actor, M::TAG, error))
+    match try_queue(link, actor, incarnation, &message, reply) {
+        Ok(Some(queued)) => return (message, Ok(queued)),
+        Ok(None) if wait_for_room => {}
+        Ok(None) => {
+            let full = SendError::Full {
+                actor,
+                path: link.peer.path.clone(),
+            };
+            return (message, Err(full));
+        }
+        Err(error) => return (message, Err(error)),
     }
+    let slot = match tokio::time::timeout_at(deadline.into(), link.slot()).await {
+        Err(_) => return (message, Err(timed_out(actor, M::TAG, started))),
+        Ok(Err(error)) => return (message, Err(link_error(link, actor, M::TAG, error))),
+        Ok(Ok(slot)) => slot,
+    };
+    // A place is ours: encode now, and queue at once if the bytes fit.
+    let prepared = with_payload(&message, link.max_frame, |payload| {
+        let payload = payload?;
+        match slot.try_room(frame_size(actor, M::TAG, payload.len())) {
+            Ok(admission) => link
+                .request(actor, M::TAG, incarnation, payload, reply, Some(admission))
+                .map(Ok)
+                .map_err(|error| link_error(link, actor, M::TAG, error)),
+            Err(slot) => Ok(Err((payload.to_vec(), slot))),
+        }
+    });
+    let (payload, slot) = match prepared {
+        Ok(Ok(queued)) => return (message, Ok(queued)),
+        Ok(Err(waiting)) => waiting,
+        Err(error) => return (message, Err(error)),
+    };
+    let outcome = match tokio::time::timeout_at(deadline.into(), slot.room(frame_size(actor, M::TAG, payload.len()))).await {
+        Err(_) => Err(timed_out(actor, M::TAG, started)),
+        Ok(Err(error)) => Err(link_error(link, actor, M::TAG, error)),
+        Ok(Ok(admission)) => link
+            .request(actor, M::TAG, incarnation, &payload, reply, Some(admission))
+            .map_err(|error| link_error(link, actor, M::TAG, error)),
+    };
+    (message, outcome)
 }
 
 fn link_error(link: &Link, actor: &'static str, tag: &'static str, error: LinkError) -> SendError {

@@ -103,9 +103,59 @@ struct Outbox {
     budgeted: usize,
 }
 
-/// What a caller holds after [`Link::admit`]: a place in the window and
-/// room for its frame in the outbox. Queue the frame with it, or drop it
-/// to give both back.
+/// A place in the peer's window, held by a caller that has not queued its
+/// message yet; dropping it gives the place back.
+pub(crate) struct Slot<'a> {
+    link: &'a Link,
+}
+
+impl<'a> Slot<'a> {
+    /// Adds room for a frame of `size` bytes, if the budget has it now.
+    pub fn try_room(self, size: usize) -> Result<Admission<'a>, Slot<'a>> {
+        let bytes = self.link.budget_share(size);
+        match self.link.room.try_acquire_many(bytes) {
+            Ok(room) => {
+                room.forget();
+                Ok(self.into_admission(bytes))
+            }
+            Err(_) => Err(self),
+        }
+    }
+
+    /// Waits for room for a frame of `size` bytes. Waiters are served in
+    /// turn; the caller bounds the wait with its deadline.
+    pub async fn room(self, size: usize) -> Result<Admission<'a>, LinkError> {
+        let bytes = self.link.budget_share(size);
+        let room = self
+            .link
+            .room
+            .acquire_many(bytes)
+            .await
+            .map_err(|_| self.link.closed_error())?;
+        room.forget();
+        Ok(self.into_admission(bytes))
+    }
+
+    fn into_admission(self, bytes: u32) -> Admission<'a> {
+        let link = self.link;
+        std::mem::forget(self);
+        Admission {
+            link,
+            bytes,
+            used: false,
+        }
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.link.slots.add_permits(1);
+    }
+}
+
+/// What a caller holds once it may queue: a place in the window and room
+/// for its frame in the outbox. Queue the frame with it, or drop it to
+/// give both back.
 pub(crate) struct Admission<'a> {
     link: &'a Link,
     bytes: u32,
@@ -142,9 +192,37 @@ pub(crate) struct Link {
     unwritten: AtomicUsize,
     /// Requests from the peer being handled, as the reader last counted.
     serving: AtomicUsize,
+    /// One-way messages sent and not yet credited back by the peer.
+    uncredited: AtomicUsize,
 }
 
 impl Link {
+    fn new(peer: Identity, max_frame: usize, budget: usize) -> Link {
+        let budget = budget.clamp(1, Semaphore::MAX_PERMITS);
+        Link {
+            peer,
+            max_frame,
+            outbox: Mutex::new(Outbox {
+                codec: codec(max_frame),
+                frames: BytesMut::with_capacity(WRITE_BUFFER),
+                budgeted: 0,
+            }),
+            queued: Notify::new(),
+            calls: Mutex::new(Calls {
+                pending: FxHashMap::default(),
+                closed: None,
+            }),
+            closed: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            slots: Semaphore::new(WINDOW),
+            room: Semaphore::new(budget),
+            budget,
+            unwritten: AtomicUsize::new(0),
+            serving: AtomicUsize::new(0),
+            uncredited: AtomicUsize::new(0),
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -163,41 +241,37 @@ impl Link {
     /// The bytes a frame of `size` takes from the budget: a frame larger
     /// than the whole budget takes all of it, and so goes alone.
     fn budget_share(&self, size: usize) -> u32 {
-        size.min(self.budget) as u32
+        size.min(self.budget).min(u32::MAX as usize) as u32
+    }
+
+    /// Takes a place in the window now, if one is free.
+    pub fn try_slot(&self) -> Result<Slot<'_>, LinkError> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        let permit = self.slots.try_acquire().map_err(|_| LinkError::Full)?;
+        permit.forget();
+        Ok(Slot { link: self })
+    }
+
+    /// Waits for a place in the window. Waiters are served in turn, so one
+    /// sender's messages keep their order; the caller bounds the wait with
+    /// its deadline.
+    pub async fn slot(&self) -> Result<Slot<'_>, LinkError> {
+        let permit = self.slots.acquire().await.map_err(|_| self.closed_error())?;
+        permit.forget();
+        Ok(Slot { link: self })
     }
 
     /// Takes a place in the window and room for a frame of `size` bytes at
     /// once, or says why not.
     pub fn try_admit(&self, size: usize) -> Result<Admission<'_>, LinkError> {
-        if self.is_closed() {
-            return Err(self.closed_error());
-        }
-        let bytes = self.budget_share(size);
-        let slot = self.slots.try_acquire().map_err(|_| LinkError::Full)?;
-        let room = self.room.try_acquire_many(bytes).map_err(|_| LinkError::Full)?;
-        slot.forget();
-        room.forget();
-        Ok(Admission {
-            link: self,
-            bytes,
-            used: false,
-        })
+        self.try_slot()?.try_room(size).map_err(|_| LinkError::Full)
     }
 
-    /// Waits for a place in the window and room for a frame of `size`
-    /// bytes. Waiters are served in turn, so one sender's messages keep
-    /// their order. The caller bounds the wait with its deadline.
+    /// Waits for a place in the window and room for a frame of `size` bytes.
     pub async fn admit(&self, size: usize) -> Result<Admission<'_>, LinkError> {
-        let bytes = self.budget_share(size);
-        let slot = self.slots.acquire().await.map_err(|_| self.closed_error())?;
-        let room = self.room.acquire_many(bytes).await.map_err(|_| self.closed_error())?;
-        slot.forget();
-        room.forget();
-        Ok(Admission {
-            link: self,
-            bytes,
-            used: false,
-        })
+        self.slot().await?.room(size).await
     }
 
     /// Queues a request. For a user actor, `admission` is what
@@ -242,6 +316,9 @@ impl Link {
                 }
                 None
             };
+            if slotted && !reply {
+                self.uncredited.fetch_add(1, Ordering::AcqRel);
+            }
             let budgeted = match admission {
                 Some(mut admission) => {
                     admission.used = true;
@@ -310,11 +387,16 @@ impl Link {
 
     /// The peer finished `count` one-way messages: their places are free.
     fn credited(&self, count: u32) {
-        // A peer cannot give back more than the window: a bogus credit must
-        // not lift the bound.
-        let free = self.slots.available_permits();
-        let count = (count as usize).min(WINDOW.saturating_sub(free));
-        self.slots.add_permits(count);
+        // A peer cannot give back more than it was sent: a bogus credit
+        // must not lift the bound.
+        let mut given = 0;
+        let _ = self
+            .uncredited
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |uncredited| {
+                given = uncredited.min(count as usize);
+                Some(uncredited - given)
+            });
+        self.slots.add_permits(given);
     }
 
     fn reply(&self, id: u64, result: Result<Vec<u8>, WireError>) {
@@ -402,28 +484,7 @@ pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Re
     let mut reader = FramedRead::with_capacity(read_half, codec(max_frame), READ_BUFFER);
     reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
 
-    let budget = node.config.outbox_budget.max(1);
-    let link = Arc::new(Link {
-        peer,
-        max_frame,
-        outbox: Mutex::new(Outbox {
-            codec: codec(max_frame),
-            frames: BytesMut::with_capacity(WRITE_BUFFER),
-            budgeted: 0,
-        }),
-        queued: Notify::new(),
-        calls: Mutex::new(Calls {
-            pending: FxHashMap::default(),
-            closed: None,
-        }),
-        closed: AtomicBool::new(false),
-        next_id: AtomicU64::new(1),
-        slots: Semaphore::new(WINDOW),
-        room: Semaphore::new(budget),
-        budget,
-        unwritten: AtomicUsize::new(0),
-        serving: AtomicUsize::new(0),
-    });
+    let link = Arc::new(Link::new(peer, max_frame, node.config.outbox_budget));
     // On the actix arbiter's local task set, like the actors they serve:
     // waking across that boundary would cost the runtime a syscall.
     let write_task = actix_rt::spawn(write_loop(link.clone(), write_half));
@@ -617,3 +678,111 @@ fn is_disconnect(error: &std::io::Error) -> bool {
 
 /// How long a connection may take to prove itself.
 pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detached(budget: usize) -> Link {
+        let peer = Identity {
+            cluster: "test".into(),
+            path: "test/peer".into(),
+            incarnation: 1,
+        };
+        Link::new(peer, 1 << 20, budget)
+    }
+
+    /// Many threads call while the connection closes under them: every call
+    /// is either refused at once or completed by the close — none is left
+    /// waiting for a reply that can no longer come.
+    #[test]
+    fn closing_while_many_threads_call_leaves_no_caller_waiting() {
+        const THREADS: usize = 8;
+        const CALLS: usize = 300;
+        for round in 0..200 {
+            let link = Arc::new(detached(usize::MAX));
+            let barrier = Arc::new(std::sync::Barrier::new(THREADS + 1));
+            let callers: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    let link = link.clone();
+                    let barrier = barrier.clone();
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        let mut waiters = Vec::new();
+                        for _ in 0..CALLS {
+                            match link.request("evilcluster.test", "t", 1, b"\xc0", true, None) {
+                                Ok(Some((_, waiter))) => waiters.push(waiter),
+                                Ok(None) => unreachable!("a reply was asked for"),
+                                Err(LinkError::Closed(_)) => {}
+                                Err(other) => panic!("unexpected {other:?}"),
+                            }
+                        }
+                        waiters
+                    })
+                })
+                .collect();
+            barrier.wait();
+            // Let the callers get going, then close in the middle of them.
+            std::thread::yield_now();
+            link.close(format!("closed in round {round}"));
+            for caller in callers {
+                for mut waiter in caller.join().unwrap() {
+                    match waiter.try_recv() {
+                        Ok(Err(Failure::Closed(_))) => {}
+                        other => panic!("round {round}: a caller was left with {other:?}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The window admits exactly [`WINDOW`] user messages; replies and
+    /// credits give places back, and a bogus credit cannot lift the bound.
+    #[test]
+    fn the_window_bounds_messages_in_flight() {
+        let link = detached(usize::MAX);
+        let mut ids = Vec::new();
+        for _ in 0..WINDOW {
+            let admission = link.try_admit(100).expect("room in the window");
+            let (id, _) = link.request("user", "t", 1, b"\xc0", true, Some(admission)).unwrap().unwrap();
+            ids.push(id);
+        }
+        assert!(matches!(link.try_admit(100), Err(LinkError::Full)));
+        link.complete(ids[0], Ok(Bytes::new()));
+        let admission = link.try_admit(100).expect("a reply gives its place back");
+        link.request("user", "t", 1, b"\xc0", false, Some(admission)).unwrap();
+        assert!(matches!(link.try_admit(100), Err(LinkError::Full)));
+        link.credited(u32::MAX);
+        assert_eq!(link.slots.available_permits(), 1, "a credit gives back at most what is missing");
+        // A caller that gave up keeps its place until the reply comes.
+        link.cancel(ids[1]);
+        assert_eq!(link.slots.available_permits(), 1);
+        link.complete(ids[1], Ok(Bytes::new()));
+        assert_eq!(link.slots.available_permits(), 2);
+    }
+
+    /// Past the byte budget a sender gets no room until the writer has
+    /// written; replies are queued whatever the budget.
+    #[test]
+    fn the_byte_budget_bounds_unwritten_frames() {
+        let link = detached(1000);
+        let admission = link.try_admit(600).unwrap();
+        link.request("user", "t", 1, &[0; 500], false, Some(admission)).unwrap();
+        assert!(matches!(link.try_admit(600), Err(LinkError::Full)));
+        link.reply(7, Ok(vec![0; 5000]));
+        assert!(link.unwritten.load(Ordering::Acquire) > 5000);
+        // A frame larger than the whole budget waits for all of it.
+        assert_eq!(link.budget_share(1 << 30), 1000);
+    }
+
+    #[test]
+    fn scratch_buffers_do_not_keep_a_large_message() {
+        let big = with_scratch(|body| {
+            body.resize(4 << 20, 1);
+            body.capacity()
+        });
+        assert!(big >= 4 << 20);
+        let after = with_scratch(|body| body.capacity());
+        assert!(after <= KEEP_BUFFER, "scratch kept {after} bytes");
+    }
+}
