@@ -269,7 +269,11 @@ fn a_spawns_shutdown_budget_covers_its_forks_stopping_one_after_another() {
     sup.fixture.signal(Signal::TERM);
     let status = sup.fixture.wait();
     assert!(status.success(), "{status:?}: {:#?}", sup.fixture.seen);
-    assert!(sup.fixture.seen.iter().any(|l| l == "stopped"), "{:#?}", sup.fixture.seen);
+    assert!(
+        sup.fixture.seen.iter().any(|l| l == "stopped"),
+        "{:#?}",
+        sup.fixture.seen
+    );
     assert_eq!(sup.order("stopping"), ["sup/pool/2", "sup/pool/1"]);
     // Both forks stopped gracefully, then the rest in reverse order.
     assert_eq!(

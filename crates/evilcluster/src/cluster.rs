@@ -398,7 +398,9 @@ impl Cluster {
         let worker = &self.workers[index];
         // The whole of this process's budget (its forks' included, for a
         // spawn): its parent waits that long before killing it.
-        let budget = worker.supervision.shutdown_budget(&env.role, worker.forks, &self.config);
+        let budget = worker
+            .supervision
+            .shutdown_budget(&env.role, worker.forks, &self.config);
         let (cookie, stop_requests) = crate::process::attach_to_parent(&env, budget.saturating_mul(2))?;
         publish_options(Some(&name), &self.workers);
         record_panics();
