@@ -11,6 +11,10 @@
 //!     └── 3 (fork)
 //! ```
 //!
+//! A few calls (`--stall-ppm`, per million) ask the fork to wait twice their
+//! deadline before answering: those must end with `SendError::Timeout` on
+//! time, which is what the late count watches.
+//!
 //! Every call's outcome is counted: a correct answer, a wrong one, or the
 //! typed [`SendError`] variant; and separately, whether it ended later than
 //! its deadline plus [`LATE_SLACK`]. The caller process's resident memory is
@@ -20,7 +24,8 @@
 //! Arguments (every process sees them and declares the same tree):
 //! `--requests N` (default: the binary's), `--callers N` (16),
 //! `--timeout-ms MS` (500), `--kill-every-ms MS` (200, 0: no kills),
-//! `--forks N` (3), `--no-roll`, `--seed N`; any other argument is ignored.
+//! `--forks N` (3), `--stall-ppm N` (1000), `--no-roll`, `--seed N`; any
+//! other argument is ignored.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -28,7 +33,6 @@ use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use actix::MessageResult;
 use evilcluster::prelude::*;
 use evilcluster::Backoff;
 
@@ -53,6 +57,8 @@ pub struct Settings {
     pub forks: u32,
     /// Whether one rolling restart runs half-way through.
     pub roll: bool,
+    /// Calls per million whose answer is held back twice their deadline.
+    pub stall_ppm: u64,
     /// Seeds the random values and the choice of victims.
     pub seed: u64,
 }
@@ -76,6 +82,7 @@ impl Settings {
             kill_every: Duration::from_millis(value("--kill-every-ms").unwrap_or(200)),
             forks: value("--forks").map_or(3, |n| n.clamp(1, 64) as u32),
             roll: !args.iter().any(|a| a == "--no-roll"),
+            stall_ppm: value("--stall-ppm").unwrap_or(1000).min(1_000_000),
             seed: value("--seed").unwrap_or_else(|| {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -85,10 +92,15 @@ impl Settings {
     }
 }
 
-/// Asks for [`expected`]`(x)`.
+/// Asks for [`expected`]`(x)`, answered after `stall_ms` (0 for most calls).
 #[derive(Message, Serialize, Deserialize)]
 #[rtype(result = "Answer")]
-pub struct Check(pub u64);
+pub struct Check {
+    /// The value asked about.
+    pub x: u64,
+    /// How long the fork holds the answer back.
+    pub stall_ms: u32,
+}
 
 /// The answer to `Check(x)`: the same in every fork, so a caller can tell a
 /// right answer from a wrong one (another call's, or a corrupted one).
@@ -140,9 +152,18 @@ impl Actor for ChaosEcho {
 }
 
 impl Handler<Check> for ChaosEcho {
-    type Result = MessageResult<Check>;
-    fn handle(&mut self, Check(x): Check, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(expected(x))
+    type Result = ResponseFuture<Answer>;
+    fn handle(&mut self, Check { x, stall_ms }: Check, _: &mut Context<Self>) -> Self::Result {
+        let answer = expected(x);
+        if stall_ms == 0 {
+            return Box::pin(std::future::ready(answer));
+        }
+        // Held back without blocking the actor: the fork keeps answering
+        // the other calls meanwhile.
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(stall_ms.into())).await;
+            answer
+        })
     }
 }
 
@@ -225,8 +246,16 @@ impl Report {
     pub fn print(&self, settings: &Settings) {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         println!(
-            "chaos: {} requests, {} callers, {} forks, deadline {:?} (+{:?} slack), a fork SIGKILLed every {:?}",
-            self.requests, settings.callers, settings.forks, settings.timeout, LATE_SLACK, settings.kill_every
+            "chaos: {} requests, {} callers, {} forks, deadline {:?} (+{:?} slack), a fork SIGKILLed every {:?}, \
+             {} per million calls stalled, seed {}",
+            self.requests,
+            settings.callers,
+            settings.forks,
+            settings.timeout,
+            LATE_SLACK,
+            settings.kill_every,
+            settings.stall_ppm,
+            settings.seed
         );
         println!(
             "| {:<24} | {:>9} | {:>6} | {:>10} |",
@@ -421,11 +450,18 @@ async fn caller(settings: Settings, mut rng: Rng, issued: Rc<Cell<u64>>, report:
     let echo = addr_of::<ChaosEcho>()
         .timeout(settings.timeout)
         .resolve_timeout(settings.timeout);
+    // Twice the deadline: a stalled call always times out.
+    let stall_ms = u32::try_from(settings.timeout.as_millis() * 2).unwrap_or(u32::MAX);
     while issued.get() < settings.requests {
         issued.set(issued.get() + 1);
         let x = rng.next();
+        let stalled = rng.next() % 1_000_000 < settings.stall_ppm;
+        let check = Check {
+            x,
+            stall_ms: if stalled { stall_ms } else { 0 },
+        };
         let began = Instant::now();
-        let outcome = echo.send(Check(x)).await;
+        let outcome = echo.send(check).await;
         let elapsed = began.elapsed();
         report.borrow_mut().record(x, outcome, elapsed, settings.timeout);
     }
