@@ -301,3 +301,35 @@ pub fn options_of<T: Any + Send + Sync>(worker: &str) -> Option<Arc<T>> {
     let (_, table) = OPTIONS.get()?;
     table.get(worker)?.clone().downcast().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spawn_with_forks_gets_their_shutdown_timeouts_plus_its_own() {
+        let config = Config::default();
+        let supervision = Supervision {
+            shutdown_timeout: Some(Duration::from_secs(3)),
+            ..Supervision::default()
+        };
+        let spawn = Role::Spawn { name: "w".into() };
+        let fork = Role::Fork {
+            name: "w".into(),
+            number: 1,
+            of: 2,
+        };
+        assert_eq!(supervision.shutdown_budget(&spawn, 2, &config), Duration::from_secs(9));
+        assert_eq!(supervision.shutdown_budget(&spawn, 0, &config), Duration::from_secs(3));
+        assert_eq!(supervision.shutdown_budget(&fork, 2, &config), Duration::from_secs(3));
+        // The cluster's default applies when the worker sets none.
+        assert_eq!(
+            Supervision::default().shutdown_budget(&spawn, 1, &config),
+            config.shutdown_timeout * 2
+        );
+        assert_eq!(
+            supervision.child(spawn, "c/w".into(), 2, &config).shutdown_timeout,
+            Duration::from_secs(9)
+        );
+    }
+}
