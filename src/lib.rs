@@ -4,12 +4,16 @@
 //! The library only holds what several targets share; see [`bench`](mod@bench) for the
 //! transport benchmark support used by `benches/transport.rs` and
 //! `examples/transport_compare.rs`, [`http`] for the HTTP-serving forks of the
-//! real example and the fixtures, and [`fixture`] for the fixture binaries.
+//! real example and the fixtures, [`fixture`] for the fixture binaries, and
+//! [`chaos`](mod@chaos) for the chaos harness of `examples/chaos.rs` and
+//! `tests/chaos.rs`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 #[cfg(unix)]
 pub mod bench;
+#[cfg(unix)]
+pub mod chaos;
 
 /// HTTP serving from a fork of a worker that shares a listener.
 pub mod http {

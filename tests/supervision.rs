@@ -261,6 +261,41 @@ fn sigterm_to_the_master_stops_every_child_in_reverse_order_and_exits_zero() {
 }
 
 #[test]
+fn a_spawns_shutdown_budget_covers_its_forks_stopping_one_after_another() {
+    // Each fork takes 2 s to stop, under a 3 s shutdown timeout: the spawn
+    // stops them one after another (4 s), longer than one timeout.
+    let mut sup = Sup::start(&["--pool", "2", "--slow-stop", "pool=2000", "--shutdown-ms", "3000"]);
+    sup.event("ready sup/pool ");
+    sup.fixture.signal(Signal::TERM);
+    let status = sup.fixture.wait();
+    assert!(status.success(), "{status:?}: {:#?}", sup.fixture.seen);
+    assert!(
+        sup.fixture.seen.iter().any(|l| l == "stopped"),
+        "{:#?}",
+        sup.fixture.seen
+    );
+    assert_eq!(sup.order("stopping"), ["sup/pool/2", "sup/pool/1"]);
+    // Both forks stopped gracefully, then the rest in reverse order.
+    assert_eq!(
+        sup.order("stop"),
+        ["sup/pool/2", "sup/pool/1", "sup/c", "sup/b", "sup/a"],
+        "{:#?}",
+        sup.fixture.seen
+    );
+    let killed: Vec<&String> = sup
+        .fixture
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("event exited ") && !l.ends_with(" normal"))
+        .collect();
+    assert!(killed.is_empty(), "{killed:#?}");
+    let lines = sup.fixture.stderr_lines();
+    let kills: Vec<&String> = lines.iter().filter(|l| l.contains("killing it")).collect();
+    assert!(kills.is_empty(), "{kills:#?}");
+    sup.nothing_left();
+}
+
+#[test]
 fn a_child_that_ignores_the_graceful_stop_is_killed_after_its_shutdown_timeout() {
     let mut sup = Sup::start(&["--stubborn", "c", "--shutdown-ms", "300"]);
     sup.ready("sup/a");

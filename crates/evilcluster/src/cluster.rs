@@ -117,7 +117,8 @@ impl Cluster {
     }
 
     /// How long a child may take to stop gracefully before it is killed
-    /// (default 5 s). [`Worker::shutdown_timeout`] overrides it.
+    /// (default 5 s). [`Worker::shutdown_timeout`] overrides it. A spawn with
+    /// forks gets its forks' timeouts on top of its own: it stops them first.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.config.shutdown_timeout = timeout;
         self
@@ -332,6 +333,7 @@ impl Cluster {
                             name: worker.name.clone(),
                         },
                         format!("{}/{}", self.name, worker.name),
+                        worker.forks,
                         &self.config,
                     )
                 })
@@ -404,8 +406,13 @@ impl Cluster {
             .iter()
             .position(|w| w.name == name)
             .ok_or_else(|| Error::Environment(format!("worker `{name}` is not declared in this program")))?;
-        let shutdown_timeout = self.workers[index].supervision.shutdown_timeout(&self.config);
-        let (cookie, stop_requests) = crate::process::attach_to_parent(&env, shutdown_timeout * 2)?;
+        let worker = &self.workers[index];
+        // The whole of this process's budget (its forks' included, for a
+        // spawn): its parent waits that long before killing it.
+        let budget = worker
+            .supervision
+            .shutdown_budget(&env.role, worker.forks, &self.config);
+        let (cookie, stop_requests) = crate::process::attach_to_parent(&env, budget.saturating_mul(2))?;
         publish_options(Some(&name), &self.workers);
         record_panics();
         let worker = self.workers.swap_remove(index);
@@ -642,6 +649,7 @@ impl Child {
                             of: worker.forks,
                         },
                         format!("{}/{number}", self.env.path),
+                        worker.forks,
                         &self.config,
                     )
                 })

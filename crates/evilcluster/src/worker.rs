@@ -72,21 +72,35 @@ pub(crate) struct Supervision {
 }
 
 impl Supervision {
-    /// How one of the worker's processes (the spawn, or fork `k`) is supervised.
-    pub fn child(&self, role: Role, path: String, config: &Config) -> ChildSpec {
+    /// How one of the worker's processes (the spawn, or fork `k`) of a
+    /// worker with `forks` forks is supervised.
+    pub fn child(&self, role: Role, path: String, forks: u32, config: &Config) -> ChildSpec {
         ChildSpec {
+            shutdown_timeout: self.shutdown_budget(&role, forks, config),
             role,
             path,
             restart: self.restart,
             backoff: self.backoff,
             start_timeout: self.start_timeout.unwrap_or(config.start_timeout),
-            shutdown_timeout: self.shutdown_timeout(config),
         }
     }
 
     /// How long each of the worker's processes may take to stop gracefully.
     pub fn shutdown_timeout(&self, config: &Config) -> Duration {
         self.shutdown_timeout.unwrap_or(config.shutdown_timeout)
+    }
+
+    /// How long the process in `role` of a worker with `forks` forks may
+    /// take to stop before its parent kills it. Budgets nest, as OTP gives a
+    /// supervisor `infinity`: a spawn with forks stops them one after
+    /// another, each within its own timeout, then itself, so its budget is
+    /// the sum; killing it sooner would kill its forks mid-stop.
+    pub fn shutdown_budget(&self, role: &Role, forks: u32, config: &Config) -> Duration {
+        let own = self.shutdown_timeout(config);
+        match role {
+            Role::Spawn { .. } if forks > 0 => own.saturating_mul(forks.saturating_add(1)),
+            _ => own,
+        }
     }
 }
 
@@ -202,6 +216,8 @@ impl Worker {
 
     /// How long each of this worker's processes may take to stop gracefully
     /// before it is killed (overrides [`Cluster::shutdown_timeout`](crate::Cluster::shutdown_timeout)).
+    /// The spawn of a worker with forks stops its forks one after another
+    /// first, so its parent gives it the forks' timeouts plus its own.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.supervision.shutdown_timeout = Some(timeout);
         self
@@ -284,4 +300,36 @@ pub fn options<T: Any + Send + Sync>() -> Option<Arc<T>> {
 pub fn options_of<T: Any + Send + Sync>(worker: &str) -> Option<Arc<T>> {
     let (_, table) = OPTIONS.get()?;
     table.get(worker)?.clone().downcast().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spawn_with_forks_gets_their_shutdown_timeouts_plus_its_own() {
+        let config = Config::default();
+        let supervision = Supervision {
+            shutdown_timeout: Some(Duration::from_secs(3)),
+            ..Supervision::default()
+        };
+        let spawn = Role::Spawn { name: "w".into() };
+        let fork = Role::Fork {
+            name: "w".into(),
+            number: 1,
+            of: 2,
+        };
+        assert_eq!(supervision.shutdown_budget(&spawn, 2, &config), Duration::from_secs(9));
+        assert_eq!(supervision.shutdown_budget(&spawn, 0, &config), Duration::from_secs(3));
+        assert_eq!(supervision.shutdown_budget(&fork, 2, &config), Duration::from_secs(3));
+        // The cluster's default applies when the worker sets none.
+        assert_eq!(
+            Supervision::default().shutdown_budget(&spawn, 1, &config),
+            config.shutdown_timeout * 2
+        );
+        assert_eq!(
+            supervision.child(spawn, "c/w".into(), 2, &config).shutdown_timeout,
+            Duration::from_secs(9)
+        );
+    }
 }
