@@ -18,6 +18,13 @@ pub enum Frame<'a> {
     /// The receiver finished this many one-way messages (requests that
     /// wanted no reply): the sender may put as many more in flight.
     Credit(Credit),
+    /// The sender is stopping: send it no new requests on this connection
+    /// (those already sent are still answered). Answered with
+    /// [`Frame::GoAwayAck`] once nothing more will follow.
+    GoAway,
+    /// Nothing follows this frame on the connection but replies and
+    /// credits: the receiver, which sent [`Frame::GoAway`], may finish.
+    GoAwayAck,
 }
 
 /// Flow control for one-way messages: how many the sender of this frame
@@ -87,7 +94,7 @@ impl<'a> Frame<'a> {
         32 + match self {
             Frame::Request(r) => r.actor.len() + r.tag.len() + r.payload.len(),
             Frame::Reply(r) => r.result.as_ref().map_or(64, |p| p.0.len()),
-            Frame::Credit(_) => 0,
+            Frame::Credit(_) | Frame::GoAway | Frame::GoAwayAck => 0,
         }
     }
 }

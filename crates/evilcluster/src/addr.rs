@@ -203,12 +203,25 @@ impl<A: RemoteActor> RemoteAddr<A> {
         let node = node::current().ok_or(SendError::NotInCluster)?;
         let deadline = self.deadline(&node);
         node.stats.sent();
-        let (link, incarnation) = match self.route_now(&node) {
-            Route::Ready(link, incarnation) => (link, incarnation),
-            pending => self.route(&node, pending, deadline, &[]).await?,
-        };
-        let (_, queued) = queue(&link, A::NAME, incarnation, message, false, wait_for_room, deadline).await;
-        queued.map(drop)
+        let mut route = Some(self.route_now(&node));
+        let mut avoid = Vec::new();
+        let mut message = message;
+        loop {
+            let next = route.take().unwrap_or_else(|| self.route_now(&node));
+            let (link, incarnation) = self.route(&node, next, deadline, &avoid).await?;
+            let (returned, queued) = queue(&link, A::NAME, incarnation, message, false, wait_for_room, deadline).await;
+            match queued {
+                Ok(_) => return Ok(()),
+                // Refused before it was sent (the instance is stopping):
+                // another instance takes it.
+                Err(error @ SendError::Rejected { .. }) if Instant::now() >= deadline => return Err(error),
+                Err(SendError::Rejected { .. }) => {
+                    avoid.push((link.peer.path.clone(), incarnation));
+                    message = returned;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     fn deadline(&self, node: &Node) -> Instant {
@@ -536,13 +549,14 @@ async fn queue<M: RemoteMessage>(
         Ok(Err(waiting)) => waiting,
         Err(error) => return (message, Err(error)),
     };
-    let outcome = match tokio::time::timeout_at(deadline.into(), slot.room(frame_size(actor, M::TAG, payload.len()))).await {
-        Err(_) => Err(timed_out(actor, M::TAG, started)),
-        Ok(Err(error)) => Err(link_error(link, actor, M::TAG, error)),
-        Ok(Ok(admission)) => link
-            .request(actor, M::TAG, incarnation, &payload, reply, Some(admission))
-            .map_err(|error| link_error(link, actor, M::TAG, error)),
-    };
+    let outcome =
+        match tokio::time::timeout_at(deadline.into(), slot.room(frame_size(actor, M::TAG, payload.len()))).await {
+            Err(_) => Err(timed_out(actor, M::TAG, started)),
+            Ok(Err(error)) => Err(link_error(link, actor, M::TAG, error)),
+            Ok(Ok(admission)) => link
+                .request(actor, M::TAG, incarnation, &payload, reply, Some(admission))
+                .map_err(|error| link_error(link, actor, M::TAG, error)),
+        };
     (message, outcome)
 }
 
@@ -556,6 +570,11 @@ fn link_error(link: &Link, actor: &'static str, tag: &'static str, error: LinkEr
         LinkError::Full => SendError::Full {
             actor,
             path: link.peer.path.clone(),
+        },
+        LinkError::GoingAway => SendError::Rejected {
+            actor,
+            tag,
+            reason: format!("{} is stopping and takes no new requests", link.peer.path),
         },
         LinkError::Closed(reason) => SendError::Disconnected {
             actor,

@@ -618,6 +618,9 @@ impl Child {
                 // New requests go to other instances from now on; the actor
                 // handles what it has already received, then stops.
                 leave(node, &master, path).await;
+                // Peers send new requests elsewhere; what is already on its
+                // way is still handled here, or passed on.
+                node.go_away();
                 node.remove_service(name);
                 let _ = stop.send(());
                 let _ = stopped.await;

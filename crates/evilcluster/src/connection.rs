@@ -78,6 +78,8 @@ struct Pending {
 struct Calls {
     pending: FxHashMap<u64, Pending>,
     closed: Option<String>,
+    /// The peer is stopping ([`Frame::GoAway`]): no new requests to it.
+    gone_away: bool,
 }
 
 /// Why a frame could not be queued.
@@ -88,6 +90,9 @@ pub(crate) enum LinkError {
     },
     /// No room right now, and the caller asked not to wait.
     Full,
+    /// The peer is stopping and takes no new requests; nothing was sent,
+    /// so the message may go to another instance.
+    GoingAway,
     Closed(String),
 }
 
@@ -194,6 +199,10 @@ pub(crate) struct Link {
     serving: AtomicUsize,
     /// One-way messages sent and not yet credited back by the peer.
     uncredited: AtomicUsize,
+    /// This process told the peer it is stopping.
+    asked_to_go: AtomicBool,
+    /// The peer acknowledged that: nothing but replies and credits follows.
+    quiet: AtomicBool,
 }
 
 impl Link {
@@ -211,7 +220,10 @@ impl Link {
             calls: Mutex::new(Calls {
                 pending: FxHashMap::default(),
                 closed: None,
+                gone_away: false,
             }),
+            asked_to_go: AtomicBool::new(false),
+            quiet: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             slots: Semaphore::new(WINDOW),
@@ -302,23 +314,6 @@ impl Link {
             if body.len() > self.max_frame {
                 return Err(LinkError::TooLarge { size: body.len() });
             }
-            let waiter = if reply {
-                let (sender, rx) = oneshot::channel();
-                let mut calls = self.lock_calls();
-                if let Some(reason) = &calls.closed {
-                    return Err(LinkError::Closed(reason.clone()));
-                }
-                calls.pending.insert(id, Pending { reply: sender, slotted });
-                Some((id, rx))
-            } else {
-                if self.is_closed() {
-                    return Err(self.closed_error());
-                }
-                None
-            };
-            if slotted && !reply {
-                self.uncredited.fetch_add(1, Ordering::AcqRel);
-            }
             let budgeted = match admission {
                 Some(mut admission) => {
                     admission.used = true;
@@ -326,6 +321,32 @@ impl Link {
                 }
                 None => 0,
             };
+            // Checked and queued under the lock that `close` and a peer's
+            // `GoAway` take: a request is either refused, or queued before
+            // the close fails it / before the `GoAwayAck` that promises the
+            // peer nothing more.
+            let mut calls = self.lock_calls();
+            let refused = match &calls.closed {
+                Some(reason) => Some(LinkError::Closed(reason.clone())),
+                None if calls.gone_away && takes_slot(actor) => Some(LinkError::GoingAway),
+                None => None,
+            };
+            if let Some(refused) = refused {
+                drop(calls);
+                if slotted {
+                    self.slots.add_permits(1);
+                    self.room.add_permits(budgeted);
+                }
+                return Err(refused);
+            }
+            let waiter = reply.then(|| {
+                let (sender, rx) = oneshot::channel();
+                calls.pending.insert(id, Pending { reply: sender, slotted });
+                (id, rx)
+            });
+            if slotted && !reply {
+                self.uncredited.fetch_add(1, Ordering::AcqRel);
+            }
             self.queue(body, budgeted);
             Ok(waiter)
         })
@@ -428,10 +449,35 @@ impl Link {
     }
 
     fn credit(&self, count: usize) {
+        self.queue_frame(&Frame::Credit(Credit { count: count as u32 }));
+    }
+
+    /// Tells the peer this process is stopping: it sends no new requests
+    /// here, and acknowledges once nothing more will follow.
+    pub fn go_away(&self) {
+        if self.asked_to_go.swap(true, Ordering::AcqRel) || self.is_closed() {
+            return;
+        }
+        self.queue_frame(&Frame::GoAway);
+    }
+
+    /// Whether the peer can send nothing more here but replies and credits
+    /// (it acknowledged [`go_away`](Self::go_away)), or the link is closed.
+    pub fn is_quiet(&self) -> bool {
+        self.is_closed() || self.quiet.load(Ordering::Acquire)
+    }
+
+    /// The peer is stopping: refuse new requests to it from now on, and
+    /// acknowledge after everything already queued.
+    fn peer_going_away(&self) {
+        let mut calls = self.lock_calls();
+        calls.gone_away = true;
+        self.queue_frame(&Frame::GoAwayAck);
+    }
+
+    fn queue_frame(&self, frame: &Frame<'_>) {
         with_scratch(|body| {
-            Frame::Credit(Credit { count: count as u32 })
-                .encode_into(body)
-                .expect("a credit frame always encodes");
+            frame.encode_into(body).expect("a control frame always encodes");
             self.queue(body, 0);
         })
     }
@@ -600,6 +646,8 @@ async fn read_loop(node: &Arc<Node>, link: &Link, mut frames: FramedRead<ReadHal
                         Err(error) => warn!(peer = %link.peer.path, %error, "ignored a malformed frame"),
                         Ok(Frame::Reply(reply)) => link.complete(reply.id, reply.result.map(|p| body.slice_ref(p.0))),
                         Ok(Frame::Credit(credit)) => link.credited(credit.count),
+                        Ok(Frame::GoAway) => link.peer_going_away(),
+                        Ok(Frame::GoAwayAck) => link.quiet.store(true, Ordering::Release),
                         Ok(Frame::Request(request)) => {
                             let id = request.id;
                             let reply = request.reply;
@@ -744,7 +792,10 @@ mod tests {
         let mut ids = Vec::new();
         for _ in 0..WINDOW {
             let admission = link.try_admit(100).expect("room in the window");
-            let (id, _) = link.request("user", "t", 1, b"\xc0", true, Some(admission)).unwrap().unwrap();
+            let (id, _) = link
+                .request("user", "t", 1, b"\xc0", true, Some(admission))
+                .unwrap()
+                .unwrap();
             ids.push(id);
         }
         assert!(matches!(link.try_admit(100), Err(LinkError::Full)));
@@ -753,7 +804,11 @@ mod tests {
         link.request("user", "t", 1, b"\xc0", false, Some(admission)).unwrap();
         assert!(matches!(link.try_admit(100), Err(LinkError::Full)));
         link.credited(u32::MAX);
-        assert_eq!(link.slots.available_permits(), 1, "a credit gives back at most what is missing");
+        assert_eq!(
+            link.slots.available_permits(),
+            1,
+            "a credit gives back at most what is missing"
+        );
         // A caller that gave up keeps its place until the reply comes.
         link.cancel(ids[1]);
         assert_eq!(link.slots.available_permits(), 1);

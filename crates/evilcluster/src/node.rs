@@ -80,6 +80,9 @@ pub(crate) struct Node {
     /// One-way messages being passed on to another instance (see
     /// [`Node::refused`]); a drain waits for them.
     forwarding: AtomicUsize,
+    /// Set when this process starts stopping: every connection, including
+    /// ones opened from now on, is told to go away.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 static CURRENT: RwLock<Option<Arc<Node>>> = RwLock::new(None);
@@ -126,6 +129,7 @@ impl Node {
             registry: OnceLock::new(),
             stats: Stats::new(),
             forwarding: AtomicUsize::new(0),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         });
         node.add_service(STATS, Arc::new(StatsService(Arc::downgrade(&node))));
         node.add_service(EVENTS, Arc::new(EventService(Arc::downgrade(&node))));
@@ -165,21 +169,40 @@ impl Node {
         self.services.write().unwrap_or_else(|e| e.into_inner()).remove(name);
     }
 
-    /// Waits (at most `limit`) until every connection has answered what it
-    /// was working on and written it out: a graceful stop loses no reply.
+    fn open_links(&self) -> Vec<Arc<Link>> {
+        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        links.values().filter_map(|slot| slot.link.get().cloned()).collect()
+    }
+
+    /// Tells every peer this process is stopping: they send it no new
+    /// requests (sending them to other instances instead), and each says
+    /// when nothing more will come on its connection.
+    pub fn go_away(&self) {
+        self.stopping.store(true, Ordering::Release);
+        for link in self.open_links() {
+            link.go_away();
+        }
+    }
+
+    /// Waits (at most `limit`) until nothing this process accepted can be
+    /// lost by its exit: every peer has acknowledged [`go_away`](Self::go_away)
+    /// (nothing more is on its way), every request received has been
+    /// answered, every one-way message passed on, and every byte written.
     pub async fn drain(&self, limit: Duration) {
+        self.go_away();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let links: Vec<Arc<Link>> = {
-                let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-                links.values().filter_map(|slot| slot.link.get().cloned()).collect()
-            };
+            let links = self.open_links();
             let forwarding = self.forwarding.load(Ordering::Acquire) > 0;
-            if !forwarding && links.iter().all(|link| link.is_closed() || link.is_idle()) {
+            let quiet = links.iter().all(|link| link.is_quiet());
+            if !forwarding && quiet && links.iter().all(|link| link.is_closed() || link.is_idle()) {
                 return;
             }
             if tokio::time::Instant::now() >= deadline {
-                warn!("replies still unwritten after {limit:?}; stopping anyway");
+                warn!(
+                    forwarding,
+                    quiet, "messages still in flight after {limit:?}; stopping anyway"
+                );
                 return;
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -336,6 +359,9 @@ impl Node {
         if link.is_closed() {
             return Err(format!("connection to {} closed", member.path));
         }
+        if self.stopping.load(Ordering::Acquire) {
+            link.go_away();
+        }
         Ok(link.clone())
     }
 
@@ -354,6 +380,9 @@ impl Node {
             incarnation: link.peer.incarnation,
             link: Arc::new(OnceCell::new_with(Some(link.clone()))),
         };
+        if self.stopping.load(Ordering::Acquire) {
+            link.go_away();
+        }
         match links.get(&link.peer.path) {
             Some(slot) if slot.incarnation == link.peer.incarnation => {
                 if slot.link.get().is_some_and(|l| l.is_closed()) {

@@ -42,6 +42,25 @@ pub(crate) struct ChildProcess {
     control: Option<ChildStdin>,
 }
 
+/// glibc's allocator raises its mmap threshold each time a large block is
+/// freed, after which large blocks come from the heap and stay with the
+/// process: one 4 MiB message left a worker 4-12 MiB larger for good. A fixed
+/// threshold (1 MiB) keeps large message buffers in their own mappings,
+/// returned to the system when freed. Applied to the children the runtime
+/// starts, unless the user set glibc's malloc tunables themselves.
+const MALLOC_TUNABLE: &str = "glibc.malloc.mmap_threshold=1048576";
+
+fn allocator_tunables() -> Option<String> {
+    if !cfg!(all(target_os = "linux", target_env = "gnu")) {
+        return None;
+    }
+    match std::env::var("GLIBC_TUNABLES") {
+        Ok(existing) if existing.contains("glibc.malloc.") => None,
+        Ok(existing) if !existing.is_empty() => Some(format!("{existing}:{MALLOC_TUNABLE}")),
+        _ => Some(MALLOC_TUNABLE.to_owned()),
+    }
+}
+
 /// Starts a child. Call it from the thread that outlives the child (the
 /// runtime's own thread): Linux ties the child's parent-death signal to
 /// the thread that forked it.
@@ -76,6 +95,9 @@ pub(crate) async fn launch(launch: Launch<'_>) -> Result<ChildProcess, Error> {
         .env(env::PARENT, std::process::id().to_string());
     if let Some(listener) = launch.listener {
         command.env(env::LISTENER, listener);
+    }
+    if let Some(tunables) = allocator_tunables() {
+        command.env("GLIBC_TUNABLES", tunables);
     }
     if let Some((number, of)) = fork {
         command
