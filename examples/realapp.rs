@@ -137,6 +137,14 @@ struct Visit {
     datastore: Hop,
 }
 
+/// Api: `user`'s profile, read-only. Safe to handle twice, so a call whose
+/// api fork dies is sent again to another one (see `remote_messages!`).
+#[derive(Message, Serialize, Deserialize)]
+#[rtype(result = "Option<String>")]
+struct ReadProfile {
+    user: String,
+}
+
 /// Api: which fork answers and how many visits it has recorded.
 #[derive(Message, Serialize, Deserialize)]
 #[rtype(result = "ApiHealth")]
@@ -163,7 +171,10 @@ struct Page {
 }
 
 evilcluster::remote_messages! {
-    Get => "datastore.get",
+    // Reads are idempotent: a reader whose instance dies mid-call is
+    // answered by another instance within the same deadline.
+    Get => "datastore.get", idempotent,
+    ReadProfile => "api.read_profile", idempotent,
     Put => "datastore.put",
     Incr => "datastore.incr",
     Scan => "datastore.scan",
@@ -303,10 +314,26 @@ impl Handler<Health> for WebserverApi {
     }
 }
 
+impl Handler<ReadProfile> for WebserverApi {
+    type Result = ResponseFuture<Option<String>>;
+    fn handle(&mut self, ReadProfile { user }: ReadProfile, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(async move {
+            evilcluster::addr_of::<InMemoryDatastore>()
+                .send(Get(format!("profile:{user}")))
+                .await
+                .ok()
+                .flatten()
+        })
+    }
+}
+
 impl RemoteActor for WebserverApi {
     const NAME: &'static str = "webserverApi";
     fn routes(routes: &mut Routes<Self>) {
-        routes.handle::<RecordVisit>().handle::<Health>();
+        routes
+            .handle::<RecordVisit>()
+            .handle::<Health>()
+            .handle::<ReadProfile>();
     }
 }
 
@@ -366,18 +393,34 @@ async fn render(site: String, user: String) -> Result<Page, String> {
 fn serve_http(listener: std::net::TcpListener, site: String) -> Option<actix_web::dev::ServerHandle> {
     let app = move || {
         let site = site.clone();
-        actix_web::App::new().route(
-            "/{user}",
-            actix_web::web::get().to(move |user: actix_web::web::Path<String>| {
-                let site = site.clone();
-                async move {
-                    match render(site, user.into_inner()).await {
-                        Ok(page) => actix_web::HttpResponse::Ok().body(describe(&page)),
-                        Err(error) => actix_web::HttpResponse::BadGateway().body(error),
+        actix_web::App::new()
+            // Read-only: answered even while forks die (idempotent calls).
+            .route(
+                "/profile/{user}",
+                actix_web::web::get().to(|user: actix_web::web::Path<String>| async move {
+                    let user = user.into_inner();
+                    match evilcluster::addr_of::<WebserverApi>()
+                        .send(ReadProfile { user: user.clone() })
+                        .await
+                    {
+                        Ok(Some(profile)) => actix_web::HttpResponse::Ok().body(format!("{user}: {profile}\n")),
+                        Ok(None) => actix_web::HttpResponse::Ok().body(format!("{user}: no profile\n")),
+                        Err(error) => actix_web::HttpResponse::BadGateway().body(error.to_string()),
                     }
-                }
-            }),
-        )
+                }),
+            )
+            .route(
+                "/{user}",
+                actix_web::web::get().to(move |user: actix_web::web::Path<String>| {
+                    let site = site.clone();
+                    async move {
+                        match render(site, user.into_inner()).await {
+                            Ok(page) => actix_web::HttpResponse::Ok().body(describe(&page)),
+                            Err(error) => actix_web::HttpResponse::BadGateway().body(error),
+                        }
+                    }
+                }),
+            )
     };
     match actix_web::HttpServer::new(app)
         .workers(1)
