@@ -212,10 +212,14 @@ impl<A: RemoteActor> RemoteAddr<A> {
             let (returned, queued) = queue(&link, A::NAME, incarnation, message, false, wait_for_room, deadline).await;
             match queued {
                 Ok(_) => return Ok(()),
-                // Refused before it was sent (the instance is stopping):
-                // another instance takes it.
-                Err(error @ SendError::Rejected { .. }) if Instant::now() >= deadline => return Err(error),
-                Err(SendError::Rejected { .. }) => {
+                // Refused before it was sent (the instance is stopping, or
+                // the connection closed): another instance takes it.
+                Err(error @ (SendError::Rejected { .. } | SendError::Disconnected { .. }))
+                    if Instant::now() >= deadline =>
+                {
+                    return Err(error)
+                }
+                Err(SendError::Rejected { .. } | SendError::Disconnected { .. }) => {
                     avoid.push((link.peer.path.clone(), incarnation));
                     message = returned;
                 }
@@ -357,13 +361,6 @@ impl<A, M> SendRequest<A, M> {
     }
 }
 
-/// A request queued on a connection, waiting for its reply.
-struct Queued {
-    link: Arc<Link>,
-    incarnation: u64,
-    waiter: ReplyWaiter,
-}
-
 impl<A, M> IntoFuture for SendRequest<A, M>
 where
     A: RemoteActor + Handler<M>,
@@ -389,16 +386,11 @@ where
         // order of the calls; otherwise once the name resolves and there is room.
         let (first, mut route) = match addr.route_now(&node) {
             Route::Ready(link, incarnation) => match try_queue::<M>(&link, A::NAME, incarnation, &message, true) {
-                Ok(Some(waiter)) => (
-                    Some(Ok(Queued {
-                        link,
-                        incarnation,
-                        waiter: waiter.expect("a reply was asked for"),
-                    })),
-                    None,
-                ),
                 Ok(None) => (None, Some(Route::Ready(link, incarnation))),
-                Err(error) => (Some(Err(error)), None),
+                queued => {
+                    let queued = queued.map(|waiter| waiter.flatten().expect("a reply was asked for"));
+                    (Some((link, incarnation, queued)), None)
+                }
             },
             // Kept for the first attempt: picking again would skip an
             // instance of the round robin.
@@ -411,27 +403,31 @@ where
                 let mut avoid: Vec<(String, u64)> = Vec::new();
                 let mut first = first;
                 loop {
-                    let Queued {
-                        link,
-                        incarnation,
-                        waiter,
-                    } = match first.take() {
-                        Some(queued) => queued?,
+                    let (link, incarnation, queued) = match first.take() {
+                        Some(first) => first,
                         None => {
                             let next = route.take().unwrap_or_else(|| addr.route_now(&node));
                             let (link, incarnation) = addr.route(&node, next, deadline, &avoid).await?;
                             let (returned, queued) =
                                 queue(&link, A::NAME, incarnation, message, true, wait_for_room, deadline).await;
                             message = returned;
-                            let waiter = queued?.expect("a reply was asked for");
-                            Queued {
-                                link,
-                                incarnation,
-                                waiter,
-                            }
+                            let queued = queued.map(|waiter| waiter.expect("a reply was asked for"));
+                            (link, incarnation, queued)
                         }
                     };
-                    match wait(&link, waiter, A::NAME, M::TAG, deadline, started).await {
+                    let outcome = match queued {
+                        Ok(waiter) => wait(&link, waiter, A::NAME, M::TAG, deadline, started).await,
+                        // Not sent at all: safe to send anywhere else.
+                        Err(error) if matches!(error, SendError::Rejected { .. } | SendError::Disconnected { .. }) => {
+                            if Instant::now() < deadline {
+                                avoid.push((link.peer.path.clone(), incarnation));
+                                continue;
+                            }
+                            Err(error)
+                        }
+                        Err(error) => Err(error),
+                    };
+                    match outcome {
                         Ok(reply) => return decode_reply(M::TAG, &reply),
                         Err(error) if Instant::now() < deadline && retry_elsewhere::<M>(&error) => {
                             tracing::debug!(actor = A::NAME, tag = M::TAG, path = %link.peer.path, %error, "sending again to another instance");
