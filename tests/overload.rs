@@ -97,3 +97,8 @@ fn try_do_send_to_a_stalled_receiver_is_refused_as_full_at_once() {
     let result = run(&["try_full"]);
     assert!(result["accepted_before_full"] > 0, "{result:?}");
 }
+
+#[test]
+fn calls_through_a_recipient_from_a_plain_thread_and_from_a_tokio_runtime() {
+    run(&["calling"]);
+}

@@ -1,11 +1,10 @@
 //! Typed addresses of remote actors.
 
-use std::future::IntoFuture;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::Handler;
+use actix::{Handler, Message};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
@@ -23,10 +22,18 @@ use crate::SendError;
 /// process's local directory, so it follows restarts. For a worker with
 /// forks, each send goes to the next live fork in turn.
 pub struct RemoteAddr<A> {
+    target: Target,
+    actor: PhantomData<fn() -> A>,
+}
+
+/// Where a send goes, untyped: what [`RemoteAddr`] and [`RemoteRecipient`]
+/// share.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    actor: &'static str,
     pick: Pick,
     timeout: Option<Duration>,
     resolve_timeout: Option<Duration>,
-    actor: PhantomData<fn() -> A>,
 }
 
 impl<A> Clone for RemoteAddr<A> {
@@ -41,7 +48,7 @@ impl<A> std::fmt::Debug for RemoteAddr<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteAddr")
             .field("actor", &std::any::type_name::<A>())
-            .field("pick", &self.pick)
+            .field("pick", &self.target.pick)
             .finish()
     }
 }
@@ -63,19 +70,21 @@ impl<A> std::fmt::Debug for RemoteAddr<A> {
 /// ```
 pub fn addr_of<A: RemoteActor>() -> RemoteAddr<A> {
     RemoteAddr {
-        pick: Pick::Any,
-        timeout: None,
-        resolve_timeout: None,
+        target: Target {
+            actor: A::NAME,
+            pick: Pick::Any,
+            timeout: None,
+            resolve_timeout: None,
+        },
         actor: PhantomData,
     }
 }
 
 /// The address of fork `number` (1-based) of actor `A`'s worker.
 pub fn addr_of_fork<A: RemoteActor>(number: u32) -> RemoteAddr<A> {
-    RemoteAddr {
-        pick: Pick::Fork(number),
-        ..addr_of::<A>()
-    }
+    let mut addr = addr_of::<A>();
+    addr.target.pick = Pick::Fork(number);
+    addr
 }
 
 impl<A: RemoteActor> RemoteAddr<A> {
@@ -86,7 +95,7 @@ impl<A: RemoteActor> RemoteAddr<A> {
     /// timeout, 5 s unless configured). The deadline is kept by the
     /// caller's own runtime, whatever the receiving side is doing.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
+        self.target.timeout = Some(timeout);
         self
     }
 
@@ -96,8 +105,23 @@ impl<A: RemoteActor> RemoteAddr<A> {
     /// call's deadline). An actor no worker declares fails at once with
     /// [`SendError::NotDeclared`].
     pub fn resolve_timeout(mut self, timeout: Duration) -> Self {
-        self.resolve_timeout = Some(timeout);
+        self.target.resolve_timeout = Some(timeout);
         self
+    }
+
+    /// A type-erased address for one message type, like actix's
+    /// `Recipient<M>`: it can be stored beside recipients of other actors
+    /// that take the same message.
+    pub fn recipient<M>(&self) -> RemoteRecipient<M>
+    where
+        A: Handler<M>,
+        M: RemoteMessage,
+        M::Result: DeserializeOwned + Send,
+    {
+        RemoteRecipient {
+            target: self.target,
+            message: PhantomData,
+        }
     }
 
     /// Sends `message` and waits for the handler's result.
@@ -112,33 +136,25 @@ impl<A: RemoteActor> RemoteAddr<A> {
     /// before it reached a handler (the instance was leaving, or restarted)
     /// is sent again to another live instance within the deadline, and so
     /// is an [idempotent](RemoteMessage::IDEMPOTENT) one whose instance died.
-    pub fn send<M>(&self, message: M) -> SendRequest<A, M>
+    pub fn send<M>(&self, message: M) -> SendRequest<M>
     where
         A: Handler<M>,
         M: RemoteMessage,
         M::Result: DeserializeOwned + Send,
     {
-        SendRequest {
-            addr: *self,
-            message,
-            wait_for_room: true,
-        }
+        SendRequest::new(self.target, message, true)
     }
 
     /// Like [`send`](Self::send), but fails at once with
     /// [`SendError::Full`] instead of waiting when the connection has no
     /// room (it still waits for the name to resolve and to connect).
-    pub fn try_send<M>(&self, message: M) -> SendRequest<A, M>
+    pub fn try_send<M>(&self, message: M) -> SendRequest<M>
     where
         A: Handler<M>,
         M: RemoteMessage,
         M::Result: DeserializeOwned + Send,
     {
-        SendRequest {
-            addr: *self,
-            message,
-            wait_for_room: false,
-        }
+        SendRequest::new(self.target, message, false)
     }
 
     /// Sends `message` to every instance of the actor — each fork of its
@@ -156,11 +172,8 @@ impl<A: RemoteActor> RemoteAddr<A> {
         match crate::events::declared_forks(A::NAME) {
             Some(forks) if forks > 0 => {
                 let sends = (1..=forks).map(|fork| {
-                    let addr = RemoteAddr {
-                        pick: Pick::Fork(fork),
-                        ..*self
-                    }
-                    .resolve_timeout(now);
+                    let mut addr = self.resolve_timeout(now);
+                    addr.target.pick = Pick::Fork(fork);
                     let request = addr.send(message.clone());
                     async move { (Some(fork), request.await) }
                 });
@@ -182,7 +195,7 @@ impl<A: RemoteActor> RemoteAddr<A> {
         A: Handler<M>,
         M: RemoteMessage,
     {
-        self.one_way(message, true).await
+        self.target.one_way(message, true).await
     }
 
     /// Like [`do_send`](Self::do_send), but fails at once with
@@ -192,14 +205,12 @@ impl<A: RemoteActor> RemoteAddr<A> {
         A: Handler<M>,
         M: RemoteMessage,
     {
-        self.one_way(message, false).await
+        self.target.one_way(message, false).await
     }
+}
 
-    async fn one_way<M>(&self, message: M, wait_for_room: bool) -> Result<(), SendError>
-    where
-        A: Handler<M>,
-        M: RemoteMessage,
-    {
+impl Target {
+    async fn one_way<M: RemoteMessage>(&self, message: M, wait_for_room: bool) -> Result<(), SendError> {
         let node = node::current().ok_or(SendError::NotInCluster)?;
         let deadline = self.deadline(&node);
         node.stats.sent();
@@ -209,7 +220,8 @@ impl<A: RemoteActor> RemoteAddr<A> {
         loop {
             let next = route.take().unwrap_or_else(|| self.route_now(&node));
             let (link, incarnation) = self.route(&node, next, deadline, &avoid).await?;
-            let (returned, queued) = queue(&link, A::NAME, incarnation, message, false, wait_for_room, deadline).await;
+            let (returned, queued) =
+                queue(&link, self.actor, incarnation, message, false, wait_for_room, deadline).await;
             match queued {
                 Ok(_) => return Ok(()),
                 // Refused before it was sent (the instance is stopping, or
@@ -235,7 +247,7 @@ impl<A: RemoteActor> RemoteAddr<A> {
     /// The connection to send on right now, when the name is known and the
     /// connection is up (the common case: no waiting, no allocation).
     fn route_now(&self, node: &Node) -> Route {
-        match node.directory.pick(A::NAME, self.pick) {
+        match node.directory.pick(self.actor, self.pick) {
             None => Route::Resolve,
             Some(member) => match node.open_link(&member) {
                 Some(link) => Route::Ready(link, member.incarnation),
@@ -270,15 +282,15 @@ impl<A: RemoteActor> RemoteAddr<A> {
                 }
                 Route::Connect(member) => member,
                 Route::Resolve => {
-                    if crate::events::declared_forks(A::NAME).is_none() && crate::events::declared_any() {
-                        return Err(SendError::NotDeclared { actor: A::NAME });
+                    if crate::events::declared_forks(self.actor).is_none() && crate::events::declared_any() {
+                        return Err(SendError::NotDeclared { actor: self.actor });
                     }
                     let accept = |m: &Member| !avoided(&m.path, m.incarnation);
-                    let wait = node.directory.wait_pick(A::NAME, self.pick, accept);
+                    let wait = node.directory.wait_pick(self.actor, self.pick, accept);
                     tokio::time::timeout_at(resolve_by.into(), wait)
                         .await
                         .map_err(|_| SendError::NotRegistered {
-                            actor: A::NAME,
+                            actor: self.actor,
                             fork: match self.pick {
                                 Pick::Fork(number) => Some(number),
                                 Pick::Any => None,
@@ -294,14 +306,14 @@ impl<A: RemoteActor> RemoteAddr<A> {
             let connect = tokio::time::timeout_at(deadline.into(), node.link_to(&member));
             match connect.await {
                 Ok(Ok(link)) => return Ok((link, member.incarnation)),
-                Err(_) => return Err(timed_out(A::NAME, "(connecting)", started)),
+                Err(_) => return Err(timed_out(self.actor, "(connecting)", started)),
                 // The process is gone (the directory has not caught up yet):
                 // nothing was sent, so look for another instance.
                 Ok(Err(reason)) if Instant::now() < deadline => {
-                    tracing::debug!(actor = A::NAME, path = %member.path, %reason, "connecting failed; trying again");
+                    tracing::debug!(actor = self.actor, path = %member.path, %reason, "connecting failed; trying again");
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     route = Route::Resolve;
-                    if let Some(next) = node.directory.pick_where(A::NAME, self.pick, |m| {
+                    if let Some(next) = node.directory.pick_where(self.actor, self.pick, |m| {
                         !(m.path == member.path && m.incarnation == member.incarnation)
                     }) {
                         route = match node.open_link(&next) {
@@ -312,7 +324,7 @@ impl<A: RemoteActor> RemoteAddr<A> {
                 }
                 Ok(Err(reason)) => {
                     return Err(SendError::Disconnected {
-                        actor: A::NAME,
+                        actor: self.actor,
                         path: member.path.clone(),
                         reason,
                     })
@@ -344,61 +356,218 @@ enum Route {
     Resolve,
 }
 
-/// A pending [`RemoteAddr::send`]; await it for the result.
+/// A pending [`RemoteAddr::send`]: a future of the handler's result.
+///
+/// The request is queued when it is first polled (so requests polled in
+/// turn are sent in turn); set its deadline first with
+/// [`timeout`](Self::timeout). From a thread with no async runtime, use
+/// [`blocking`](Self::blocking).
 #[must_use = "a request does nothing until awaited"]
-pub struct SendRequest<A, M> {
-    addr: RemoteAddr<A>,
-    message: M,
-    wait_for_room: bool,
+pub struct SendRequest<M: Message> {
+    state: SendState<M>,
 }
 
-impl<A, M> SendRequest<A, M> {
-    /// Sets this call's deadline, counted from when it starts (see
-    /// [`RemoteAddr::timeout`]).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.addr.timeout = Some(timeout);
-        self
+enum SendState<M: Message> {
+    Ready {
+        target: Target,
+        message: M,
+        wait_for_room: bool,
+    },
+    Running(BoxFuture<'static, Result<M::Result, SendError>>),
+    Done,
+}
+
+// The message is only ever moved out, never pinned in place.
+impl<M: Message> Unpin for SendRequest<M> {}
+
+impl<M: Message> std::fmt::Debug for SendRequest<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            SendState::Ready { .. } => "ready",
+            SendState::Running(_) => "running",
+            SendState::Done => "done",
+        };
+        f.debug_struct("SendRequest")
+            .field("message", &std::any::type_name::<M>())
+            .field("state", &state)
+            .finish()
     }
 }
 
-impl<A, M> IntoFuture for SendRequest<A, M>
+impl<M> SendRequest<M>
 where
-    A: RemoteActor + Handler<M>,
+    M: RemoteMessage,
+    M::Result: DeserializeOwned + Send,
+{
+    fn new(target: Target, message: M, wait_for_room: bool) -> Self {
+        SendRequest {
+            state: SendState::Ready {
+                target,
+                message,
+                wait_for_room,
+            },
+        }
+    }
+
+    /// Sets this call's deadline, counted from when it starts (see
+    /// [`RemoteAddr::timeout`]). Has no effect once the request is polled.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        if let SendState::Ready { target, .. } = &mut self.state {
+            target.timeout = Some(timeout);
+        }
+        self
+    }
+
+    /// Sends the request and blocks this thread until it ends: for code on a
+    /// plain thread, outside any async runtime. The call itself runs on the
+    /// cluster's own runtime thread. Never call it from async code (it would
+    /// block that runtime's thread).
+    pub fn blocking(self) -> Result<M::Result, SendError>
+    where
+        M::Result: 'static,
+    {
+        let Some(node) = node::current() else {
+            return Err(SendError::NotInCluster);
+        };
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        node.spawn_on_runtime(Box::pin(async move {
+            let _ = done.send(self.await);
+        }));
+        result.recv().unwrap_or_else(|_| {
+            Err(SendError::Disconnected {
+                actor: "(unknown)",
+                path: node.identity.path.clone(),
+                reason: "the cluster's runtime stopped before the call ended".to_owned(),
+            })
+        })
+    }
+}
+
+impl<M> std::future::Future for SendRequest<M>
+where
     M: RemoteMessage,
     M::Result: DeserializeOwned + Send,
 {
     type Output = Result<M::Result, SendError>;
-    type IntoFuture = BoxFuture<'static, Self::Output>;
 
-    fn into_future(self) -> Self::IntoFuture {
-        let SendRequest {
-            addr,
-            message,
-            wait_for_room,
-        } = self;
-        let Some(node) = node::current() else {
-            return Box::pin(std::future::ready(Err(SendError::NotInCluster)));
-        };
-        let started = Instant::now();
-        let deadline = addr.deadline(&node);
-        node.stats.sent();
-        // Queued now when there is room, so that the order of sends is the
-        // order of the calls; otherwise once the name resolves and there is room.
-        let (first, mut route) = match addr.route_now(&node) {
-            Route::Ready(link, incarnation) => match try_queue::<M>(&link, A::NAME, incarnation, &message, true) {
-                Ok(None) => (None, Some(Route::Ready(link, incarnation))),
-                queued => {
-                    let queued = queued.map(|waiter| waiter.flatten().expect("a reply was asked for"));
-                    (Some((link, incarnation, queued)), None)
-                }
-            },
-            // Kept for the first attempt: picking again would skip an
-            // instance of the round robin.
-            pending => (None, Some(pending)),
-        };
-        Box::pin(async move {
-            let node_for_log = node.clone();
-            let outcome = async move {
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = &mut *self;
+        if let SendState::Ready { .. } = this.state {
+            let SendState::Ready {
+                target,
+                message,
+                wait_for_room,
+            } = std::mem::replace(&mut this.state, SendState::Done)
+            else {
+                unreachable!("matched just above")
+            };
+            this.state = SendState::Running(start_send(target, message, wait_for_room));
+        }
+        match &mut this.state {
+            SendState::Running(call) => {
+                let outcome = std::task::ready!(call.as_mut().poll(cx));
+                this.state = SendState::Done;
+                std::task::Poll::Ready(outcome)
+            }
+            _ => panic!("a SendRequest polled after it completed"),
+        }
+    }
+}
+
+/// A type-erased remote address for messages of type `M`, whichever actor
+/// answers them (see [`RemoteAddr::recipient`]).
+pub struct RemoteRecipient<M> {
+    target: Target,
+    message: PhantomData<fn(M)>,
+}
+
+impl<M> Clone for RemoteRecipient<M> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<M> Copy for RemoteRecipient<M> {}
+
+impl<M> std::fmt::Debug for RemoteRecipient<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteRecipient")
+            .field("actor", &self.target.actor)
+            .field("message", &std::any::type_name::<M>())
+            .finish()
+    }
+}
+
+impl<M> RemoteRecipient<M>
+where
+    M: RemoteMessage,
+    M::Result: DeserializeOwned + Send,
+{
+    /// The name of the actor it reaches.
+    pub fn actor(&self) -> &'static str {
+        self.target.actor
+    }
+
+    /// Sets the deadline of each call (see [`RemoteAddr::timeout`]).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.target.timeout = Some(timeout);
+        self
+    }
+
+    /// Sends `message` and waits for the result (see [`RemoteAddr::send`]).
+    pub fn send(&self, message: M) -> SendRequest<M> {
+        SendRequest::new(self.target, message, true)
+    }
+
+    /// Like [`send`](Self::send), failing with [`SendError::Full`] instead of
+    /// waiting for room.
+    pub fn try_send(&self, message: M) -> SendRequest<M> {
+        SendRequest::new(self.target, message, false)
+    }
+
+    /// Sends `message` without waiting for a result (see [`RemoteAddr::do_send`]).
+    pub async fn do_send(&self, message: M) -> Result<(), SendError> {
+        self.target.one_way(message, true).await
+    }
+
+    /// Like [`do_send`](Self::do_send), failing with [`SendError::Full`]
+    /// instead of waiting for room.
+    pub async fn try_do_send(&self, message: M) -> Result<(), SendError> {
+        self.target.one_way(message, false).await
+    }
+}
+
+/// Starts a call: queued at once when the connection is up and has room
+/// (so calls started in turn are sent in turn), then waits for its reply,
+/// sending it again to another instance when that is safe.
+fn start_send<M>(target: Target, message: M, wait_for_room: bool) -> BoxFuture<'static, Result<M::Result, SendError>>
+where
+    M: RemoteMessage,
+    M::Result: DeserializeOwned + Send,
+{
+    let Some(node) = node::current() else {
+        return Box::pin(std::future::ready(Err(SendError::NotInCluster)));
+    };
+    let started = Instant::now();
+    let deadline = target.deadline(&node);
+    node.stats.sent();
+    // Queued now when there is room, so that the order of sends is the
+    // order of the calls; otherwise once the name resolves and there is room.
+    let (first, mut route) = match target.route_now(&node) {
+        Route::Ready(link, incarnation) => match try_queue::<M>(&link, target.actor, incarnation, &message, true) {
+            Ok(None) => (None, Some(Route::Ready(link, incarnation))),
+            queued => {
+                let queued = queued.map(|waiter| waiter.flatten().expect("a reply was asked for"));
+                (Some((link, incarnation, queued)), None)
+            }
+        },
+        // Kept for the first attempt: picking again would skip an
+        // instance of the round robin.
+        pending => (None, Some(pending)),
+    };
+    Box::pin(async move {
+        let node_for_log = node.clone();
+        let outcome = async move {
                 let mut message = message;
                 let mut avoid: Vec<(String, u64)> = Vec::new();
                 let mut first = first;
@@ -406,17 +575,17 @@ where
                     let (link, incarnation, queued) = match first.take() {
                         Some(first) => first,
                         None => {
-                            let next = route.take().unwrap_or_else(|| addr.route_now(&node));
-                            let (link, incarnation) = addr.route(&node, next, deadline, &avoid).await?;
+                            let next = route.take().unwrap_or_else(|| target.route_now(&node));
+                            let (link, incarnation) = target.route(&node, next, deadline, &avoid).await?;
                             let (returned, queued) =
-                                queue(&link, A::NAME, incarnation, message, true, wait_for_room, deadline).await;
+                                queue(&link, target.actor, incarnation, message, true, wait_for_room, deadline).await;
                             message = returned;
                             let queued = queued.map(|waiter| waiter.expect("a reply was asked for"));
                             (link, incarnation, queued)
                         }
                     };
                     let outcome = match queued {
-                        Ok(waiter) => wait(&link, waiter, A::NAME, M::TAG, deadline, started).await,
+                        Ok(waiter) => wait(&link, waiter, target.actor, M::TAG, deadline, started).await,
                         // Not sent at all: safe to send anywhere else.
                         Err(error) if matches!(error, SendError::Rejected { .. } | SendError::Disconnected { .. }) => {
                             if Instant::now() < deadline {
@@ -430,7 +599,7 @@ where
                     match outcome {
                         Ok(reply) => return decode_reply(M::TAG, &reply),
                         Err(error) if Instant::now() < deadline && retry_elsewhere::<M>(&error) => {
-                            tracing::debug!(actor = A::NAME, tag = M::TAG, path = %link.peer.path, %error, "sending again to another instance");
+                            tracing::debug!(actor = target.actor, tag = M::TAG, path = %link.peer.path, %error, "sending again to another instance");
                             avoid.push((link.peer.path.clone(), incarnation));
                         }
                         Err(error) => return Err(error),
@@ -438,20 +607,19 @@ where
                 }
             }
             .await;
-            // Tracing each request costs a clock read: only when it is logged.
-            if tracing::enabled!(tracing::Level::DEBUG) {
-                let latency = started.elapsed();
-                let caller = &node_for_log.identity.path;
-                match &outcome {
-                    Ok(_) => tracing::debug!(%caller, actor = A::NAME, tag = M::TAG, ?latency, "request answered"),
-                    Err(error) => {
-                        tracing::debug!(%caller, actor = A::NAME, tag = M::TAG, ?latency, %error, "request failed")
-                    }
+        // Tracing each request costs a clock read: only when it is logged.
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let latency = started.elapsed();
+            let caller = &node_for_log.identity.path;
+            match &outcome {
+                Ok(_) => tracing::debug!(%caller, actor = target.actor, tag = M::TAG, ?latency, "request answered"),
+                Err(error) => {
+                    tracing::debug!(%caller, actor = target.actor, tag = M::TAG, ?latency, %error, "request failed")
                 }
             }
-            outcome
-        })
-    }
+        }
+        outcome
+    })
 }
 
 /// Whether a failed call may be sent again to another instance: when it

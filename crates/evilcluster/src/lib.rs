@@ -142,7 +142,7 @@ mod output {
     }
 }
 
-pub use addr::{addr_of, addr_of_fork, RemoteAddr, SendRequest};
+pub use addr::{addr_of, addr_of_fork, RemoteAddr, RemoteRecipient, SendRequest};
 pub use cluster::{shutdown_signal, Cluster, ClusterHandle};
 pub use control::restart_worker;
 pub use directory::Member;
@@ -168,9 +168,11 @@ pub fn members() -> Vec<Member> {
 /// Everything a typical evilcluster program needs, actix's actor API included.
 pub mod prelude {
     pub use crate::{
-        addr_of, addr_of_fork, Backoff, Cluster, RemoteActor, RemoteAddr, RemoteMessage, Restart, Role, Routes,
-        SendError, Strategy, Worker,
+        addr_of, addr_of_fork, Backoff, Cluster, Delivery, Event, RemoteActor, RemoteAddr, RemoteMessage,
+        RemoteRecipient, Restart, Role, Routes, SendError, Strategy, To, Worker,
     };
-    pub use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, ResponseFuture};
+    pub use actix::{
+        Actor, ActorContext, AsyncContext, Context, Handler, Message, MessageResult, ResponseFuture, StreamHandler,
+    };
     pub use serde::{Deserialize, Serialize};
 }

@@ -174,6 +174,12 @@ impl Node {
         links.values().filter_map(|slot| slot.link.get().cloned()).collect()
     }
 
+    /// Runs `task` on this node's runtime thread (its actix arbiter), for
+    /// callers outside any async runtime.
+    pub(crate) fn spawn_on_runtime(&self, task: futures_util::future::BoxFuture<'static, ()>) {
+        self.arbiter.spawn(task);
+    }
+
     /// Tells every peer this process is stopping: they send it no new
     /// requests (sending them to other instances instead), and each says
     /// when nothing more will come on its connection.
