@@ -265,9 +265,7 @@ impl Handler<Scan> for InMemoryDatastore {
 
 impl RemoteActor for InMemoryDatastore {
     const NAME: &'static str = "inMemoryDatastore";
-    fn routes(routes: &mut Routes<Self>) {
-        routes.handle::<Get>().handle::<Put>().handle::<Incr>().handle::<Scan>();
-    }
+    type Messages = evilcluster::messages![Get, Put, Incr, Scan];
 }
 
 /// The api layer: stateless apart from its own request count.
@@ -329,12 +327,7 @@ impl Handler<ReadProfile> for WebserverApi {
 
 impl RemoteActor for WebserverApi {
     const NAME: &'static str = "webserverApi";
-    fn routes(routes: &mut Routes<Self>) {
-        routes
-            .handle::<RecordVisit>()
-            .handle::<Health>()
-            .handle::<ReadProfile>();
-    }
+    type Messages = evilcluster::messages![RecordVisit, Health, ReadProfile];
 }
 
 /// The frontend layer: turns an api answer into a page.
@@ -450,9 +443,7 @@ impl Handler<Render> for WebserverFrontend {
 
 impl RemoteActor for WebserverFrontend {
     const NAME: &'static str = "webserverFrontend";
-    fn routes(routes: &mut Routes<Self>) {
-        routes.handle::<Render>();
-    }
+    type Messages = evilcluster::messages![Render];
 }
 
 // --------------------------------------------------------------------- task

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, Context, Handler, Message, MessageResult};
 use bytes::{Bytes, BytesMut};
-use evilcluster::{addr_of, Cluster, RemoteActor, RemoteAddr, RemoteMessage, Routes, SendError, Worker};
+use evilcluster::{addr_of, Cluster, RemoteActor, RemoteAddr, RemoteMessage, SendError, Worker};
 use evilcluster_wire::{codec, Frame, Request, DEFAULT_MAX_FRAME_LENGTH};
 use futures_util::stream::{self, StreamExt};
 use futures_util::{FutureExt, SinkExt};
@@ -111,9 +111,7 @@ impl Handler<Total> for Echo {
 
 impl RemoteActor for Echo {
     const NAME: &'static str = "bench.echo";
-    fn routes(routes: &mut Routes<Self>) {
-        routes.handle::<Ping>().handle::<Count>().handle::<Total>();
-    }
+    type Messages = evilcluster::messages![Ping, Count, Total];
 }
 
 /// The benchmark's cluster: one worker process hosting [`Echo`]. Every

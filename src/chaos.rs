@@ -169,9 +169,7 @@ impl Handler<Check> for ChaosEcho {
 
 impl RemoteActor for ChaosEcho {
     const NAME: &'static str = ECHO;
-    fn routes(routes: &mut Routes<Self>) {
-        routes.handle::<Check>();
-    }
+    type Messages = evilcluster::messages![Check];
 }
 
 /// How one kind of outcome went.

@@ -10,7 +10,7 @@ pub enum WireError {
         actor: String,
     },
     /// The actor is hosted there but does not list that message in its routes.
-    #[error("actor `{actor}` has no route for message `{tag}`; add it in `RemoteActor::routes`")]
+    #[error("actor `{actor}` has no route for message `{tag}`; list it in `RemoteActor::Messages`")]
     UnknownMessage {
         /// The target actor.
         actor: String,

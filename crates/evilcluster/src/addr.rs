@@ -4,7 +4,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::{Handler, Message};
+use actix::Message;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::connection::{Failure, Link, LinkError, ReplyWaiter};
 use crate::directory::{Member, Pick};
 use crate::node::{self, Node};
-use crate::remote::{RemoteActor, RemoteMessage};
+use crate::remote::{RemoteActor, RemoteMessage, Routed};
 use crate::SendError;
 
 /// The address of a remote actor, by name: whichever live process hosts it.
@@ -63,7 +63,7 @@ impl<A> std::fmt::Debug for RemoteAddr<A> {
 /// # #[derive(Message, Serialize, Deserialize)] #[rtype(result = "Option<String>")] struct Get(String);
 /// # evilcluster::remote_messages! { Get => "get" }
 /// # impl Handler<Get> for Datastore { type Result = Option<String>; fn handle(&mut self, _: Get, _: &mut Context<Self>) -> Option<String> { None } }
-/// # impl RemoteActor for Datastore { const NAME: &'static str = "datastore"; fn routes(r: &mut Routes<Self>) { r.handle::<Get>(); } }
+/// # impl RemoteActor for Datastore { const NAME: &'static str = "datastore"; type Messages = evilcluster::messages![Get]; }
 /// # async fn demo() -> Result<(), SendError> {
 /// let value: Option<String> = evilcluster::addr_of::<Datastore>().send(Get("k".into())).await?;
 /// # Ok(()) }
@@ -112,9 +112,9 @@ impl<A: RemoteActor> RemoteAddr<A> {
     /// A type-erased address for one message type, like actix's
     /// `Recipient<M>`: it can be stored beside recipients of other actors
     /// that take the same message.
-    pub fn recipient<M>(&self) -> RemoteRecipient<M>
+    pub fn recipient<M, I>(&self) -> RemoteRecipient<M>
     where
-        A: Handler<M>,
+        A: Routed<M, I>,
         M: RemoteMessage,
         M::Result: DeserializeOwned + Send,
     {
@@ -136,9 +136,9 @@ impl<A: RemoteActor> RemoteAddr<A> {
     /// before it reached a handler (the instance was leaving, or restarted)
     /// is sent again to another live instance within the deadline, and so
     /// is an [idempotent](RemoteMessage::IDEMPOTENT) one whose instance died.
-    pub fn send<M>(&self, message: M) -> SendRequest<M>
+    pub fn send<M, I>(&self, message: M) -> SendRequest<M>
     where
-        A: Handler<M>,
+        A: Routed<M, I>,
         M: RemoteMessage,
         M::Result: DeserializeOwned + Send,
     {
@@ -148,9 +148,9 @@ impl<A: RemoteActor> RemoteAddr<A> {
     /// Like [`send`](Self::send), but fails at once with
     /// [`SendError::Full`] instead of waiting when the connection has no
     /// room (it still waits for the name to resolve and to connect).
-    pub fn try_send<M>(&self, message: M) -> SendRequest<M>
+    pub fn try_send<M, I>(&self, message: M) -> SendRequest<M>
     where
-        A: Handler<M>,
+        A: Routed<M, I>,
         M: RemoteMessage,
         M::Result: DeserializeOwned + Send,
     {
@@ -162,9 +162,9 @@ impl<A: RemoteActor> RemoteAddr<A> {
     /// `(Some(fork), result)` per fork, or `(None, result)` for a worker
     /// without forks. An instance that is not running gives
     /// [`SendError::NotRegistered`] at once rather than being waited for.
-    pub async fn broadcast<M>(&self, message: M) -> Vec<(Option<u32>, Result<M::Result, SendError>)>
+    pub async fn broadcast<M, I>(&self, message: M) -> Vec<(Option<u32>, Result<M::Result, SendError>)>
     where
-        A: Handler<M>,
+        A: Routed<M, I>,
         M: RemoteMessage + Clone,
         M::Result: DeserializeOwned + Send,
     {
@@ -190,9 +190,9 @@ impl<A: RemoteActor> RemoteAddr<A> {
     /// When the connection is full (the receiver is behind), it waits for
     /// room, up to the address's timeout: a fast sender is slowed to the
     /// receiver's pace rather than queueing without bound.
-    pub async fn do_send<M>(&self, message: M) -> Result<(), SendError>
+    pub async fn do_send<M, I>(&self, message: M) -> Result<(), SendError>
     where
-        A: Handler<M>,
+        A: Routed<M, I>,
         M: RemoteMessage,
     {
         self.target.one_way(message, true).await
@@ -200,9 +200,9 @@ impl<A: RemoteActor> RemoteAddr<A> {
 
     /// Like [`do_send`](Self::do_send), but fails at once with
     /// [`SendError::Full`] instead of waiting when the connection has no room.
-    pub async fn try_do_send<M>(&self, message: M) -> Result<(), SendError>
+    pub async fn try_do_send<M, I>(&self, message: M) -> Result<(), SendError>
     where
-        A: Handler<M>,
+        A: Routed<M, I>,
         M: RemoteMessage,
     {
         self.target.one_way(message, false).await

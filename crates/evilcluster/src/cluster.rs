@@ -35,7 +35,7 @@ use crate::{transport, Error, Result, Role};
 /// impl Actor for Datastore { type Context = Context<Self>; }
 /// impl RemoteActor for Datastore {
 ///     const NAME: &'static str = "datastore";
-///     fn routes(_: &mut Routes<Self>) {}
+///     type Messages = evilcluster::messages![];
 /// }
 ///
 /// fn main() -> evilcluster::Result<()> {

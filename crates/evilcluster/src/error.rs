@@ -200,8 +200,10 @@ pub enum SendError {
         /// The actor's name.
         actor: &'static str,
     },
-    /// The actor does not list the message in its `RemoteActor::routes`.
-    #[error("actor `{actor}` has no route for `{tag}`; add `.handle::<…>()` for it in its `RemoteActor::routes`")]
+    /// The receiving process's actor does not list the message in its
+    /// `RemoteActor::Messages`. Within one build the compiler rules this
+    /// out; it happens when two builds of the program disagree.
+    #[error("actor `{actor}` has no route for `{tag}` in the receiving process (is it running another build? list the message in its `RemoteActor::Messages`)")]
     UnknownMessage {
         /// The actor's name.
         actor: &'static str,

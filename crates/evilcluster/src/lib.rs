@@ -33,9 +33,7 @@
 //!
 //! impl RemoteActor for Counter {
 //!     const NAME: &'static str = "counter";
-//!     fn routes(routes: &mut Routes<Self>) {
-//!         routes.handle::<Add>();
-//!     }
+//!     type Messages = evilcluster::messages![Add];
 //! }
 //!
 //! fn main() -> evilcluster::Result<()> {
@@ -150,7 +148,9 @@ pub use error::{Error, Result, SendError};
 pub use events::{publish, subscribe, Delivery, Event, PublishError, Subscription, To};
 pub use lifecycle::{lifecycle, ExitReason, Lifecycle};
 pub use listener::listener;
-pub use remote::{RemoteActor, RemoteMessage, Routes, DEFAULT_MAILBOX_CAPACITY};
+pub use remote::{
+    Contains, Here, MessageList, RemoteActor, RemoteMessage, Routed, Routes, There, DEFAULT_MAILBOX_CAPACITY,
+};
 pub use role::{fork_number, is_fork, is_master, is_spawn, role, Role};
 pub use supervisor::{Backoff, Intensity, Restart, Strategy};
 pub use watch::{watch, Watch, Watched};

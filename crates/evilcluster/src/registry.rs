@@ -10,7 +10,7 @@ use tracing::debug;
 
 use crate::directory::{Directory, Member, Snapshot};
 use crate::node::Node;
-use crate::remote::{decode_payload, Dispatch, RemoteActor, RemoteMessage, Routes, Service};
+use crate::remote::{decode_payload, Dispatch, RemoteActor, RemoteMessage, Service};
 
 /// Name of the master's registry actor.
 pub(crate) const REGISTRY: &str = "evilcluster.registry";
@@ -124,9 +124,7 @@ impl Actor for Registry {
 impl RemoteActor for Registry {
     const NAME: &'static str = REGISTRY;
 
-    fn routes(routes: &mut Routes<Self>) {
-        routes.handle::<Announce>().handle::<Subscribe>().handle::<Leave>();
-    }
+    type Messages = crate::messages![Announce, Subscribe, Leave];
 }
 
 impl Handler<Announce> for Registry {

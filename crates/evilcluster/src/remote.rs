@@ -1,3 +1,5 @@
+use std::marker::PhantomData;
+
 use actix::dev::ToEnvelope;
 use actix::{Actor, Addr, Context, Handler, Message};
 use evilcluster_wire::WireError;
@@ -107,25 +109,133 @@ macro_rules! remote_messages {
 ///
 /// impl RemoteActor for Counter {
 ///     const NAME: &'static str = "counter";
-///     fn routes(routes: &mut Routes<Self>) {
-///         routes.handle::<Add>();
-///     }
+///     type Messages = evilcluster::messages![Add];
 /// }
 /// ```
 pub trait RemoteActor: Actor<Context = Context<Self>> {
     /// The actor's stable name in the cluster, also its worker's name.
     const NAME: &'static str;
 
-    /// Lists the messages other processes may send it. A message the actor
-    /// handles but does not list here is refused with
-    /// [`SendError::UnknownMessage`](crate::SendError::UnknownMessage).
-    fn routes(routes: &mut Routes<Self>);
+    /// The messages other processes may send it, listed with
+    /// [`messages!`](crate::messages): `type Messages = evilcluster::messages![Get, Put];`.
+    ///
+    /// The list is checked by the compiler: `addr_of::<A>().send(m)`
+    /// compiles only when `m`'s type is in `A`'s list (and `A` handles it),
+    /// and the same list builds the routes the hosting process dispatches
+    /// by, so the two cannot disagree.
+    ///
+    /// ```compile_fail
+    /// use evilcluster::prelude::*;
+    ///
+    /// #[derive(Default)]
+    /// struct Counter;
+    /// impl Actor for Counter { type Context = Context<Self>; }
+    ///
+    /// #[derive(Message, Serialize, Deserialize)]
+    /// #[rtype(result = "u64")]
+    /// struct Add(u64);
+    /// #[derive(Message, Serialize, Deserialize)]
+    /// #[rtype(result = "u64")]
+    /// struct Reset;
+    /// evilcluster::remote_messages! { Add => "counter.add", Reset => "counter.reset" }
+    ///
+    /// impl Handler<Add> for Counter {
+    ///     type Result = u64;
+    ///     fn handle(&mut self, Add(n): Add, _: &mut Context<Self>) -> u64 { n }
+    /// }
+    /// impl Handler<Reset> for Counter {
+    ///     type Result = u64;
+    ///     fn handle(&mut self, _: Reset, _: &mut Context<Self>) -> u64 { 0 }
+    /// }
+    /// impl RemoteActor for Counter {
+    ///     const NAME: &'static str = "counter";
+    ///     type Messages = evilcluster::messages![Add]; // `Reset` is handled, not listed
+    /// }
+    ///
+    /// async fn reset() {
+    ///     // Does not compile: `Counter` does not list `Reset`.
+    ///     let _ = evilcluster::addr_of::<Counter>().send(Reset).await;
+    /// }
+    /// ```
+    type Messages: MessageList<Self>;
 
     /// Mailbox capacity of the hosting process's instance. Remote callers
     /// pipeline requests, so it is far above actix's default of 16.
     fn mailbox_capacity() -> usize {
         DEFAULT_MAILBOX_CAPACITY
     }
+}
+
+/// A list of message types built by [`messages!`](crate::messages): what a
+/// [`RemoteActor`] answers. Implemented for `()` and `(M, Rest)`.
+pub trait MessageList<A: Actor> {
+    #[doc(hidden)]
+    fn register(routes: &mut Routes<A>);
+}
+
+impl<A: Actor> MessageList<A> for () {
+    fn register(_: &mut Routes<A>) {}
+}
+
+impl<A, M, Rest> MessageList<A> for (M, Rest)
+where
+    A: RemoteActor + Handler<M>,
+    A::Context: ToEnvelope<A, M>,
+    M: RemoteMessage,
+    M::Result: Serialize + Send,
+    Rest: MessageList<A>,
+{
+    fn register(routes: &mut Routes<A>) {
+        routes.handle::<M>();
+        Rest::register(routes);
+    }
+}
+
+/// Where a message sits in a [`MessageList`]: at its head…
+#[doc(hidden)]
+pub struct Here;
+/// …or further down.
+#[doc(hidden)]
+pub struct There<I>(PhantomData<I>);
+
+/// A [`MessageList`] that contains `M` (at position `I`, which the compiler
+/// infers).
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`{M}` is not in the actor's `Messages` list",
+    label = "this actor does not list `{M}`",
+    note = "add `{M}` to the actor's `type Messages = evilcluster::messages![...]` (and implement `Handler<{M}>` for it)"
+)]
+pub trait Contains<M, I> {}
+
+impl<M, Rest> Contains<M, Here> for (M, Rest) {}
+
+impl<Head, Rest, M, I> Contains<M, There<I>> for (Head, Rest) where Rest: Contains<M, I> {}
+
+/// `A` answers `M` from other processes: `M` is in `A`'s
+/// [`Messages`](RemoteActor::Messages). What `send` and `do_send` require.
+pub trait Routed<M: Message, I>: RemoteActor + Handler<M> {}
+
+impl<A, M, I> Routed<M, I> for A
+where
+    M: Message,
+    A: RemoteActor + Handler<M>,
+    A::Messages: Contains<M, I>,
+{
+}
+
+/// Lists the messages a [`RemoteActor`] answers, for its `Messages` type:
+///
+/// ```
+/// # use evilcluster::prelude::*;
+/// # #[derive(Message, Serialize, Deserialize)] #[rtype(result = "()")] struct Put(String, String);
+/// # #[derive(Message, Serialize, Deserialize)] #[rtype(result = "Option<String>")] struct Get(String);
+/// type Messages = evilcluster::messages![Get, Put];
+/// ```
+#[macro_export]
+macro_rules! messages {
+    () => { () };
+    ($head:ty $(, $rest:ty)* $(,)?) => { ($head, $crate::messages![$($rest),*]) };
 }
 
 /// Default mailbox capacity of a hosted actor. Large enough that a send
@@ -173,7 +283,7 @@ impl<A: RemoteActor> Routes<A> {
         let mut routes = Routes {
             table: FxHashMap::default(),
         };
-        A::routes(&mut routes);
+        A::Messages::register(&mut routes);
         routes
     }
 
@@ -181,7 +291,7 @@ impl<A: RemoteActor> Routes<A> {
     ///
     /// # Panics
     /// If another message of this actor already uses `M::TAG`.
-    pub fn handle<M>(&mut self) -> &mut Self
+    pub(crate) fn handle<M>(&mut self) -> &mut Self
     where
         A: Handler<M>,
         A::Context: ToEnvelope<A, M>,

@@ -52,7 +52,7 @@ pub enum Watched {
 /// # use evilcluster::prelude::*;
 /// # #[derive(Default)] struct Api;
 /// # impl Actor for Api { type Context = Context<Self>; }
-/// # impl RemoteActor for Api { const NAME: &'static str = "api"; fn routes(_: &mut Routes<Self>) {} }
+/// # impl RemoteActor for Api { const NAME: &'static str = "api"; type Messages = evilcluster::messages![]; }
 /// use evilcluster::Watched;
 /// use futures_util::StreamExt;
 ///
