@@ -30,6 +30,8 @@ mod codec;
 pub mod control;
 mod error;
 mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 mod tree;
 
