@@ -112,7 +112,7 @@ pub fn control(data: &[u8]) {
                 result: Ok(ReplyPayload(payload)),
                 ..
             }) => control_replies(payload),
-            Frame::Reply(_) => {}
+            Frame::Reply(_) | Frame::Credit(_) | Frame::GoAway | Frame::GoAwayAck => {}
         }
     }
     // As a bare payload: each request and each reply.
@@ -262,6 +262,13 @@ fn sample_frames() -> Vec<(&'static str, Frame<'static>)> {
             }),
         ),
         ("reply-ok", reply(7, Ok(ReplyPayload(b"\xc0")))),
+        ("credit", Frame::Credit(crate::Credit { count: 256 })),
+        ("go-away", Frame::GoAway),
+        ("go-away-ack", Frame::GoAwayAck),
+        (
+            "reply-stopped",
+            reply(11, Err(WireError::Stopped { actor: "a".into() })),
+        ),
         (
             "reply-unknown-actor",
             reply(8, Err(WireError::UnknownActor { actor: "a".into() })),
