@@ -46,10 +46,24 @@ impl Fixture {
 
     /// Starts the fixture binary `exe` as a cluster's master.
     pub fn launch(exe: &str, args: &[&str], log: &str) -> Fixture {
-        let tmp = tempfile::tempdir().expect("temp dir");
+        Fixture::launch_in(tempfile::tempdir().expect("temp dir"), exe, args, log, &[])
+    }
+
+    /// Like [`launch`](Self::launch), with `tmp` (prepared by the test) as
+    /// the master's TMPDIR, and `env` added to its environment.
+    pub fn launch_in(
+        tmp: tempfile::TempDir,
+        exe: &str,
+        args: &[&str],
+        log: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Fixture {
         let mut child = Command::new(exe)
             .args(args)
             .env("TMPDIR", tmp.path())
+            // The discovery directory would be there instead of in TMPDIR.
+            .env_remove("XDG_RUNTIME_DIR")
+            .envs(env.iter().copied())
             .env("RUST_LOG", log)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -2,7 +2,6 @@
 //! each child runs.
 
 use std::future::Future;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,13 +12,14 @@ use tracing::{debug, error, error_span, info, warn};
 
 use crate::addr::{call, decode, encode};
 use crate::connection::{self, Link, Side};
-use crate::control::{Advertisement, ControlService, SupervisorService, SUPERVISOR};
+use crate::control::{ControlService, SupervisorService, SUPERVISOR};
 use crate::directory::{Member, Snapshot};
 use crate::node::{Config, Node, NodeSpec};
 use crate::process::StopReason;
 use crate::registry::{Announce, Leave, Registry, Subscribe, REGISTRY};
 use crate::remote::{ActorService, RemoteMessage};
 use crate::role::ChildEnv;
+use crate::rundir::RunDir;
 use crate::supervisor::{self, Intensity, Plan, Strategy, SupervisorHandle};
 use crate::tree::{self, Declared};
 use crate::worker::{publish_options, Body, Hosted, Worker};
@@ -263,18 +263,14 @@ impl Cluster {
             return Err(Error::NotMaster(env.role.to_string()));
         }
         publish_options(None, &self.workers);
-        let socket_dir = tempfile::Builder::new()
-            .prefix(&format!("evilcluster-{}-", self.name))
-            .tempdir()
-            .map_err(|e| Error::io("cannot create the socket directory", e))?;
-        restrict_to_owner(socket_dir.path())?;
+        let run_dir = RunDir::claim(&self.name)?;
         let cookie = match self.cookie.clone() {
             Some(secret) => Cookie::new(secret),
             None => Cookie::new(random_bytes::<32>().to_vec()),
         };
-        let master_socket = socket_dir.path().join("master.sock").to_string_lossy().into_owned();
+        let master_socket = run_dir.sockets.join("master.sock").to_string_lossy().into_owned();
         let incarnation = random_incarnation();
-        let advertisement = Advertisement::publish(&self.name, &master_socket, &cookie)?;
+        run_dir.publish(&master_socket, &cookie)?;
         let node = Node::start(NodeSpec {
             identity: Identity {
                 cluster: self.name.clone(),
@@ -284,7 +280,7 @@ impl Cluster {
             cookie: cookie.clone(),
             config: self.config.clone(),
             socket: Some(master_socket.clone()),
-            socket_dir: socket_dir.path().to_owned(),
+            socket_dir: run_dir.sockets.clone(),
             master: (self.name.clone(), master_socket.clone()),
         })?;
         let registry = actix::Actor::start(Registry::new(&node));
@@ -358,11 +354,10 @@ impl Cluster {
         let handle = ClusterHandle {
             name: self.name.clone(),
             stop,
-            advertisement: Some(advertisement),
             node: node.clone(),
             supervisor,
             declared,
-            socket_dir: Some(socket_dir),
+            run_dir: Some(run_dir),
             tree_logger: None,
         };
         let started = tokio::select! {
@@ -443,11 +438,11 @@ pub struct ClusterHandle {
     name: String,
     /// Fired by a control client's stop request.
     stop: Arc<Notify>,
-    advertisement: Option<Advertisement>,
     node: Arc<Node>,
     supervisor: SupervisorHandle,
     declared: Vec<Declared>,
-    socket_dir: Option<tempfile::TempDir>,
+    /// The name's lock, discovery files and socket directory.
+    run_dir: Option<RunDir>,
     tree_logger: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -480,10 +475,8 @@ impl ClusterHandle {
         }
         self.supervisor.shutdown().await;
         self.node.stop();
-        self.advertisement.take();
-        if let Some(dir) = self.socket_dir.take() {
-            dir.close()
-                .map_err(|e| Error::io("cannot remove the socket directory", e))?;
+        if let Some(run_dir) = self.run_dir.take() {
+            run_dir.close()?;
         }
         info!("cluster stopped");
         Ok(())
@@ -523,7 +516,9 @@ impl Child {
         let socket = hosted.map(|_| {
             self.env
                 .socket_dir
-                .join(format!("{}.sock", std::process::id()))
+                // Named by incarnation (random), not pid: a pid is reused,
+                // and a killed process leaves its socket file behind.
+                .join(format!("{:016x}.sock", self.env.incarnation))
                 .to_string_lossy()
                 .into_owned()
         });
@@ -565,7 +560,11 @@ impl Child {
             Some(address) => Some(crate::listener::share(
                 address,
                 self.env.listener.as_deref(),
-                supervises_forks.then(|| self.env.socket_dir.join(format!("{}.listener", std::process::id()))),
+                supervises_forks.then(|| {
+                    self.env
+                        .socket_dir
+                        .join(format!("{:016x}.listener", self.env.incarnation))
+                }),
             )?),
             None => None,
         };
@@ -843,14 +842,4 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 /// parent, never reuses its predecessor's.
 pub(crate) fn random_incarnation() -> u64 {
     u64::from_ne_bytes(random_bytes::<8>()).max(1)
-}
-
-fn restrict_to_owner(dir: &Path) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use rustix::fs::{chmod, Mode};
-        chmod(dir, Mode::RWXU).map_err(|e| Error::io("cannot restrict the socket directory to its owner", e.into()))?;
-    }
-    let _ = dir;
-    Ok(())
 }

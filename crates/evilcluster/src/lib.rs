@@ -100,6 +100,7 @@ mod process;
 mod registry;
 mod remote;
 mod role;
+mod rundir;
 mod stats;
 mod supervisor;
 mod transport;

@@ -1,0 +1,227 @@
+//! Local attackers and careless same-user processes against a real cluster
+//! (issue 10): the discovery and run directories, stale state, strangers
+//! that never authenticate, peers claiming identities that are not theirs,
+//! the listener handoff, log floods and the role environment.
+//!
+//! Every test starts real processes; each [`Fixture`] kills its tree and
+//! removes its temp directory when dropped, pass or fail.
+
+mod support;
+
+use std::ffi::OsStr;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use support::{alive, eventually, Fixture, Member};
+
+const COOKIE: &str = "a-fixed-test-cookie";
+
+fn uid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
+/// The discovery directory a master with `TMPDIR=tmp` uses.
+fn discovery(tmp: &Path) -> PathBuf {
+    tmp.join(format!("evilcluster-{}", uid()))
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// Starts the cluster fixture (`serve`) with `tmp` as its TMPDIR.
+fn serve_in(tmp: tempfile::TempDir, env: &[(&str, &OsStr)]) -> Fixture {
+    Fixture::launch_in(
+        tmp,
+        env!("CARGO_BIN_EXE_cluster-fixture"),
+        &["serve", "--cookie", COOKIE],
+        "warn",
+        env,
+    )
+}
+
+/// The master refused to start: it printed why and exited non-zero.
+fn refused_to_start(fixture: &mut Fixture) -> String {
+    assert!(!fixture.wait().success(), "{:#?}", fixture.seen);
+    let line = fixture.seen.iter().find(|l| l.starts_with("FAIL cluster"));
+    line.cloned()
+        .unwrap_or_else(|| panic!("no reason given: {:#?}", fixture.seen))
+}
+
+// 1. The discovery directory is private and verified.
+
+#[test]
+fn a_discovery_directory_others_can_write_is_refused() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = discovery(tmp.path());
+    std::fs::create_dir(&dir).unwrap();
+    set_mode(&dir, 0o777);
+    let mut fixture = serve_in(tmp, &[]);
+    let why = refused_to_start(&mut fixture);
+    assert!(why.contains(&*dir.to_string_lossy()) && why.contains("0777"), "{why}");
+}
+
+#[test]
+fn a_discovery_directory_that_is_a_symlink_is_refused() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    set_mode(&elsewhere, 0o700);
+    symlink(&elsewhere, discovery(tmp.path())).unwrap();
+    let mut fixture = serve_in(tmp, &[]);
+    let why = refused_to_start(&mut fixture);
+    assert!(why.contains("symbolic link"), "{why}");
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "nothing written through the link"
+    );
+}
+
+#[test]
+fn discovery_files_that_are_symlinks_are_replaced_not_followed() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = discovery(tmp.path());
+    std::fs::create_dir(&dir).unwrap();
+    set_mode(&dir, 0o700);
+    let mut targets = Vec::new();
+    for name in ["fixture.endpoint", "fixture.cookie"] {
+        let target = tmp.path().join(format!("precious-{name}"));
+        std::fs::write(&target, "precious\n").unwrap();
+        symlink(&target, dir.join(name)).unwrap();
+        targets.push((dir.join(name), target));
+    }
+    let mut fixture = serve_in(tmp, &[]);
+    fixture.members();
+    for (file, target) in &targets {
+        assert_eq!(
+            std::fs::read_to_string(target).unwrap(),
+            "precious\n",
+            "{} was written through",
+            target.display()
+        );
+        let meta = std::fs::symlink_metadata(file).unwrap();
+        assert!(meta.is_file(), "{} is still a link", file.display());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{}", file.display());
+    }
+    fixture.command("quit");
+    assert!(fixture.wait().success());
+}
+
+/// With a real second user (the suite runs as root here): `nobody`
+/// pre-creates root's discovery directory in a sticky, world-writable
+/// TMPDIR, world-writable, as the issue's attacker did.
+#[test]
+fn another_users_discovery_directory_is_refused() {
+    if uid() != 0 {
+        println!("skipped: needs root to act as a second user (`setpriv --reuid=nobody`)");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    set_mode(tmp.path(), 0o1777);
+    let dir = discovery(tmp.path());
+    let made = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .args([
+            "sh",
+            "-c",
+            "umask 0; mkdir -m 0777 \"$1\" && echo x > \"$1/fixture.cookie\"",
+            "sh",
+        ])
+        .arg(&dir)
+        .status();
+    match made {
+        Ok(status) if status.success() => {}
+        other => {
+            println!("skipped: cannot act as user nobody here ({other:?})");
+            return;
+        }
+    }
+    let mut fixture = serve_in(tmp, &[]);
+    let why = refused_to_start(&mut fixture);
+    assert!(why.contains("belongs to uid"), "{why}");
+    assert_eq!(std::fs::read_to_string(dir.join("fixture.cookie")).unwrap(), "x\n");
+}
+
+// 2. Liveness by lock; a dead cluster's leftovers go.
+
+fn sockets(members: &[Member]) -> Vec<PathBuf> {
+    members
+        .iter()
+        .filter_map(|m| m.socket.as_ref().map(PathBuf::from))
+        .collect()
+}
+
+#[test]
+fn a_sigkilled_masters_leftovers_are_removed_by_the_next_start() {
+    let mut first = serve_in(tempfile::tempdir().expect("temp dir"), &[]);
+    let members = first.members();
+    let old = sockets(&members);
+    assert!(old.len() >= 5, "{members:#?}");
+    first.kill();
+    eventually("the killed master's children are gone", || {
+        members.iter().all(|m| !alive(m.pid))
+    });
+    // A SIGKILLed master removes nothing (its children may still remove
+    // their own sockets on the way out).
+    assert!(
+        old.iter().any(|s| s.ends_with("master.sock") && s.exists()),
+        "SIGKILL leaves the master's socket behind: {old:?}"
+    );
+    let tmp = std::mem::replace(&mut first.tmp, tempfile::tempdir().expect("temp dir"));
+    drop(first);
+
+    let mut second = serve_in(tmp, &[]);
+    let new = sockets(&second.members());
+    let stale: Vec<_> = old.iter().filter(|s| s.exists() && !new.contains(s)).collect();
+    assert!(stale.is_empty(), "left behind: {stale:?}");
+    let old_dirs: Vec<_> = old
+        .iter()
+        .filter_map(|s| s.parent())
+        .filter(|d| d.exists() && !new.iter().any(|n| n.starts_with(d)))
+        .collect();
+    assert!(old_dirs.is_empty(), "old socket directories left behind: {old_dirs:?}");
+    second.command("check");
+    second.expect_line("checked ok");
+    second.command("quit");
+    assert!(second.wait().success());
+}
+
+#[test]
+fn a_stale_endpoint_naming_an_unrelated_live_pid_does_not_block_a_start() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = discovery(tmp.path());
+    std::fs::create_dir(&dir).unwrap();
+    set_mode(&dir, 0o700);
+    let endpoint = dir.join("fixture.endpoint");
+    // This test process: alive, and not a master.
+    std::fs::write(&endpoint, format!("/nowhere/master.sock\n{}\n", std::process::id())).unwrap();
+    set_mode(&endpoint, 0o600);
+    let mut fixture = serve_in(tmp, &[]);
+    fixture.members();
+    let text = std::fs::read_to_string(&endpoint).unwrap();
+    assert!(text.ends_with(&format!("\n{}\n", fixture.pid())), "{text}");
+    fixture.command("quit");
+    assert!(fixture.wait().success());
+}
+
+#[test]
+fn a_second_master_of_the_same_name_is_refused_while_the_first_lives() {
+    // Both masters share one discovery directory through XDG_RUNTIME_DIR.
+    let runtime = tempfile::tempdir().expect("temp dir");
+    set_mode(runtime.path(), 0o700);
+    let env = [("XDG_RUNTIME_DIR", runtime.path().as_os_str())];
+    let mut first = serve_in(tempfile::tempdir().expect("temp dir"), &env);
+    first.members();
+    assert!(runtime.path().join("evilcluster/fixture.endpoint").exists());
+    let mut second = serve_in(tempfile::tempdir().expect("temp dir"), &env);
+    let why = refused_to_start(&mut second);
+    assert!(
+        why.contains("already running") && why.contains(&first.pid().to_string()),
+        "{why}"
+    );
+    first.command("check");
+    first.expect_line("checked ok");
+    first.command("quit");
+    assert!(first.wait().success());
+}
