@@ -225,3 +225,129 @@ fn a_second_master_of_the_same_name_is_refused_while_the_first_lives() {
     first.command("quit");
     assert!(first.wait().success());
 }
+
+// 3. Strangers that never authenticate are bounded.
+
+const MIB: u64 = 1024 * 1024;
+
+fn master(members: &[Member]) -> Member {
+    members
+        .iter()
+        .find(|m| m.path == "fixture")
+        .cloned()
+        .expect("the master is listed")
+}
+
+#[test]
+fn unauthenticated_giant_frames_do_not_grow_the_master() {
+    // The default maximum frame (16 MiB), as in the issue.
+    let mut fixture = Fixture::launch_in(
+        tempfile::tempdir().expect("temp dir"),
+        env!("CARGO_BIN_EXE_cluster-fixture"),
+        &["serve", "--cookie", COOKIE, "--max-frame", "16777216"],
+        "warn",
+        &[],
+    );
+    let master = master(&fixture.members());
+    let socket = master.socket.clone().expect("the master listens");
+    let before = support::rss(master.pid);
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let mut peak = before;
+    std::thread::scope(|scope| {
+        for _ in 0..40 {
+            scope.spawn(|| {
+                use std::io::Write;
+                if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&socket) {
+                    // A header announcing 16 MiB - 1, then that many bytes.
+                    let chunk = vec![0x5a_u8; 64 * 1024];
+                    let mut sent = stream.write_all(&(16 * MIB as u32 - 1).to_be_bytes()).is_ok();
+                    let mut left = 16 * MIB - 1;
+                    while sent && left > 0 {
+                        let n = left.min(chunk.len() as u64) as usize;
+                        sent = stream.write_all(&chunk[..n]).is_ok();
+                        left -= n as u64;
+                    }
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        while done.load(std::sync::atomic::Ordering::SeqCst) < 40 {
+            peak = peak.max(support::rss(master.pid));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    });
+    peak = peak.max(support::rss(master.pid));
+    println!(
+        "master RSS {} MiB before, {} MiB at most during",
+        before / MIB,
+        peak / MIB
+    );
+    assert!(
+        peak < before + 32 * MIB,
+        "the master grew from {} MiB to {} MiB",
+        before / MIB,
+        peak / MIB
+    );
+    fixture.command("check");
+    fixture.expect_line("checked ok");
+    fixture.command("quit");
+    assert!(fixture.wait().success());
+}
+
+/// The master at a soft and hard limit of 256 descriptors; 500 connections
+/// that never say a word.
+#[test]
+fn a_flood_of_idle_connections_leaves_the_cluster_serving_and_restarting() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let exe = env!("CARGO_BIN_EXE_cluster-fixture");
+    let mut fixture = Fixture::launch_in(
+        tmp,
+        "prlimit",
+        &["--nofile=256:256", "--", exe, "serve", "--cookie", COOKIE],
+        "warn",
+        &[],
+    );
+    let members = fixture.members();
+    let master = master(&members);
+    let socket = master.socket.clone().expect("the master listens");
+    let baseline = support::fds(master.pid);
+    let flood: Vec<_> = (0..500)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok())
+        .collect();
+    // The most descriptors the master holds while it accepts (or closes) them.
+    let mut during = 0;
+    let watch = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while std::time::Instant::now() < watch {
+        during = during.max(support::fds(master.pid));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    println!("master descriptors: {baseline} before, {during} with 500 idle strangers");
+    assert!(
+        during <= baseline + 70,
+        "{baseline} descriptors before, {during} during"
+    );
+    fixture.command("check");
+    fixture.expect_line("checked ok");
+
+    let fork = members
+        .iter()
+        .find(|m| m.path == "fixture/echo/2")
+        .cloned()
+        .expect("echo/2");
+    support::signal_pid(fork.pid, rustix::process::Signal::KILL);
+    let deadline = std::time::Instant::now() + support::DEADLINE;
+    let restarted = loop {
+        assert!(std::time::Instant::now() < deadline, "echo/2 was not restarted");
+        let now = fixture.current_members();
+        if let Some(new) = now.iter().find(|m| m.path == fork.path && m.pid != fork.pid) {
+            break new.clone();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_ne!(restarted.incarnation, fork.incarnation);
+    fixture.command("check");
+    fixture.expect_line("checked ok");
+    drop(flood);
+    fixture.command("quit");
+    assert!(fixture.wait().success());
+}

@@ -155,6 +155,25 @@ impl Fixture {
             .collect()
     }
 
+    /// The members now (scenario `serve`'s `members` command).
+    pub fn current_members(&mut self) -> Vec<Member> {
+        let start = self.seen.len();
+        self.command("members");
+        self.expect_line("listed");
+        self.seen[start..]
+            .iter()
+            .filter_map(|line| {
+                let mut words = line.strip_prefix("member ")?.split(' ');
+                Some(Member {
+                    path: words.next()?.to_owned(),
+                    pid: words.next()?.parse().ok()?,
+                    incarnation: words.next()?.parse().ok()?,
+                    socket: words.next().filter(|s| *s != "-").map(str::to_owned),
+                })
+            })
+            .collect()
+    }
+
     pub fn command(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
         writeln!(stdin, "{line}").expect("write to the fixture");
@@ -234,6 +253,22 @@ pub fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Resident memory of process `pid`, in bytes.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+/// Open descriptors of process `pid`.
+pub fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
 /// Every file left below `dir`.

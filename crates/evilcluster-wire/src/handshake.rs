@@ -31,6 +31,12 @@ type HmacSha256 = Hmac<Sha256>;
 /// Length of a nonce, in bytes.
 pub const NONCE_LEN: usize = 32;
 
+/// The largest frame either side accepts during the handshake: its
+/// messages are a few hundred bytes. A peer that has not proved the cookie
+/// must not make the other side hold (or reserve) more than this; the full
+/// frame limit applies only once the handshake has succeeded.
+pub const MAX_HANDSHAKE_FRAME: usize = 4 * 1024;
+
 /// The cluster's shared secret. `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Cookie(Vec<u8>);

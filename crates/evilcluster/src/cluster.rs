@@ -263,6 +263,7 @@ impl Cluster {
             return Err(Error::NotMaster(env.role.to_string()));
         }
         publish_options(None, &self.workers);
+        raise_descriptor_limit();
         let run_dir = RunDir::claim(&self.name)?;
         let cookie = match self.cookie.clone() {
             Some(secret) => Cookie::new(secret),
@@ -842,4 +843,22 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 /// parent, never reuses its predecessor's.
 pub(crate) fn random_incarnation() -> u64 {
     u64::from_ne_bytes(random_bytes::<8>()).max(1)
+}
+
+/// Raises the soft limit on open descriptors to the hard limit: every
+/// connection costs one, and the usual soft limit (1,024) is far below what
+/// the system allows, which made a flood of connections starve the master.
+/// The children inherit the raised limit.
+fn raise_descriptor_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            debug!(%error, "could not raise the descriptor limit");
+        }
+    }
 }

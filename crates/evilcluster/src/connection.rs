@@ -513,7 +513,9 @@ pub(crate) enum Side {
 /// on the current actix arbiter.
 pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Result<Arc<Link>, HandshakeError> {
     let max_frame = node.config.max_frame_length;
-    let mut framed = Framed::new(transport::into_io(stream), codec(max_frame));
+    // Small frames until the peer has proved the cookie: a stranger cannot
+    // make this process reserve the full frame limit.
+    let mut framed = Framed::new(transport::into_io(stream), codec(handshake::MAX_HANDSHAKE_FRAME));
     let nonce = random_nonce();
     let handshake = async {
         match side {

@@ -103,6 +103,7 @@ mod role;
 mod rundir;
 mod stats;
 mod supervisor;
+mod throttle;
 mod transport;
 mod tree;
 mod watch;

@@ -20,6 +20,7 @@ use crate::events::{EventService, EVENTS};
 use crate::registry::{PeerGone, Registry};
 use crate::remote::{Dispatch, Service};
 use crate::stats::{Stats, StatsService, STATS};
+use crate::throttle::{clip, Throttle};
 use crate::transport;
 use crate::Error;
 
@@ -436,25 +437,79 @@ impl Node {
     }
 }
 
+/// Connections that may be in their handshake at once. A peer that has not
+/// proved the cookie costs a descriptor and a task until its handshake
+/// ends (at most the handshake timeout); past this many, the oldest is
+/// dropped for the newest, so a flood of idle connections cannot keep a
+/// real process (a restarted fork) from getting in.
+pub(crate) const MAX_STRANGERS: usize = 64;
+
+/// The connections in their handshake, oldest first.
+#[derive(Default)]
+struct Strangers {
+    next: u64,
+    waiting: std::collections::VecDeque<(u64, tokio::task::JoinHandle<()>)>,
+}
+
+impl Strangers {
+    fn done(&mut self, id: u64) {
+        self.waiting.retain(|(waiting, _)| *waiting != id);
+    }
+}
+
 async fn accept_loop(node: Arc<Node>, listener: Listener) {
+    let strangers = Arc::new(Mutex::new(Strangers::default()));
+    let throttle = Arc::new(Mutex::new(Throttle::default()));
+    let warn_allowed = |throttle: &Mutex<Throttle>| throttle.lock().unwrap_or_else(|e| e.into_inner()).allow("accept");
     loop {
         let stream = match transport::accept(&listener).await {
             Ok(stream) => stream,
             Err(error) => {
-                warn!(%error, "accepting a connection failed");
+                // Out of descriptors (EMFILE/ENFILE) or the like: wait for
+                // some to be freed rather than spin; established
+                // connections are not affected.
+                if warn_allowed(&throttle) {
+                    warn!(%error, "accepting a connection failed; retrying in 50 ms");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let node = node.clone();
-        actix_rt::spawn(async move {
-            match connection::establish(node.clone(), stream, Side::Listener).await {
-                Ok(link) => {
-                    tracing::debug!(peer = %link.peer.path, incarnation = link.peer.incarnation, "accepted a connection");
-                    node.adopt(&link);
+        let oldest = {
+            let mut waiting = strangers.lock().unwrap_or_else(|e| e.into_inner());
+            waiting.next += 1;
+            let id = waiting.next;
+            let strangers = strangers.clone();
+            let throttle = throttle.clone();
+            // Spawned and listed under the lock: the task (on this thread)
+            // cannot finish, and unlist itself, before it is listed.
+            let task = actix_rt::spawn(async move {
+                let outcome = connection::establish(node.clone(), stream, Side::Listener).await;
+                strangers.lock().unwrap_or_else(|e| e.into_inner()).done(id);
+                match outcome {
+                    Ok(link) => {
+                        tracing::debug!(peer = %clip(&link.peer.path), incarnation = link.peer.incarnation, "accepted a connection");
+                        node.adopt(&link);
+                    }
+                    Err(error) if warn_allowed(&throttle) => {
+                        warn!(error = %clip(&error.to_string()), "refused a connection")
+                    }
+                    Err(_) => {}
                 }
-                Err(error) => warn!(%error, "refused a connection"),
+            });
+            waiting.waiting.push_back((id, task));
+            (waiting.waiting.len() > MAX_STRANGERS)
+                .then(|| waiting.waiting.pop_front())
+                .flatten()
+        };
+        if let Some((_, oldest)) = oldest {
+            // Closed before the next accept: the bound holds at every instant.
+            oldest.abort();
+            let _ = oldest.await;
+            if warn_allowed(&throttle) {
+                warn!("dropped a connection still in its handshake: {MAX_STRANGERS} newer ones are waiting");
             }
-        });
+        }
     }
 }
