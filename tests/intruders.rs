@@ -351,3 +351,211 @@ fn a_flood_of_idle_connections_leaves_the_cluster_serving_and_restarting() {
     fixture.command("quit");
     assert!(fixture.wait().success());
 }
+
+// 4. A peer acts only as the identity it authenticated as, and only through
+// the connection registered for it.
+
+mod wire {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use evilcluster_wire::handshake::{self, NONCE_LEN};
+    use evilcluster_wire::{codec, Cookie, Frame, Identity, Request, WireError};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::net::UnixStream;
+    use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+    pub type Conn = Framed<UnixStream, LengthDelimitedCodec>;
+
+    pub fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Connects to `socket` and authenticates (with the cookie) as `path`.
+    pub async fn claim(socket: &str, path: &str, incarnation: u64) -> (Conn, Identity) {
+        let stream = UnixStream::connect(socket).await.expect("connect");
+        let mut framed = Framed::new(stream, codec(evilcluster_wire::DEFAULT_MAX_FRAME_LENGTH));
+        let me = Identity {
+            cluster: "fixture".into(),
+            path: path.into(),
+            incarnation,
+        };
+        let peer = handshake::connect(&mut framed, &me, &Cookie::new(super::COOKIE), [5; NONCE_LEN])
+            .await
+            .expect("the cookie is welcomed");
+        (framed, peer)
+    }
+
+    /// Sends a request and waits for its reply.
+    pub async fn ask(
+        conn: &mut Conn,
+        id: u64,
+        actor: &str,
+        tag: &str,
+        incarnation: u64,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, WireError> {
+        let frame = Frame::Request(Request {
+            id,
+            actor,
+            tag,
+            incarnation,
+            reply: true,
+            payload,
+        });
+        conn.send(Bytes::from(frame.encode().unwrap())).await.unwrap();
+        loop {
+            let body = tokio::time::timeout(Duration::from_secs(20), conn.next())
+                .await
+                .expect("a reply within 20 s")
+                .expect("open")
+                .unwrap();
+            if let Frame::Reply(reply) = Frame::decode(&body).unwrap() {
+                if reply.id == id {
+                    return reply.result.map(|p| p.0.to_vec());
+                }
+            }
+        }
+    }
+}
+
+/// Samples for `period` that `condition` holds throughout.
+fn holds_for(what: &str, period: std::time::Duration, mut condition: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + period;
+    while std::time::Instant::now() < until {
+        assert!(condition(), "{what} stopped holding");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_duplicate_connection_claiming_a_worker_leaves_the_real_one_registered() {
+    let mut fixture = serve_in(tempfile::tempdir().expect("temp dir"), &[]);
+    let members = fixture.members();
+    let master = master(&members);
+    let store = members.iter().find(|m| m.path == "fixture/store").cloned().unwrap();
+    wire::runtime().block_on(async {
+        // The store's own path and incarnation, from the directory.
+        let (conn, _) = wire::claim(master.socket.as_deref().unwrap(), &store.path, store.incarnation).await;
+        drop(conn);
+    });
+    // Each `members` round trip goes through the master after it saw the close.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while std::time::Instant::now() < deadline {
+        let now = fixture.current_members();
+        assert!(
+            now.iter().any(|m| m.path == store.path && m.pid == store.pid),
+            "the real store went down: {now:#?}"
+        );
+    }
+    fixture.command("check");
+    fixture.expect_line("checked ok");
+    assert!(alive(store.pid));
+    fixture.command("quit");
+    assert!(fixture.wait().success());
+}
+
+#[test]
+fn a_connection_claiming_the_master_on_a_forks_socket_does_not_stop_the_fork() {
+    let mut fixture = serve_in(tempfile::tempdir().expect("temp dir"), &[]);
+    let members = fixture.members();
+    let master = master(&members);
+    let fork = members.iter().find(|m| m.path == "fixture/echo/1").cloned().unwrap();
+    wire::runtime().block_on(async {
+        let (conn, _) = wire::claim(fork.socket.as_deref().unwrap(), &master.path, master.incarnation).await;
+        drop(conn);
+    });
+    holds_for("the fork running", std::time::Duration::from_secs(1), || {
+        alive(fork.pid)
+    });
+    let now = fixture.current_members();
+    assert!(now.iter().any(|m| m.path == fork.path && m.pid == fork.pid), "{now:#?}");
+    fixture.command("check");
+    fixture.expect_line("checked ok");
+    fixture.command("quit");
+    assert!(fixture.wait().success());
+}
+
+#[test]
+fn payload_paths_must_match_the_handshake_identity() {
+    #[derive(serde::Serialize)]
+    struct Leave {
+        path: String,
+        incarnation: u64,
+    }
+    #[derive(serde::Serialize)]
+    struct Publication {
+        to: evilcluster::To,
+        tag: String,
+        from: String,
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    }
+    let mut fixture = serve_in(tempfile::tempdir().expect("temp dir"), &[]);
+    let members = fixture.members();
+    let master = master(&members);
+    let store = members.iter().find(|m| m.path == "fixture/store").cloned().unwrap();
+    wire::runtime().block_on(async {
+        let (mut conn, peer) = wire::claim(master.socket.as_deref().unwrap(), "fixture/intruder", 77).await;
+        let registry = "evilcluster.registry";
+        // Announce the store, pointing at a socket of ours.
+        let fake = evilcluster::Member {
+            path: store.path.clone(),
+            role: "spawn".into(),
+            worker: "store".into(),
+            order: 1,
+            fork: None,
+            pid: std::process::id(),
+            incarnation: 77,
+            actor: Some("store".into()),
+            actor_type: None,
+            socket: Some("/nowhere.sock".into()),
+            restarts: 0,
+            listen: None,
+        };
+        let payload = rmp_serde::to_vec(&fake).unwrap();
+        let announced = wire::ask(&mut conn, 1, registry, "registry.announce", peer.incarnation, &payload).await;
+        // (Matched by name: the variant is new in this change.)
+        let refused = |outcome: &Result<Vec<u8>, evilcluster_wire::WireError>| {
+            outcome.is_err() && format!("{outcome:?}").contains("Impersonation")
+        };
+        assert!(refused(&announced), "{announced:?}");
+        let leave = rmp_serde::to_vec(&Leave {
+            path: store.path.clone(),
+            incarnation: store.incarnation,
+        })
+        .unwrap();
+        let left = wire::ask(&mut conn, 2, registry, "registry.leave", peer.incarnation, &leave).await;
+        assert!(refused(&left), "{left:?}");
+        let publication = rmp_serde::to_vec(&Publication {
+            to: evilcluster::To::All,
+            tag: "anything".into(),
+            from: store.path.clone(),
+            payload: vec![0xc0],
+        })
+        .unwrap();
+        let published = wire::ask(
+            &mut conn,
+            3,
+            "evilcluster.events",
+            "events.publish",
+            peer.incarnation,
+            &publication,
+        )
+        .await;
+        assert!(refused(&published), "{published:?}");
+    });
+    let now = fixture.current_members();
+    let listed = now
+        .iter()
+        .find(|m| m.path == store.path)
+        .expect("the store is still listed");
+    assert_eq!(listed.pid, store.pid, "{now:#?}");
+    fixture.command("check");
+    fixture.expect_line("checked ok");
+    fixture.command("quit");
+    assert!(fixture.wait().success());
+}

@@ -16,8 +16,8 @@ use crate::control::{ControlService, SupervisorService, SUPERVISOR};
 use crate::directory::{Member, Snapshot};
 use crate::node::{Config, Node, NodeSpec};
 use crate::process::StopReason;
-use crate::registry::{Announce, Leave, Registry, Subscribe, REGISTRY};
-use crate::remote::{ActorService, RemoteMessage};
+use crate::registry::{Announce, Leave, Register, Registry, RegistryService, Subscribe, REGISTRY};
+use crate::remote::RemoteMessage;
 use crate::role::ChildEnv;
 use crate::rundir::RunDir;
 use crate::supervisor::{self, Intensity, Plan, Strategy, SupervisorHandle};
@@ -286,22 +286,25 @@ impl Cluster {
         })?;
         let registry = actix::Actor::start(Registry::new(&node));
         node.registry.set(registry.clone()).ok();
-        node.add_service(REGISTRY, Arc::new(ActorService::new(registry.clone())));
+        node.add_service(REGISTRY, Arc::new(RegistryService(registry.clone())));
         let _ = registry
-            .send(Announce(Member {
-                path: self.name.clone(),
-                role: "master".into(),
-                worker: self.name.clone(),
-                order: 0,
-                fork: None,
-                pid: std::process::id(),
-                incarnation,
-                actor: Some(REGISTRY.into()),
-                actor_type: None,
-                socket: Some(master_socket.clone()),
-                restarts: 0,
-                listen: None,
-            }))
+            .send(Register {
+                owner: None,
+                member: Member {
+                    path: self.name.clone(),
+                    role: "master".into(),
+                    worker: self.name.clone(),
+                    order: 0,
+                    fork: None,
+                    pid: std::process::id(),
+                    incarnation,
+                    actor: Some(REGISTRY.into()),
+                    actor_type: None,
+                    socket: Some(master_socket.clone()),
+                    restarts: 0,
+                    listen: None,
+                },
+            })
             .await;
 
         let declared: Vec<Declared> = self
@@ -727,7 +730,7 @@ async fn join(node: &Arc<Node>) -> Result<Arc<Link>> {
             peer: master_path.clone(),
             source,
         })?;
-    node.adopt(&link);
+    node.set_master_link(&link);
     let subscribe = Subscribe {
         path: node.identity.path.clone(),
         incarnation: node.identity.incarnation,

@@ -203,6 +203,11 @@ pub(crate) struct Link {
     asked_to_go: AtomicBool,
     /// The peer acknowledged that: nothing but replies and credits follows.
     quiet: AtomicBool,
+    /// This is the connection this process opened to its master (the only
+    /// one whose loss stops it, and the only one its master speaks on).
+    master: AtomicBool,
+    /// Warnings this connection's peer caused, rate-limited.
+    pub(crate) warnings: Mutex<crate::throttle::Throttle>,
 }
 
 impl Link {
@@ -224,6 +229,8 @@ impl Link {
             }),
             asked_to_go: AtomicBool::new(false),
             quiet: AtomicBool::new(false),
+            master: AtomicBool::new(false),
+            warnings: Mutex::new(crate::throttle::Throttle::default()),
             closed: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             slots: Semaphore::new(WINDOW),
@@ -233,6 +240,24 @@ impl Link {
             serving: AtomicUsize::new(0),
             uncredited: AtomicUsize::new(0),
         }
+    }
+
+    /// Marks this as the connection this process opened to its master.
+    pub fn mark_master(&self) {
+        self.master.store(true, Ordering::Release);
+    }
+
+    /// Whether this is the connection this process opened to its master.
+    pub fn is_master(&self) -> bool {
+        self.master.load(Ordering::Acquire)
+    }
+
+    /// Whether one more warning caused by this peer may be logged now (at
+    /// most [`PER_WINDOW`](crate::throttle::PER_WINDOW) a second; the rest
+    /// are counted and reported later in one line).
+    pub fn warn_allowed(&self) -> bool {
+        let mut warnings = self.warnings.lock().unwrap_or_else(|e| e.into_inner());
+        warnings.allow(&self.peer.path)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -615,7 +640,11 @@ async fn write_loop(link: Arc<Link>, mut io: WriteHalf) {
 /// It keeps reading while the actors work: the peer's window bounds what
 /// it may have in flight here, so replies to this process's own requests
 /// are never stuck behind requests it has no room for.
-async fn read_loop(node: &Arc<Node>, link: &Link, mut frames: FramedRead<ReadHalf, LengthDelimitedCodec>) -> String {
+async fn read_loop(
+    node: &Arc<Node>,
+    link: &Arc<Link>,
+    mut frames: FramedRead<ReadHalf, LengthDelimitedCodec>,
+) -> String {
     let mut in_flight = FuturesUnordered::new();
     // One-way messages finished and not yet credited back to the peer.
     let mut credit_due = 0usize;
@@ -657,7 +686,7 @@ async fn read_loop(node: &Arc<Node>, link: &Link, mut frames: FramedRead<ReadHal
                             // The runtime's own traffic is not the actors' work.
                             let counted = slotted;
                             let started = if counted { node.stats.received() } else { None };
-                            match node.dispatch(&request) {
+                            match node.dispatch(link, &request) {
                                 Ok(None) => {
                                     if slotted && !reply {
                                         credit_due += 1;

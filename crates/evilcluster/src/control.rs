@@ -10,6 +10,7 @@ use futures_util::future::join_all;
 use tokio::sync::Notify;
 
 use crate::addr::{call, decode, encode};
+use crate::connection::Link;
 use crate::directory::Member;
 use crate::node::Node;
 use crate::remote::{decode_payload, encode_reply, Dispatch, Service};
@@ -57,7 +58,13 @@ pub(crate) const SUPERVISOR: &str = "evilcluster.supervisor";
 pub(crate) struct SupervisorService(pub Restarter);
 
 impl Service for SupervisorService {
-    fn dispatch(&self, tag: &str, _payload: &[u8], _reply: bool) -> Result<Dispatch, WireError> {
+    fn dispatch(
+        &self,
+        _caller: Option<&Arc<Link>>,
+        tag: &str,
+        _payload: &[u8],
+        _reply: bool,
+    ) -> Result<Dispatch, WireError> {
         if tag != RESTART_TAG {
             return Err(WireError::UnknownMessage {
                 actor: SUPERVISOR.to_owned(),
@@ -123,7 +130,7 @@ pub async fn restart_worker(worker: &str) -> Result<u32, Error> {
             .service(CONTROL)
             .ok_or_else(|| failed("the cluster is not started".into()))?;
         let pending = control
-            .dispatch(RESTART_TAG, &payload, true)
+            .dispatch(None, RESTART_TAG, &payload, true)
             .map_err(|e| failed(e.to_string()))?
             .ok_or_else(|| failed("no reply".into()))?;
         pending.await.map_err(|e| failed(e.to_string()))?
@@ -142,7 +149,13 @@ pub async fn restart_worker(worker: &str) -> Result<u32, Error> {
 }
 
 impl Service for ControlService {
-    fn dispatch(&self, tag: &str, payload: &[u8], _reply: bool) -> Result<Dispatch, WireError> {
+    fn dispatch(
+        &self,
+        _caller: Option<&Arc<Link>>,
+        tag: &str,
+        payload: &[u8],
+        _reply: bool,
+    ) -> Result<Dispatch, WireError> {
         match tag {
             STATUS_TAG => {
                 let node = self.node.upgrade().ok_or_else(|| WireError::MailboxClosed {

@@ -305,7 +305,7 @@ impl SendError {
             WireError::MailboxClosed { .. } => SendError::MailboxClosed { actor },
             WireError::Stopped { .. } => SendError::Stopped { actor },
             WireError::ReplyTooLarge { size, max } => SendError::ReplyTooLarge { tag, size, max },
-            other @ WireError::StaleIncarnation { .. } => SendError::Rejected {
+            other @ (WireError::StaleIncarnation { .. } | WireError::Impersonation { .. }) => SendError::Rejected {
                 actor,
                 tag,
                 reason: other.to_string(),

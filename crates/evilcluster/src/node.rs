@@ -58,6 +58,15 @@ struct Slot {
     link: Arc<OnceCell<Arc<Link>>>,
 }
 
+impl Slot {
+    fn holding(link: &Arc<Link>) -> Slot {
+        Slot {
+            incarnation: link.peer.incarnation,
+            link: Arc::new(OnceCell::new_with(Some(link.clone()))),
+        }
+    }
+}
+
 pub(crate) struct Node {
     pub identity: Identity,
     pub cookie: Cookie,
@@ -75,6 +84,8 @@ pub(crate) struct Node {
     accept_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Fires when a child loses its connection to the master.
     pub master_lost: Notify,
+    /// The connection this child opened to its master.
+    master_link: Mutex<std::sync::Weak<Link>>,
     /// The registry, in the master.
     pub registry: OnceLock<Addr<Registry>>,
     pub stats: Stats,
@@ -127,6 +138,7 @@ impl Node {
             arbiter: actix_rt::Arbiter::current(),
             accept_task: Mutex::new(None),
             master_lost: Notify::new(),
+            master_link: Mutex::new(std::sync::Weak::new()),
             registry: OnceLock::new(),
             stats: Stats::new(),
             forwarding: AtomicUsize::new(0),
@@ -226,7 +238,7 @@ impl Node {
             .cloned()
     }
 
-    pub fn dispatch(&self, request: &Request<'_>) -> Result<Dispatch, WireError> {
+    pub fn dispatch(&self, caller: &Arc<Link>, request: &Request<'_>) -> Result<Dispatch, WireError> {
         if request.incarnation != self.identity.incarnation {
             return Err(WireError::StaleIncarnation {
                 requested: request.incarnation,
@@ -237,7 +249,7 @@ impl Node {
         let service = services.get(request.actor).ok_or_else(|| WireError::UnknownActor {
             actor: request.actor.to_owned(),
         })?;
-        service.dispatch(request.tag, request.payload, request.reply)
+        service.dispatch(Some(caller), request.tag, request.payload, request.reply)
     }
 
     /// A request this process refused before dispatching it. A one-way
@@ -376,35 +388,49 @@ impl Node {
         if link.is_closed() {
             return;
         }
-        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = || Slot {
-            incarnation: link.peer.incarnation,
-            link: Arc::new(OnceCell::new_with(Some(link.clone()))),
-        };
         if self.stopping.load(Ordering::Acquire) {
             link.go_away();
         }
-        match links.get(&link.peer.path) {
-            Some(slot) if slot.incarnation == link.peer.incarnation => {
-                if slot.link.get().is_some_and(|l| l.is_closed()) {
-                    links.insert(link.peer.path.clone(), fresh());
-                }
-            }
-            _ => {
-                links.insert(link.peer.path.clone(), fresh());
-            }
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        // An open connection keeps its place, whatever a newer one claims:
+        // a second connection claiming the same path (a duplicate, or an
+        // impostor holding the cookie) displaces nothing. The registry
+        // installs the connection a process registered through
+        // ([`install`](Self::install)).
+        let keep = links.get(&link.peer.path).is_some_and(|slot| match slot.link.get() {
+            Some(existing) => !existing.is_closed(),
+            // Being connected: by us, to that same process.
+            None => slot.incarnation == link.peer.incarnation,
+        });
+        if !keep {
+            links.insert(link.peer.path.clone(), Slot::holding(link));
         }
     }
 
-    /// This child's connection to the master.
+    /// Makes `link` the connection to its peer's path: the registry calls it
+    /// for the connection a process registered through.
+    pub(crate) fn install(&self, link: &Arc<Link>) {
+        if link.is_closed() {
+            return;
+        }
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let current = links.get(&link.peer.path).and_then(|slot| slot.link.get());
+        if !current.is_some_and(|current| Arc::ptr_eq(current, link)) {
+            links.insert(link.peer.path.clone(), Slot::holding(link));
+        }
+    }
+
+    /// Records `link` as the connection this child opened to its master.
+    pub(crate) fn set_master_link(&self, link: &Arc<Link>) {
+        link.mark_master();
+        *self.master_link.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(link);
+        self.install(link);
+    }
+
+    /// This child's connection to the master (the one it opened).
     pub fn master_link(&self) -> Option<Arc<Link>> {
-        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        links
-            .get(&self.master.0)?
-            .link
-            .get()
-            .filter(|link| !link.is_closed())
-            .cloned()
+        let link = self.master_link.lock().unwrap_or_else(|e| e.into_inner()).upgrade()?;
+        (!link.is_closed()).then_some(link)
     }
 
     /// The connection to an already connected peer, by path.
@@ -426,11 +452,13 @@ impl Node {
             }
         }
         if let Some(registry) = self.registry.get() {
+            // The registry forgets only what this very connection registered.
             registry.do_send(PeerGone {
-                path: link.peer.path.clone(),
-                incarnation: link.peer.incarnation,
+                link: Arc::downgrade(link),
             });
-        } else if link.peer.path == self.master.0 {
+        } else if link.is_master() {
+            // Only the loss of the connection this process opened counts:
+            // another one claiming the master's path stops nothing.
             warn!("lost the connection to the master; stopping");
             self.master_lost.notify_one();
         }
