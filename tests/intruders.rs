@@ -559,3 +559,62 @@ fn payload_paths_must_match_the_handshake_identity() {
     fixture.command("quit");
     assert!(fixture.wait().success());
 }
+
+// 5. The listener handoff serves only the spawn's own forks.
+
+/// What a process connecting to the handoff socket at `path` receives: the
+/// bytes, and whether a descriptor came with them.
+fn fetch_handoff(path: &Path) -> (usize, bool) {
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    use std::mem::MaybeUninit;
+    let stream = std::os::unix::net::UnixStream::connect(path).expect("connect to the handoff socket");
+    stream.set_read_timeout(Some(support::DEADLINE)).unwrap();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    let received = recvmsg(
+        &stream,
+        &mut [std::io::IoSliceMut::new(&mut byte)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map(|r| r.bytes)
+    .unwrap_or(0);
+    let fd = control.drain().any(|message| match message {
+        RecvAncillaryMessage::ScmRights(mut fds) => fds.next().is_some(),
+        _ => false,
+    });
+    (received, fd)
+}
+
+#[test]
+fn the_listener_handoff_serves_only_the_spawns_own_forks() {
+    let mut sup = support::sup::Sup::start(&["--pool", "2", "--listen", "pool"]);
+    for k in 1..=2 {
+        sup.event(&format!("ready sup/pool/{k} "));
+    }
+    let handoff = support::files_below(sup.fixture.tmp.path())
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "listener"))
+        .expect("the spawn's handoff socket");
+    let (bytes, descriptor) = fetch_handoff(&handoff);
+    assert!(
+        !descriptor && bytes == 0,
+        "a stranger got {bytes} bytes, descriptor: {descriptor}"
+    );
+
+    // Its own forks still get it: a killed fork comes back and serves.
+    let fork1: u32 = sup
+        .fixture
+        .seen
+        .iter()
+        .find_map(|l| l.strip_prefix("event ready sup/pool/1 "))
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .expect("fork 1's pid");
+    support::signal_pid(fork1, rustix::process::Signal::KILL);
+    sup.event("ready sup/pool/1 ");
+    sup.fixture.command("addr pool");
+    let addr = sup.fixture.expect_line("addr ")["addr ".len()..].to_owned();
+    assert!(support::sup::http_get(&addr).is_ok());
+    sup.quit();
+}
