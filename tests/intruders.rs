@@ -618,3 +618,108 @@ fn the_listener_handoff_serves_only_the_spawns_own_forks() {
     assert!(support::sup::http_get(&addr).is_ok());
     sup.quit();
 }
+
+// 6. A peer cannot turn the logs into its megaphone.
+
+#[test]
+fn a_huge_cluster_name_gives_a_short_log_line_and_a_short_refusal() {
+    use evilcluster_wire::handshake::{self, Message, NONCE_LEN};
+    let mut fixture = serve_in(tempfile::tempdir().expect("temp dir"), &[]);
+    let master = master(&fixture.members());
+    let socket = master.socket.clone().unwrap();
+    let hello = |cluster: String| Message::Hello {
+        version: evilcluster_wire::PROTOCOL_VERSION,
+        cluster,
+        path: "fixture/intruder".into(),
+        incarnation: 1,
+        nonce: vec![1; NONCE_LEN],
+    };
+    let refusal = wire::runtime().block_on(async {
+        // 1 MB: refused on its header, before it is read.
+        let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        let mut framed = tokio_util::codec::Framed::new(stream, evilcluster_wire::codec(2 << 20));
+        // (The master may hang up while it is still being sent.)
+        let _ = handshake::send(&mut framed, &hello("x".repeat(1 << 20))).await;
+        let _ = handshake::receive(&mut framed).await;
+        // 3 KB: fits in a handshake frame, and is refused as another cluster.
+        let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        let mut framed = tokio_util::codec::Framed::new(stream, evilcluster_wire::codec(2 << 20));
+        handshake::send(&mut framed, &hello("y".repeat(3000))).await.unwrap();
+        handshake::receive(&mut framed).await
+    });
+    match refusal {
+        Ok(Message::Refused { reason }) => assert!(reason.len() < 400, "a refusal of {} bytes", reason.len()),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let deadline = std::time::Instant::now() + support::DEADLINE;
+    loop {
+        let lines = fixture.stderr_lines();
+        let refused: Vec<_> = lines.iter().filter(|l| l.contains("refused a connection")).collect();
+        if refused.len() >= 2 {
+            let longest = lines.iter().map(String::len).max().unwrap_or(0);
+            assert!(longest < 1000, "a log line of {longest} bytes");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no refusal logged: {lines:#?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    fixture.command("check");
+    fixture.expect_line("checked ok");
+    fixture.command("quit");
+    assert!(fixture.wait().success());
+}
+
+#[test]
+fn a_hundred_thousand_bad_messages_give_a_few_dozen_warnings() {
+    use evilcluster_wire::{Frame, Request};
+    use tokio::io::AsyncWriteExt;
+    let mut fixture = serve_in(tempfile::tempdir().expect("temp dir"), &[]);
+    let store = fixture
+        .members()
+        .into_iter()
+        .find(|m| m.path == "fixture/store")
+        .unwrap();
+    wire::runtime().block_on(async {
+        let (conn, _) = wire::claim(store.socket.as_deref().unwrap(), "fixture/intruder", 78).await;
+        let mut stream = conn.into_inner();
+        // One-way messages with a tag the store does not route.
+        let mut batch = Vec::new();
+        for id in 0..100_000u64 {
+            let body = Frame::Request(Request {
+                id,
+                actor: "store",
+                tag: "store.nope",
+                incarnation: store.incarnation,
+                reply: false,
+                payload: &[0xc0],
+            })
+            .encode()
+            .unwrap();
+            batch.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            batch.extend_from_slice(&body);
+        }
+        stream.write_all(&batch).await.unwrap();
+        stream.shutdown().await.unwrap();
+    });
+    // The count of what was held back comes at the latest when the connection ends.
+    let deadline = std::time::Instant::now() + support::DEADLINE;
+    let lines = loop {
+        let lines = fixture.stderr_lines();
+        if lines.iter().any(|l| l.contains("suppressed")) {
+            break lines;
+        }
+        let refused = lines.iter().filter(|l| l.contains("refused a request")).count();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no count of suppressed warnings; {refused} warnings logged"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let warnings = lines.iter().filter(|l| l.contains("refused a request")).count();
+    println!("100,000 bad messages: {warnings} warning lines");
+    assert!(warnings <= 50, "{warnings} warning lines");
+    fixture.command("check");
+    fixture.expect_line("checked ok");
+    fixture.command("quit");
+    assert!(fixture.wait().success());
+}

@@ -19,6 +19,7 @@ use tokio_util::codec::{Encoder, Framed, FramedRead, LengthDelimitedCodec};
 use tracing::{debug, warn};
 
 use crate::node::Node;
+use crate::throttle::clip;
 use crate::transport::{self, ReadHalf, WriteHalf};
 
 /// Names of the runtime's own services start with this.
@@ -566,6 +567,11 @@ pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Re
         async move {
             let reason = read_loop(&node, &link, reader).await;
             write_task.abort();
+            // The count of warnings held back is never lost.
+            link.warnings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .flush(&link.peer.path);
             debug!(peer = %link.peer.path, %reason, "connection closed");
             link.close(reason);
             // Nothing more will be written: a drain must not wait for it.
@@ -667,14 +673,18 @@ async fn read_loop(
                 None => return "closed by the peer".to_owned(),
                 Some(Err(error)) if is_disconnect(&error) => return format!("connection lost: {error}"),
                 Some(Err(error)) => {
-                    warn!(peer = %link.peer.path, %error, "dropping the connection: unreadable frame");
+                    warn!(peer = %clip(&link.peer.path), %error, "dropping the connection: unreadable frame");
                     return format!("unreadable frame: {error}");
                 }
                 Some(Ok(body)) => {
                     let large = body.len() > KEEP_BUFFER;
                     let body = body.freeze();
                     match Frame::decode(&body) {
-                        Err(error) => warn!(peer = %link.peer.path, %error, "ignored a malformed frame"),
+                        Err(error) => {
+                            if link.warn_allowed() {
+                                warn!(peer = %clip(&link.peer.path), %error, "ignored a malformed frame");
+                            }
+                        }
                         Ok(Frame::Reply(reply)) => link.complete(reply.id, reply.result.map(|p| body.slice_ref(p.0))),
                         Ok(Frame::Credit(credit)) => link.credited(credit.count),
                         Ok(Frame::GoAway) => link.peer_going_away(),

@@ -24,6 +24,10 @@ use crate::throttle::{clip, Throttle};
 use crate::transport;
 use crate::Error;
 
+/// One-way messages being passed on to another instance at once (see
+/// [`Node::refused`]); past it, such messages are refused like any other.
+const MAX_FORWARDING: usize = connection::WINDOW;
+
 /// Bytes of user messages a connection holds unwritten before senders wait.
 pub(crate) const DEFAULT_OUTBOX_BUDGET: usize = 8 * 1024 * 1024;
 
@@ -86,6 +90,8 @@ pub(crate) struct Node {
     pub master_lost: Notify,
     /// The connection this child opened to its master.
     master_link: Mutex<std::sync::Weak<Link>>,
+    /// Warnings not tied to one connection, rate-limited.
+    warnings: Mutex<Throttle>,
     /// The registry, in the master.
     pub registry: OnceLock<Addr<Registry>>,
     pub stats: Stats,
@@ -139,6 +145,7 @@ impl Node {
             accept_task: Mutex::new(None),
             master_lost: Notify::new(),
             master_link: Mutex::new(std::sync::Weak::new()),
+            warnings: Mutex::new(Throttle::default()),
             registry: OnceLock::new(),
             stats: Stats::new(),
             forwarding: AtomicUsize::new(0),
@@ -262,7 +269,10 @@ impl Node {
             error,
             WireError::UnknownActor { .. } | WireError::StaleIncarnation { .. } | WireError::MailboxClosed { .. }
         );
-        if !request.reply && undelivered && connection::takes_slot(request.actor) {
+        // Bounded: a peer sending one-way messages to an actor that is
+        // nowhere must not make this process hold them all.
+        let room = self.forwarding.load(Ordering::Acquire) < MAX_FORWARDING;
+        if !request.reply && undelivered && room && connection::takes_slot(request.actor) {
             debug!(peer = %link.peer.path, actor = request.actor, tag = request.tag, %error, "passing a one-way message on");
             self.forward(
                 request.actor.to_owned(),
@@ -271,7 +281,17 @@ impl Node {
             );
             return;
         }
-        warn!(peer = %link.peer.path, actor = request.actor, tag = request.tag, %error, "refused a request");
+        // Rate-limited per connection: a peer sending millions of bad
+        // messages gets a few lines and a count, not millions of lines.
+        if link.warn_allowed() {
+            warn!(
+                peer = %clip(&link.peer.path),
+                actor = %clip(request.actor),
+                tag = %clip(request.tag),
+                error = %clip(&error.to_string()),
+                "refused a request"
+            );
+        }
     }
 
     /// Sends a one-way message that reached the wrong process to another
@@ -305,10 +325,17 @@ impl Node {
                 }
             })
             .await;
-            if sent.is_err() {
+            let loud = || {
+                node.warnings
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .allow("forwarding")
+            };
+            if sent.is_err() && loud() {
                 warn!(
-                    actor,
-                    tag, "dropped a one-way message: no other instance of its actor came up in time"
+                    actor = %clip(&actor),
+                    tag = %clip(&tag),
+                    "dropped a one-way message: no other instance of its actor came up in time"
                 );
             }
             node.forwarding.fetch_sub(1, Ordering::AcqRel);
