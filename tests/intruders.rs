@@ -723,3 +723,43 @@ fn a_hundred_thousand_bad_messages_give_a_few_dozen_warnings() {
     fixture.command("quit");
     assert!(fixture.wait().success());
 }
+
+// 7. The role environment: not inherited, never a panic.
+
+#[test]
+fn what_a_worker_starts_inherits_no_role_variables() {
+    let mut fixture = serve_in(tempfile::tempdir().expect("temp dir"), &[]);
+    fixture.members();
+    fixture.command("environ");
+    let line = fixture.expect_line("environ ");
+    assert_eq!(
+        line, "environ ours= child=",
+        "the store, and `env` started by it, see role variables"
+    );
+    // Still the store: its role and path were read before they were removed.
+    fixture.command("check");
+    fixture.expect_line("checked ok");
+    fixture.command("quit");
+    assert!(fixture.wait().success());
+}
+
+#[test]
+fn a_malformed_role_environment_is_a_clear_error_not_a_panic() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cluster-fixture"))
+        .args(["serve", "--print-role"])
+        .env("EVILCLUSTER_ROLE", "fork")
+        .env("EVILCLUSTER_WORKER", "echo")
+        .env("EVILCLUSTER_FORK", "not a number")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run the fixture");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(output.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("FAIL cluster: bad evilcluster environment") && stdout.contains("EVILCLUSTER_FORK"),
+        "{stdout}"
+    );
+}

@@ -153,7 +153,7 @@ pub use events::{publish, subscribe, Delivery, Event, PublishError, Subscription
 pub use lifecycle::{lifecycle, ExitReason, Lifecycle};
 pub use listener::listener;
 pub use remote::{RemoteActor, RemoteMessage, Routes, DEFAULT_MAILBOX_CAPACITY};
-pub use role::{fork_number, is_fork, is_master, is_spawn, role, Role};
+pub use role::{fork_number, is_fork, is_master, is_spawn, path, role, try_role, Role};
 pub use supervisor::{Backoff, Intensity, Restart, Strategy};
 pub use watch::{watch, Watch, Watched};
 pub use worker::{options, options_of, TaskResult, Worker};
