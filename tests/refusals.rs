@@ -198,7 +198,8 @@ fn an_oversized_frame_drops_only_that_connection() {
         let mut stream = framed.into_inner();
         // Announce a 1 GiB frame: refused on its header, nothing allocated.
         stream.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
-        stream.write_all(&[0; 64]).await.unwrap();
+        // The peer may have hung up already: then this write fails, which is fine.
+        let _ = stream.write_all(&[0; 64]).await;
         closed_by_peer(stream).await;
     });
     still_serving(&mut fixture);

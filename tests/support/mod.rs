@@ -46,10 +46,24 @@ impl Fixture {
 
     /// Starts the fixture binary `exe` as a cluster's master.
     pub fn launch(exe: &str, args: &[&str], log: &str) -> Fixture {
-        let tmp = tempfile::tempdir().expect("temp dir");
+        Fixture::launch_in(tempfile::tempdir().expect("temp dir"), exe, args, log, &[])
+    }
+
+    /// Like [`launch`](Self::launch), with `tmp` (prepared by the test) as
+    /// the master's TMPDIR, and `env` added to its environment.
+    pub fn launch_in(
+        tmp: tempfile::TempDir,
+        exe: &str,
+        args: &[&str],
+        log: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Fixture {
         let mut child = Command::new(exe)
             .args(args)
             .env("TMPDIR", tmp.path())
+            // The discovery directory would be there instead of in TMPDIR.
+            .env_remove("XDG_RUNTIME_DIR")
+            .envs(env.iter().copied())
             .env("RUST_LOG", log)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -128,6 +142,25 @@ impl Fixture {
     pub fn members(&mut self) -> Vec<Member> {
         self.expect_line("ready");
         self.seen
+            .iter()
+            .filter_map(|line| {
+                let mut words = line.strip_prefix("member ")?.split(' ');
+                Some(Member {
+                    path: words.next()?.to_owned(),
+                    pid: words.next()?.parse().ok()?,
+                    incarnation: words.next()?.parse().ok()?,
+                    socket: words.next().filter(|s| *s != "-").map(str::to_owned),
+                })
+            })
+            .collect()
+    }
+
+    /// The members now (scenario `serve`'s `members` command).
+    pub fn current_members(&mut self) -> Vec<Member> {
+        let start = self.seen.len();
+        self.command("members");
+        self.expect_line("listed");
+        self.seen[start..]
             .iter()
             .filter_map(|line| {
                 let mut words = line.strip_prefix("member ")?.split(' ');
@@ -220,6 +253,22 @@ pub fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Resident memory of process `pid`, in bytes.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+/// Open descriptors of process `pid`.
+pub fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
 /// Every file left below `dir`.

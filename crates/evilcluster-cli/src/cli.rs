@@ -191,8 +191,10 @@ mod tests {
 
     #[test]
     fn a_missing_cluster_is_not_running() {
-        let dir = std::env::temp_dir().join(format!("evilcluster-cli-run-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("discovery");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
         let cli = Cli::try_parse_from(["evilcluster", "tree", "absent"]).unwrap();
         let mut out = Vec::new();
         let error = run(cli, &dir, &mut out).unwrap_err();
@@ -202,6 +204,5 @@ mod tests {
             "{error}"
         );
         assert!(out.is_empty());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,6 +1,6 @@
 //! Finding a running cluster's master from its discovery files.
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read};
 use std::path::{Path, PathBuf};
 
 use evilcluster_wire::control;
@@ -40,24 +40,41 @@ pub fn validate_name(cluster: &str) -> Result<(), CliError> {
 
 /// Reads the discovery files of `cluster` in `dir` and checks that the
 /// master they name is alive. Does not connect.
+///
+/// Nothing is trusted unless it is private to this user: `dir` must be a
+/// real directory (not a symbolic link) owned by this user with no group or
+/// other permissions, and so must each file read from it (regular, not a
+/// link). Anything else is [`CliError::Untrusted`]: another user could have
+/// planted a fake endpoint, or read the cookie.
 pub fn locate(dir: &Path, cluster: &str) -> Result<Master, CliError> {
     validate_name(cluster)?;
+    let uid = rustix::process::getuid().as_raw();
     let endpoint_file = control::endpoint_file(dir, cluster);
-    let text = match std::fs::read_to_string(&endpoint_file) {
-        Ok(text) => text,
-        Err(error) if error.kind() == ErrorKind::NotFound => {
-            return Err(CliError::NotRunning {
-                cluster: cluster.to_owned(),
-                reason: NotRunning::NoEndpointFile { file: endpoint_file },
-            })
-        }
-        Err(source) => {
-            return Err(CliError::ReadFile {
-                file: endpoint_file,
-                source,
-            })
-        }
+    let no_endpoint = || CliError::NotRunning {
+        cluster: cluster.to_owned(),
+        reason: NotRunning::NoEndpointFile {
+            file: endpoint_file.clone(),
+        },
     };
+    let dir_fd = match control::open_private_dir(dir, uid, false) {
+        Ok(fd) => fd,
+        Err(untrusted) if untrusted.is_not_found() => return Err(no_endpoint()),
+        Err(untrusted) => return Err(untrusted.into()),
+    };
+    let read = |name: String| -> Result<Option<String>, CliError> {
+        let file = dir.join(&name);
+        let mut opened = match control::open_private_file(&dir_fd, dir, &name, uid) {
+            Ok(opened) => opened,
+            Err(untrusted) if untrusted.is_not_found() => return Ok(None),
+            Err(untrusted) => return Err(untrusted.into()),
+        };
+        let mut text = String::new();
+        opened
+            .read_to_string(&mut text)
+            .map_err(|source| CliError::ReadFile { file, source })?;
+        Ok(Some(text))
+    };
+    let text = read(format!("{cluster}.endpoint"))?.ok_or_else(no_endpoint)?;
     let (socket, pid) = control::parse_endpoint(&text).map_err(|detail| CliError::MalformedFile {
         file: endpoint_file.clone(),
         detail,
@@ -72,9 +89,9 @@ pub fn locate(dir: &Path, cluster: &str) -> Result<Master, CliError> {
         });
     }
     let cookie_file = control::cookie_file(dir, cluster);
-    let cookie_text = std::fs::read_to_string(&cookie_file).map_err(|source| CliError::ReadFile {
+    let cookie_text = read(format!("{cluster}.cookie"))?.ok_or_else(|| CliError::ReadFile {
         file: cookie_file.clone(),
-        source,
+        source: ErrorKind::NotFound.into(),
     })?;
     let cookie = parse_cookie(&cookie_text).map_err(|detail| CliError::MalformedFile {
         file: cookie_file,
@@ -120,8 +137,14 @@ mod tests {
 
     #[test]
     fn missing_and_stale_endpoints_are_not_running() {
-        let dir = std::env::temp_dir().join(format!("evilcluster-cli-discovery-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("discovery");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        let write = |path: std::path::PathBuf, text: &str| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        };
         let error = locate(&dir, "nothing").unwrap_err();
         assert!(
             matches!(
@@ -136,7 +159,7 @@ mod tests {
         assert_eq!(error.exit_code(), 1);
 
         // A pid that cannot exist.
-        std::fs::write(control::endpoint_file(&dir, "stale"), "/nowhere.sock\n4294967295\n").unwrap();
+        write(control::endpoint_file(&dir, "stale"), "/nowhere.sock\n4294967295\n");
         let error = locate(&dir, "stale").unwrap_err();
         assert!(
             matches!(
@@ -149,17 +172,26 @@ mod tests {
             "{error:?}"
         );
 
-        std::fs::write(control::endpoint_file(&dir, "garbled"), "/x.sock\nnot a pid\n").unwrap();
+        write(control::endpoint_file(&dir, "garbled"), "/x.sock\nnot a pid\n");
         let error = locate(&dir, "garbled").unwrap_err();
         assert!(matches!(&error, CliError::MalformedFile { .. }), "{error:?}");
         assert_eq!(error.exit_code(), 2);
 
         let alive = format!("/x.sock\n{}\n", std::process::id());
-        std::fs::write(control::endpoint_file(&dir, "live"), alive).unwrap();
-        std::fs::write(control::cookie_file(&dir, "live"), "0a0b\n").unwrap();
+        write(control::endpoint_file(&dir, "live"), &alive);
+        write(control::cookie_file(&dir, "live"), "0a0b\n");
         let master = locate(&dir, "live").unwrap();
         assert_eq!(master.pid, std::process::id());
         assert_eq!(master.cookie, Cookie::new(vec![10, 11]));
-        std::fs::remove_dir_all(&dir).unwrap();
+
+        // The same files, readable by others: not trusted.
+        std::fs::set_permissions(
+            control::cookie_file(&dir, "live"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .unwrap();
+        let error = locate(&dir, "live").unwrap_err();
+        assert!(matches!(&error, CliError::Untrusted(_)), "{error:?}");
+        assert_eq!(error.exit_code(), 2);
     }
 }

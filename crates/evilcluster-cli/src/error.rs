@@ -63,6 +63,10 @@ pub enum CliError {
         /// How we know.
         reason: NotRunning,
     },
+    /// The discovery directory or one of its files is not private to this
+    /// user: another user could have planted or read it.
+    #[error("not trusting the discovery files: {0}")]
+    Untrusted(#[from] evilcluster_wire::control::Untrusted),
     /// The name cannot be a cluster's name.
     #[error("{cluster:?} is not a valid cluster name: it must be non-empty and contain no '/'")]
     InvalidName {

@@ -55,16 +55,16 @@ fn status(name: &str) -> Status {
 /// (with this process's pid) in `tmp`'s discovery directory.
 fn serve(tmp: &Path, name: &str) {
     let dir = discovery_dir(tmp);
-    std::fs::create_dir_all(&dir).unwrap();
+    support::private_dir(&dir);
     let socket = tmp.join("master.sock");
     let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     listener.set_nonblocking(true).unwrap();
-    std::fs::write(
+    support::write_private(
         control::endpoint_file(&dir, name),
         format!("{}\n{}\n", socket.display(), std::process::id()),
     )
     .unwrap();
-    std::fs::write(control::cookie_file(&dir, name), format!("{}\n", hex::encode(COOKIE))).unwrap();
+    support::write_private(control::cookie_file(&dir, name), format!("{}\n", hex::encode(COOKIE))).unwrap();
     let name = name.to_owned();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -222,7 +222,7 @@ fn a_wrong_cookie_exits_with_2() {
     let name = unique_name("fake-cookie");
     serve(tmp.path(), &name);
     let cookie = control::cookie_file(&discovery_dir(tmp.path()), &name);
-    std::fs::write(&cookie, "00112233\n").unwrap();
+    support::write_private(&cookie, "00112233\n").unwrap();
     let run = evilcluster(tmp.path(), &["ps", &name]);
     assert_eq!(run.code, Some(2), "{run:#?}");
     assert!(run.stderr.contains("cookie"), "{run:#?}");

@@ -36,14 +36,14 @@ fn a_stale_endpoint_file_is_not_running() {
     let tmp = tempfile::tempdir().unwrap();
     let name = unique_name("stale");
     let dir = discovery_dir(tmp.path());
-    std::fs::create_dir_all(&dir).unwrap();
+    support::private_dir(&dir);
     // Pid 4294967295 cannot exist.
-    std::fs::write(
+    support::write_private(
         control::endpoint_file(&dir, &name),
         "/nowhere/master.sock\n4294967295\n",
     )
     .unwrap();
-    std::fs::write(control::cookie_file(&dir, &name), "00\n").unwrap();
+    support::write_private(control::cookie_file(&dir, &name), "00\n").unwrap();
     let run = evilcluster(tmp.path(), &["ps", &name]);
     assert_eq!(run.code, Some(1), "{run:#?}");
     assert!(
@@ -61,16 +61,16 @@ fn a_refusing_socket_is_not_running() {
     let tmp = tempfile::tempdir().unwrap();
     let name = unique_name("refused");
     let dir = discovery_dir(tmp.path());
-    std::fs::create_dir_all(&dir).unwrap();
+    support::private_dir(&dir);
     // A socket file nobody listens on any more, advertised by a live pid (ours).
     let socket = tmp.path().join("master.sock");
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
-    std::fs::write(
+    support::write_private(
         control::endpoint_file(&dir, &name),
         format!("{}\n{}\n", socket.display(), std::process::id()),
     )
     .unwrap();
-    std::fs::write(control::cookie_file(&dir, &name), "00\n").unwrap();
+    support::write_private(control::cookie_file(&dir, &name), "00\n").unwrap();
     let run = evilcluster(tmp.path(), &["tree", &name]);
     assert_eq!(run.code, Some(1), "{run:#?}");
     assert!(
@@ -88,9 +88,9 @@ fn a_malformed_endpoint_file_exits_with_2() {
     let tmp = tempfile::tempdir().unwrap();
     let name = unique_name("garbled");
     let dir = discovery_dir(tmp.path());
-    std::fs::create_dir_all(&dir).unwrap();
+    support::private_dir(&dir);
     let endpoint = control::endpoint_file(&dir, &name);
-    std::fs::write(&endpoint, "just one line\n").unwrap();
+    support::write_private(&endpoint, "just one line\n").unwrap();
     let run = evilcluster(tmp.path(), &["ps", &name]);
     assert_eq!(run.code, Some(2), "{run:#?}");
     assert!(

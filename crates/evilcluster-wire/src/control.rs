@@ -27,9 +27,184 @@ pub const STOP_TAG: &str = "control.stop";
 /// `Result<u32, String>`: how many processes were restarted, or why not.
 pub const RESTART_TAG: &str = "control.restart";
 
-/// Where masters of user `uid` advertise themselves: `<temp dir>/evilcluster-<uid>`.
+/// Where masters of user `uid` advertise themselves:
+/// `$XDG_RUNTIME_DIR/evilcluster` when that variable names an absolute
+/// path (a directory only this user can enter, cleared at logout), else
+/// `<temp dir>/evilcluster-<uid>`. Either way the directory must be
+/// private ([`open_private_dir`]) before anything in it is trusted.
 pub fn discovery_dir(uid: u32) -> PathBuf {
-    std::env::temp_dir().join(format!("evilcluster-{uid}"))
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(runtime) if runtime.is_absolute() => runtime.join("evilcluster"),
+        _ => std::env::temp_dir().join(format!("evilcluster-{uid}")),
+    }
+}
+
+/// The file a live master holds locked (`flock`, exclusive) for its whole
+/// life: the proof that a cluster of that name runs. It holds the pid.
+pub fn lock_file(dir: &Path, cluster: &str) -> PathBuf {
+    dir.join(format!("{cluster}.lock"))
+}
+
+/// The directory holding a cluster's sockets, next to its discovery files.
+pub fn run_dir(dir: &Path, cluster: &str) -> PathBuf {
+    dir.join(format!("{cluster}.run"))
+}
+
+/// Why a discovery directory or file is not trusted. Another user (or a
+/// careless program) could have planted or changed it, so nothing in it is
+/// read, and nothing is written through it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Untrusted {
+    /// A symbolic link where a directory or file of this user belongs.
+    #[error("{path} is a symbolic link; remove it (a private directory of this user belongs there)")]
+    Symlink {
+        /// The link.
+        path: PathBuf,
+    },
+    /// Something else than the directory or regular file expected.
+    #[error("{path} is not a {expected}; remove it")]
+    WrongType {
+        /// The path.
+        path: PathBuf,
+        /// `directory` or `regular file`.
+        expected: &'static str,
+    },
+    /// It belongs to another user.
+    #[error("{path} belongs to uid {owner}, not to this user (uid {uid}); remove it, or point TMPDIR or XDG_RUNTIME_DIR elsewhere")]
+    Owner {
+        /// The path.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// This process's user.
+        uid: u32,
+    },
+    /// Other users may read or change it.
+    #[error("{path} has mode {mode:04o}, so other users may read or change it; it must have no group or other permissions (chmod 700 for the directory, 600 for a file)")]
+    Mode {
+        /// The path.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// It could not be opened or examined.
+    #[error("cannot open {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Untrusted {
+    /// Whether it simply does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Untrusted::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+/// Opens the private directory `path` of user `uid` (creating it with mode
+/// 0700 first, when `create`: private from its first instant), and checks
+/// what was opened — not the path, which could change meanwhile: a real
+/// directory (a symbolic link is not followed), owned by `uid`, with no
+/// group or other permissions.
+pub fn open_private_dir(path: &Path, uid: u32, create: bool) -> Result<std::os::fd::OwnedFd, Untrusted> {
+    use rustix::fs::{Mode, OFlags};
+    let io = |error: rustix::io::Errno| Untrusted::Io {
+        path: path.to_owned(),
+        source: error.into(),
+    };
+    if create {
+        match rustix::fs::mkdir(path, Mode::RWXU) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(error) => return Err(io(error)),
+        }
+    }
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let dir = match rustix::fs::open(path, flags, Mode::empty()) {
+        Ok(dir) => dir,
+        // Linux says ENOTDIR for a link with O_DIRECTORY|O_NOFOLLOW.
+        Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+            let link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+            return Err(match link {
+                true => Untrusted::Symlink { path: path.to_owned() },
+                false => Untrusted::WrongType {
+                    path: path.to_owned(),
+                    expected: "directory",
+                },
+            });
+        }
+        Err(error) => return Err(io(error)),
+    };
+    check_private(&dir, path, uid, rustix::fs::FileType::Directory)?;
+    Ok(dir)
+}
+
+/// Opens the regular file `name` of the private directory `dir` (opened
+/// with [`open_private_dir`]) for reading, without following a symbolic
+/// link, and checks it as [`open_private_dir`] checks a directory.
+pub fn open_private_file(
+    dir: impl std::os::fd::AsFd,
+    dir_path: &Path,
+    name: &str,
+    uid: u32,
+) -> Result<std::fs::File, Untrusted> {
+    use rustix::fs::{Mode, OFlags};
+    let path = dir_path.join(name);
+    // NONBLOCK: a FIFO planted there must not hang the reader.
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+    let file = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(file) => file,
+        Err(rustix::io::Errno::LOOP) => return Err(Untrusted::Symlink { path }),
+        Err(error) => {
+            return Err(Untrusted::Io {
+                path,
+                source: error.into(),
+            })
+        }
+    };
+    check_private(&file, &path, uid, rustix::fs::FileType::RegularFile)?;
+    Ok(std::fs::File::from(file))
+}
+
+/// Checks an open directory or file: its type, owner and permissions.
+pub fn check_private(
+    fd: impl std::os::fd::AsFd,
+    path: &Path,
+    uid: u32,
+    expected: rustix::fs::FileType,
+) -> Result<(), Untrusted> {
+    let stat = rustix::fs::fstat(fd).map_err(|error| Untrusted::Io {
+        path: path.to_owned(),
+        source: error.into(),
+    })?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != expected {
+        return Err(Untrusted::WrongType {
+            path: path.to_owned(),
+            expected: match expected {
+                rustix::fs::FileType::Directory => "directory",
+                _ => "regular file",
+            },
+        });
+    }
+    if stat.st_uid != uid {
+        return Err(Untrusted::Owner {
+            path: path.to_owned(),
+            owner: stat.st_uid,
+            uid,
+        });
+    }
+    let mode = stat.st_mode & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(Untrusted::Mode {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
 }
 
 /// The file holding a cluster's master socket path and pid.

@@ -64,6 +64,16 @@ pub enum WireError {
         /// The maximum frame length.
         max: usize,
     },
+    /// The request spoke for another process than the one its connection
+    /// authenticated as (or than the connection registered for it): a peer
+    /// acts only as itself, and only through its own registered connection.
+    #[error("refused: a connection authenticated as `{authenticated}` spoke for `{claimed}`")]
+    Impersonation {
+        /// Who the request claimed to be (or speak for).
+        claimed: String,
+        /// Who the connection authenticated as.
+        authenticated: String,
+    },
 }
 
 /// A frame body that is not a valid frame.

@@ -31,6 +31,12 @@ type HmacSha256 = Hmac<Sha256>;
 /// Length of a nonce, in bytes.
 pub const NONCE_LEN: usize = 32;
 
+/// The largest frame either side accepts during the handshake: its
+/// messages are a few hundred bytes. A peer that has not proved the cookie
+/// must not make the other side hold (or reserve) more than this; the full
+/// frame limit applies only once the handshake has succeeded.
+pub const MAX_HANDSHAKE_FRAME: usize = 4 * 1024;
+
 /// The cluster's shared secret. `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Cookie(Vec<u8>);
@@ -154,7 +160,7 @@ pub async fn receive<T: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<T, LengthDelimitedCodec>,
 ) -> Result<Message, HandshakeError> {
     let frame = framed.next().await.ok_or(HandshakeError::Closed)??;
-    rmp_serde::from_slice(&frame).map_err(|e| HandshakeError::Malformed(e.to_string()))
+    rmp_serde::from_slice(&frame).map_err(|e| HandshakeError::Malformed(clip(e.to_string())))
 }
 
 /// Runs the caller's side of the handshake on a fresh connection.
@@ -267,7 +273,7 @@ async fn accept_inner<T: AsyncRead + AsyncWrite + Unpin>(
     if cluster != me.cluster {
         return Err(HandshakeError::Cluster {
             ours: me.cluster.clone(),
-            theirs: cluster,
+            theirs: clip(cluster),
         });
     }
     if client_nonce.len() != NONCE_LEN {
@@ -304,6 +310,17 @@ async fn accept_inner<T: AsyncRead + AsyncWrite + Unpin>(
         path,
         incarnation,
     })
+}
+
+/// Characters of a peer's string kept in an error: errors are logged and
+/// echoed in the refusal, and a stranger must not choose their size.
+const CLIP: usize = 128;
+
+fn clip(text: String) -> String {
+    match text.char_indices().nth(CLIP) {
+        None => text,
+        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
+    }
 }
 
 fn unexpected(message: &Message) -> HandshakeError {
@@ -362,6 +379,13 @@ mod tests {
         // The caller checks the listener's proof first and walks away.
         assert!(matches!(client, Err(HandshakeError::BadProof)), "{client:?}");
         assert!(server.is_err());
+    }
+
+    #[test]
+    fn a_peers_long_strings_are_clipped() {
+        let clipped = clip("é".repeat(1000));
+        assert!(clipped.starts_with(&"é".repeat(CLIP)) && clipped.ends_with("… (2000 bytes)"));
+        assert_eq!(clip("short".into()), "short");
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! each child runs.
 
 use std::future::Future;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,13 +12,14 @@ use tracing::{debug, error, error_span, info, warn};
 
 use crate::addr::{call, decode, encode};
 use crate::connection::{self, Link, Side};
-use crate::control::{Advertisement, ControlService, SupervisorService, SUPERVISOR};
+use crate::control::{ControlService, SupervisorService, SUPERVISOR};
 use crate::directory::{Member, Snapshot};
 use crate::node::{Config, Node, NodeSpec};
 use crate::process::StopReason;
-use crate::registry::{Announce, Leave, Registry, Subscribe, REGISTRY};
-use crate::remote::{ActorService, RemoteMessage};
+use crate::registry::{Announce, Leave, Register, Registry, RegistryService, Subscribe, REGISTRY};
+use crate::remote::RemoteMessage;
 use crate::role::ChildEnv;
+use crate::rundir::RunDir;
 use crate::supervisor::{self, Intensity, Plan, Strategy, SupervisorHandle};
 use crate::tree::{self, Declared};
 use crate::worker::{publish_options, Body, Hosted, Worker};
@@ -263,18 +263,15 @@ impl Cluster {
             return Err(Error::NotMaster(env.role.to_string()));
         }
         publish_options(None, &self.workers);
-        let socket_dir = tempfile::Builder::new()
-            .prefix(&format!("evilcluster-{}-", self.name))
-            .tempdir()
-            .map_err(|e| Error::io("cannot create the socket directory", e))?;
-        restrict_to_owner(socket_dir.path())?;
+        raise_descriptor_limit();
+        let run_dir = RunDir::claim(&self.name)?;
         let cookie = match self.cookie.clone() {
             Some(secret) => Cookie::new(secret),
             None => Cookie::new(random_bytes::<32>().to_vec()),
         };
-        let master_socket = socket_dir.path().join("master.sock").to_string_lossy().into_owned();
+        let master_socket = run_dir.sockets.join("master.sock").to_string_lossy().into_owned();
         let incarnation = random_incarnation();
-        let advertisement = Advertisement::publish(&self.name, &master_socket, &cookie)?;
+        run_dir.publish(&master_socket, &cookie)?;
         let node = Node::start(NodeSpec {
             identity: Identity {
                 cluster: self.name.clone(),
@@ -284,27 +281,30 @@ impl Cluster {
             cookie: cookie.clone(),
             config: self.config.clone(),
             socket: Some(master_socket.clone()),
-            socket_dir: socket_dir.path().to_owned(),
+            socket_dir: run_dir.sockets.clone(),
             master: (self.name.clone(), master_socket.clone()),
         })?;
         let registry = actix::Actor::start(Registry::new(&node));
         node.registry.set(registry.clone()).ok();
-        node.add_service(REGISTRY, Arc::new(ActorService::new(registry.clone())));
+        node.add_service(REGISTRY, Arc::new(RegistryService(registry.clone())));
         let _ = registry
-            .send(Announce(Member {
-                path: self.name.clone(),
-                role: "master".into(),
-                worker: self.name.clone(),
-                order: 0,
-                fork: None,
-                pid: std::process::id(),
-                incarnation,
-                actor: Some(REGISTRY.into()),
-                actor_type: None,
-                socket: Some(master_socket.clone()),
-                restarts: 0,
-                listen: None,
-            }))
+            .send(Register {
+                owner: None,
+                member: Member {
+                    path: self.name.clone(),
+                    role: "master".into(),
+                    worker: self.name.clone(),
+                    order: 0,
+                    fork: None,
+                    pid: std::process::id(),
+                    incarnation,
+                    actor: Some(REGISTRY.into()),
+                    actor_type: None,
+                    socket: Some(master_socket.clone()),
+                    restarts: 0,
+                    listen: None,
+                },
+            })
             .await;
 
         let declared: Vec<Declared> = self
@@ -358,11 +358,10 @@ impl Cluster {
         let handle = ClusterHandle {
             name: self.name.clone(),
             stop,
-            advertisement: Some(advertisement),
             node: node.clone(),
             supervisor,
             declared,
-            socket_dir: Some(socket_dir),
+            run_dir: Some(run_dir),
             tree_logger: None,
         };
         let started = tokio::select! {
@@ -443,11 +442,11 @@ pub struct ClusterHandle {
     name: String,
     /// Fired by a control client's stop request.
     stop: Arc<Notify>,
-    advertisement: Option<Advertisement>,
     node: Arc<Node>,
     supervisor: SupervisorHandle,
     declared: Vec<Declared>,
-    socket_dir: Option<tempfile::TempDir>,
+    /// The name's lock, discovery files and socket directory.
+    run_dir: Option<RunDir>,
     tree_logger: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -480,10 +479,8 @@ impl ClusterHandle {
         }
         self.supervisor.shutdown().await;
         self.node.stop();
-        self.advertisement.take();
-        if let Some(dir) = self.socket_dir.take() {
-            dir.close()
-                .map_err(|e| Error::io("cannot remove the socket directory", e))?;
+        if let Some(run_dir) = self.run_dir.take() {
+            run_dir.close()?;
         }
         info!("cluster stopped");
         Ok(())
@@ -523,7 +520,9 @@ impl Child {
         let socket = hosted.map(|_| {
             self.env
                 .socket_dir
-                .join(format!("{}.sock", std::process::id()))
+                // Named by incarnation (random), not pid: a pid is reused,
+                // and a killed process leaves its socket file behind.
+                .join(format!("{:016x}.sock", self.env.incarnation))
                 .to_string_lossy()
                 .into_owned()
         });
@@ -565,7 +564,11 @@ impl Child {
             Some(address) => Some(crate::listener::share(
                 address,
                 self.env.listener.as_deref(),
-                supervises_forks.then(|| self.env.socket_dir.join(format!("{}.listener", std::process::id()))),
+                supervises_forks.then(|| {
+                    self.env
+                        .socket_dir
+                        .join(format!("{:016x}.listener", self.env.incarnation))
+                }),
             )?),
             None => None,
         };
@@ -727,7 +730,7 @@ async fn join(node: &Arc<Node>) -> Result<Arc<Link>> {
             peer: master_path.clone(),
             source,
         })?;
-    node.adopt(&link);
+    node.set_master_link(&link);
     let subscribe = Subscribe {
         path: node.identity.path.clone(),
         incarnation: node.identity.incarnation,
@@ -845,12 +848,20 @@ pub(crate) fn random_incarnation() -> u64 {
     u64::from_ne_bytes(random_bytes::<8>()).max(1)
 }
 
-fn restrict_to_owner(dir: &Path) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use rustix::fs::{chmod, Mode};
-        chmod(dir, Mode::RWXU).map_err(|e| Error::io("cannot restrict the socket directory to its owner", e.into()))?;
+/// Raises the soft limit on open descriptors to the hard limit: every
+/// connection costs one, and the usual soft limit (1,024) is far below what
+/// the system allows, which made a flood of connections starve the master.
+/// The children inherit the raised limit.
+fn raise_descriptor_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            debug!(%error, "could not raise the descriptor limit");
+        }
     }
-    let _ = dir;
-    Ok(())
 }

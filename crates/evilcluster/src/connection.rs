@@ -19,6 +19,7 @@ use tokio_util::codec::{Encoder, Framed, FramedRead, LengthDelimitedCodec};
 use tracing::{debug, warn};
 
 use crate::node::Node;
+use crate::throttle::clip;
 use crate::transport::{self, ReadHalf, WriteHalf};
 
 /// Names of the runtime's own services start with this.
@@ -203,6 +204,11 @@ pub(crate) struct Link {
     asked_to_go: AtomicBool,
     /// The peer acknowledged that: nothing but replies and credits follows.
     quiet: AtomicBool,
+    /// This is the connection this process opened to its master (the only
+    /// one whose loss stops it, and the only one its master speaks on).
+    master: AtomicBool,
+    /// Warnings this connection's peer caused, rate-limited.
+    pub(crate) warnings: Mutex<crate::throttle::Throttle>,
 }
 
 impl Link {
@@ -224,6 +230,8 @@ impl Link {
             }),
             asked_to_go: AtomicBool::new(false),
             quiet: AtomicBool::new(false),
+            master: AtomicBool::new(false),
+            warnings: Mutex::new(crate::throttle::Throttle::default()),
             closed: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             slots: Semaphore::new(WINDOW),
@@ -233,6 +241,24 @@ impl Link {
             serving: AtomicUsize::new(0),
             uncredited: AtomicUsize::new(0),
         }
+    }
+
+    /// Marks this as the connection this process opened to its master.
+    pub fn mark_master(&self) {
+        self.master.store(true, Ordering::Release);
+    }
+
+    /// Whether this is the connection this process opened to its master.
+    pub fn is_master(&self) -> bool {
+        self.master.load(Ordering::Acquire)
+    }
+
+    /// Whether one more warning caused by this peer may be logged now (at
+    /// most [`PER_WINDOW`](crate::throttle::PER_WINDOW) a second; the rest
+    /// are counted and reported later in one line).
+    pub fn warn_allowed(&self) -> bool {
+        let mut warnings = self.warnings.lock().unwrap_or_else(|e| e.into_inner());
+        warnings.allow(&self.peer.path)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -513,7 +539,9 @@ pub(crate) enum Side {
 /// on the current actix arbiter.
 pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Result<Arc<Link>, HandshakeError> {
     let max_frame = node.config.max_frame_length;
-    let mut framed = Framed::new(transport::into_io(stream), codec(max_frame));
+    // Small frames until the peer has proved the cookie: a stranger cannot
+    // make this process reserve the full frame limit.
+    let mut framed = Framed::new(transport::into_io(stream), codec(handshake::MAX_HANDSHAKE_FRAME));
     let nonce = random_nonce();
     let handshake = async {
         match side {
@@ -539,6 +567,11 @@ pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Re
         async move {
             let reason = read_loop(&node, &link, reader).await;
             write_task.abort();
+            // The count of warnings held back is never lost.
+            link.warnings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .flush(&link.peer.path);
             debug!(peer = %link.peer.path, %reason, "connection closed");
             link.close(reason);
             // Nothing more will be written: a drain must not wait for it.
@@ -613,7 +646,11 @@ async fn write_loop(link: Arc<Link>, mut io: WriteHalf) {
 /// It keeps reading while the actors work: the peer's window bounds what
 /// it may have in flight here, so replies to this process's own requests
 /// are never stuck behind requests it has no room for.
-async fn read_loop(node: &Arc<Node>, link: &Link, mut frames: FramedRead<ReadHalf, LengthDelimitedCodec>) -> String {
+async fn read_loop(
+    node: &Arc<Node>,
+    link: &Arc<Link>,
+    mut frames: FramedRead<ReadHalf, LengthDelimitedCodec>,
+) -> String {
     let mut in_flight = FuturesUnordered::new();
     // One-way messages finished and not yet credited back to the peer.
     let mut credit_due = 0usize;
@@ -636,14 +673,18 @@ async fn read_loop(node: &Arc<Node>, link: &Link, mut frames: FramedRead<ReadHal
                 None => return "closed by the peer".to_owned(),
                 Some(Err(error)) if is_disconnect(&error) => return format!("connection lost: {error}"),
                 Some(Err(error)) => {
-                    warn!(peer = %link.peer.path, %error, "dropping the connection: unreadable frame");
+                    warn!(peer = %clip(&link.peer.path), %error, "dropping the connection: unreadable frame");
                     return format!("unreadable frame: {error}");
                 }
                 Some(Ok(body)) => {
                     let large = body.len() > KEEP_BUFFER;
                     let body = body.freeze();
                     match Frame::decode(&body) {
-                        Err(error) => warn!(peer = %link.peer.path, %error, "ignored a malformed frame"),
+                        Err(error) => {
+                            if link.warn_allowed() {
+                                warn!(peer = %clip(&link.peer.path), %error, "ignored a malformed frame");
+                            }
+                        }
                         Ok(Frame::Reply(reply)) => link.complete(reply.id, reply.result.map(|p| body.slice_ref(p.0))),
                         Ok(Frame::Credit(credit)) => link.credited(credit.count),
                         Ok(Frame::GoAway) => link.peer_going_away(),
@@ -655,7 +696,7 @@ async fn read_loop(node: &Arc<Node>, link: &Link, mut frames: FramedRead<ReadHal
                             // The runtime's own traffic is not the actors' work.
                             let counted = slotted;
                             let started = if counted { node.stats.received() } else { None };
-                            match node.dispatch(&request) {
+                            match node.dispatch(link, &request) {
                                 Ok(None) => {
                                     if slotted && !reply {
                                         credit_due += 1;

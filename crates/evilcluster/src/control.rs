@@ -1,16 +1,16 @@
 //! The master's control service for tools (`evilcluster ps`, `tree`,
 //! `stop`), and the files through which tools find a cluster by name.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use evilcluster_wire::control::{self, ProcessStatus, Status, CONTROL, RESTART_TAG, STATUS_TAG, STOP_TAG};
-use evilcluster_wire::{Cookie, WireError};
+use evilcluster_wire::control::{ProcessStatus, Status, CONTROL, RESTART_TAG, STATUS_TAG, STOP_TAG};
+use evilcluster_wire::WireError;
 use futures_util::future::join_all;
 use tokio::sync::Notify;
 
 use crate::addr::{call, decode, encode};
+use crate::connection::Link;
 use crate::directory::Member;
 use crate::node::Node;
 use crate::remote::{decode_payload, encode_reply, Dispatch, Service};
@@ -58,7 +58,13 @@ pub(crate) const SUPERVISOR: &str = "evilcluster.supervisor";
 pub(crate) struct SupervisorService(pub Restarter);
 
 impl Service for SupervisorService {
-    fn dispatch(&self, tag: &str, _payload: &[u8], _reply: bool) -> Result<Dispatch, WireError> {
+    fn dispatch(
+        &self,
+        _caller: Option<&Arc<Link>>,
+        tag: &str,
+        _payload: &[u8],
+        _reply: bool,
+    ) -> Result<Dispatch, WireError> {
         if tag != RESTART_TAG {
             return Err(WireError::UnknownMessage {
                 actor: SUPERVISOR.to_owned(),
@@ -124,7 +130,7 @@ pub async fn restart_worker(worker: &str) -> Result<u32, Error> {
             .service(CONTROL)
             .ok_or_else(|| failed("the cluster is not started".into()))?;
         let pending = control
-            .dispatch(RESTART_TAG, &payload, true)
+            .dispatch(None, RESTART_TAG, &payload, true)
             .map_err(|e| failed(e.to_string()))?
             .ok_or_else(|| failed("no reply".into()))?;
         pending.await.map_err(|e| failed(e.to_string()))?
@@ -143,7 +149,13 @@ pub async fn restart_worker(worker: &str) -> Result<u32, Error> {
 }
 
 impl Service for ControlService {
-    fn dispatch(&self, tag: &str, payload: &[u8], _reply: bool) -> Result<Dispatch, WireError> {
+    fn dispatch(
+        &self,
+        _caller: Option<&Arc<Link>>,
+        tag: &str,
+        payload: &[u8],
+        _reply: bool,
+    ) -> Result<Dispatch, WireError> {
         match tag {
             STATUS_TAG => {
                 let node = self.node.upgrade().ok_or_else(|| WireError::MailboxClosed {
@@ -303,68 +315,4 @@ async fn fetch(node: &Arc<Node>, member: &Member) -> Option<ProcessStats> {
         .await
         .ok()?;
     rmp_serde::from_slice(&reply).ok()
-}
-
-/// The files that let tools find this cluster by name; removed on drop.
-pub(crate) struct Advertisement {
-    endpoint: PathBuf,
-    cookie: PathBuf,
-}
-
-impl Advertisement {
-    /// Advertises the master's socket under the cluster's name, unless a
-    /// live master already does.
-    pub fn publish(cluster: &str, socket: &str, cookie: &Cookie) -> Result<Advertisement, Error> {
-        use std::io::Write;
-
-        let dir = control::discovery_dir(rustix::process::getuid().as_raw());
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder
-            .create(&dir)
-            .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-        let endpoint = control::endpoint_file(&dir, cluster);
-        if let Some(pid) = advertised_pid(&endpoint) {
-            if pid != std::process::id() && control::pid_alive(pid) {
-                return Err(Error::NameTaken {
-                    cluster: cluster.to_owned(),
-                    pid,
-                });
-            }
-        }
-        let write = |path: &PathBuf, text: String| -> Result<(), Error> {
-            let context = || format!("cannot write {}", path.display());
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            // Only the owner may read the cookie.
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options.open(path).map_err(|e| Error::io(context(), e))?;
-            file.write_all(text.as_bytes()).map_err(|e| Error::io(context(), e))
-        };
-        let cookie_path = control::cookie_file(&dir, cluster);
-        write(&cookie_path, format!("{}\n", hex::encode(cookie.as_bytes())))?;
-        write(&endpoint, control::endpoint_text(socket, std::process::id()))?;
-        Ok(Advertisement {
-            endpoint,
-            cookie: cookie_path,
-        })
-    }
-}
-
-impl Drop for Advertisement {
-    fn drop(&mut self) {
-        // Only our own: a newer master of the same name may have taken over.
-        if advertised_pid(&self.endpoint) == Some(std::process::id()) {
-            let _ = std::fs::remove_file(&self.endpoint);
-            let _ = std::fs::remove_file(&self.cookie);
-        }
-    }
-}
-
-fn advertised_pid(endpoint: &PathBuf) -> Option<u32> {
-    let text = std::fs::read_to_string(endpoint).ok()?;
-    control::parse_endpoint(&text).ok().map(|(_, pid)| pid)
 }

@@ -29,13 +29,18 @@ pub enum Error {
     #[error("a cluster is already running in this process")]
     AlreadyRunning,
     /// Another live master already runs a cluster of this name for this user.
-    #[error("a cluster named `{cluster}` is already running (master pid {pid}); stop it or choose another name")]
+    #[error("a cluster named `{cluster}` is already running (master pid {}); stop it or choose another name", pid.map_or_else(|| "unknown: still starting".to_owned(), |p| p.to_string()))]
     NameTaken {
         /// The cluster's name.
         cluster: String,
-        /// The other master's pid.
-        pid: u32,
+        /// The other master's pid, once it has written it.
+        pid: Option<u32>,
     },
+    /// The directory where masters advertise themselves (or a file in it)
+    /// could have been planted or changed by another user: the master
+    /// refuses to start rather than trust it.
+    #[error("refusing to start: {0}")]
+    Untrusted(#[from] evilcluster_wire::control::Untrusted),
     /// A connection to another process of the cluster could not be set up.
     #[error("handshake with {peer} failed: {source}")]
     Handshake {
@@ -302,7 +307,7 @@ impl SendError {
             WireError::MailboxClosed { .. } => SendError::MailboxClosed { actor },
             WireError::Stopped { .. } => SendError::Stopped { actor },
             WireError::ReplyTooLarge { size, max } => SendError::ReplyTooLarge { tag, size, max },
-            other @ WireError::StaleIncarnation { .. } => SendError::Rejected {
+            other @ (WireError::StaleIncarnation { .. } | WireError::Impersonation { .. }) => SendError::Rejected {
                 actor,
                 tag,
                 reason: other.to_string(),

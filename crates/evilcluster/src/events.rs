@@ -19,8 +19,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use crate::connection::Link;
 use crate::node::{self, Node};
-use crate::remote::{decode_payload, Dispatch, Service};
+use crate::remote::{check_identity, check_master, decode_payload, Dispatch, Service};
 use crate::SendError;
 
 /// Name of the event service every process hosts.
@@ -233,15 +234,25 @@ fn deliver(tag: &str, from: &str, payload: Bytes) {
 pub(crate) struct EventService(pub std::sync::Weak<Node>);
 
 impl Service for EventService {
-    fn dispatch(&self, tag: &str, payload: &[u8], _reply: bool) -> Result<Dispatch, WireError> {
+    fn dispatch(
+        &self,
+        caller: Option<&Arc<Link>>,
+        tag: &str,
+        payload: &[u8],
+        _reply: bool,
+    ) -> Result<Dispatch, WireError> {
         match tag {
             DELIVER_TAG => {
+                // Only the master fans events out.
+                check_master(caller)?;
                 let arrival: Arrival = decode_payload(tag, payload)?;
                 deliver(&arrival.tag, &arrival.from, Bytes::from(arrival.payload));
                 Ok(None)
             }
             PUBLISH_TAG => {
                 let publication: Publication = decode_payload(tag, payload)?;
+                // Subscribers trust `from`: it must be the publisher's own path.
+                check_identity(caller, &publication.from, None)?;
                 if let Some(node) = self.0.upgrade().filter(|node| node.registry.get().is_some()) {
                     fan_out(&node, publication);
                 }

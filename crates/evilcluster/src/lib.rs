@@ -98,8 +98,10 @@ mod process;
 mod registry;
 mod remote;
 mod role;
+mod rundir;
 mod stats;
 mod supervisor;
+mod throttle;
 mod transport;
 mod tree;
 mod watch;
@@ -151,7 +153,7 @@ pub use listener::listener;
 pub use remote::{
     Contains, Here, MessageList, RemoteActor, RemoteMessage, Routed, Routes, There, DEFAULT_MAILBOX_CAPACITY,
 };
-pub use role::{fork_number, is_fork, is_master, is_spawn, role, Role};
+pub use role::{fork_number, is_fork, is_master, is_spawn, path, role, try_role, Role};
 pub use supervisor::{Backoff, Intensity, Restart, Strategy};
 pub use watch::{watch, Watch, Watched};
 pub use worker::{options, options_of, TaskResult, Worker};

@@ -69,9 +69,42 @@ pub(crate) fn share(address: &str, from_spawn: Option<&Path>, for_forks: Option<
     })
 }
 
-/// The spawn's side: serves duplicates of `listener` to whoever connects to
-/// `path` (only this user can: the directory is private). Removes the
-/// socket file when dropped.
+/// The forks this process started and has not yet seen exit: the only
+/// processes its handoff serves.
+static OUR_FORKS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Records a fork this process just started (before it can connect: the
+/// fork waits for its cookie, written after this).
+pub(crate) fn fork_started(pid: u32) {
+    OUR_FORKS.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
+}
+
+/// Forgets a fork that exited (before its pid can be reused).
+pub(crate) fn fork_exited(pid: u32) {
+    OUR_FORKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|&p| p != pid);
+}
+
+/// Whether the process at the other end of `stream` is one of this
+/// process's current forks, by the kernel's word (`SO_PEERCRED`), not the
+/// peer's: any process of this user can reach the socket.
+fn is_our_fork(stream: &UnixStream) -> Result<(), String> {
+    let peer = rustix::net::sockopt::socket_peercred(stream).map_err(|e| format!("no peer credentials: {e}"))?;
+    let pid = peer.pid.as_raw_nonzero().get() as u32;
+    if peer.uid != rustix::process::getuid() {
+        return Err(format!("pid {pid} runs as uid {}", peer.uid.as_raw()));
+    }
+    if !OUR_FORKS.lock().unwrap_or_else(|e| e.into_inner()).contains(&pid) {
+        return Err(format!("pid {pid} is not one of this spawn's forks"));
+    }
+    Ok(())
+}
+
+/// The spawn's side: serves duplicates of `listener` to its own current
+/// forks that connect to `path` (checked by peer credentials; anyone else
+/// is hung up on). Removes the socket file when dropped.
 pub(crate) struct Handoff {
     pub path: PathBuf,
 }
@@ -86,8 +119,17 @@ impl Handoff {
         std::thread::Builder::new()
             .name("evilcluster-listener".into())
             .spawn(move || {
+                let mut throttle = crate::throttle::Throttle::default();
                 for fork in handoff.incoming() {
-                    let sent = fork.and_then(|fork| send_descriptor(&fork, shared.as_fd()));
+                    let sent = fork.and_then(|fork| match is_our_fork(&fork) {
+                        Ok(()) => send_descriptor(&fork, shared.as_fd()),
+                        Err(stranger) => {
+                            if throttle.allow("listener handoff") {
+                                warn!("refused to hand the listener over: {stranger}");
+                            }
+                            Ok(())
+                        }
+                    });
                     if let Err(error) = sent {
                         warn!(%error, "could not hand the listener to a fork");
                     }

@@ -20,8 +20,13 @@ use crate::events::{EventService, EVENTS};
 use crate::registry::{PeerGone, Registry};
 use crate::remote::{Dispatch, Service};
 use crate::stats::{Stats, StatsService, STATS};
+use crate::throttle::{clip, Throttle};
 use crate::transport;
 use crate::Error;
+
+/// One-way messages being passed on to another instance at once (see
+/// [`Node::refused`]); past it, such messages are refused like any other.
+const MAX_FORWARDING: usize = connection::WINDOW;
 
 /// Bytes of user messages a connection holds unwritten before senders wait.
 pub(crate) const DEFAULT_OUTBOX_BUDGET: usize = 8 * 1024 * 1024;
@@ -57,6 +62,15 @@ struct Slot {
     link: Arc<OnceCell<Arc<Link>>>,
 }
 
+impl Slot {
+    fn holding(link: &Arc<Link>) -> Slot {
+        Slot {
+            incarnation: link.peer.incarnation,
+            link: Arc::new(OnceCell::new_with(Some(link.clone()))),
+        }
+    }
+}
+
 pub(crate) struct Node {
     pub identity: Identity,
     pub cookie: Cookie,
@@ -74,6 +88,10 @@ pub(crate) struct Node {
     accept_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Fires when a child loses its connection to the master.
     pub master_lost: Notify,
+    /// The connection this child opened to its master.
+    master_link: Mutex<std::sync::Weak<Link>>,
+    /// Warnings not tied to one connection, rate-limited.
+    warnings: Mutex<Throttle>,
     /// The registry, in the master.
     pub registry: OnceLock<Addr<Registry>>,
     pub stats: Stats,
@@ -126,6 +144,8 @@ impl Node {
             arbiter: actix_rt::Arbiter::current(),
             accept_task: Mutex::new(None),
             master_lost: Notify::new(),
+            master_link: Mutex::new(std::sync::Weak::new()),
+            warnings: Mutex::new(Throttle::default()),
             registry: OnceLock::new(),
             stats: Stats::new(),
             forwarding: AtomicUsize::new(0),
@@ -231,7 +251,7 @@ impl Node {
             .cloned()
     }
 
-    pub fn dispatch(&self, request: &Request<'_>) -> Result<Dispatch, WireError> {
+    pub fn dispatch(&self, caller: &Arc<Link>, request: &Request<'_>) -> Result<Dispatch, WireError> {
         if request.incarnation != self.identity.incarnation {
             return Err(WireError::StaleIncarnation {
                 requested: request.incarnation,
@@ -242,7 +262,7 @@ impl Node {
         let service = services.get(request.actor).ok_or_else(|| WireError::UnknownActor {
             actor: request.actor.to_owned(),
         })?;
-        service.dispatch(request.tag, request.payload, request.reply)
+        service.dispatch(Some(caller), request.tag, request.payload, request.reply)
     }
 
     /// A request this process refused before dispatching it. A one-way
@@ -255,7 +275,10 @@ impl Node {
             error,
             WireError::UnknownActor { .. } | WireError::StaleIncarnation { .. } | WireError::MailboxClosed { .. }
         );
-        if !request.reply && undelivered && connection::takes_slot(request.actor) {
+        // Bounded: a peer sending one-way messages to an actor that is
+        // nowhere must not make this process hold them all.
+        let room = self.forwarding.load(Ordering::Acquire) < MAX_FORWARDING;
+        if !request.reply && undelivered && room && connection::takes_slot(request.actor) {
             debug!(peer = %link.peer.path, actor = request.actor, tag = request.tag, %error, "passing a one-way message on");
             self.forward(
                 request.actor.to_owned(),
@@ -264,7 +287,17 @@ impl Node {
             );
             return;
         }
-        warn!(peer = %link.peer.path, actor = request.actor, tag = request.tag, %error, "refused a request");
+        // Rate-limited per connection: a peer sending millions of bad
+        // messages gets a few lines and a count, not millions of lines.
+        if link.warn_allowed() {
+            warn!(
+                peer = %clip(&link.peer.path),
+                actor = %clip(request.actor),
+                tag = %clip(request.tag),
+                error = %clip(&error.to_string()),
+                "refused a request"
+            );
+        }
     }
 
     /// Sends a one-way message that reached the wrong process to another
@@ -298,10 +331,17 @@ impl Node {
                 }
             })
             .await;
-            if sent.is_err() {
+            let loud = || {
+                node.warnings
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .allow("forwarding")
+            };
+            if sent.is_err() && loud() {
                 warn!(
-                    actor,
-                    tag, "dropped a one-way message: no other instance of its actor came up in time"
+                    actor = %clip(&actor),
+                    tag = %clip(&tag),
+                    "dropped a one-way message: no other instance of its actor came up in time"
                 );
             }
             node.forwarding.fetch_sub(1, Ordering::AcqRel);
@@ -381,35 +421,49 @@ impl Node {
         if link.is_closed() {
             return;
         }
-        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = || Slot {
-            incarnation: link.peer.incarnation,
-            link: Arc::new(OnceCell::new_with(Some(link.clone()))),
-        };
         if self.stopping.load(Ordering::Acquire) {
             link.go_away();
         }
-        match links.get(&link.peer.path) {
-            Some(slot) if slot.incarnation == link.peer.incarnation => {
-                if slot.link.get().is_some_and(|l| l.is_closed()) {
-                    links.insert(link.peer.path.clone(), fresh());
-                }
-            }
-            _ => {
-                links.insert(link.peer.path.clone(), fresh());
-            }
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        // An open connection keeps its place, whatever a newer one claims:
+        // a second connection claiming the same path (a duplicate, or an
+        // impostor holding the cookie) displaces nothing. The registry
+        // installs the connection a process registered through
+        // ([`install`](Self::install)).
+        let keep = links.get(&link.peer.path).is_some_and(|slot| match slot.link.get() {
+            Some(existing) => !existing.is_closed(),
+            // Being connected: by us, to that same process.
+            None => slot.incarnation == link.peer.incarnation,
+        });
+        if !keep {
+            links.insert(link.peer.path.clone(), Slot::holding(link));
         }
     }
 
-    /// This child's connection to the master.
+    /// Makes `link` the connection to its peer's path: the registry calls it
+    /// for the connection a process registered through.
+    pub(crate) fn install(&self, link: &Arc<Link>) {
+        if link.is_closed() {
+            return;
+        }
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let current = links.get(&link.peer.path).and_then(|slot| slot.link.get());
+        if !current.is_some_and(|current| Arc::ptr_eq(current, link)) {
+            links.insert(link.peer.path.clone(), Slot::holding(link));
+        }
+    }
+
+    /// Records `link` as the connection this child opened to its master.
+    pub(crate) fn set_master_link(&self, link: &Arc<Link>) {
+        link.mark_master();
+        *self.master_link.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(link);
+        self.install(link);
+    }
+
+    /// This child's connection to the master (the one it opened).
     pub fn master_link(&self) -> Option<Arc<Link>> {
-        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        links
-            .get(&self.master.0)?
-            .link
-            .get()
-            .filter(|link| !link.is_closed())
-            .cloned()
+        let link = self.master_link.lock().unwrap_or_else(|e| e.into_inner()).upgrade()?;
+        (!link.is_closed()).then_some(link)
     }
 
     /// The connection to an already connected peer, by path.
@@ -431,36 +485,92 @@ impl Node {
             }
         }
         if let Some(registry) = self.registry.get() {
+            // The registry forgets only what this very connection registered.
             registry.do_send(PeerGone {
-                path: link.peer.path.clone(),
-                incarnation: link.peer.incarnation,
+                link: Arc::downgrade(link),
             });
-        } else if link.peer.path == self.master.0 {
+        } else if link.is_master() {
+            // Only the loss of the connection this process opened counts:
+            // another one claiming the master's path stops nothing.
             warn!("lost the connection to the master; stopping");
             self.master_lost.notify_one();
         }
     }
 }
 
+/// Connections that may be in their handshake at once. A peer that has not
+/// proved the cookie costs a descriptor and a task until its handshake
+/// ends (at most the handshake timeout); past this many, the oldest is
+/// dropped for the newest, so a flood of idle connections cannot keep a
+/// real process (a restarted fork) from getting in.
+pub(crate) const MAX_STRANGERS: usize = 64;
+
+/// The connections in their handshake, oldest first.
+#[derive(Default)]
+struct Strangers {
+    next: u64,
+    waiting: std::collections::VecDeque<(u64, tokio::task::JoinHandle<()>)>,
+}
+
+impl Strangers {
+    fn done(&mut self, id: u64) {
+        self.waiting.retain(|(waiting, _)| *waiting != id);
+    }
+}
+
 async fn accept_loop(node: Arc<Node>, listener: Listener) {
+    let strangers = Arc::new(Mutex::new(Strangers::default()));
+    let throttle = Arc::new(Mutex::new(Throttle::default()));
+    let warn_allowed = |throttle: &Mutex<Throttle>| throttle.lock().unwrap_or_else(|e| e.into_inner()).allow("accept");
     loop {
         let stream = match transport::accept(&listener).await {
             Ok(stream) => stream,
             Err(error) => {
-                warn!(%error, "accepting a connection failed");
+                // Out of descriptors (EMFILE/ENFILE) or the like: wait for
+                // some to be freed rather than spin; established
+                // connections are not affected.
+                if warn_allowed(&throttle) {
+                    warn!(%error, "accepting a connection failed; retrying in 50 ms");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let node = node.clone();
-        actix_rt::spawn(async move {
-            match connection::establish(node.clone(), stream, Side::Listener).await {
-                Ok(link) => {
-                    tracing::debug!(peer = %link.peer.path, incarnation = link.peer.incarnation, "accepted a connection");
-                    node.adopt(&link);
+        let oldest = {
+            let mut waiting = strangers.lock().unwrap_or_else(|e| e.into_inner());
+            waiting.next += 1;
+            let id = waiting.next;
+            let strangers = strangers.clone();
+            let throttle = throttle.clone();
+            // Spawned and listed under the lock: the task (on this thread)
+            // cannot finish, and unlist itself, before it is listed.
+            let task = actix_rt::spawn(async move {
+                let outcome = connection::establish(node.clone(), stream, Side::Listener).await;
+                strangers.lock().unwrap_or_else(|e| e.into_inner()).done(id);
+                match outcome {
+                    Ok(link) => {
+                        tracing::debug!(peer = %clip(&link.peer.path), incarnation = link.peer.incarnation, "accepted a connection");
+                        node.adopt(&link);
+                    }
+                    Err(error) if warn_allowed(&throttle) => {
+                        warn!(error = %clip(&error.to_string()), "refused a connection")
+                    }
+                    Err(_) => {}
                 }
-                Err(error) => warn!(%error, "refused a connection"),
+            });
+            waiting.waiting.push_back((id, task));
+            (waiting.waiting.len() > MAX_STRANGERS)
+                .then(|| waiting.waiting.pop_front())
+                .flatten()
+        };
+        if let Some((_, oldest)) = oldest {
+            // Closed before the next accept: the bound holds at every instant.
+            oldest.abort();
+            let _ = oldest.await;
+            if warn_allowed(&throttle) {
+                warn!("dropped a connection still in its handshake: {MAX_STRANGERS} newer ones are waiting");
             }
-        });
+        }
     }
 }

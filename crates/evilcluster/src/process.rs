@@ -40,6 +40,8 @@ pub(crate) struct ChildProcess {
     pub incarnation: u64,
     child: Child,
     control: Option<ChildStdin>,
+    /// A fork served the worker's listener (see [`crate::listener`]).
+    forked: bool,
 }
 
 /// glibc's allocator raises its mmap threshold each time a large block is
@@ -108,6 +110,11 @@ pub(crate) async fn launch(launch: Launch<'_>) -> Result<ChildProcess, Error> {
         .spawn()
         .map_err(|e| Error::io(format!("cannot start {}", launch.path), e))?;
     let pid = child.id().unwrap_or_default();
+    let forked = matches!(launch.role, Role::Fork { .. }) && launch.listener.is_some();
+    if forked {
+        // Before the cookie is written: the fork cannot reach the handoff sooner.
+        crate::listener::fork_started(pid);
+    }
     let mut control = child.stdin.take().expect("stdin is piped");
     let line = format!("{}\n", hex::encode(launch.cookie.as_bytes()));
     if let Err(error) = control.write_all(line.as_bytes()).await {
@@ -120,27 +127,39 @@ pub(crate) async fn launch(launch: Launch<'_>) -> Result<ChildProcess, Error> {
         incarnation: launch.incarnation,
         child,
         control: Some(control),
+        forked,
     })
 }
 
 impl ChildProcess {
     /// Waits for the child to exit on its own.
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
-        self.child.wait().await
+        let status = self.child.wait().await;
+        self.exited();
+        status
+    }
+
+    /// Once it exited (its pid may be reused): no more listener for it.
+    fn exited(&self) {
+        if self.forked {
+            crate::listener::fork_exited(self.pid);
+        }
     }
 
     /// Asks the child to stop (end of file on its control pipe), then kills
     /// it if it is still running after `grace`.
     pub async fn stop(&mut self, grace: Duration) -> std::io::Result<ExitStatus> {
         self.control.take();
-        match tokio::time::timeout(grace, self.child.wait()).await {
+        let status = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(status) => status,
             Err(_) => {
                 warn!(path = %self.path, pid = self.pid, ?grace, "did not stop in time; killing it");
                 self.child.kill().await?;
                 self.child.wait().await
             }
-        }
+        };
+        self.exited();
+        status
     }
 }
 

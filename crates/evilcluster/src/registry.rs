@@ -3,14 +3,16 @@
 
 use std::sync::{Arc, Weak};
 
-use actix::{Actor, Context, Handler, Message};
+use actix::{Actor, Addr, Context, Handler, Message};
 use evilcluster_wire::WireError;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
+use crate::connection::Link;
 use crate::directory::{Directory, Member, Snapshot};
 use crate::node::Node;
-use crate::remote::{decode_payload, Dispatch, RemoteActor, RemoteMessage, Service};
+use crate::remote::{check_identity, check_master, decode_payload, encode_reply, Dispatch, RemoteMessage, Service};
 
 /// Name of the master's registry actor.
 pub(crate) const REGISTRY: &str = "evilcluster.registry";
@@ -22,7 +24,15 @@ const SNAPSHOT_TAG: &str = "directory.snapshot";
 pub(crate) struct DirectoryService(pub Arc<Directory>);
 
 impl Service for DirectoryService {
-    fn dispatch(&self, tag: &str, payload: &[u8], _reply: bool) -> Result<Dispatch, WireError> {
+    fn dispatch(
+        &self,
+        caller: Option<&Arc<Link>>,
+        tag: &str,
+        payload: &[u8],
+        _reply: bool,
+    ) -> Result<Dispatch, WireError> {
+        // Only this process's master says who is where.
+        check_master(caller)?;
         if tag != SNAPSHOT_TAG {
             return Err(WireError::UnknownMessage {
                 actor: DIRECTORY.to_owned(),
@@ -68,20 +78,48 @@ impl RemoteMessage for Subscribe {
     const TAG: &'static str = "registry.subscribe";
 }
 
-/// A process's connection to the master closed: it is gone (local only).
+/// Registers a member; `owner` is the connection it registered through
+/// (`None`: the master itself). Only that connection may unregister it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Register {
+    pub member: Member,
+    pub owner: Option<Weak<Link>>,
+}
+
+/// A verified [`Leave`], through the connection that registered the member.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Unregister {
+    path: String,
+    incarnation: u64,
+    owner: Weak<Link>,
+}
+
+/// A verified [`Subscribe`]: snapshots go to `link`.
+#[derive(Message)]
+#[rtype(result = "Snapshot")]
+struct Follow {
+    incarnation: u64,
+    link: Weak<Link>,
+}
+
+/// A connection to the master closed: whatever it registered is gone (local only).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub(crate) struct PeerGone {
-    pub path: String,
-    pub incarnation: u64,
+    pub link: Weak<Link>,
 }
 
 /// The master's table of live processes: name → endpoints, pushed to all.
 pub(crate) struct Registry {
     node: Weak<Node>,
     members: Vec<Member>,
+    /// The connection each registered path came through.
+    owners: FxHashMap<String, Weak<Link>>,
     version: u64,
-    subscribers: Vec<(String, u64)>,
+    /// Where snapshots go: each subscriber's own connection.
+    subscribers: Vec<(Weak<Link>, u64)>,
 }
 
 impl Registry {
@@ -89,6 +127,7 @@ impl Registry {
         Registry {
             node: Arc::downgrade(node),
             members: Vec::new(),
+            owners: FxHashMap::default(),
             version: 0,
             subscribers: Vec::new(),
         }
@@ -107,13 +146,12 @@ impl Registry {
         let snapshot = self.snapshot();
         let payload = rmp_serde::to_vec(&snapshot).expect("a snapshot always encodes");
         node.directory.apply(snapshot);
-        self.subscribers
-            .retain(|(path, incarnation)| match node.link_for(path, *incarnation) {
-                Some(link) => link
-                    .request(DIRECTORY, SNAPSHOT_TAG, *incarnation, &payload, false, None)
-                    .is_ok(),
-                None => false,
-            });
+        self.subscribers.retain(|(link, incarnation)| match link.upgrade() {
+            Some(link) => link
+                .request(DIRECTORY, SNAPSHOT_TAG, *incarnation, &payload, false, None)
+                .is_ok(),
+            None => false,
+        });
     }
 }
 
@@ -121,17 +159,20 @@ impl Actor for Registry {
     type Context = Context<Self>;
 }
 
-impl RemoteActor for Registry {
-    const NAME: &'static str = REGISTRY;
-
-    type Messages = crate::messages![Announce, Subscribe, Leave];
-}
-
-impl Handler<Announce> for Registry {
+impl Handler<Register> for Registry {
     type Result = ();
 
-    fn handle(&mut self, Announce(member): Announce, _: &mut Context<Self>) {
+    fn handle(&mut self, Register { member, owner }: Register, _: &mut Context<Self>) {
         debug!(path = %member.path, pid = member.pid, actor = ?member.actor, "registered");
+        if let (Some(node), Some(link)) = (self.node.upgrade(), owner.as_ref().and_then(Weak::upgrade)) {
+            // Traffic to this path now goes through the connection it
+            // registered on, whatever else claimed the path.
+            node.install(&link);
+        }
+        match owner {
+            Some(owner) => self.owners.insert(member.path.clone(), owner),
+            None => self.owners.remove(&member.path),
+        };
         self.members.retain(|m| m.path != member.path);
         self.members.push(member);
         self.members
@@ -140,24 +181,32 @@ impl Handler<Announce> for Registry {
     }
 }
 
-impl Handler<Subscribe> for Registry {
-    type Result = actix::MessageResult<Subscribe>;
+impl Handler<Follow> for Registry {
+    type Result = actix::MessageResult<Follow>;
 
-    fn handle(&mut self, subscribe: Subscribe, _: &mut Context<Self>) -> Self::Result {
-        self.subscribers.retain(|(path, _)| *path != subscribe.path);
-        self.subscribers.push((subscribe.path, subscribe.incarnation));
+    fn handle(&mut self, follow: Follow, _: &mut Context<Self>) -> Self::Result {
+        self.subscribers.retain(|(link, _)| !link.ptr_eq(&follow.link));
+        self.subscribers.push((follow.link, follow.incarnation));
         actix::MessageResult(self.snapshot())
     }
 }
 
-impl Handler<Leave> for Registry {
+impl Handler<Unregister> for Registry {
     type Result = ();
 
-    fn handle(&mut self, leave: Leave, _: &mut Context<Self>) {
+    fn handle(&mut self, leave: Unregister, _: &mut Context<Self>) {
+        if !self
+            .owners
+            .get(&leave.path)
+            .is_some_and(|owner| owner.ptr_eq(&leave.owner))
+        {
+            return;
+        }
         let before = self.members.len();
         self.members
             .retain(|m| !(m.path == leave.path && m.incarnation == leave.incarnation));
         if self.members.len() != before {
+            self.owners.remove(&leave.path);
             debug!(path = %leave.path, "leaving");
             self.changed();
         }
@@ -168,14 +217,94 @@ impl Handler<PeerGone> for Registry {
     type Result = ();
 
     fn handle(&mut self, gone: PeerGone, _: &mut Context<Self>) {
-        self.subscribers
-            .retain(|(path, incarnation)| !(*path == gone.path && *incarnation == gone.incarnation));
+        self.subscribers.retain(|(link, _)| !link.ptr_eq(&gone.link));
         let before = self.members.len();
-        self.members
-            .retain(|m| !(m.path == gone.path && m.incarnation == gone.incarnation));
+        let owners = &mut self.owners;
+        self.members.retain(|m| {
+            let registered_by_it = owners.get(&m.path).is_some_and(|owner| owner.ptr_eq(&gone.link));
+            if registered_by_it {
+                owners.remove(&m.path);
+                debug!(path = %m.path, "unregistered");
+            }
+            !registered_by_it
+        });
         if self.members.len() != before {
-            debug!(path = %gone.path, "unregistered");
             self.changed();
+        }
+    }
+}
+
+/// The registry as other processes reach it: each request is checked
+/// against the identity its connection authenticated as before the
+/// registry sees it.
+pub(crate) struct RegistryService(pub Addr<Registry>);
+
+impl Service for RegistryService {
+    fn dispatch(
+        &self,
+        caller: Option<&Arc<Link>>,
+        tag: &str,
+        payload: &[u8],
+        _reply: bool,
+    ) -> Result<Dispatch, WireError> {
+        let Some(caller) = caller else {
+            return Err(WireError::UnknownActor {
+                actor: REGISTRY.to_owned(),
+            });
+        };
+        let owner = Arc::downgrade(caller);
+        let registry = self.0.clone();
+        let stopped = || WireError::Stopped {
+            actor: REGISTRY.to_owned(),
+        };
+        match tag {
+            Announce::TAG => {
+                let Announce(member) = decode_payload(tag, payload)?;
+                check_identity(Some(caller), &member.path, Some(member.incarnation))?;
+                Ok(Some(Box::pin(async move {
+                    registry
+                        .send(Register {
+                            member,
+                            owner: Some(owner),
+                        })
+                        .await
+                        .map_err(|_| stopped())?;
+                    encode_reply(Announce::TAG, &())
+                })))
+            }
+            Leave::TAG => {
+                let leave: Leave = decode_payload(tag, payload)?;
+                check_identity(Some(caller), &leave.path, Some(leave.incarnation))?;
+                Ok(Some(Box::pin(async move {
+                    registry
+                        .send(Unregister {
+                            path: leave.path,
+                            incarnation: leave.incarnation,
+                            owner,
+                        })
+                        .await
+                        .map_err(|_| stopped())?;
+                    encode_reply(Leave::TAG, &())
+                })))
+            }
+            Subscribe::TAG => {
+                let subscribe: Subscribe = decode_payload(tag, payload)?;
+                check_identity(Some(caller), &subscribe.path, Some(subscribe.incarnation))?;
+                Ok(Some(Box::pin(async move {
+                    let snapshot = registry
+                        .send(Follow {
+                            incarnation: subscribe.incarnation,
+                            link: owner,
+                        })
+                        .await
+                        .map_err(|_| stopped())?;
+                    encode_reply(Subscribe::TAG, &snapshot)
+                })))
+            }
+            _ => Err(WireError::UnknownMessage {
+                actor: REGISTRY.to_owned(),
+                tag: tag.to_owned(),
+            }),
         }
     }
 }

@@ -1,4 +1,5 @@
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use actix::dev::ToEnvelope;
 use actix::{Actor, Addr, Context, Handler, Message};
@@ -7,6 +8,8 @@ use futures_util::future::BoxFuture;
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+use crate::connection::Link;
 
 /// A message that can cross process boundaries.
 ///
@@ -252,7 +255,47 @@ pub(crate) type Dispatch = Option<BoxFuture<'static, Result<Vec<u8>, WireError>>
 /// or one of the runtime's own services.
 pub(crate) trait Service: Send + Sync {
     /// Decodes and queues one message. `Ok(None)` when no reply is wanted.
-    fn dispatch(&self, tag: &str, payload: &[u8], reply: bool) -> Result<Dispatch, WireError>;
+    /// `caller` is the connection it came on (`None`: from this process),
+    /// whose authenticated identity is the only one it may speak for.
+    fn dispatch(
+        &self,
+        caller: Option<&Arc<Link>>,
+        tag: &str,
+        payload: &[u8],
+        reply: bool,
+    ) -> Result<Dispatch, WireError>;
+}
+
+/// Refuses a request that speaks for another process than its connection
+/// authenticated as.
+pub(crate) fn check_identity(
+    caller: Option<&Arc<Link>>,
+    path: &str,
+    incarnation: Option<u64>,
+) -> Result<(), WireError> {
+    let Some(caller) = caller else { return Ok(()) };
+    let same = caller.peer.path == path && incarnation.is_none_or(|i| i == caller.peer.incarnation);
+    if same {
+        Ok(())
+    } else {
+        Err(WireError::Impersonation {
+            claimed: crate::throttle::clip(path).into_owned(),
+            authenticated: crate::throttle::clip(&caller.peer.path).into_owned(),
+        })
+    }
+}
+
+/// Refuses a request that only this process's master may make (a
+/// directory snapshot, an event delivery) unless it came on the connection
+/// this process opened to its master.
+pub(crate) fn check_master(caller: Option<&Arc<Link>>) -> Result<(), WireError> {
+    match caller {
+        Some(caller) if !caller.is_master() => Err(WireError::Impersonation {
+            claimed: "this process's master".into(),
+            authenticated: crate::throttle::clip(&caller.peer.path).into_owned(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Decodes a request's payload, or says why it did not decode.
@@ -349,7 +392,13 @@ impl<A: RemoteActor> ActorService<A> {
 }
 
 impl<A: RemoteActor> Service for ActorService<A> {
-    fn dispatch(&self, tag: &str, payload: &[u8], reply: bool) -> Result<Dispatch, WireError> {
+    fn dispatch(
+        &self,
+        _caller: Option<&Arc<Link>>,
+        tag: &str,
+        payload: &[u8],
+        reply: bool,
+    ) -> Result<Dispatch, WireError> {
         let (_, route) = self.routes.table.get(tag).ok_or_else(|| WireError::UnknownMessage {
             actor: A::NAME.to_owned(),
             tag: tag.to_owned(),

@@ -106,9 +106,44 @@ fn number<T: std::str::FromStr>(name: &str) -> Result<T, Error> {
         .map_err(|_| Error::Environment(format!("{name}={text:?} is not a number")))
 }
 
+/// What the parent's environment said, read once (see [`ChildEnv::from_env`]).
+static CHILD_ENV: OnceLock<Result<Option<ChildEnv>, String>> = OnceLock::new();
+
+fn cached() -> &'static Result<Option<ChildEnv>, String> {
+    CHILD_ENV.get_or_init(|| {
+        let read = ChildEnv::read().map_err(|error| match error {
+            Error::Environment(detail) => detail,
+            other => other.to_string(),
+        });
+        remove_role_variables();
+        read
+    })
+}
+
+/// Removes the role variables once they are read: anything this process
+/// starts (a shell, a helper, another evilcluster program) must not inherit
+/// them and take itself for this worker. `remove_var` is safe in edition
+/// 2021, but only sound while no other thread reads the environment: the
+/// first read happens as `Cluster::run` begins, before the runtime starts
+/// any thread (the master has none of these variables, so nothing is
+/// removed there even when `Cluster::start` runs inside a live system).
+fn remove_role_variables() {
+    for name in env::ALL {
+        if std::env::var_os(name).is_some() {
+            std::env::remove_var(name);
+        }
+    }
+}
+
 impl ChildEnv {
-    /// `Ok(None)` in the master (no role variable at all).
+    /// `Ok(None)` in the master (no role variable at all). Read from the
+    /// environment on the first call, which also removes the variables;
+    /// later calls return the same answer.
     pub fn from_env() -> Result<Option<ChildEnv>, Error> {
+        cached().clone().map_err(Error::Environment)
+    }
+
+    fn read() -> Result<Option<ChildEnv>, Error> {
         let Ok(kind) = std::env::var(env::ROLE) else {
             return Ok(None);
         };
@@ -137,16 +172,34 @@ impl ChildEnv {
 
 /// This process's role, read once from the environment the parent set.
 ///
-/// # Panics
-/// If the `EVILCLUSTER_*` variables are present but malformed: such a
-/// process was not started by evilcluster, and guessing would be worse.
+/// A process whose `EVILCLUSTER_*` environment is malformed (one not
+/// started by evilcluster) is answered [`Role::Master`] here, and
+/// [`Cluster::run`](crate::Cluster::run) refuses to run in it with
+/// [`Error::Environment`]; [`try_role`] tells the two apart.
 pub fn role() -> &'static Role {
-    static ROLE: OnceLock<Role> = OnceLock::new();
-    ROLE.get_or_init(|| match ChildEnv::from_env() {
-        Ok(None) => Role::Master,
-        Ok(Some(child)) => child.role,
-        Err(error) => panic!("{error}"),
-    })
+    static MASTER: Role = Role::Master;
+    try_role().unwrap_or(&MASTER)
+}
+
+/// This process's role, or why its `EVILCLUSTER_*` environment is malformed.
+pub fn try_role() -> Result<&'static Role, Error> {
+    match cached() {
+        Ok(None) => {
+            static MASTER: Role = Role::Master;
+            Ok(&MASTER)
+        }
+        Ok(Some(child)) => Ok(&child.role),
+        Err(detail) => Err(Error::Environment(detail.clone())),
+    }
+}
+
+/// This process's path in the tree (`myapp/webserverApi/2`) in a spawn or a
+/// fork; `None` in the master, whose path is the cluster's name.
+pub fn path() -> Option<&'static str> {
+    match cached() {
+        Ok(Some(child)) => Some(&child.path),
+        _ => None,
+    }
 }
 
 /// `true` in the process the user started (the original's `isMain`).

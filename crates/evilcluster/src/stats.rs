@@ -101,7 +101,13 @@ fn resident_memory() -> Option<u64> {
 pub(crate) struct StatsService(pub std::sync::Weak<crate::node::Node>);
 
 impl Service for StatsService {
-    fn dispatch(&self, tag: &str, _payload: &[u8], _reply: bool) -> Result<Dispatch, WireError> {
+    fn dispatch(
+        &self,
+        _caller: Option<&std::sync::Arc<crate::connection::Link>>,
+        tag: &str,
+        _payload: &[u8],
+        _reply: bool,
+    ) -> Result<Dispatch, WireError> {
         if tag != STATS_TAG {
             return Err(WireError::UnknownMessage {
                 actor: STATS.to_owned(),

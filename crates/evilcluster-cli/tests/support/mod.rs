@@ -29,6 +29,8 @@ pub fn evilcluster(tmp: &Path, args: &[&str]) -> Run {
     let mut child = Command::new(env!("CARGO_BIN_EXE_evilcluster"))
         .args(args)
         .env("TMPDIR", tmp)
+        // The discovery directory would be there instead of in TMPDIR.
+        .env_remove("XDG_RUNTIME_DIR")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -93,6 +95,7 @@ impl Fixture {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cli-fixture"))
             .arg(name)
             .env("TMPDIR", tmp.path())
+            .env_remove("XDG_RUNTIME_DIR")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -267,4 +270,19 @@ pub fn mask_pids(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Creates `dir` (and its parents) private to this user, as a master does:
+/// the command trusts nothing else.
+pub fn private_dir(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).expect("create the discovery directory");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).expect("chmod 700");
+}
+
+/// Writes `path` readable by this user only, as a master does.
+pub fn write_private(path: impl AsRef<Path>, text: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path.as_ref(), text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
