@@ -212,9 +212,20 @@ impl<A: RemoteActor> RemoteAddr<A> {
 impl Target {
     async fn one_way<M: RemoteMessage>(&self, message: M, wait_for_room: bool) -> Result<(), SendError> {
         let node = node::current().ok_or(SendError::NotInCluster)?;
-        let deadline = self.deadline(&node);
         node.stats.sent();
-        let mut route = Some(self.route_now(&node));
+        // The common case, with no clock read: the connection is up and has room.
+        let first = self.route_now(&node);
+        if let Route::Ready(link, incarnation) = &first {
+            match try_queue(link, self.actor, *incarnation, &message, false) {
+                Ok(Some(_)) => return Ok(()),
+                // No room, or refused before it was sent: the path below
+                // waits for room or picks another instance.
+                Ok(None) | Err(SendError::Rejected { .. } | SendError::Disconnected { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        let deadline = self.deadline(&node);
+        let mut route = Some(first);
         let mut avoid = Vec::new();
         let mut message = message;
         loop {
@@ -336,7 +347,10 @@ impl Target {
 
 /// The instant `timeout` from now, or a far one for a timeout too large to add.
 fn deadline_after(timeout: Duration) -> Instant {
-    let now = Instant::now();
+    deadline_from(Instant::now(), timeout)
+}
+
+fn deadline_from(now: Instant, timeout: Duration) -> Instant {
     now.checked_add(timeout)
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
@@ -548,8 +562,9 @@ where
     let Some(node) = node::current() else {
         return Box::pin(std::future::ready(Err(SendError::NotInCluster)));
     };
+    // One clock read: the call's start, and its deadline from it.
     let started = Instant::now();
-    let deadline = target.deadline(&node);
+    let deadline = deadline_from(started, target.timeout.unwrap_or(node.config.call_timeout));
     node.stats.sent();
     // Queued now when there is room, so that the order of sends is the
     // order of the calls; otherwise once the name resolves and there is room.
@@ -679,7 +694,6 @@ async fn queue<M: RemoteMessage>(
     wait_for_room: bool,
     deadline: Instant,
 ) -> (M, Result<Option<ReplyWaiter>, SendError>) {
-    let started = Instant::now();
     match try_queue(link, actor, incarnation, &message, reply) {
         Ok(Some(queued)) => return (message, Ok(queued)),
         Ok(None) if wait_for_room => {}
@@ -692,6 +706,7 @@ async fn queue<M: RemoteMessage>(
         }
         Err(error) => return (message, Err(error)),
     }
+    let started = Instant::now();
     let slot = match tokio::time::timeout_at(deadline.into(), link.slot()).await {
         Err(_) => return (message, Err(timed_out(actor, M::TAG, started))),
         Ok(Err(error)) => return (message, Err(link_error(link, actor, M::TAG, error))),
