@@ -36,6 +36,20 @@ pub enum Strategy {
     RestForOne,
 }
 
+impl Strategy {
+    /// Which children (by declaration index) are restarted when child
+    /// `index` of `len` is to be restarted: the child itself and, by
+    /// strategy, its siblings. Pure, so the policy is unit tested apart
+    /// from the processes.
+    pub(crate) fn affected(self, index: usize, len: usize) -> std::ops::Range<usize> {
+        match self {
+            Strategy::OneForOne => index..index + 1,
+            Strategy::OneForAll => 0..len,
+            Strategy::RestForOne => index..len,
+        }
+    }
+}
+
 /// When a child is restarted after it exits (OTP's restart types).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Restart {
@@ -109,6 +123,14 @@ impl Backoff {
             Some(previous) => previous.mul_f64(self.factor).clamp(self.initial, self.max),
         }
     }
+
+    /// The delay before the next restart of a child whose last delay was
+    /// `previous` and that ran for `ran_for` (None: it never became ready)
+    /// before exiting: it starts over from `initial` once it ran stably.
+    pub(crate) fn after(&self, previous: Option<Duration>, ran_for: Option<Duration>) -> Duration {
+        let stable = ran_for.is_some_and(|ran| ran >= self.reset_after);
+        self.next(previous.filter(|_| !stable))
+    }
 }
 
 impl Default for Backoff {
@@ -126,6 +148,23 @@ pub struct Intensity {
     pub max_restarts: u32,
     /// ...within this period.
     pub within: Duration,
+}
+
+/// When recent restarts happened, to tell when a limit ([`Intensity`]) is
+/// passed: more than `max_restarts` within any period of `within`.
+#[derive(Debug, Default)]
+pub(crate) struct RestartWindow(VecDeque<Instant>);
+
+impl RestartWindow {
+    /// Records a restart at `now` and says whether it makes more than
+    /// `limit.max_restarts` restarts within `limit.within`.
+    pub fn exceeded(&mut self, now: Instant, limit: Intensity) -> bool {
+        self.0.push_back(now);
+        while self.0.front().is_some_and(|&at| now.duration_since(at) > limit.within) {
+            self.0.pop_front();
+        }
+        self.0.len() > limit.max_restarts as usize
+    }
 }
 
 impl Default for Intensity {
@@ -291,7 +330,7 @@ pub(crate) fn supervise(node: Arc<Node>, plan: Plan) -> SupervisorHandle {
             })
             .collect(),
         plan,
-        restarts: VecDeque::new(),
+        restarts: RestartWindow::default(),
         exits_tx,
         exits,
         next_generation: 0,
@@ -306,7 +345,7 @@ struct Supervisor {
     plan: Plan,
     slots: Vec<Slot>,
     /// When recent restarts happened, for the intensity limit.
-    restarts: VecDeque<Instant>,
+    restarts: RestartWindow,
     exits_tx: mpsc::UnboundedSender<ChildExit>,
     exits: mpsc::UnboundedReceiver<ChildExit>,
     next_generation: u64,
@@ -583,15 +622,7 @@ impl Supervisor {
 
         let now = Instant::now();
         let intensity = self.plan.intensity;
-        self.restarts.push_back(now);
-        while self
-            .restarts
-            .front()
-            .is_some_and(|&at| now.duration_since(at) > intensity.within)
-        {
-            self.restarts.pop_front();
-        }
-        if self.restarts.len() > intensity.max_restarts as usize {
+        if self.restarts.exceeded(now, intensity) {
             error!(
                 supervisor = %self.plan.path,
                 child = %path,
@@ -613,20 +644,13 @@ impl Supervisor {
         }
 
         let slot = &mut self.slots[index];
-        if running_since.is_some_and(|since| now.duration_since(since) >= backoff.reset_after) {
-            slot.delay = None;
-        }
-        let delay = backoff.next(slot.delay);
+        let delay = backoff.after(slot.delay, running_since.map(|since| now.duration_since(since)));
         slot.delay = Some(delay);
         let at = now + delay;
 
-        let affected: Vec<usize> = match self.plan.strategy {
-            Strategy::OneForOne => vec![index],
-            Strategy::OneForAll => (0..self.slots.len()).collect(),
-            Strategy::RestForOne => (index..self.slots.len()).collect(),
-        };
+        let affected = self.plan.strategy.affected(index, self.slots.len());
         // Siblings stop in reverse order; each restarts unless temporary.
-        for &sibling in affected.iter().rev().filter(|&&i| i != index) {
+        for sibling in affected.rev().filter(|&i| i != index) {
             let why = format!("{:?}, after {path} exited", self.plan.strategy);
             if self.stop_child(sibling, &why).await && self.plan.children[sibling].restart != Restart::Temporary {
                 self.schedule(sibling, at, delay).await;
@@ -804,4 +828,169 @@ fn watch_child(mut child: ChildProcess, grace: Duration, on_exit: impl FnOnce(Ex
         }
     });
     supervised
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A small deterministic generator: the cases are the same every run.
+    fn cases(seed: u64, count: usize) -> impl Iterator<Item = u64> {
+        let mut state = seed;
+        std::iter::repeat_with(move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        })
+        .take(count)
+    }
+
+    #[test]
+    fn backoff_grows_by_its_factor_up_to_its_cap() {
+        let backoff = Backoff::exponential(100 * MS, 1000 * MS);
+        let mut delay = None;
+        let delays: Vec<u128> = (0..8)
+            .map(|_| {
+                let next = backoff.after(delay, None);
+                delay = Some(next);
+                next.as_millis()
+            })
+            .collect();
+        assert_eq!(delays, [100, 150, 225, 337, 506, 759, 1000, 1000]);
+        assert_eq!(Backoff::none().after(Some(5 * MS), None), Duration::ZERO);
+    }
+
+    #[test]
+    fn backoff_starts_over_after_a_stable_run() {
+        let backoff = Backoff::exponential(100 * MS, 15_000 * MS).reset_after(30_000 * MS);
+        let grown = Some(2_000 * MS);
+        assert_eq!(backoff.after(grown, Some(30_000 * MS)), 100 * MS);
+        assert_eq!(backoff.after(grown, Some(29_999 * MS)), 3_000 * MS);
+        // A failed start never ran: no reset.
+        assert_eq!(backoff.after(grown, None), 3_000 * MS);
+    }
+
+    #[test]
+    fn backoff_stays_between_initial_and_max_and_never_shrinks_while_failing() {
+        for case in cases(0x5eed, 500) {
+            let initial = Duration::from_millis(case % 500);
+            let max = initial + Duration::from_millis((case >> 9) % 20_000);
+            let factor = 1.05 + ((case >> 24) % 300) as f64 / 100.0;
+            let backoff = Backoff::exponential(initial, max).factor(factor);
+            let mut previous = None;
+            for _ in 0..400 {
+                let next = backoff.after(previous, Some(Duration::ZERO));
+                assert!(initial <= next && next <= max, "{backoff:?}: {next:?}");
+                if let Some(previous) = previous {
+                    assert!(next >= previous, "{backoff:?}: {previous:?} then {next:?}");
+                }
+                previous = Some(next);
+            }
+            // From zero it cannot grow (zero times any factor is zero).
+            if !initial.is_zero() {
+                assert_eq!(previous, Some(max), "{backoff:?} reaches its cap");
+            }
+        }
+    }
+
+    #[test]
+    fn the_intensity_window_allows_max_restarts_within_the_period_and_not_one_more() {
+        let limit = Intensity {
+            max_restarts: 3,
+            within: 1000 * MS,
+        };
+        let start = Instant::now();
+        let mut window = RestartWindow::default();
+        let verdicts: Vec<bool> = [0, 100, 200, 300]
+            .map(|ms| window.exceeded(start + ms * MS, limit))
+            .to_vec();
+        assert_eq!(verdicts, [false, false, false, true]);
+        // Restarts older than the period no longer count.
+        let mut window = RestartWindow::default();
+        for ms in [0, 100, 200] {
+            assert!(!window.exceeded(start + ms * MS, limit));
+        }
+        assert!(!window.exceeded(start + 1101 * MS, limit));
+        // A period boundary: exactly `within` apart still counts.
+        let mut window = RestartWindow::default();
+        for ms in [0, 400, 800] {
+            assert!(!window.exceeded(start + ms * MS, limit));
+        }
+        assert!(window.exceeded(start + 1000 * MS, limit));
+    }
+
+    #[test]
+    fn the_intensity_window_agrees_with_counting_by_hand() {
+        let start = Instant::now();
+        for case in cases(0xfeed, 300) {
+            let limit = Intensity {
+                max_restarts: (case % 6) as u32,
+                within: Duration::from_millis(50 + (case >> 3) % 500),
+            };
+            let mut window = RestartWindow::default();
+            let mut at = 0u64;
+            let mut times = Vec::new();
+            for step in cases(case | 1, 30) {
+                at += step % 120;
+                times.push(at);
+                let expected = times
+                    .iter()
+                    .filter(|&&t| Duration::from_millis(at - t) <= limit.within)
+                    .count()
+                    > limit.max_restarts as usize;
+                assert_eq!(
+                    window.exceeded(start + Duration::from_millis(at), limit),
+                    expected,
+                    "{limit:?} at {at} after {times:?}"
+                );
+                if expected {
+                    // The supervisor gives up here; nothing follows.
+                    break;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_strategy_restarts_the_children_it_says() {
+        assert_eq!(Strategy::OneForOne.affected(1, 3), 1..2);
+        assert_eq!(Strategy::OneForAll.affected(1, 3), 0..3);
+        assert_eq!(Strategy::RestForOne.affected(1, 3), 1..3);
+        for len in 1..8 {
+            for index in 0..len {
+                for strategy in [Strategy::OneForOne, Strategy::OneForAll, Strategy::RestForOne] {
+                    let affected = strategy.affected(index, len);
+                    // Always the child itself, never past the end, in order.
+                    assert!(affected.contains(&index), "{strategy:?} {index}/{len}");
+                    assert!(affected.end <= len);
+                    let expected: Vec<usize> = (0..len)
+                        .filter(|&i| match strategy {
+                            Strategy::OneForOne => i == index,
+                            Strategy::OneForAll => true,
+                            Strategy::RestForOne => i >= index,
+                        })
+                        .collect();
+                    assert_eq!(affected.collect::<Vec<_>>(), expected, "{strategy:?} {index}/{len}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn restart_types_decide_by_the_exit() {
+        let reasons = [
+            ExitReason::Normal,
+            ExitReason::Code(3),
+            ExitReason::Signal(9),
+            ExitReason::StartFailed("x".into()),
+        ];
+        for reason in &reasons {
+            assert!(Restart::Permanent.applies_to(reason));
+            assert_eq!(Restart::Transient.applies_to(reason), !reason.is_normal(), "{reason:?}");
+            assert!(!Restart::Temporary.applies_to(reason));
+        }
+    }
 }
