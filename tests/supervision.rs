@@ -478,3 +478,22 @@ fn a_panicking_handler_ends_its_process_abnormally_and_it_is_restarted() {
     );
     sup.quit();
 }
+
+#[test]
+fn a_task_that_returns_ok_is_not_restarted_by_default() {
+    let mut sup = Sup::start(&["--sender-default"]);
+    assert_eq!(sup.event("exited sup/sender ")[1], "normal");
+    // The master's supervisor handles exits in order: once a is back, the
+    // sender's exit was decided.
+    sup.fixture.command("exit a 0");
+    sup.event("restarted sup/a ");
+    assert!(
+        !sup.fixture
+            .seen
+            .iter()
+            .any(|l| l.starts_with("event restarting sup/sender")),
+        "{:#?}",
+        sup.fixture.seen
+    );
+    sup.quit();
+}

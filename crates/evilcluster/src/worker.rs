@@ -155,6 +155,10 @@ impl Worker {
     /// A worker that hosts no actor and runs `task` to completion; it may
     /// call any actor of the cluster. `Ok` ends the process normally, `Err`
     /// abnormally.
+    ///
+    /// A task's restart type defaults to [`Restart::Transient`]: a task that
+    /// returns `Ok` has done its work and is not started again; one that
+    /// fails or panics is. Use [`restart`](Self::restart) for another.
     pub fn task<F, Fut>(name: impl Into<String>, task: F) -> Self
     where
         F: FnOnce() -> Fut + 'static,
@@ -165,7 +169,10 @@ impl Worker {
             forks: 0,
             disabled: false,
             options: None,
-            supervision: Supervision::default(),
+            supervision: Supervision {
+                restart: Restart::Transient,
+                ..Supervision::default()
+            },
             listen: None,
             body: Body::Task(Box::new(move || Box::pin(task()))),
         }
@@ -193,7 +200,8 @@ impl Worker {
     }
 
     /// When this worker's processes (the spawn, and each fork) are
-    /// restarted after they exit. Default: [`Restart::Permanent`].
+    /// restarted after they exit. Default: [`Restart::Permanent`] for an
+    /// actor, [`Restart::Transient`] for a [`task`](Self::task).
     pub fn restart(mut self, restart: Restart) -> Self {
         self.supervision.restart = restart;
         self
@@ -305,6 +313,23 @@ pub fn options_of<T: Any + Send + Sync>(worker: &str) -> Option<Arc<T>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_is_transient_by_default_and_an_actor_permanent() {
+        struct Idle;
+        impl actix::Actor for Idle {
+            type Context = actix::Context<Self>;
+        }
+        impl RemoteActor for Idle {
+            const NAME: &'static str = "idle";
+            fn routes(_: &mut crate::Routes<Self>) {}
+        }
+        let task = Worker::task("t", || async { Ok(()) });
+        assert_eq!(task.supervision.restart, Restart::Transient);
+        let actor = Worker::actor_with(|| Idle);
+        assert_eq!(actor.supervision.restart, Restart::Permanent);
+        assert_eq!(task.restart(Restart::Permanent).supervision.restart, Restart::Permanent);
+    }
 
     #[test]
     fn a_spawn_with_forks_gets_their_shutdown_timeouts_plus_its_own() {
