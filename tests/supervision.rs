@@ -470,7 +470,13 @@ fn a_panicking_handler_ends_its_process_abnormally_and_it_is_restarted() {
     let mut sup = Sup::start(&[]);
     let a = sup.ready("sup/a");
     sup.fixture.command("panic a");
-    assert_eq!(sup.event("exited sup/a "), [a.to_string(), "code:1".into()]);
+    // The code every panic ends a child with, and the panic's own message.
+    assert_eq!(sup.event("exited sup/a "), [a.to_string(), "code:101".into()]);
+    let why = sup.event("why sup/a ").join(" ");
+    assert!(
+        why.starts_with("exit code 101: panicked at ") && why.ends_with(": told to panic"),
+        "{why}"
+    );
     sup.event("restarted sup/a ");
     assert!(
         sup.fixture.seen.iter().any(|l| l == "panic reply error")
@@ -494,6 +500,19 @@ fn a_task_that_returns_ok_is_not_restarted_by_default() {
             .any(|l| l.starts_with("event restarting sup/sender")),
         "{:#?}",
         sup.fixture.seen
+    );
+    sup.quit();
+}
+
+#[test]
+fn a_panicking_task_ends_with_the_same_code_and_its_message() {
+    let mut sup = Sup::start(&["--panicker"]);
+    // It may panic before or after it counts as ready; either way the
+    // reason says the code and the message.
+    let why = sup.event("why sup/panicker ").join(" ");
+    assert!(
+        why.contains("exit code 101: panicked at ") && why.ends_with(": the task panicked on purpose"),
+        "{why}"
     );
     sup.quit();
 }

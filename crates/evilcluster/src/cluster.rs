@@ -390,13 +390,28 @@ impl Cluster {
     }
 
     fn run_child_and_exit(self, env: ChildEnv) -> ! {
-        let outcome = self.run_child(env);
-        if let Err(error) = &outcome {
-            error!("{error}");
-        }
+        let socket_dir = env.socket_dir.clone();
+        // A panic that unwinds this far (a task's) ends the process like
+        // one that ended its actor: the same code, the output flushed.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_child(env)));
+        let code = match &outcome {
+            Ok(Ok(())) => 0,
+            Err(_) => crate::lifecycle::PANIC_EXIT_CODE,
+            Ok(Err(error)) => {
+                error!("{error}");
+                // The parent reports it in the exit's reason; a panic's own
+                // message, left first, wins.
+                crate::lifecycle::leave_last_words(&socket_dir, &error.to_string());
+                if PANICKED.load(std::sync::atomic::Ordering::SeqCst) {
+                    crate::lifecycle::PANIC_EXIT_CODE
+                } else {
+                    1
+                }
+            }
+        };
         // Every line written so far reaches the terminal before the exit.
         crate::output::finish();
-        std::process::exit(if outcome.is_ok() { 0 } else { 1 })
+        std::process::exit(code)
     }
 
     fn run_child(mut self, env: ChildEnv) -> Result<()> {
@@ -414,7 +429,7 @@ impl Cluster {
             .shutdown_budget(&env.role, worker.forks, &self.config);
         let (cookie, stop_requests) = crate::process::attach_to_parent(&env, budget.saturating_mul(2))?;
         publish_options(Some(&name), &self.workers);
-        record_panics();
+        record_panics(env.socket_dir.clone());
         let worker = self.workers.swap_remove(index);
         // Every line this process writes, logs included, carries its path
         // and pid: from the output relay, or failing that from a span (at
@@ -682,11 +697,25 @@ fn actor_ended(name: &str) -> Result<()> {
 static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Remembers that a panic happened (after the usual report), so that an
-/// actor ended by a panic ends its process abnormally.
-fn record_panics() {
+/// actor ended by a panic ends its process abnormally, with
+/// [`PANIC_EXIT_CODE`](crate::lifecycle::PANIC_EXIT_CODE) as a panicking
+/// task does; and leaves the panic's message for the parent to report in
+/// the exit's reason.
+fn record_panics(socket_dir: std::path::PathBuf) {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         PANICKED.store(true, std::sync::atomic::Ordering::SeqCst);
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("Box<dyn Any>");
+        let words = match info.location() {
+            Some(at) => format!("panicked at {at}: {message}"),
+            None => format!("panicked: {message}"),
+        };
+        crate::lifecycle::leave_last_words(&socket_dir, &words);
         report(info);
     }));
 }

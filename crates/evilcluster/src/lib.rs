@@ -148,7 +148,7 @@ pub use control::restart_worker;
 pub use directory::Member;
 pub use error::{Error, Result, SendError};
 pub use events::{publish, subscribe, Delivery, Event, PublishError, Subscription, To};
-pub use lifecycle::{lifecycle, ExitReason, Lifecycle};
+pub use lifecycle::{lifecycle, ExitReason, Lifecycle, PANIC_EXIT_CODE};
 pub use listener::listener;
 pub use remote::{RemoteActor, RemoteMessage, Routes, DEFAULT_MAILBOX_CAPACITY};
 pub use role::{fork_number, is_fork, is_master, is_spawn, role, Role};

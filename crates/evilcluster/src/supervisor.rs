@@ -508,7 +508,7 @@ impl Supervisor {
         .await;
         let generation = self.next_generation;
         self.next_generation += 1;
-        let supervised = watch_child(child, spec.shutdown_timeout, {
+        let supervised = watch_child(child, spec.shutdown_timeout, self.plan.socket_dir.clone(), {
             let exits = self.exits_tx.clone();
             move |reason| {
                 let _ = exits.send(ChildExit {
@@ -807,7 +807,12 @@ impl Supervised {
 
 /// Watches `child` until it exits, or stops it when asked (or when the
 /// handle is dropped); then reports how it ended to `on_exit`.
-fn watch_child(mut child: ChildProcess, grace: Duration, on_exit: impl FnOnce(ExitReason) + 'static) -> Supervised {
+fn watch_child(
+    mut child: ChildProcess,
+    grace: Duration,
+    socket_dir: PathBuf,
+    on_exit: impl FnOnce(ExitReason) + 'static,
+) -> Supervised {
     let (stop, mut stop_requests) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
     let (exit_tx, exited) = watch::channel(None);
     let supervised = Supervised {
@@ -817,10 +822,14 @@ fn watch_child(mut child: ChildProcess, grace: Duration, on_exit: impl FnOnce(Ex
         exited,
     };
     actix_rt::spawn(async move {
-        let (reason, requested) = tokio::select! {
-            status = child.wait() => (ExitReason::from_status(status), None),
-            request = stop_requests.recv() => (ExitReason::from_status(child.stop(grace).await), request),
+        let (status, requested) = tokio::select! {
+            status = child.wait() => (status, None),
+            request = stop_requests.recv() => (child.stop(grace).await, request),
         };
+        // What the child said about its end (a panic message, an error),
+        // read and removed whatever the status, so none is left behind.
+        let last_words = crate::lifecycle::take_last_words(&socket_dir, child.pid);
+        let reason = ExitReason::from_status(status).with_last_words(last_words);
         exit_tx.send_replace(Some(reason.clone()));
         on_exit(reason);
         if let Some(done) = requested {
@@ -986,6 +995,10 @@ mod tests {
             ExitReason::Code(3),
             ExitReason::Signal(9),
             ExitReason::StartFailed("x".into()),
+            ExitReason::Failed {
+                code: 101,
+                message: "panicked".into(),
+            },
         ];
         for reason in &reasons {
             assert!(Restart::Permanent.applies_to(reason));

@@ -154,7 +154,8 @@ impl Worker {
 
     /// A worker that hosts no actor and runs `task` to completion; it may
     /// call any actor of the cluster. `Ok` ends the process normally, `Err`
-    /// abnormally.
+    /// abnormally (exit code 1, the error in its
+    /// [`ExitReason::Failed`](crate::ExitReason::Failed)).
     ///
     /// A task's restart type defaults to [`Restart::Transient`]: a task that
     /// returns `Ok` has done its work and is not started again; one that
