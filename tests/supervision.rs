@@ -516,3 +516,26 @@ fn a_panicking_task_ends_with_the_same_code_and_its_message() {
     );
     sup.quit();
 }
+
+#[test]
+fn workers_learn_when_the_cluster_is_ready_and_which_fork_is_last() {
+    let mut sup = Sup::start(&["--pool", "2", "--ready-probe"]);
+    let everyone = ["sup/a", "sup/b", "sup/c", "sup/pool/1", "sup/pool/2"];
+    support::eventually("every actor saw the cluster ready", || {
+        everyone.iter().all(|path| sup.count("cluster-ready", path) == 1)
+    });
+    // Not before the whole tree had started.
+    let records = sup.records();
+    let last_start = records.iter().rposition(|(what, _)| what == "start").unwrap();
+    let first_ready = records.iter().position(|(what, _)| what == "cluster-ready").unwrap();
+    assert!(last_start < first_ready, "{records:?}");
+    assert_eq!(sup.order("last-fork"), ["sup/pool/2"]);
+    // A process started after that learns it at once.
+    let a = sup.ready("sup/a");
+    signal_pid(a, Signal::KILL);
+    sup.event("restarted sup/a ");
+    support::eventually("the restarted a saw the cluster ready", || {
+        sup.count("cluster-ready", "sup/a") == 2
+    });
+    sup.quit();
+}

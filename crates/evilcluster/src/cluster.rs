@@ -17,7 +17,7 @@ use crate::control::{Advertisement, ControlService, SupervisorService, SUPERVISO
 use crate::directory::{Member, Snapshot};
 use crate::node::{Config, Node, NodeSpec};
 use crate::process::StopReason;
-use crate::registry::{Announce, Leave, Registry, Subscribe, REGISTRY};
+use crate::registry::{Announce, Leave, MarkReady, Registry, Subscribe, REGISTRY};
 use crate::remote::{ActorService, RemoteMessage};
 use crate::role::ChildEnv;
 use crate::supervisor::{self, Intensity, Plan, Strategy, SupervisorHandle};
@@ -380,6 +380,8 @@ impl Cluster {
             return Err(error);
         }
         let mut handle = handle;
+        // Workers waiting in `cluster_ready` go on.
+        let _ = registry.send(MarkReady).await;
         info!("cluster ready\n{}", handle.tree());
         handle.tree_logger = Some(actix_rt::spawn(log_tree_changes(
             node.clone(),

@@ -258,6 +258,25 @@ impl Event for Lifecycle {
     const TAG: &'static str = "evilcluster.lifecycle";
 }
 
+/// Resolves once the master has started the whole tree — every worker
+/// declared (and not disabled) ready, each spawn's forks included — as the
+/// original's `clusterReady` event. Works in any process, the master
+/// included; in a process started after that (a restarted fork, say) it
+/// resolves at once. Fails only outside a running cluster.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), evilcluster::SendError> {
+/// evilcluster::cluster_ready().await?;
+/// // Every worker is up: warm caches, send the first requests...
+/// # Ok(())
+/// # }
+/// ```
+pub async fn cluster_ready() -> Result<(), crate::SendError> {
+    let node = crate::node::current().ok_or(crate::SendError::NotInCluster)?;
+    node.directory.wait_ready().await;
+    Ok(())
+}
+
 /// The lifecycle events of the whole tree, from now on, as they reach this
 /// process. The master receives every one; so does any other process (they
 /// travel like [`publish`](crate::publish)ed events to everyone).

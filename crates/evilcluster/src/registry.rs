@@ -82,6 +82,8 @@ pub(crate) struct Registry {
     members: Vec<Member>,
     version: u64,
     subscribers: Vec<(String, u64)>,
+    /// The master has started the whole tree.
+    ready: bool,
 }
 
 impl Registry {
@@ -91,6 +93,7 @@ impl Registry {
             members: Vec::new(),
             version: 0,
             subscribers: Vec::new(),
+            ready: false,
         }
     }
 
@@ -98,6 +101,7 @@ impl Registry {
         Snapshot {
             version: self.version,
             members: self.members.clone(),
+            ready: self.ready,
         }
     }
 
@@ -149,6 +153,24 @@ impl Handler<Subscribe> for Registry {
         self.subscribers.retain(|(path, _)| *path != subscribe.path);
         self.subscribers.push((subscribe.path, subscribe.incarnation));
         actix::MessageResult(self.snapshot())
+    }
+}
+
+/// The master has started the whole tree (local only). Pushed with the
+/// snapshots, so a process that joins later learns it when it joins, and
+/// one that joined before learns it with the next push: none misses it.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct MarkReady;
+
+impl Handler<MarkReady> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, _: MarkReady, _: &mut Context<Self>) {
+        if !self.ready {
+            self.ready = true;
+            self.changed();
+        }
     }
 }
 
