@@ -539,3 +539,34 @@ fn workers_learn_when_the_cluster_is_ready_and_which_fork_is_last() {
     });
     sup.quit();
 }
+
+#[test]
+fn a_fork_that_keeps_failing_stays_down_while_its_siblings_serve() {
+    let mut sup = Sup::start(&[
+        "--pool",
+        "2",
+        "--crash-fork",
+        "pool=2",
+        "--fork-max-restarts",
+        "2,60000",
+        // Lower than the failing fork's restarts: they do not count here.
+        "--fork-intensity",
+        "1,60000",
+        "--backoff",
+        "20,20",
+    ]);
+    assert_eq!(sup.event("stays-down sup/pool/2 "), ["2"]);
+    sup.event("ready sup/pool ");
+    assert_eq!(sup.count("attempt", "sup/pool/2"), 3, "first start and two restarts");
+    // Its sibling serves; nobody gave up.
+    sup.fixture.command("ping pool 1");
+    let pong = sup.fixture.expect_line("p");
+    assert!(pong.starts_with("pong 1 "), "{pong}");
+    assert!(
+        !sup.fixture.seen.iter().any(|l| l.starts_with("event gave-up")),
+        "{:#?}",
+        sup.fixture.seen
+    );
+    assert_eq!(sup.count("start", "sup/pool/1"), 1);
+    sup.quit();
+}

@@ -224,6 +224,17 @@ pub enum Lifecycle {
         /// The supervisor's path: the cluster's name, or a spawn's path.
         supervisor: String,
     },
+    /// A child exited more often than its own limit allows
+    /// ([`Worker::fork_max_restarts`](crate::Worker::fork_max_restarts)): it
+    /// stays down while its siblings go on; the supervisor does not give up.
+    StaysDown {
+        /// Its path.
+        path: String,
+        /// Its limit: at most this many restarts...
+        max_restarts: u32,
+        /// ...within this period.
+        within: Duration,
+    },
     /// A child was restarted more often than the supervisor's intensity
     /// allows: the supervisor stopped its children and failed upward.
     GaveUp {
@@ -248,7 +259,8 @@ impl Lifecycle {
             | Lifecycle::Ready { path, .. }
             | Lifecycle::Exited { path, .. }
             | Lifecycle::Restarting { path, .. }
-            | Lifecycle::Restarted { path, .. } => path,
+            | Lifecycle::Restarted { path, .. }
+            | Lifecycle::StaysDown { path, .. } => path,
             Lifecycle::AllExited { supervisor } | Lifecycle::GaveUp { supervisor, .. } => supervisor,
         }
     }

@@ -185,6 +185,9 @@ pub(crate) struct ChildSpec {
     pub backoff: Backoff,
     pub start_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// Its own restart limit: past it, this child stays down while its
+    /// siblings go on (and the supervisor does not give up because of it).
+    pub max_restarts: Option<Intensity>,
 }
 
 /// Everything a supervisor needs to run its children.
@@ -327,6 +330,7 @@ pub(crate) fn supervise(node: Arc<Node>, plan: Plan) -> SupervisorHandle {
                 state: State::Pending { at: now },
                 restarts: 0,
                 delay: None,
+                window: RestartWindow::default(),
             })
             .collect(),
         plan,
@@ -357,6 +361,8 @@ struct Slot {
     restarts: u32,
     /// The last backoff delay, if the child has not run stably since.
     delay: Option<Duration>,
+    /// This child's own recent restarts, for its own limit.
+    window: RestartWindow,
 }
 
 enum State {
@@ -621,8 +627,28 @@ impl Supervisor {
         }
 
         let now = Instant::now();
+        if let Some(limit) = spec.max_restarts {
+            if self.slots[index].window.exceeded(now, limit) {
+                warn!(
+                    %path,
+                    "{path} exited ({reason}) more than {} times within {:?}: it stays down; its siblings go on",
+                    limit.max_restarts,
+                    limit.within
+                );
+                self.announce(Lifecycle::StaysDown {
+                    path,
+                    max_restarts: limit.max_restarts,
+                    within: limit.within,
+                })
+                .await;
+                self.announce_if_all_exited().await;
+                return true;
+            }
+        }
         let intensity = self.plan.intensity;
-        if self.restarts.exceeded(now, intensity) {
+        // A child with a limit of its own is bounded by it: the supervisor
+        // never gives up on its account.
+        if spec.max_restarts.is_none() && self.restarts.exceeded(now, intensity) {
             error!(
                 supervisor = %self.plan.path,
                 child = %path,

@@ -69,13 +69,17 @@ pub(crate) struct Supervision {
     /// How the spawn supervises its forks.
     pub fork_strategy: Strategy,
     pub fork_intensity: Intensity,
+    /// Each fork's own restart limit.
+    pub fork_max_restarts: Option<Intensity>,
 }
 
 impl Supervision {
     /// How one of the worker's processes (the spawn, or fork `k`) of a
     /// worker with `forks` forks is supervised.
     pub fn child(&self, role: Role, path: String, forks: u32, config: &Config) -> ChildSpec {
+        let is_fork = matches!(role, Role::Fork { .. });
         ChildSpec {
+            max_restarts: if is_fork { self.fork_max_restarts } else { None },
             shutdown_timeout: self.shutdown_budget(&role, forks, config),
             role,
             path,
@@ -247,6 +251,19 @@ impl Worker {
         self
     }
 
+    /// Gives each fork a restart limit of its own: a fork that exits more
+    /// than `max_restarts` times within `within` stays down, while its
+    /// siblings go on serving (sends go to them) and the spawn does not
+    /// give up because of it: a fork with its own limit has its restarts
+    /// counted against that limit, not against the spawn's
+    /// [`fork_intensity`](Self::fork_intensity). A
+    /// [`Lifecycle::StaysDown`](crate::Lifecycle::StaysDown) event says so.
+    /// Default: none, only the spawn-wide [`fork_intensity`](Self::fork_intensity).
+    pub fn fork_max_restarts(mut self, max_restarts: u32, within: Duration) -> Self {
+        self.supervision.fork_max_restarts = Some(Intensity { max_restarts, within });
+        self
+    }
+
     /// Shares one TCP listener bound to `address` (`"127.0.0.1:8080"`; port 0
     /// picks a free port) among the worker's processes: the spawn binds it
     /// once and hands it to each fork, restarted forks included, so all forks
@@ -330,6 +347,27 @@ mod tests {
         let actor = Worker::actor_with(|| Idle);
         assert_eq!(actor.supervision.restart, Restart::Permanent);
         assert_eq!(task.restart(Restart::Permanent).supervision.restart, Restart::Permanent);
+    }
+
+    #[test]
+    fn only_forks_carry_the_fork_limit() {
+        let config = Config::default();
+        let supervision = Supervision {
+            fork_max_restarts: Some(Intensity {
+                max_restarts: 2,
+                within: Duration::from_secs(1),
+            }),
+            ..Supervision::default()
+        };
+        let spawn = supervision.child(Role::Spawn { name: "w".into() }, "c/w".into(), 2, &config);
+        assert_eq!(spawn.max_restarts, None);
+        let fork = Role::Fork {
+            name: "w".into(),
+            number: 1,
+            of: 2,
+        };
+        let fork = supervision.child(fork, "c/w/1".into(), 2, &config);
+        assert_eq!(fork.max_restarts, supervision.fork_max_restarts);
     }
 
     #[test]
