@@ -20,7 +20,7 @@ use crate::process::StopReason;
 use crate::registry::{Announce, Leave, MarkReady, Registry, Subscribe, REGISTRY};
 use crate::remote::{ActorService, RemoteMessage};
 use crate::role::ChildEnv;
-use crate::supervisor::{self, Intensity, Plan, Strategy, SupervisorHandle};
+use crate::supervisor::{self, AutoShutdown, Intensity, Plan, Restart, Strategy, SupervisorHandle};
 use crate::tree::{self, Declared};
 use crate::worker::{publish_options, Body, Hosted, Worker};
 use crate::{transport, Error, Result, Role};
@@ -51,6 +51,7 @@ pub struct Cluster {
     cookie: Option<Vec<u8>>,
     strategy: Strategy,
     intensity: Intensity,
+    auto_shutdown: AutoShutdown,
 }
 
 impl Cluster {
@@ -64,6 +65,7 @@ impl Cluster {
             cookie: None,
             strategy: Strategy::default(),
             intensity: Intensity::default(),
+            auto_shutdown: AutoShutdown::default(),
         }
     }
 
@@ -80,6 +82,17 @@ impl Cluster {
     /// [`Error::GaveUp`] naming the child (default 10 within 60 s).
     pub fn intensity(mut self, max_restarts: u32, within: Duration) -> Self {
         self.intensity = Intensity { max_restarts, within };
+        self
+    }
+
+    /// When the master ends the whole tree by itself, as the spawns marked
+    /// [`Worker::significant`] end (OTP's `auto_shutdown`): then it stops the
+    /// other workers and [`run`](Self::run) returns `Ok` (a
+    /// [`ClusterHandle`] reports it with [`ClusterHandle::finished`]; with
+    /// [`run_with`](Self::run_with), the function decides when to end).
+    /// Default: [`AutoShutdown::Never`]: the tree runs until stopped.
+    pub fn auto_shutdown(mut self, auto_shutdown: AutoShutdown) -> Self {
+        self.auto_shutdown = auto_shutdown;
         self
     }
 
@@ -161,6 +174,33 @@ impl Cluster {
                     worker.name
                 )));
             }
+            let supervision = &worker.supervision;
+            // OTP refuses these too: a permanent child is always restarted,
+            // so it never ends for good and could never end its supervisor.
+            if supervision.restart == Restart::Permanent
+                && (supervision.significant || supervision.fork_auto_shutdown != AutoShutdown::Never)
+            {
+                return Err(Error::Declaration(format!(
+                    "worker `{}` is significant (`significant(true)` or `fork_auto_shutdown`) but Restart::Permanent, \
+                     so it would never end for good; give it `.restart(Restart::Transient)` or `Restart::Temporary`",
+                    worker.name
+                )));
+            }
+            if supervision.fork_auto_shutdown != AutoShutdown::Never && worker.forks == 0 {
+                return Err(Error::Declaration(format!(
+                    "worker `{}` has `fork_auto_shutdown` but no forks; add `.forks(n)` or use `significant(true)` \
+                     with `Cluster::auto_shutdown`",
+                    worker.name
+                )));
+            }
+        }
+        if self.auto_shutdown != AutoShutdown::Never
+            && !self.workers.iter().any(|w| !w.disabled && w.supervision.significant)
+        {
+            return Err(Error::Declaration(format!(
+                "the cluster's auto_shutdown is {:?} but no enabled worker is `significant(true)`, so it would never apply",
+                self.auto_shutdown
+            )));
         }
         Ok(())
     }
@@ -187,6 +227,7 @@ impl Cluster {
                     tokio::select! {
                         () = signal => info!("shutdown signal received"),
                         () = cluster.stop_requested() => {}
+                        () = cluster.finished() => info!("the significant workers have ended (auto-shutdown)"),
                         gave_up = cluster.gave_up() => {
                             cluster.shutdown().await?;
                             return Err(gave_up);
@@ -323,6 +364,7 @@ impl Cluster {
             path: self.name.clone(),
             strategy: self.strategy,
             intensity: self.intensity,
+            auto_shutdown: self.auto_shutdown,
             children: self
                 .workers
                 .iter()
@@ -488,6 +530,14 @@ impl ClusterHandle {
         self.supervisor.gave_up().await
     }
 
+    /// Resolves when the tree ended by itself: the spawns marked
+    /// [`Worker::significant`] ended as [`Cluster::auto_shutdown`] says, and
+    /// the master stopped the rest. Never resolves otherwise. Call
+    /// [`shutdown`](Self::shutdown) after it to remove the cluster's sockets.
+    pub async fn finished(&self) {
+        self.supervisor.finished().await
+    }
+
     /// Stops every worker in reverse start order (graceful, then killed after
     /// the shutdown timeout), and removes the cluster's sockets.
     pub async fn shutdown(mut self) -> Result<()> {
@@ -611,7 +661,15 @@ impl Child {
             let work = async {
                 forks.started().await?;
                 announce(&master, member).await?;
-                Err(forks.gave_up().await)
+                tokio::select! {
+                    gave_up = forks.gave_up() => Err(gave_up),
+                    // Its forks ended as `fork_auto_shutdown` says: the
+                    // spawn's work is done, a normal exit.
+                    () = forks.finished() => {
+                        info!("the forks have ended (auto-shutdown); exiting");
+                        Ok(())
+                    }
+                }
             };
             let outcome = tokio::select! {
                 outcome = work => outcome,
@@ -660,6 +718,7 @@ impl Child {
             path: self.env.path.clone(),
             strategy: supervision.fork_strategy,
             intensity: supervision.fork_intensity,
+            auto_shutdown: supervision.fork_auto_shutdown,
             children: (1..=worker.forks)
                 .map(|number| {
                     supervision.child(

@@ -152,7 +152,7 @@ pub use lifecycle::{cluster_ready, lifecycle, ExitReason, Lifecycle, PANIC_EXIT_
 pub use listener::listener;
 pub use remote::{RemoteActor, RemoteMessage, Routes, DEFAULT_MAILBOX_CAPACITY};
 pub use role::{fork_number, is_fork, is_last_fork, is_master, is_spawn, role, Role};
-pub use supervisor::{Backoff, Intensity, Restart, Strategy};
+pub use supervisor::{AutoShutdown, Backoff, Intensity, Restart, Strategy};
 pub use watch::{watch, Watch, Watched};
 pub use worker::{options, options_of, TaskResult, Worker};
 
@@ -168,8 +168,8 @@ pub fn members() -> Vec<Member> {
 /// Everything a typical evilcluster program needs, actix's actor API included.
 pub mod prelude {
     pub use crate::{
-        addr_of, addr_of_fork, Backoff, Cluster, RemoteActor, RemoteAddr, RemoteMessage, Restart, Role, Routes,
-        SendError, Strategy, Worker,
+        addr_of, addr_of_fork, AutoShutdown, Backoff, Cluster, RemoteActor, RemoteAddr, RemoteMessage, Restart, Role,
+        Routes, SendError, Strategy, Worker,
     };
     pub use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, ResponseFuture};
     pub use serde::{Deserialize, Serialize};

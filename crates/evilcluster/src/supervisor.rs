@@ -50,6 +50,47 @@ impl Strategy {
     }
 }
 
+/// When a supervisor ends by itself, normally, because its *significant*
+/// children have ended (OTP's `auto_shutdown`).
+///
+/// A significant child ends for good when its restart type says it is not
+/// restarted: a [`Restart::Transient`] child after exit code 0, a
+/// [`Restart::Temporary`] child after any exit. A [`Restart::Permanent`]
+/// child is always restarted, so it cannot be significant (the declaration
+/// is refused).
+///
+/// - For a spawn's forks ([`Worker::fork_auto_shutdown`](crate::Worker::fork_auto_shutdown)):
+///   the forks are the significant children; when the spawn's supervisor
+///   ends, the spawn stops its other forks and exits with code 0.
+/// - For the master ([`Cluster::auto_shutdown`](crate::Cluster::auto_shutdown)):
+///   spawns marked [`Worker::significant`](crate::Worker::significant); the
+///   master stops the rest of the tree and [`Cluster::run`](crate::Cluster::run)
+///   returns `Ok`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AutoShutdown {
+    /// Never: the supervisor runs until it is stopped or gives up, even
+    /// with no child left running (OTP's default).
+    #[default]
+    Never,
+    /// As soon as any significant child has ended for good.
+    AnySignificant,
+    /// Once every significant child has ended for good.
+    AllSignificant,
+}
+
+impl AutoShutdown {
+    /// Whether the supervisor ends now. `ended_significant`: the child that
+    /// just exited is significant and is not restarted; `all_significant_down`:
+    /// no significant child is running or waiting to restart any more.
+    pub(crate) fn ends(self, ended_significant: bool, all_significant_down: bool) -> bool {
+        match self {
+            AutoShutdown::Never => false,
+            AutoShutdown::AnySignificant => ended_significant,
+            AutoShutdown::AllSignificant => ended_significant && all_significant_down,
+        }
+    }
+}
+
 /// When a child is restarted after it exits (OTP's restart types).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Restart {
@@ -185,6 +226,8 @@ pub(crate) struct ChildSpec {
     pub backoff: Backoff,
     pub start_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// Whether its ending for good counts for the supervisor's [`AutoShutdown`].
+    pub significant: bool,
     /// Its own restart limit: past it, this child stays down while its
     /// siblings go on (and the supervisor does not give up because of it).
     pub max_restarts: Option<Intensity>,
@@ -196,6 +239,7 @@ pub(crate) struct Plan {
     pub path: String,
     pub strategy: Strategy,
     pub intensity: Intensity,
+    pub auto_shutdown: AutoShutdown,
     pub children: Vec<ChildSpec>,
     pub master_socket: String,
     pub socket_dir: PathBuf,
@@ -216,6 +260,8 @@ enum Phase {
     Starting,
     Running,
     Failed(GaveUp),
+    /// Ended by itself: its significant children ended ([`AutoShutdown`]).
+    Finished,
     Stopped,
 }
 
@@ -293,6 +339,16 @@ impl SupervisorHandle {
         }
     }
 
+    /// Resolves when the supervisor ends by itself because its significant
+    /// children ended ([`AutoShutdown`]); every child has stopped by then.
+    /// Never resolves otherwise.
+    pub async fn finished(&self) {
+        let mut phase = self.phase.clone();
+        if phase.wait_for(|p| matches!(p, Phase::Finished)).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Asks for rolling restarts of this supervisor's children.
     pub fn restarter(&self) -> Restarter {
         Restarter(self.commands.clone())
@@ -306,7 +362,9 @@ impl SupervisorHandle {
         }
         // A supervisor that had given up has stopped already.
         let mut phase = self.phase.clone();
-        let _ = phase.wait_for(|p| matches!(p, Phase::Stopped | Phase::Failed(_))).await;
+        let _ = phase
+            .wait_for(|p| matches!(p, Phase::Stopped | Phase::Failed(_) | Phase::Finished))
+            .await;
     }
 }
 
@@ -455,7 +513,7 @@ impl Supervisor {
                                 let _ = reply.send(outcome);
                             }
                             Rolled::GaveUp => {
-                                let _ = reply.send(Err("the supervisor gave up".into()));
+                                let _ = reply.send(Err("the supervisor has ended (it gave up, or auto-shutdown)".into()));
                                 return;
                             }
                             Rolled::ShutdownRequested(shutdown) => {
@@ -595,7 +653,8 @@ impl Supervisor {
     }
 
     /// Child `index` exited (or failed to start) on its own. Returns false
-    /// once the supervisor has given up.
+    /// once the supervisor has ended: it gave up, or its auto-shutdown
+    /// stopped it.
     async fn exited(
         &mut self,
         index: usize,
@@ -623,6 +682,23 @@ impl Supervisor {
         if !restart.applies_to(&reason) {
             info!(%path, "not restarted ({restart:?} child)");
             self.announce_if_all_exited().await;
+            let significant = spec.significant;
+            let all_significant_down = self
+                .plan
+                .children
+                .iter()
+                .zip(&self.slots)
+                .all(|(child, slot)| !child.significant || matches!(slot.state, State::Down));
+            if self.plan.auto_shutdown.ends(significant, all_significant_down) {
+                info!(
+                    supervisor = %self.plan.path,
+                    "{path} ended and auto-shutdown is {:?}: stopping every child",
+                    self.plan.auto_shutdown
+                );
+                self.stop_children().await;
+                self.phase.send_replace(Phase::Finished);
+                return false;
+            }
             return true;
         }
 
@@ -1030,6 +1106,17 @@ mod tests {
             assert!(Restart::Permanent.applies_to(reason));
             assert_eq!(Restart::Transient.applies_to(reason), !reason.is_normal(), "{reason:?}");
             assert!(!Restart::Temporary.applies_to(reason));
+        }
+    }
+
+    #[test]
+    fn auto_shutdown_ends_the_supervisor_only_when_it_says() {
+        for ended in [false, true] {
+            for all_down in [false, true] {
+                assert!(!AutoShutdown::Never.ends(ended, all_down));
+                assert_eq!(AutoShutdown::AnySignificant.ends(ended, all_down), ended);
+                assert_eq!(AutoShutdown::AllSignificant.ends(ended, all_down), ended && all_down);
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::node::Config;
 use crate::remote::{ActorService, RemoteActor, Service};
-use crate::supervisor::{Backoff, ChildSpec, Intensity, Restart, Strategy};
+use crate::supervisor::{AutoShutdown, Backoff, ChildSpec, Intensity, Restart, Strategy};
 use crate::Role;
 
 /// What a task worker's function returns.
@@ -69,6 +69,11 @@ pub(crate) struct Supervision {
     /// How the spawn supervises its forks.
     pub fork_strategy: Strategy,
     pub fork_intensity: Intensity,
+    /// Whether the spawn is significant for the master's [`AutoShutdown`].
+    pub significant: bool,
+    /// When the spawn ends by itself as its forks end; the forks are its
+    /// significant children unless this is `Never`.
+    pub fork_auto_shutdown: AutoShutdown,
     /// Each fork's own restart limit.
     pub fork_max_restarts: Option<Intensity>,
 }
@@ -79,6 +84,11 @@ impl Supervision {
     pub fn child(&self, role: Role, path: String, forks: u32, config: &Config) -> ChildSpec {
         let is_fork = matches!(role, Role::Fork { .. });
         ChildSpec {
+            significant: if is_fork {
+                self.fork_auto_shutdown != AutoShutdown::Never
+            } else {
+                self.significant
+            },
             max_restarts: if is_fork { self.fork_max_restarts } else { None },
             shutdown_timeout: self.shutdown_budget(&role, forks, config),
             role,
@@ -251,6 +261,37 @@ impl Worker {
         self
     }
 
+    /// Marks the spawn significant for the master's
+    /// [`Cluster::auto_shutdown`](crate::Cluster::auto_shutdown): its ending
+    /// for good (exit code 0 for a [`Restart::Transient`] worker, any exit
+    /// for a [`Restart::Temporary`] one) can end the whole tree. A
+    /// significant worker must not be [`Restart::Permanent`] (refused at
+    /// start, as OTP does). Default: `false`.
+    pub fn significant(mut self, significant: bool) -> Self {
+        self.supervision.significant = significant;
+        self
+    }
+
+    /// When the spawn ends by itself as its forks end (OTP's
+    /// `auto_shutdown`, with every fork significant): with
+    /// [`AutoShutdown::AllSignificant`], once every fork has ended for good
+    /// (exit code 0 for a [`Restart::Transient`] worker) the spawn exits
+    /// with code 0 — forks that finish their work end their spawn. With
+    /// [`AutoShutdown::AnySignificant`], the first fork that ends does, and
+    /// the spawn stops the others. The forks must not be
+    /// [`Restart::Permanent`] (refused at start). Default:
+    /// [`AutoShutdown::Never`]: the spawn stays up with no fork left.
+    ///
+    /// A batch worker whose forks each do a share of the work and return:
+    /// `Worker::task("batch", job).forks(4).fork_auto_shutdown(AutoShutdown::AllSignificant)`
+    /// (tasks are `Transient` by default); add `.significant(true)` and
+    /// `Cluster::auto_shutdown(AutoShutdown::AnySignificant)` for the whole
+    /// tree to end with it.
+    pub fn fork_auto_shutdown(mut self, auto_shutdown: AutoShutdown) -> Self {
+        self.supervision.fork_auto_shutdown = auto_shutdown;
+        self
+    }
+
     /// Gives each fork a restart limit of its own: a fork that exits more
     /// than `max_restarts` times within `within` stays down, while its
     /// siblings go on serving (sends go to them) and the spawn does not
@@ -350,9 +391,11 @@ mod tests {
     }
 
     #[test]
-    fn only_forks_carry_the_fork_limit() {
+    fn only_forks_carry_the_fork_limit_and_fork_significance() {
         let config = Config::default();
         let supervision = Supervision {
+            significant: false,
+            fork_auto_shutdown: AutoShutdown::AllSignificant,
             fork_max_restarts: Some(Intensity {
                 max_restarts: 2,
                 within: Duration::from_secs(1),
@@ -360,6 +403,7 @@ mod tests {
             ..Supervision::default()
         };
         let spawn = supervision.child(Role::Spawn { name: "w".into() }, "c/w".into(), 2, &config);
+        assert!(!spawn.significant);
         assert_eq!(spawn.max_restarts, None);
         let fork = Role::Fork {
             name: "w".into(),
@@ -367,6 +411,7 @@ mod tests {
             of: 2,
         };
         let fork = supervision.child(fork, "c/w/1".into(), 2, &config);
+        assert!(fork.significant);
         assert_eq!(fork.max_restarts, supervision.fork_max_restarts);
     }
 
