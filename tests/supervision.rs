@@ -470,11 +470,162 @@ fn a_panicking_handler_ends_its_process_abnormally_and_it_is_restarted() {
     let mut sup = Sup::start(&[]);
     let a = sup.ready("sup/a");
     sup.fixture.command("panic a");
-    assert_eq!(sup.event("exited sup/a "), [a.to_string(), "code:1".into()]);
+    // The code every panic ends a child with, and the panic's own message.
+    assert_eq!(sup.event("exited sup/a "), [a.to_string(), "code:101".into()]);
+    let why = sup.event("why sup/a ").join(" ");
+    assert!(
+        why.starts_with("exit code 101: panicked at ") && why.ends_with(": told to panic"),
+        "{why}"
+    );
     sup.event("restarted sup/a ");
     assert!(
         sup.fixture.seen.iter().any(|l| l == "panic reply error")
             || sup.fixture.expect_line("panic reply") == "panic reply error"
     );
+    sup.quit();
+}
+
+#[test]
+fn a_panicking_task_ends_with_the_same_code_and_its_message() {
+    let mut sup = Sup::start(&["--panicker"]);
+    // It may panic before or after it counts as ready; either way the
+    // reason says the code and the message.
+    let why = sup.event("why sup/panicker ").join(" ");
+    assert!(
+        why.contains("exit code 101: panicked at ") && why.ends_with(": the task panicked on purpose"),
+        "{why}"
+    );
+    sup.quit();
+}
+
+#[test]
+fn a_task_that_returns_ok_is_not_restarted_by_default() {
+    let mut sup = Sup::start(&["--sender-default"]);
+    assert_eq!(sup.event("exited sup/sender ")[1], "normal");
+    // The master's supervisor handles exits in order: once a is back, the
+    // sender's exit was decided.
+    sup.fixture.command("exit a 0");
+    sup.event("restarted sup/a ");
+    assert!(
+        !sup.fixture
+            .seen
+            .iter()
+            .any(|l| l.starts_with("event restarting sup/sender")),
+        "{:#?}",
+        sup.fixture.seen
+    );
+    sup.quit();
+}
+
+#[test]
+fn forks_that_all_finish_end_their_spawn_normally() {
+    let mut sup = Sup::start(&["--batch", "2", "--fork-auto", "all"]);
+    // The forks' work is done: the spawn exits normally and, transient,
+    // stays down.
+    let exit = sup.event("exited sup/batch ");
+    assert_eq!(exit[1], "normal", "{exit:?}");
+    let seen = &sup.fixture.seen;
+    let ready = seen.iter().find_map(|l| l.strip_prefix("event ready sup/batch "));
+    assert_eq!(ready.and_then(|r| r.split(' ').next()), Some(exit[0].as_str()));
+    for k in 1..=2 {
+        assert!(
+            seen.iter()
+                .any(|l| l.starts_with(&format!("event exited sup/batch/{k} ")) && l.ends_with(" normal")),
+            "{seen:#?}"
+        );
+    }
+    assert_eq!(sup.count("batch", "sup/batch/1"), 1);
+    assert_eq!(sup.count("batch", "sup/batch/2"), 1);
+    sup.fixture.command("exit a 0");
+    sup.event("restarted sup/a ");
+    let restarted: Vec<&String> = sup
+        .fixture
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("event restarting sup/batch"))
+        .collect();
+    assert!(restarted.is_empty(), "{restarted:#?}");
+    sup.quit();
+}
+
+#[test]
+fn a_significant_batch_ends_the_whole_tree_and_run_returns_ok() {
+    let mut sup = Sup::launch(&[
+        "--batch",
+        "2",
+        "--fork-auto",
+        "all",
+        "--significant",
+        "batch",
+        "--auto-shutdown",
+        "any",
+        "--run",
+    ]);
+    let status = sup.fixture.wait();
+    assert!(status.success(), "{status:?}: {:#?}", sup.fixture.seen);
+    let seen = &sup.fixture.seen;
+    assert!(seen.iter().any(|l| l == "done"), "{seen:#?}");
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("event exited sup/batch ") && l.ends_with(" normal")),
+        "{seen:#?}"
+    );
+    // The rest of the tree was stopped, last declared first.
+    assert_eq!(sup.order("stop"), ["sup/c", "sup/b", "sup/a"]);
+    assert_eq!(sup.order("batch").len(), 2);
+    sup.nothing_left();
+}
+
+#[test]
+fn a_fork_that_keeps_failing_stays_down_while_its_siblings_serve() {
+    let mut sup = Sup::start(&[
+        "--pool",
+        "2",
+        "--crash-fork",
+        "pool=2",
+        "--fork-max-restarts",
+        "2,60000",
+        // Lower than the failing fork's restarts: they do not count here.
+        "--fork-intensity",
+        "1,60000",
+        "--backoff",
+        "20,20",
+    ]);
+    assert_eq!(sup.event("stays-down sup/pool/2 "), ["2"]);
+    sup.event("ready sup/pool ");
+    assert_eq!(sup.count("attempt", "sup/pool/2"), 3, "first start and two restarts");
+    // Its sibling serves; nobody gave up.
+    sup.fixture.command("ping pool 1");
+    let pong = sup.fixture.expect_line("p");
+    assert!(pong.starts_with("pong 1 "), "{pong}");
+    assert!(
+        !sup.fixture.seen.iter().any(|l| l.starts_with("event gave-up")),
+        "{:#?}",
+        sup.fixture.seen
+    );
+    assert_eq!(sup.count("start", "sup/pool/1"), 1);
+    sup.quit();
+}
+
+#[test]
+fn workers_learn_when_the_cluster_is_ready_and_which_fork_is_last() {
+    let mut sup = Sup::start(&["--pool", "2", "--ready-probe"]);
+    let everyone = ["sup/a", "sup/b", "sup/c", "sup/pool/1", "sup/pool/2"];
+    support::eventually("every actor saw the cluster ready", || {
+        everyone.iter().all(|path| sup.count("cluster-ready", path) == 1)
+    });
+    // Not before the whole tree had started.
+    let records = sup.records();
+    let last_start = records.iter().rposition(|(what, _)| what == "start").unwrap();
+    let first_ready = records.iter().position(|(what, _)| what == "cluster-ready").unwrap();
+    assert!(last_start < first_ready, "{records:?}");
+    assert_eq!(sup.order("last-fork"), ["sup/pool/2"]);
+    // A process started after that learns it at once.
+    let a = sup.ready("sup/a");
+    signal_pid(a, Signal::KILL);
+    sup.event("restarted sup/a ");
+    support::eventually("the restarted a saw the cluster ready", || {
+        sup.count("cluster-ready", "sup/a") == 2
+    });
     sup.quit();
 }

@@ -49,3 +49,29 @@ fn watching_a_name_sees_down_then_up_across_a_sigkill_and_restart() {
     up(&mut sup, "sup/pool/2");
     sup.quit();
 }
+
+#[test]
+fn a_watch_made_before_the_cluster_starts_sees_the_forks_not_the_spawn() {
+    let mut sup = Sup::start(&["--pool", "2", "--watch-early"]);
+    let up = |sup: &mut Sup, path: &str| -> u32 {
+        let line = sup.fixture.expect_line(&format!("early up {path} "));
+        line.rsplit(' ').next().unwrap().parse().expect("pid")
+    };
+    up(&mut sup, "sup/pool/1");
+    let fork2 = up(&mut sup, "sup/pool/2");
+    signal_pid(fork2, Signal::KILL);
+    assert_eq!(
+        sup.fixture.expect_line("early down "),
+        format!("early down sup/pool/2 {fork2} signal:9")
+    );
+    assert_ne!(up(&mut sup, "sup/pool/2"), fork2);
+    // The spawn hosts nothing: it is never an instance.
+    let spawn: Vec<&String> = sup
+        .fixture
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("early ") && l.split(' ').nth(2) == Some("sup/pool"))
+        .collect();
+    assert!(spawn.is_empty(), "{spawn:#?}");
+    sup.quit();
+}

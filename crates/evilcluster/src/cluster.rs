@@ -16,11 +16,11 @@ use crate::control::{ControlService, SupervisorService, SUPERVISOR};
 use crate::directory::{Member, Snapshot};
 use crate::node::{Config, Node, NodeSpec};
 use crate::process::StopReason;
-use crate::registry::{Announce, Leave, Register, Registry, RegistryService, Subscribe, REGISTRY};
+use crate::registry::{Announce, Leave, MarkReady, Register, Registry, RegistryService, Subscribe, REGISTRY};
 use crate::remote::RemoteMessage;
 use crate::role::ChildEnv;
 use crate::rundir::RunDir;
-use crate::supervisor::{self, Intensity, Plan, Strategy, SupervisorHandle};
+use crate::supervisor::{self, AutoShutdown, Intensity, Plan, Restart, Strategy, SupervisorHandle};
 use crate::tree::{self, Declared};
 use crate::worker::{publish_options, Body, Hosted, Worker};
 use crate::{transport, Error, Result, Role};
@@ -51,6 +51,7 @@ pub struct Cluster {
     cookie: Option<Vec<u8>>,
     strategy: Strategy,
     intensity: Intensity,
+    auto_shutdown: AutoShutdown,
 }
 
 impl Cluster {
@@ -64,6 +65,7 @@ impl Cluster {
             cookie: None,
             strategy: Strategy::default(),
             intensity: Intensity::default(),
+            auto_shutdown: AutoShutdown::default(),
         }
     }
 
@@ -80,6 +82,17 @@ impl Cluster {
     /// [`Error::GaveUp`] naming the child (default 10 within 60 s).
     pub fn intensity(mut self, max_restarts: u32, within: Duration) -> Self {
         self.intensity = Intensity { max_restarts, within };
+        self
+    }
+
+    /// When the master ends the whole tree by itself, as the spawns marked
+    /// [`Worker::significant`] end (OTP's `auto_shutdown`): then it stops the
+    /// other workers and [`run`](Self::run) returns `Ok` (a
+    /// [`ClusterHandle`] reports it with [`ClusterHandle::finished`]; with
+    /// [`run_with`](Self::run_with), the function decides when to end).
+    /// Default: [`AutoShutdown::Never`]: the tree runs until stopped.
+    pub fn auto_shutdown(mut self, auto_shutdown: AutoShutdown) -> Self {
+        self.auto_shutdown = auto_shutdown;
         self
     }
 
@@ -161,6 +174,33 @@ impl Cluster {
                     worker.name
                 )));
             }
+            let supervision = &worker.supervision;
+            // OTP refuses these too: a permanent child is always restarted,
+            // so it never ends for good and could never end its supervisor.
+            if supervision.restart == Restart::Permanent
+                && (supervision.significant || supervision.fork_auto_shutdown != AutoShutdown::Never)
+            {
+                return Err(Error::Declaration(format!(
+                    "worker `{}` is significant (`significant(true)` or `fork_auto_shutdown`) but Restart::Permanent, \
+                     so it would never end for good; give it `.restart(Restart::Transient)` or `Restart::Temporary`",
+                    worker.name
+                )));
+            }
+            if supervision.fork_auto_shutdown != AutoShutdown::Never && worker.forks == 0 {
+                return Err(Error::Declaration(format!(
+                    "worker `{}` has `fork_auto_shutdown` but no forks; add `.forks(n)` or use `significant(true)` \
+                     with `Cluster::auto_shutdown`",
+                    worker.name
+                )));
+            }
+        }
+        if self.auto_shutdown != AutoShutdown::Never
+            && !self.workers.iter().any(|w| !w.disabled && w.supervision.significant)
+        {
+            return Err(Error::Declaration(format!(
+                "the cluster's auto_shutdown is {:?} but no enabled worker is `significant(true)`, so it would never apply",
+                self.auto_shutdown
+            )));
         }
         Ok(())
     }
@@ -187,6 +227,7 @@ impl Cluster {
                     tokio::select! {
                         () = signal => info!("shutdown signal received"),
                         () = cluster.stop_requested() => {}
+                        () = cluster.finished() => info!("the significant workers have ended (auto-shutdown)"),
                         gave_up = cluster.gave_up() => {
                             cluster.shutdown().await?;
                             return Err(gave_up);
@@ -323,6 +364,7 @@ impl Cluster {
             path: self.name.clone(),
             strategy: self.strategy,
             intensity: self.intensity,
+            auto_shutdown: self.auto_shutdown,
             children: self
                 .workers
                 .iter()
@@ -379,6 +421,8 @@ impl Cluster {
             return Err(error);
         }
         let mut handle = handle;
+        // Workers waiting in `cluster_ready` go on.
+        let _ = registry.send(MarkReady).await;
         info!("cluster ready\n{}", handle.tree());
         handle.tree_logger = Some(actix_rt::spawn(log_tree_changes(
             node.clone(),
@@ -389,13 +433,28 @@ impl Cluster {
     }
 
     fn run_child_and_exit(self, env: ChildEnv) -> ! {
-        let outcome = self.run_child(env);
-        if let Err(error) = &outcome {
-            error!("{error}");
-        }
+        let socket_dir = env.socket_dir.clone();
+        // A panic that unwinds this far (a task's) ends the process like
+        // one that ended its actor: the same code, the output flushed.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_child(env)));
+        let code = match &outcome {
+            Ok(Ok(())) => 0,
+            Err(_) => crate::lifecycle::PANIC_EXIT_CODE,
+            Ok(Err(error)) => {
+                error!("{error}");
+                // The parent reports it in the exit's reason; a panic's own
+                // message, left first, wins.
+                crate::lifecycle::leave_last_words(&socket_dir, &error.to_string());
+                if PANICKED.load(std::sync::atomic::Ordering::SeqCst) {
+                    crate::lifecycle::PANIC_EXIT_CODE
+                } else {
+                    1
+                }
+            }
+        };
         // Every line written so far reaches the terminal before the exit.
         crate::output::finish();
-        std::process::exit(if outcome.is_ok() { 0 } else { 1 })
+        std::process::exit(code)
     }
 
     fn run_child(mut self, env: ChildEnv) -> Result<()> {
@@ -413,7 +472,7 @@ impl Cluster {
             .shutdown_budget(&env.role, worker.forks, &self.config);
         let (cookie, stop_requests) = crate::process::attach_to_parent(&env, budget.saturating_mul(2))?;
         publish_options(Some(&name), &self.workers);
-        record_panics();
+        record_panics(env.socket_dir.clone());
         let worker = self.workers.swap_remove(index);
         // Every line this process writes, logs included, carries its path
         // and pid: from the output relay, or failing that from a span (at
@@ -468,6 +527,14 @@ impl ClusterHandle {
     /// otherwise.
     pub async fn gave_up(&self) -> Error {
         self.supervisor.gave_up().await
+    }
+
+    /// Resolves when the tree ended by itself: the spawns marked
+    /// [`Worker::significant`] ended as [`Cluster::auto_shutdown`] says, and
+    /// the master stopped the rest. Never resolves otherwise. Call
+    /// [`shutdown`](Self::shutdown) after it to remove the cluster's sockets.
+    pub async fn finished(&self) {
+        self.supervisor.finished().await
     }
 
     /// Stops every worker in reverse start order (graceful, then killed after
@@ -597,7 +664,15 @@ impl Child {
             let work = async {
                 forks.started().await?;
                 announce(&master, member).await?;
-                Err(forks.gave_up().await)
+                tokio::select! {
+                    gave_up = forks.gave_up() => Err(gave_up),
+                    // Its forks ended as `fork_auto_shutdown` says: the
+                    // spawn's work is done, a normal exit.
+                    () = forks.finished() => {
+                        info!("the forks have ended (auto-shutdown); exiting");
+                        Ok(())
+                    }
+                }
             };
             let outcome = tokio::select! {
                 outcome = work => outcome,
@@ -646,6 +721,7 @@ impl Child {
             path: self.env.path.clone(),
             strategy: supervision.fork_strategy,
             intensity: supervision.fork_intensity,
+            auto_shutdown: supervision.fork_auto_shutdown,
             children: (1..=worker.forks)
                 .map(|number| {
                     supervision.child(
@@ -685,11 +761,25 @@ fn actor_ended(name: &str) -> Result<()> {
 static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Remembers that a panic happened (after the usual report), so that an
-/// actor ended by a panic ends its process abnormally.
-fn record_panics() {
+/// actor ended by a panic ends its process abnormally, with
+/// [`PANIC_EXIT_CODE`](crate::lifecycle::PANIC_EXIT_CODE) as a panicking
+/// task does; and leaves the panic's message for the parent to report in
+/// the exit's reason.
+fn record_panics(socket_dir: std::path::PathBuf) {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         PANICKED.store(true, std::sync::atomic::Ordering::SeqCst);
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("Box<dyn Any>");
+        let words = match info.location() {
+            Some(at) => format!("panicked at {at}: {message}"),
+            None => format!("panicked: {message}"),
+        };
+        crate::lifecycle::leave_last_words(&socket_dir, &words);
         report(info);
     }));
 }

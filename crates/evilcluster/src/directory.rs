@@ -42,12 +42,16 @@ pub struct Member {
 pub(crate) struct Snapshot {
     pub version: u64,
     pub members: Vec<Member>,
+    /// The master has started the whole tree (it stays true from then on).
+    #[serde(default)]
+    pub ready: bool,
 }
 
 /// A snapshot indexed for lookups on the message path. Members sit behind
 /// `Arc`s so that a lookup clones a pointer, not six strings.
 struct Indexed {
     version: u64,
+    ready: bool,
     members: Vec<Arc<Member>>,
     by_actor: FxHashMap<String, ActorEntry>,
 }
@@ -79,6 +83,7 @@ impl Indexed {
         }
         Indexed {
             version: snapshot.version,
+            ready: snapshot.ready,
             members,
             by_actor,
         }
@@ -125,6 +130,25 @@ impl Directory {
     /// Sees every change of the directory (its version).
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
+    }
+
+    /// Whether the master has started the whole tree.
+    pub fn is_ready(&self) -> bool {
+        self.read().ready
+    }
+
+    /// Waits until the master has started the whole tree.
+    pub async fn wait_ready(&self) {
+        let mut changes = self.version.subscribe();
+        loop {
+            changes.mark_unchanged();
+            if self.is_ready() {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     pub fn members(&self) -> Vec<Member> {
@@ -220,6 +244,7 @@ mod tests {
         directory.apply(Snapshot {
             version: 1,
             members: vec![fork(2), fork(1), fork(3)],
+            ready: false,
         });
         let picked: Vec<_> = (0..6)
             .map(|_| directory.pick("w", Pick::Any).unwrap().fork.unwrap())
@@ -236,10 +261,12 @@ mod tests {
         assert!(directory.apply(Snapshot {
             version: 5,
             members: vec![fork(1)],
+            ready: false,
         }));
         assert!(!directory.apply(Snapshot {
             version: 4,
             members: vec![],
+            ready: false,
         }));
         assert_eq!(directory.members().len(), 1);
     }

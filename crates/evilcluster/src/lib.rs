@@ -148,13 +148,13 @@ pub use control::restart_worker;
 pub use directory::Member;
 pub use error::{Error, Result, SendError};
 pub use events::{publish, subscribe, Delivery, Event, PublishError, Subscription, To};
-pub use lifecycle::{lifecycle, ExitReason, Lifecycle};
+pub use lifecycle::{cluster_ready, lifecycle, ExitReason, Lifecycle, PANIC_EXIT_CODE};
 pub use listener::listener;
 pub use remote::{
     Contains, Here, MessageList, RemoteActor, RemoteMessage, Routed, Routes, There, DEFAULT_MAILBOX_CAPACITY,
 };
-pub use role::{fork_number, is_fork, is_master, is_spawn, path, role, try_role, Role};
-pub use supervisor::{Backoff, Intensity, Restart, Strategy};
+pub use role::{fork_number, is_fork, is_last_fork, is_master, is_spawn, path, role, try_role, Role};
+pub use supervisor::{AutoShutdown, Backoff, Intensity, Restart, Strategy};
 pub use watch::{watch, Watch, Watched};
 pub use worker::{options, options_of, TaskResult, Worker};
 
@@ -170,7 +170,7 @@ pub fn members() -> Vec<Member> {
 /// Everything a typical evilcluster program needs, actix's actor API included.
 pub mod prelude {
     pub use crate::{
-        addr_of, addr_of_fork, Backoff, Cluster, Delivery, Event, RemoteActor, RemoteAddr, RemoteMessage,
+        addr_of, addr_of_fork, AutoShutdown, Backoff, Cluster, Delivery, Event, RemoteActor, RemoteAddr, RemoteMessage,
         RemoteRecipient, Restart, Role, Routes, SendError, Strategy, To, Worker,
     };
     pub use actix::{

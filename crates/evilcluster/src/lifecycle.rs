@@ -2,17 +2,33 @@
 //! subscribe to.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::events::{subscribe, Event, Subscription};
 
+/// The exit code of a child process that panicked — in a task, in an actor's
+/// handler, anywhere — the same code Rust gives a program whose `main`
+/// panics. Its [`ExitReason`] is [`Failed`](ExitReason::Failed) with the
+/// panic message.
+pub const PANIC_EXIT_CODE: i32 = 101;
+
+/// The most of a child's last words kept in an [`ExitReason`], in bytes.
+const LAST_WORDS_LIMIT: u64 = 4096;
+
 /// How a process of the tree ended.
 ///
 /// Exit code 0 is a normal exit — that includes a child that stopped
 /// gracefully after SIGTERM or a stop request. Any other code, death by a
 /// signal, or failing to become ready is abnormal.
+///
+/// A child that ends abnormally says why before it exits: a panic's message
+/// and location (exit code [`PANIC_EXIT_CODE`]), or the error that ended it
+/// (a task's `Err`, a spawn giving up; exit code 1). Its supervisor reports
+/// that as [`Failed`](Self::Failed); [`Code`](Self::Code) is a non-zero exit
+/// that left no such words (`std::process::exit(n)`, say).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum ExitReason {
@@ -24,12 +40,39 @@ pub enum ExitReason {
     Signal(i32),
     /// It did not become ready: it exited first, or its start timeout ran out.
     StartFailed(String),
+    /// A non-zero exit code, and why, in the child's own words: a panic
+    /// (`code` is [`PANIC_EXIT_CODE`]; `message` is the panic's message and
+    /// location) or the error that ended it (`code` 1).
+    Failed {
+        /// The exit code.
+        code: i32,
+        /// Why, as the child said it.
+        message: String,
+    },
 }
 
 impl ExitReason {
     /// Exit code 0.
     pub fn is_normal(&self) -> bool {
         matches!(self, ExitReason::Normal)
+    }
+
+    /// The exit code, for an exit by code (0 for a normal exit).
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            ExitReason::Normal => Some(0),
+            ExitReason::Code(code) | ExitReason::Failed { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Attaches what the child said about its end to a non-zero exit code;
+    /// other reasons keep their own meaning.
+    pub(crate) fn with_last_words(self, words: Option<String>) -> ExitReason {
+        match (self, words) {
+            (ExitReason::Code(code), Some(message)) => ExitReason::Failed { code, message },
+            (reason, _) => reason,
+        }
     }
 
     pub(crate) fn from_status(status: std::io::Result<std::process::ExitStatus>) -> ExitReason {
@@ -62,8 +105,40 @@ impl fmt::Display for ExitReason {
                 None => write!(f, "killed by signal {signal}"),
             },
             ExitReason::StartFailed(why) => write!(f, "failed to start: {why}"),
+            ExitReason::Failed { code, message } => write!(f, "exit code {code}: {message}"),
         }
     }
+}
+
+/// Where the child with `pid` leaves its last words, in the cluster's
+/// private socket directory (only the owner can enter it).
+fn last_words_path(socket_dir: &Path, pid: u32) -> PathBuf {
+    socket_dir.join(format!("{pid}.exit"))
+}
+
+/// In a child: records why it is about to end abnormally, unless it has
+/// already (the first reason, a panic say, is the cause; later ones are
+/// its consequences). Best effort: a child that cannot write still exits.
+pub(crate) fn leave_last_words(socket_dir: &Path, words: &str) {
+    use std::io::Write;
+    let path = last_words_path(socket_dir, std::process::id());
+    if let Ok(mut file) = std::fs::OpenOptions::new().write(true).create_new(true).open(path) {
+        let _ = file.write_all(words.as_bytes());
+    }
+}
+
+/// In a parent: reads and removes the last words of its child `pid`, if
+/// it left any.
+pub(crate) fn take_last_words(socket_dir: &Path, pid: u32) -> Option<String> {
+    use std::io::Read;
+    let path = last_words_path(socket_dir, pid);
+    let file = std::fs::File::open(&path).ok()?;
+    let mut words = String::new();
+    let read = file.take(LAST_WORDS_LIMIT).read_to_string(&mut words);
+    let _ = std::fs::remove_file(&path);
+    read.ok()?;
+    let words = words.trim();
+    (!words.is_empty()).then(|| words.to_owned())
 }
 
 fn signal_name(signal: i32) -> Option<&'static str> {
@@ -149,6 +224,17 @@ pub enum Lifecycle {
         /// The supervisor's path: the cluster's name, or a spawn's path.
         supervisor: String,
     },
+    /// A child exited more often than its own limit allows
+    /// ([`Worker::fork_max_restarts`](crate::Worker::fork_max_restarts)): it
+    /// stays down while its siblings go on; the supervisor does not give up.
+    StaysDown {
+        /// Its path.
+        path: String,
+        /// Its limit: at most this many restarts...
+        max_restarts: u32,
+        /// ...within this period.
+        within: Duration,
+    },
     /// A child was restarted more often than the supervisor's intensity
     /// allows: the supervisor stopped its children and failed upward.
     GaveUp {
@@ -173,7 +259,8 @@ impl Lifecycle {
             | Lifecycle::Ready { path, .. }
             | Lifecycle::Exited { path, .. }
             | Lifecycle::Restarting { path, .. }
-            | Lifecycle::Restarted { path, .. } => path,
+            | Lifecycle::Restarted { path, .. }
+            | Lifecycle::StaysDown { path, .. } => path,
             Lifecycle::AllExited { supervisor } | Lifecycle::GaveUp { supervisor, .. } => supervisor,
         }
     }
@@ -181,6 +268,25 @@ impl Lifecycle {
 
 impl Event for Lifecycle {
     const TAG: &'static str = "evilcluster.lifecycle";
+}
+
+/// Resolves once the master has started the whole tree — every worker
+/// declared (and not disabled) ready, each spawn's forks included — as the
+/// original's `clusterReady` event. Works in any process, the master
+/// included; in a process started after that (a restarted fork, say) it
+/// resolves at once. Fails only outside a running cluster.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), evilcluster::SendError> {
+/// evilcluster::cluster_ready().await?;
+/// // Every worker is up: warm caches, send the first requests...
+/// # Ok(())
+/// # }
+/// ```
+pub async fn cluster_ready() -> Result<(), crate::SendError> {
+    let node = crate::node::current().ok_or(crate::SendError::NotInCluster)?;
+    node.directory.wait_ready().await;
+    Ok(())
 }
 
 /// The lifecycle events of the whole tree, from now on, as they reach this

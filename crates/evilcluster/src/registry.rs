@@ -120,6 +120,8 @@ pub(crate) struct Registry {
     version: u64,
     /// Where snapshots go: each subscriber's own connection.
     subscribers: Vec<(Weak<Link>, u64)>,
+    /// The master has started the whole tree.
+    ready: bool,
 }
 
 impl Registry {
@@ -130,6 +132,7 @@ impl Registry {
             owners: FxHashMap::default(),
             version: 0,
             subscribers: Vec::new(),
+            ready: false,
         }
     }
 
@@ -137,6 +140,7 @@ impl Registry {
         Snapshot {
             version: self.version,
             members: self.members.clone(),
+            ready: self.ready,
         }
     }
 
@@ -188,6 +192,24 @@ impl Handler<Follow> for Registry {
         self.subscribers.retain(|(link, _)| !link.ptr_eq(&follow.link));
         self.subscribers.push((follow.link, follow.incarnation));
         actix::MessageResult(self.snapshot())
+    }
+}
+
+/// The master has started the whole tree (local only). Pushed with the
+/// snapshots, so a process that joins later learns it when it joins, and
+/// one that joined before learns it with the next push: none misses it.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct MarkReady;
+
+impl Handler<MarkReady> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, _: MarkReady, _: &mut Context<Self>) {
+        if !self.ready {
+            self.ready = true;
+            self.changed();
+        }
     }
 }
 

@@ -217,6 +217,13 @@ pub fn is_fork() -> bool {
     matches!(role(), Role::Fork { .. })
 }
 
+/// `true` in the last fork of a worker (fork `of` of `of`), e.g. to do
+/// something once per worker after its other forks started (forks start in
+/// number order).
+pub fn is_last_fork() -> bool {
+    fork_number().is_some_and(|(number, of)| number == of)
+}
+
 /// This fork's number (1-based) and the fork count, or `None` outside a fork.
 pub fn fork_number() -> Option<(u32, u32)> {
     match role() {

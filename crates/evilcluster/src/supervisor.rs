@@ -36,6 +36,61 @@ pub enum Strategy {
     RestForOne,
 }
 
+impl Strategy {
+    /// Which children (by declaration index) are restarted when child
+    /// `index` of `len` is to be restarted: the child itself and, by
+    /// strategy, its siblings. Pure, so the policy is unit tested apart
+    /// from the processes.
+    pub(crate) fn affected(self, index: usize, len: usize) -> std::ops::Range<usize> {
+        match self {
+            Strategy::OneForOne => index..index + 1,
+            Strategy::OneForAll => 0..len,
+            Strategy::RestForOne => index..len,
+        }
+    }
+}
+
+/// When a supervisor ends by itself, normally, because its *significant*
+/// children have ended (OTP's `auto_shutdown`).
+///
+/// A significant child ends for good when its restart type says it is not
+/// restarted: a [`Restart::Transient`] child after exit code 0, a
+/// [`Restart::Temporary`] child after any exit. A [`Restart::Permanent`]
+/// child is always restarted, so it cannot be significant (the declaration
+/// is refused).
+///
+/// - For a spawn's forks ([`Worker::fork_auto_shutdown`](crate::Worker::fork_auto_shutdown)):
+///   the forks are the significant children; when the spawn's supervisor
+///   ends, the spawn stops its other forks and exits with code 0.
+/// - For the master ([`Cluster::auto_shutdown`](crate::Cluster::auto_shutdown)):
+///   spawns marked [`Worker::significant`](crate::Worker::significant); the
+///   master stops the rest of the tree and [`Cluster::run`](crate::Cluster::run)
+///   returns `Ok`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AutoShutdown {
+    /// Never: the supervisor runs until it is stopped or gives up, even
+    /// with no child left running (OTP's default).
+    #[default]
+    Never,
+    /// As soon as any significant child has ended for good.
+    AnySignificant,
+    /// Once every significant child has ended for good.
+    AllSignificant,
+}
+
+impl AutoShutdown {
+    /// Whether the supervisor ends now. `ended_significant`: the child that
+    /// just exited is significant and is not restarted; `all_significant_down`:
+    /// no significant child is running or waiting to restart any more.
+    pub(crate) fn ends(self, ended_significant: bool, all_significant_down: bool) -> bool {
+        match self {
+            AutoShutdown::Never => false,
+            AutoShutdown::AnySignificant => ended_significant,
+            AutoShutdown::AllSignificant => ended_significant && all_significant_down,
+        }
+    }
+}
+
 /// When a child is restarted after it exits (OTP's restart types).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Restart {
@@ -109,6 +164,14 @@ impl Backoff {
             Some(previous) => previous.mul_f64(self.factor).clamp(self.initial, self.max),
         }
     }
+
+    /// The delay before the next restart of a child whose last delay was
+    /// `previous` and that ran for `ran_for` (None: it never became ready)
+    /// before exiting: it starts over from `initial` once it ran stably.
+    pub(crate) fn after(&self, previous: Option<Duration>, ran_for: Option<Duration>) -> Duration {
+        let stable = ran_for.is_some_and(|ran| ran >= self.reset_after);
+        self.next(previous.filter(|_| !stable))
+    }
 }
 
 impl Default for Backoff {
@@ -126,6 +189,23 @@ pub struct Intensity {
     pub max_restarts: u32,
     /// ...within this period.
     pub within: Duration,
+}
+
+/// When recent restarts happened, to tell when a limit ([`Intensity`]) is
+/// passed: more than `max_restarts` within any period of `within`.
+#[derive(Debug, Default)]
+pub(crate) struct RestartWindow(VecDeque<Instant>);
+
+impl RestartWindow {
+    /// Records a restart at `now` and says whether it makes more than
+    /// `limit.max_restarts` restarts within `limit.within`.
+    pub fn exceeded(&mut self, now: Instant, limit: Intensity) -> bool {
+        self.0.push_back(now);
+        while self.0.front().is_some_and(|&at| now.duration_since(at) > limit.within) {
+            self.0.pop_front();
+        }
+        self.0.len() > limit.max_restarts as usize
+    }
 }
 
 impl Default for Intensity {
@@ -146,6 +226,11 @@ pub(crate) struct ChildSpec {
     pub backoff: Backoff,
     pub start_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// Whether its ending for good counts for the supervisor's [`AutoShutdown`].
+    pub significant: bool,
+    /// Its own restart limit: past it, this child stays down while its
+    /// siblings go on (and the supervisor does not give up because of it).
+    pub max_restarts: Option<Intensity>,
 }
 
 /// Everything a supervisor needs to run its children.
@@ -154,6 +239,7 @@ pub(crate) struct Plan {
     pub path: String,
     pub strategy: Strategy,
     pub intensity: Intensity,
+    pub auto_shutdown: AutoShutdown,
     pub children: Vec<ChildSpec>,
     pub master_socket: String,
     pub socket_dir: PathBuf,
@@ -174,6 +260,8 @@ enum Phase {
     Starting,
     Running,
     Failed(GaveUp),
+    /// Ended by itself: its significant children ended ([`AutoShutdown`]).
+    Finished,
     Stopped,
 }
 
@@ -251,6 +339,16 @@ impl SupervisorHandle {
         }
     }
 
+    /// Resolves when the supervisor ends by itself because its significant
+    /// children ended ([`AutoShutdown`]); every child has stopped by then.
+    /// Never resolves otherwise.
+    pub async fn finished(&self) {
+        let mut phase = self.phase.clone();
+        if phase.wait_for(|p| matches!(p, Phase::Finished)).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Asks for rolling restarts of this supervisor's children.
     pub fn restarter(&self) -> Restarter {
         Restarter(self.commands.clone())
@@ -264,7 +362,9 @@ impl SupervisorHandle {
         }
         // A supervisor that had given up has stopped already.
         let mut phase = self.phase.clone();
-        let _ = phase.wait_for(|p| matches!(p, Phase::Stopped | Phase::Failed(_))).await;
+        let _ = phase
+            .wait_for(|p| matches!(p, Phase::Stopped | Phase::Failed(_) | Phase::Finished))
+            .await;
     }
 }
 
@@ -288,10 +388,11 @@ pub(crate) fn supervise(node: Arc<Node>, plan: Plan) -> SupervisorHandle {
                 state: State::Pending { at: now },
                 restarts: 0,
                 delay: None,
+                window: RestartWindow::default(),
             })
             .collect(),
         plan,
-        restarts: VecDeque::new(),
+        restarts: RestartWindow::default(),
         exits_tx,
         exits,
         next_generation: 0,
@@ -306,7 +407,7 @@ struct Supervisor {
     plan: Plan,
     slots: Vec<Slot>,
     /// When recent restarts happened, for the intensity limit.
-    restarts: VecDeque<Instant>,
+    restarts: RestartWindow,
     exits_tx: mpsc::UnboundedSender<ChildExit>,
     exits: mpsc::UnboundedReceiver<ChildExit>,
     next_generation: u64,
@@ -318,6 +419,8 @@ struct Slot {
     restarts: u32,
     /// The last backoff delay, if the child has not run stably since.
     delay: Option<Duration>,
+    /// This child's own recent restarts, for its own limit.
+    window: RestartWindow,
 }
 
 enum State {
@@ -410,7 +513,7 @@ impl Supervisor {
                                 let _ = reply.send(outcome);
                             }
                             Rolled::GaveUp => {
-                                let _ = reply.send(Err("the supervisor gave up".into()));
+                                let _ = reply.send(Err("the supervisor has ended (it gave up, or auto-shutdown)".into()));
                                 return;
                             }
                             Rolled::ShutdownRequested(shutdown) => {
@@ -469,7 +572,7 @@ impl Supervisor {
         .await;
         let generation = self.next_generation;
         self.next_generation += 1;
-        let supervised = watch_child(child, spec.shutdown_timeout, {
+        let supervised = watch_child(child, spec.shutdown_timeout, self.plan.socket_dir.clone(), {
             let exits = self.exits_tx.clone();
             move |reason| {
                 let _ = exits.send(ChildExit {
@@ -550,7 +653,8 @@ impl Supervisor {
     }
 
     /// Child `index` exited (or failed to start) on its own. Returns false
-    /// once the supervisor has given up.
+    /// once the supervisor has ended: it gave up, or its auto-shutdown
+    /// stopped it.
     async fn exited(
         &mut self,
         index: usize,
@@ -578,20 +682,49 @@ impl Supervisor {
         if !restart.applies_to(&reason) {
             info!(%path, "not restarted ({restart:?} child)");
             self.announce_if_all_exited().await;
+            let significant = spec.significant;
+            let all_significant_down = self
+                .plan
+                .children
+                .iter()
+                .zip(&self.slots)
+                .all(|(child, slot)| !child.significant || matches!(slot.state, State::Down));
+            if self.plan.auto_shutdown.ends(significant, all_significant_down) {
+                info!(
+                    supervisor = %self.plan.path,
+                    "{path} ended and auto-shutdown is {:?}: stopping every child",
+                    self.plan.auto_shutdown
+                );
+                self.stop_children().await;
+                self.phase.send_replace(Phase::Finished);
+                return false;
+            }
             return true;
         }
 
         let now = Instant::now();
-        let intensity = self.plan.intensity;
-        self.restarts.push_back(now);
-        while self
-            .restarts
-            .front()
-            .is_some_and(|&at| now.duration_since(at) > intensity.within)
-        {
-            self.restarts.pop_front();
+        if let Some(limit) = spec.max_restarts {
+            if self.slots[index].window.exceeded(now, limit) {
+                warn!(
+                    %path,
+                    "{path} exited ({reason}) more than {} times within {:?}: it stays down; its siblings go on",
+                    limit.max_restarts,
+                    limit.within
+                );
+                self.announce(Lifecycle::StaysDown {
+                    path,
+                    max_restarts: limit.max_restarts,
+                    within: limit.within,
+                })
+                .await;
+                self.announce_if_all_exited().await;
+                return true;
+            }
         }
-        if self.restarts.len() > intensity.max_restarts as usize {
+        let intensity = self.plan.intensity;
+        // A child with a limit of its own is bounded by it: the supervisor
+        // never gives up on its account.
+        if spec.max_restarts.is_none() && self.restarts.exceeded(now, intensity) {
             error!(
                 supervisor = %self.plan.path,
                 child = %path,
@@ -613,20 +746,13 @@ impl Supervisor {
         }
 
         let slot = &mut self.slots[index];
-        if running_since.is_some_and(|since| now.duration_since(since) >= backoff.reset_after) {
-            slot.delay = None;
-        }
-        let delay = backoff.next(slot.delay);
+        let delay = backoff.after(slot.delay, running_since.map(|since| now.duration_since(since)));
         slot.delay = Some(delay);
         let at = now + delay;
 
-        let affected: Vec<usize> = match self.plan.strategy {
-            Strategy::OneForOne => vec![index],
-            Strategy::OneForAll => (0..self.slots.len()).collect(),
-            Strategy::RestForOne => (index..self.slots.len()).collect(),
-        };
+        let affected = self.plan.strategy.affected(index, self.slots.len());
         // Siblings stop in reverse order; each restarts unless temporary.
-        for &sibling in affected.iter().rev().filter(|&&i| i != index) {
+        for sibling in affected.rev().filter(|&i| i != index) {
             let why = format!("{:?}, after {path} exited", self.plan.strategy);
             if self.stop_child(sibling, &why).await && self.plan.children[sibling].restart != Restart::Temporary {
                 self.schedule(sibling, at, delay).await;
@@ -783,7 +909,12 @@ impl Supervised {
 
 /// Watches `child` until it exits, or stops it when asked (or when the
 /// handle is dropped); then reports how it ended to `on_exit`.
-fn watch_child(mut child: ChildProcess, grace: Duration, on_exit: impl FnOnce(ExitReason) + 'static) -> Supervised {
+fn watch_child(
+    mut child: ChildProcess,
+    grace: Duration,
+    socket_dir: PathBuf,
+    on_exit: impl FnOnce(ExitReason) + 'static,
+) -> Supervised {
     let (stop, mut stop_requests) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
     let (exit_tx, exited) = watch::channel(None);
     let supervised = Supervised {
@@ -793,10 +924,14 @@ fn watch_child(mut child: ChildProcess, grace: Duration, on_exit: impl FnOnce(Ex
         exited,
     };
     actix_rt::spawn(async move {
-        let (reason, requested) = tokio::select! {
-            status = child.wait() => (ExitReason::from_status(status), None),
-            request = stop_requests.recv() => (ExitReason::from_status(child.stop(grace).await), request),
+        let (status, requested) = tokio::select! {
+            status = child.wait() => (status, None),
+            request = stop_requests.recv() => (child.stop(grace).await, request),
         };
+        // What the child said about its end (a panic message, an error),
+        // read and removed whatever the status, so none is left behind.
+        let last_words = crate::lifecycle::take_last_words(&socket_dir, child.pid);
+        let reason = ExitReason::from_status(status).with_last_words(last_words);
         exit_tx.send_replace(Some(reason.clone()));
         on_exit(reason);
         if let Some(done) = requested {
@@ -804,4 +939,184 @@ fn watch_child(mut child: ChildProcess, grace: Duration, on_exit: impl FnOnce(Ex
         }
     });
     supervised
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A small deterministic generator: the cases are the same every run.
+    fn cases(seed: u64, count: usize) -> impl Iterator<Item = u64> {
+        let mut state = seed;
+        std::iter::repeat_with(move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        })
+        .take(count)
+    }
+
+    #[test]
+    fn backoff_grows_by_its_factor_up_to_its_cap() {
+        let backoff = Backoff::exponential(100 * MS, 1000 * MS);
+        let mut delay = None;
+        let delays: Vec<u128> = (0..8)
+            .map(|_| {
+                let next = backoff.after(delay, None);
+                delay = Some(next);
+                next.as_millis()
+            })
+            .collect();
+        assert_eq!(delays, [100, 150, 225, 337, 506, 759, 1000, 1000]);
+        assert_eq!(Backoff::none().after(Some(5 * MS), None), Duration::ZERO);
+    }
+
+    #[test]
+    fn backoff_starts_over_after_a_stable_run() {
+        let backoff = Backoff::exponential(100 * MS, 15_000 * MS).reset_after(30_000 * MS);
+        let grown = Some(2_000 * MS);
+        assert_eq!(backoff.after(grown, Some(30_000 * MS)), 100 * MS);
+        assert_eq!(backoff.after(grown, Some(29_999 * MS)), 3_000 * MS);
+        // A failed start never ran: no reset.
+        assert_eq!(backoff.after(grown, None), 3_000 * MS);
+    }
+
+    #[test]
+    fn backoff_stays_between_initial_and_max_and_never_shrinks_while_failing() {
+        for case in cases(0x5eed, 500) {
+            let initial = Duration::from_millis(case % 500);
+            let max = initial + Duration::from_millis((case >> 9) % 20_000);
+            let factor = 1.05 + ((case >> 24) % 300) as f64 / 100.0;
+            let backoff = Backoff::exponential(initial, max).factor(factor);
+            let mut previous = None;
+            for _ in 0..400 {
+                let next = backoff.after(previous, Some(Duration::ZERO));
+                assert!(initial <= next && next <= max, "{backoff:?}: {next:?}");
+                if let Some(previous) = previous {
+                    assert!(next >= previous, "{backoff:?}: {previous:?} then {next:?}");
+                }
+                previous = Some(next);
+            }
+            // From zero it cannot grow (zero times any factor is zero).
+            if !initial.is_zero() {
+                assert_eq!(previous, Some(max), "{backoff:?} reaches its cap");
+            }
+        }
+    }
+
+    #[test]
+    fn the_intensity_window_allows_max_restarts_within_the_period_and_not_one_more() {
+        let limit = Intensity {
+            max_restarts: 3,
+            within: 1000 * MS,
+        };
+        let start = Instant::now();
+        let mut window = RestartWindow::default();
+        let verdicts: Vec<bool> = [0, 100, 200, 300]
+            .map(|ms| window.exceeded(start + ms * MS, limit))
+            .to_vec();
+        assert_eq!(verdicts, [false, false, false, true]);
+        // Restarts older than the period no longer count.
+        let mut window = RestartWindow::default();
+        for ms in [0, 100, 200] {
+            assert!(!window.exceeded(start + ms * MS, limit));
+        }
+        assert!(!window.exceeded(start + 1101 * MS, limit));
+        // A period boundary: exactly `within` apart still counts.
+        let mut window = RestartWindow::default();
+        for ms in [0, 400, 800] {
+            assert!(!window.exceeded(start + ms * MS, limit));
+        }
+        assert!(window.exceeded(start + 1000 * MS, limit));
+    }
+
+    #[test]
+    fn the_intensity_window_agrees_with_counting_by_hand() {
+        let start = Instant::now();
+        for case in cases(0xfeed, 300) {
+            let limit = Intensity {
+                max_restarts: (case % 6) as u32,
+                within: Duration::from_millis(50 + (case >> 3) % 500),
+            };
+            let mut window = RestartWindow::default();
+            let mut at = 0u64;
+            let mut times = Vec::new();
+            for step in cases(case | 1, 30) {
+                at += step % 120;
+                times.push(at);
+                let expected = times
+                    .iter()
+                    .filter(|&&t| Duration::from_millis(at - t) <= limit.within)
+                    .count()
+                    > limit.max_restarts as usize;
+                assert_eq!(
+                    window.exceeded(start + Duration::from_millis(at), limit),
+                    expected,
+                    "{limit:?} at {at} after {times:?}"
+                );
+                if expected {
+                    // The supervisor gives up here; nothing follows.
+                    break;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_strategy_restarts_the_children_it_says() {
+        assert_eq!(Strategy::OneForOne.affected(1, 3), 1..2);
+        assert_eq!(Strategy::OneForAll.affected(1, 3), 0..3);
+        assert_eq!(Strategy::RestForOne.affected(1, 3), 1..3);
+        for len in 1..8 {
+            for index in 0..len {
+                for strategy in [Strategy::OneForOne, Strategy::OneForAll, Strategy::RestForOne] {
+                    let affected = strategy.affected(index, len);
+                    // Always the child itself, never past the end, in order.
+                    assert!(affected.contains(&index), "{strategy:?} {index}/{len}");
+                    assert!(affected.end <= len);
+                    let expected: Vec<usize> = (0..len)
+                        .filter(|&i| match strategy {
+                            Strategy::OneForOne => i == index,
+                            Strategy::OneForAll => true,
+                            Strategy::RestForOne => i >= index,
+                        })
+                        .collect();
+                    assert_eq!(affected.collect::<Vec<_>>(), expected, "{strategy:?} {index}/{len}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn restart_types_decide_by_the_exit() {
+        let reasons = [
+            ExitReason::Normal,
+            ExitReason::Code(3),
+            ExitReason::Signal(9),
+            ExitReason::StartFailed("x".into()),
+            ExitReason::Failed {
+                code: 101,
+                message: "panicked".into(),
+            },
+        ];
+        for reason in &reasons {
+            assert!(Restart::Permanent.applies_to(reason));
+            assert_eq!(Restart::Transient.applies_to(reason), !reason.is_normal(), "{reason:?}");
+            assert!(!Restart::Temporary.applies_to(reason));
+        }
+    }
+
+    #[test]
+    fn auto_shutdown_ends_the_supervisor_only_when_it_says() {
+        for ended in [false, true] {
+            for all_down in [false, true] {
+                assert!(!AutoShutdown::Never.ends(ended, all_down));
+                assert_eq!(AutoShutdown::AnySignificant.ends(ended, all_down), ended);
+                assert_eq!(AutoShutdown::AllSignificant.ends(ended, all_down), ended && all_down);
+            }
+        }
+    }
 }

@@ -45,7 +45,9 @@ pub enum Watched {
 
 /// Watches every instance of `A`: first an [`Up`](Watched::Up) for each
 /// instance up now, then every change as it happens, including restarts
-/// (down, then up as a new incarnation). Works in any process.
+/// (down, then up as a new incarnation). Works in any process, and whenever
+/// it is created: one created before the cluster starts (in `main`, before
+/// [`Cluster::run`](crate::Cluster::run)) sees every instance come up.
 ///
 /// ```no_run
 /// # async fn example() {
@@ -68,7 +70,7 @@ pub fn watch<A: RemoteActor>() -> Watch {
     let events = lifecycle();
     let mut watch = Watch {
         actor: A::NAME,
-        forks: declared_forks(A::NAME).unwrap_or(0),
+        forks: declared_forks(A::NAME),
         events,
         up: FxHashMap::default(),
         queue: VecDeque::new(),
@@ -84,7 +86,10 @@ pub fn watch<A: RemoteActor>() -> Watch {
 /// The stream returned by [`watch`].
 pub struct Watch {
     actor: &'static str,
-    forks: u32,
+    /// How many forks the actor's worker declares; `None` until the
+    /// cluster's declaration is known here (a watch made before the
+    /// cluster started learns it from the first event).
+    forks: Option<u32>,
     events: Subscription<Lifecycle>,
     /// Instances up now: path → (pid, incarnation).
     up: FxHashMap<String, (u32, u64)>,
@@ -94,14 +99,19 @@ pub struct Watch {
 impl Watch {
     /// The fork number if `path` is an instance of the watched actor:
     /// `Some(Some(k))` for fork k, `Some(None)` for a worker without forks.
-    fn instance(&self, path: &str) -> Option<Option<u32>> {
+    fn instance(&mut self, path: &str) -> Option<Option<u32>> {
         let mut parts = path.split('/').skip(1);
         if parts.next()? != self.actor {
             return None;
         }
+        if self.forks.is_none() {
+            self.forks = declared_forks(self.actor);
+        }
+        // Not declared (yet): nothing is an instance, rather than guessing.
+        let forks = self.forks?;
         match (parts.next(), parts.next()) {
-            (None, _) if self.forks == 0 => Some(None),
-            (Some(fork), None) if self.forks > 0 => fork.parse().ok().map(Some),
+            (None, _) if forks == 0 => Some(None),
+            (Some(fork), None) if forks > 0 => fork.parse().ok().map(Some),
             _ => None,
         }
     }
@@ -146,8 +156,9 @@ impl Watch {
         orphans.sort();
         for (fork_path, (pid, incarnation)) in orphans {
             self.up.remove(&fork_path);
+            let fork = self.instance(&fork_path).flatten();
             self.queue.push_back(Watched::Down {
-                fork: self.instance(&fork_path).flatten(),
+                fork,
                 path: fork_path,
                 pid,
                 incarnation,

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::node::Config;
 use crate::remote::{ActorService, RemoteActor, Service};
-use crate::supervisor::{Backoff, ChildSpec, Intensity, Restart, Strategy};
+use crate::supervisor::{AutoShutdown, Backoff, ChildSpec, Intensity, Restart, Strategy};
 use crate::Role;
 
 /// What a task worker's function returns.
@@ -69,13 +69,27 @@ pub(crate) struct Supervision {
     /// How the spawn supervises its forks.
     pub fork_strategy: Strategy,
     pub fork_intensity: Intensity,
+    /// Whether the spawn is significant for the master's [`AutoShutdown`].
+    pub significant: bool,
+    /// When the spawn ends by itself as its forks end; the forks are its
+    /// significant children unless this is `Never`.
+    pub fork_auto_shutdown: AutoShutdown,
+    /// Each fork's own restart limit.
+    pub fork_max_restarts: Option<Intensity>,
 }
 
 impl Supervision {
     /// How one of the worker's processes (the spawn, or fork `k`) of a
     /// worker with `forks` forks is supervised.
     pub fn child(&self, role: Role, path: String, forks: u32, config: &Config) -> ChildSpec {
+        let is_fork = matches!(role, Role::Fork { .. });
         ChildSpec {
+            significant: if is_fork {
+                self.fork_auto_shutdown != AutoShutdown::Never
+            } else {
+                self.significant
+            },
+            max_restarts: if is_fork { self.fork_max_restarts } else { None },
             shutdown_timeout: self.shutdown_budget(&role, forks, config),
             role,
             path,
@@ -154,7 +168,12 @@ impl Worker {
 
     /// A worker that hosts no actor and runs `task` to completion; it may
     /// call any actor of the cluster. `Ok` ends the process normally, `Err`
-    /// abnormally.
+    /// abnormally (exit code 1, the error in its
+    /// [`ExitReason::Failed`](crate::ExitReason::Failed)).
+    ///
+    /// A task's restart type defaults to [`Restart::Transient`]: a task that
+    /// returns `Ok` has done its work and is not started again; one that
+    /// fails or panics is. Use [`restart`](Self::restart) for another.
     pub fn task<F, Fut>(name: impl Into<String>, task: F) -> Self
     where
         F: FnOnce() -> Fut + 'static,
@@ -165,7 +184,10 @@ impl Worker {
             forks: 0,
             disabled: false,
             options: None,
-            supervision: Supervision::default(),
+            supervision: Supervision {
+                restart: Restart::Transient,
+                ..Supervision::default()
+            },
             listen: None,
             body: Body::Task(Box::new(move || Box::pin(task()))),
         }
@@ -193,7 +215,8 @@ impl Worker {
     }
 
     /// When this worker's processes (the spawn, and each fork) are
-    /// restarted after they exit. Default: [`Restart::Permanent`].
+    /// restarted after they exit. Default: [`Restart::Permanent`] for an
+    /// actor, [`Restart::Transient`] for a [`task`](Self::task).
     pub fn restart(mut self, restart: Restart) -> Self {
         self.supervision.restart = restart;
         self
@@ -235,6 +258,50 @@ impl Worker {
     /// supervisor (the master) sees as the spawn failing. Default: 10 in 60 s.
     pub fn fork_intensity(mut self, max_restarts: u32, within: Duration) -> Self {
         self.supervision.fork_intensity = Intensity { max_restarts, within };
+        self
+    }
+
+    /// Marks the spawn significant for the master's
+    /// [`Cluster::auto_shutdown`](crate::Cluster::auto_shutdown): its ending
+    /// for good (exit code 0 for a [`Restart::Transient`] worker, any exit
+    /// for a [`Restart::Temporary`] one) can end the whole tree. A
+    /// significant worker must not be [`Restart::Permanent`] (refused at
+    /// start, as OTP does). Default: `false`.
+    pub fn significant(mut self, significant: bool) -> Self {
+        self.supervision.significant = significant;
+        self
+    }
+
+    /// When the spawn ends by itself as its forks end (OTP's
+    /// `auto_shutdown`, with every fork significant): with
+    /// [`AutoShutdown::AllSignificant`], once every fork has ended for good
+    /// (exit code 0 for a [`Restart::Transient`] worker) the spawn exits
+    /// with code 0 — forks that finish their work end their spawn. With
+    /// [`AutoShutdown::AnySignificant`], the first fork that ends does, and
+    /// the spawn stops the others. The forks must not be
+    /// [`Restart::Permanent`] (refused at start). Default:
+    /// [`AutoShutdown::Never`]: the spawn stays up with no fork left.
+    ///
+    /// A batch worker whose forks each do a share of the work and return:
+    /// `Worker::task("batch", job).forks(4).fork_auto_shutdown(AutoShutdown::AllSignificant)`
+    /// (tasks are `Transient` by default); add `.significant(true)` and
+    /// `Cluster::auto_shutdown(AutoShutdown::AnySignificant)` for the whole
+    /// tree to end with it.
+    pub fn fork_auto_shutdown(mut self, auto_shutdown: AutoShutdown) -> Self {
+        self.supervision.fork_auto_shutdown = auto_shutdown;
+        self
+    }
+
+    /// Gives each fork a restart limit of its own: a fork that exits more
+    /// than `max_restarts` times within `within` stays down, while its
+    /// siblings go on serving (sends go to them) and the spawn does not
+    /// give up because of it: a fork with its own limit has its restarts
+    /// counted against that limit, not against the spawn's
+    /// [`fork_intensity`](Self::fork_intensity). A
+    /// [`Lifecycle::StaysDown`](crate::Lifecycle::StaysDown) event says so.
+    /// Default: none, only the spawn-wide [`fork_intensity`](Self::fork_intensity).
+    pub fn fork_max_restarts(mut self, max_restarts: u32, within: Duration) -> Self {
+        self.supervision.fork_max_restarts = Some(Intensity { max_restarts, within });
         self
     }
 
@@ -305,6 +372,48 @@ pub fn options_of<T: Any + Send + Sync>(worker: &str) -> Option<Arc<T>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_is_transient_by_default_and_an_actor_permanent() {
+        struct Idle;
+        impl actix::Actor for Idle {
+            type Context = actix::Context<Self>;
+        }
+        impl RemoteActor for Idle {
+            const NAME: &'static str = "idle";
+            type Messages = crate::messages![];
+        }
+        let task = Worker::task("t", || async { Ok(()) });
+        assert_eq!(task.supervision.restart, Restart::Transient);
+        let actor = Worker::actor_with(|| Idle);
+        assert_eq!(actor.supervision.restart, Restart::Permanent);
+        assert_eq!(task.restart(Restart::Permanent).supervision.restart, Restart::Permanent);
+    }
+
+    #[test]
+    fn only_forks_carry_the_fork_limit_and_fork_significance() {
+        let config = Config::default();
+        let supervision = Supervision {
+            significant: false,
+            fork_auto_shutdown: AutoShutdown::AllSignificant,
+            fork_max_restarts: Some(Intensity {
+                max_restarts: 2,
+                within: Duration::from_secs(1),
+            }),
+            ..Supervision::default()
+        };
+        let spawn = supervision.child(Role::Spawn { name: "w".into() }, "c/w".into(), 2, &config);
+        assert!(!spawn.significant);
+        assert_eq!(spawn.max_restarts, None);
+        let fork = Role::Fork {
+            name: "w".into(),
+            number: 1,
+            of: 2,
+        };
+        let fork = supervision.child(fork, "c/w/1".into(), 2, &config);
+        assert!(fork.significant);
+        assert_eq!(fork.max_restarts, supervision.fork_max_restarts);
+    }
 
     #[test]
     fn a_spawn_with_forks_gets_their_shutdown_timeouts_plus_its_own() {
