@@ -158,6 +158,11 @@ pub use supervisor::{AutoShutdown, Backoff, Intensity, Restart, Strategy};
 pub use watch::{watch, Watch, Watched};
 pub use worker::{options, options_of, TaskResult, Worker};
 
+/// The README's tour, compiled as a doc test so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeTour;
+
 /// The wire protocol crate, re-exported for tools that speak it directly.
 pub use evilcluster_wire as wire;
 
