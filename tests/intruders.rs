@@ -12,6 +12,7 @@ use std::ffi::OsStr;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use support::wire;
 use support::{alive, eventually, Fixture, Member};
 
 const COOKIE: &str = "a-fixed-test-cookie";
@@ -355,73 +356,6 @@ fn a_flood_of_idle_connections_leaves_the_cluster_serving_and_restarting() {
 // 4. A peer acts only as the identity it authenticated as, and only through
 // the connection registered for it.
 
-mod wire {
-    use std::time::Duration;
-
-    use bytes::Bytes;
-    use evilcluster_wire::handshake::{self, NONCE_LEN};
-    use evilcluster_wire::{codec, Cookie, Frame, Identity, Request, WireError};
-    use futures_util::{SinkExt, StreamExt};
-    use tokio::net::UnixStream;
-    use tokio_util::codec::{Framed, LengthDelimitedCodec};
-
-    pub type Conn = Framed<UnixStream, LengthDelimitedCodec>;
-
-    pub fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    }
-
-    /// Connects to `socket` and authenticates (with the cookie) as `path`.
-    pub async fn claim(socket: &str, path: &str, incarnation: u64) -> (Conn, Identity) {
-        let stream = UnixStream::connect(socket).await.expect("connect");
-        let mut framed = Framed::new(stream, codec(evilcluster_wire::DEFAULT_MAX_FRAME_LENGTH));
-        let me = Identity {
-            cluster: "fixture".into(),
-            path: path.into(),
-            incarnation,
-        };
-        let peer = handshake::connect(&mut framed, &me, &Cookie::new(super::COOKIE), [5; NONCE_LEN])
-            .await
-            .expect("the cookie is welcomed");
-        (framed, peer)
-    }
-
-    /// Sends a request and waits for its reply.
-    pub async fn ask(
-        conn: &mut Conn,
-        id: u64,
-        actor: &str,
-        tag: &str,
-        incarnation: u64,
-        payload: &[u8],
-    ) -> Result<Vec<u8>, WireError> {
-        let frame = Frame::Request(Request {
-            id,
-            actor,
-            tag,
-            incarnation,
-            reply: true,
-            payload,
-        });
-        conn.send(Bytes::from(frame.encode().unwrap())).await.unwrap();
-        loop {
-            let body = tokio::time::timeout(Duration::from_secs(20), conn.next())
-                .await
-                .expect("a reply within 20 s")
-                .expect("open")
-                .unwrap();
-            if let Frame::Reply(reply) = Frame::decode(&body).unwrap() {
-                if reply.id == id {
-                    return reply.result.map(|p| p.0.to_vec());
-                }
-            }
-        }
-    }
-}
-
 /// Samples for `period` that `condition` holds throughout.
 fn holds_for(what: &str, period: std::time::Duration, mut condition: impl FnMut() -> bool) {
     let until = std::time::Instant::now() + period;
@@ -439,7 +373,13 @@ fn a_duplicate_connection_claiming_a_worker_leaves_the_real_one_registered() {
     let store = members.iter().find(|m| m.path == "fixture/store").cloned().unwrap();
     wire::runtime().block_on(async {
         // The store's own path and incarnation, from the directory.
-        let (conn, _) = wire::claim(master.socket.as_deref().unwrap(), &store.path, store.incarnation).await;
+        let (conn, _) = wire::claim(
+            master.socket.as_deref().unwrap(),
+            COOKIE,
+            &store.path,
+            store.incarnation,
+        )
+        .await;
         drop(conn);
     });
     // Each `members` round trip goes through the master after it saw the close.
@@ -465,7 +405,13 @@ fn a_connection_claiming_the_master_on_a_forks_socket_does_not_stop_the_fork() {
     let master = master(&members);
     let fork = members.iter().find(|m| m.path == "fixture/echo/1").cloned().unwrap();
     wire::runtime().block_on(async {
-        let (conn, _) = wire::claim(fork.socket.as_deref().unwrap(), &master.path, master.incarnation).await;
+        let (conn, _) = wire::claim(
+            fork.socket.as_deref().unwrap(),
+            COOKIE,
+            &master.path,
+            master.incarnation,
+        )
+        .await;
         drop(conn);
     });
     holds_for("the fork running", std::time::Duration::from_secs(1), || {
@@ -499,7 +445,7 @@ fn payload_paths_must_match_the_handshake_identity() {
     let master = master(&members);
     let store = members.iter().find(|m| m.path == "fixture/store").cloned().unwrap();
     wire::runtime().block_on(async {
-        let (mut conn, peer) = wire::claim(master.socket.as_deref().unwrap(), "fixture/intruder", 77).await;
+        let (mut conn, peer) = wire::claim(master.socket.as_deref().unwrap(), COOKIE, "fixture/intruder", 77).await;
         let registry = "evilcluster.registry";
         // Announce the store, pointing at a socket of ours.
         let fake = evilcluster::Member {
@@ -680,7 +626,7 @@ fn a_hundred_thousand_bad_messages_give_a_few_dozen_warnings() {
         .find(|m| m.path == "fixture/store")
         .unwrap();
     wire::runtime().block_on(async {
-        let (conn, _) = wire::claim(store.socket.as_deref().unwrap(), "fixture/intruder", 78).await;
+        let (conn, _) = wire::claim(store.socket.as_deref().unwrap(), COOKIE, "fixture/intruder", 78).await;
         let mut stream = conn.into_inner();
         // One-way messages with a tag the store does not route.
         let mut batch = Vec::new();

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use evilcluster_wire::handshake::{self, Message, NONCE_LEN};
-use evilcluster_wire::{codec, Cookie, Frame, HandshakeError, Identity, Request, WireError};
-use futures_util::{SinkExt, StreamExt};
+use evilcluster_wire::{codec, Cookie, HandshakeError, Identity, WireError};
+use futures_util::SinkExt;
+use support::wire;
 use support::{Fixture, Member};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -56,18 +57,11 @@ fn still_serving(fixture: &mut Fixture) {
     fixture.expect_line("checked ok");
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn wrong_cookie_wrong_cluster_and_garbage_are_refused() {
     let mut fixture = Fixture::start(&["serve", "--cookie", COOKIE]);
     let store = store(&fixture.members());
-    runtime().block_on(async {
+    wire::runtime().block_on(async {
         // A caller with the wrong cookie sees that the listener's proof does not match.
         let mut framed = open(&store).await;
         let outcome = handshake::connect(&mut framed, &me("fixture"), &Cookie::new("wrong"), [1; NONCE_LEN]).await;
@@ -126,64 +120,33 @@ async fn authenticated(member: &Member) -> Framed<UnixStream, LengthDelimitedCod
     framed
 }
 
-async fn ask(
-    framed: &mut Framed<UnixStream, LengthDelimitedCodec>,
-    id: u64,
-    actor: &str,
-    tag: &str,
-    incarnation: u64,
-    payload: &[u8],
-) -> Result<Vec<u8>, WireError> {
-    let frame = Frame::Request(Request {
-        id,
-        actor,
-        tag,
-        incarnation,
-        reply: true,
-        payload,
-    });
-    framed.send(Bytes::from(frame.encode().unwrap())).await.unwrap();
-    let body = tokio::time::timeout(IO_DEADLINE, framed.next())
-        .await
-        .expect("a reply")
-        .expect("open")
-        .unwrap();
-    match Frame::decode(&body).unwrap() {
-        Frame::Reply(reply) => {
-            assert_eq!(reply.id, id);
-            reply.result.map(|p| p.0.to_vec())
-        }
-        other => panic!("expected a reply, got {other:?}"),
-    }
-}
-
 #[test]
 fn bad_requests_get_typed_errors_and_the_connection_survives() {
     let mut fixture = Fixture::start(&["serve", "--cookie", COOKIE]);
     let store = store(&fixture.members());
     let inc = store.incarnation;
-    runtime().block_on(async {
+    wire::runtime().block_on(async {
         let mut framed = authenticated(&store).await;
         let get_k = rmp_serde_encode_get("k");
 
-        let unknown_actor = ask(&mut framed, 1, "nobody", "store.get", inc, &get_k).await;
+        let unknown_actor = wire::ask(&mut framed, 1, "nobody", "store.get", inc, &get_k).await;
         assert_eq!(unknown_actor, Err(WireError::UnknownActor { actor: "nobody".into() }));
 
-        let unknown_tag = ask(&mut framed, 2, "store", "store.nope", inc, &get_k).await;
+        let unknown_tag = wire::ask(&mut framed, 2, "store", "store.nope", inc, &get_k).await;
         assert!(
             matches!(unknown_tag, Err(WireError::UnknownMessage { .. })),
             "{unknown_tag:?}"
         );
 
-        let undecodable = ask(&mut framed, 3, "store", "store.get", inc, b"\xc1\xc1").await;
+        let undecodable = wire::ask(&mut framed, 3, "store", "store.get", inc, b"\xc1\xc1").await;
         assert!(matches!(undecodable, Err(WireError::Decode { .. })), "{undecodable:?}");
 
-        let stale = ask(&mut framed, 4, "store", "store.get", inc.wrapping_add(1), &get_k).await;
+        let stale = wire::ask(&mut framed, 4, "store", "store.get", inc.wrapping_add(1), &get_k).await;
         assert!(matches!(stale, Err(WireError::StaleIncarnation { .. })), "{stale:?}");
 
         // A well-framed body that is not a frame is dropped; the connection goes on.
         framed.send(Bytes::from_static(b"\xff\xfe garbage")).await.unwrap();
-        let fine = ask(&mut framed, 5, "store", "store.get", inc, &get_k).await;
+        let fine = wire::ask(&mut framed, 5, "store", "store.get", inc, &get_k).await;
         assert!(fine.is_ok(), "{fine:?}");
     });
     still_serving(&mut fixture);
@@ -193,7 +156,7 @@ fn bad_requests_get_typed_errors_and_the_connection_survives() {
 fn an_oversized_frame_drops_only_that_connection() {
     let mut fixture = Fixture::start(&["serve", "--cookie", COOKIE]);
     let store = store(&fixture.members());
-    runtime().block_on(async {
+    wire::runtime().block_on(async {
         let framed = authenticated(&store).await;
         let mut stream = framed.into_inner();
         // Announce a 1 GiB frame: refused on its header, nothing allocated.

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod sup;
+pub mod wire;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -141,18 +142,7 @@ impl Fixture {
     /// Reads the `member` lines up to `ready` (scenario `serve`).
     pub fn members(&mut self) -> Vec<Member> {
         self.expect_line("ready");
-        self.seen
-            .iter()
-            .filter_map(|line| {
-                let mut words = line.strip_prefix("member ")?.split(' ');
-                Some(Member {
-                    path: words.next()?.to_owned(),
-                    pid: words.next()?.parse().ok()?,
-                    incarnation: words.next()?.parse().ok()?,
-                    socket: words.next().filter(|s| *s != "-").map(str::to_owned),
-                })
-            })
-            .collect()
+        parse_members(&self.seen)
     }
 
     /// The members now (scenario `serve`'s `members` command).
@@ -160,18 +150,7 @@ impl Fixture {
         let start = self.seen.len();
         self.command("members");
         self.expect_line("listed");
-        self.seen[start..]
-            .iter()
-            .filter_map(|line| {
-                let mut words = line.strip_prefix("member ")?.split(' ');
-                Some(Member {
-                    path: words.next()?.to_owned(),
-                    pid: words.next()?.parse().ok()?,
-                    incarnation: words.next()?.parse().ok()?,
-                    socket: words.next().filter(|s| *s != "-").map(str::to_owned),
-                })
-            })
-            .collect()
+        parse_members(&self.seen[start..])
     }
 
     pub fn command(&mut self, line: &str) {
@@ -285,4 +264,20 @@ pub fn files_below(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     found
+}
+
+/// The `member <path> <pid> <incarnation> <socket|->` lines among `lines`.
+fn parse_members(lines: &[String]) -> Vec<Member> {
+    lines
+        .iter()
+        .filter_map(|line| {
+            let mut words = line.strip_prefix("member ")?.split(' ');
+            Some(Member {
+                path: words.next()?.to_owned(),
+                pid: words.next()?.parse().ok()?,
+                incarnation: words.next()?.parse().ok()?,
+                socket: words.next().filter(|s| *s != "-").map(str::to_owned),
+            })
+        })
+        .collect()
 }
