@@ -7,7 +7,7 @@
 
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -120,21 +120,27 @@ fn subscribers() -> &'static Mutex<Subscribers> {
     SUBSCRIBERS.get_or_init(Default::default)
 }
 
-/// Every declared worker and its fork count, as every process knows them.
-static DECLARED: OnceLock<Vec<(String, u32)>> = OnceLock::new();
+/// Every declared worker and its fork count, as every process knows them:
+/// those of the cluster started last in this process (a later cluster
+/// replaces an earlier one's, never mixes with it).
+static DECLARED: RwLock<Option<Arc<Vec<(String, u32)>>>> = RwLock::new(None);
 
 pub(crate) fn declare(workers: impl IntoIterator<Item = (String, u32)>) {
-    let _ = DECLARED.set(workers.into_iter().collect());
+    *DECLARED.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(workers.into_iter().collect()));
+}
+
+fn declared() -> Option<Arc<Vec<(String, u32)>>> {
+    DECLARED.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// Whether the running cluster's workers are known here.
 pub(crate) fn declared_any() -> bool {
-    DECLARED.get().is_some()
+    declared().is_some()
 }
 
 /// How many forks the worker named `worker` declares, if it is declared.
 pub(crate) fn declared_forks(worker: &str) -> Option<u32> {
-    let declared = DECLARED.get()?;
+    let declared = declared()?;
     declared
         .iter()
         .find(|(name, _)| name == worker)

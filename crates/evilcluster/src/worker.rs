@@ -345,7 +345,16 @@ fn short_type_name<T>() -> &'static str {
 
 type OptionsTable = HashMap<String, Arc<dyn Any + Send + Sync>>;
 
-static OPTIONS: OnceLock<(Option<String>, OptionsTable)> = OnceLock::new();
+type Options = Arc<(Option<String>, OptionsTable)>;
+
+/// The options of the cluster started last in this process: a later
+/// cluster's replace an earlier one's (two clusters run one after the
+/// other in one process, as two tests do, never see each other's).
+static OPTIONS: std::sync::RwLock<Option<Options>> = std::sync::RwLock::new(None);
+
+fn current_options() -> Option<Options> {
+    OPTIONS.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
 
 pub(crate) fn publish_options(own: Option<&str>, workers: &[Worker]) {
     crate::events::declare(workers.iter().map(|w| (w.name.clone(), w.forks)));
@@ -353,25 +362,45 @@ pub(crate) fn publish_options(own: Option<&str>, workers: &[Worker]) {
         .iter()
         .filter_map(|w| Some((w.name.clone(), w.options.clone()?)))
         .collect();
-    let _ = OPTIONS.set((own.map(str::to_owned), table));
+    *OPTIONS.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new((own.map(str::to_owned), table)));
 }
 
 /// This worker's options, as declared with [`Worker::options`]; `None` in the
 /// master, before the cluster runs, or if the type differs.
 pub fn options<T: Any + Send + Sync>() -> Option<Arc<T>> {
-    let (own, _) = OPTIONS.get()?;
-    options_of(own.as_deref()?)
+    let options = current_options()?;
+    options_of(options.0.as_deref()?)
 }
 
 /// The options of any declared worker, disabled ones included.
 pub fn options_of<T: Any + Send + Sync>(worker: &str) -> Option<Arc<T>> {
-    let (_, table) = OPTIONS.get()?;
-    table.get(worker)?.clone().downcast().ok()
+    let options = current_options()?;
+    options.1.get(worker)?.clone().downcast().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two clusters started one after the other in one process (two tests,
+    /// say) each see their own declarations, never the first one's.
+    #[test]
+    fn a_second_cluster_in_the_same_process_sees_its_own_workers_and_options() {
+        publish_options(
+            None,
+            &[Worker::task("first", || async { Ok(()) }).options(1u32).forks(2)],
+        );
+        assert_eq!(options_of::<u32>("first").as_deref(), Some(&1));
+        assert_eq!(crate::events::declared_forks("first"), Some(2));
+        publish_options(
+            Some("second"),
+            &[Worker::task("second", || async { Ok(()) }).options(2u32)],
+        );
+        assert_eq!(options_of::<u32>("first"), None, "the first cluster's options are gone");
+        assert_eq!(options::<u32>().as_deref(), Some(&2));
+        assert_eq!(crate::events::declared_forks("first"), None);
+        assert_eq!(crate::events::declared_forks("second"), Some(0));
+    }
 
     #[test]
     fn a_task_is_transient_by_default_and_an_actor_permanent() {
