@@ -123,13 +123,16 @@ fn subscribers() -> &'static Mutex<Subscribers> {
 /// Every declared worker and its fork count, as every process knows them:
 /// those of the cluster started last in this process (a later cluster
 /// replaces an earlier one's, never mixes with it).
-static DECLARED: RwLock<Option<Arc<Vec<(String, u32)>>>> = RwLock::new(None);
+static DECLARED: RwLock<Option<Declared>> = RwLock::new(None);
+
+/// Worker names and their fork counts.
+type Declared = Arc<Vec<(String, u32)>>;
 
 pub(crate) fn declare(workers: impl IntoIterator<Item = (String, u32)>) {
     *DECLARED.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(workers.into_iter().collect()));
 }
 
-fn declared() -> Option<Arc<Vec<(String, u32)>>> {
+fn declared() -> Option<Declared> {
     DECLARED.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 

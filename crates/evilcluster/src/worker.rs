@@ -3,7 +3,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::fut::{wrap_future, ActorFutureExt};
