@@ -97,18 +97,21 @@ impl fmt::Display for Hop {
 }
 
 /// Datastore: the value of a key.
-#[derive(Message, Serialize, Deserialize)]
+#[derive(Message, RemoteMessage, Serialize, Deserialize)]
 #[rtype(result = "Option<String>")]
+#[remote(tag = "datastore.get", idempotent)]
 struct Get(String);
 
 /// Datastore: sets a key.
-#[derive(Message, Serialize, Deserialize)]
+#[derive(Message, RemoteMessage, Serialize, Deserialize)]
 #[rtype(result = "Result<(), String>")]
+#[remote(tag = "datastore.put")]
 struct Put(String, String);
 
 /// Datastore: adds one to a numeric key (missing = 0) and returns it.
-#[derive(Message, Serialize, Deserialize)]
+#[derive(Message, RemoteMessage, Serialize, Deserialize)]
 #[rtype(result = "Result<Counter, String>")]
+#[remote(tag = "datastore.incr")]
 struct Incr(String);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -118,13 +121,15 @@ struct Counter {
 }
 
 /// Datastore: every `(key, value)` whose key starts with the prefix, sorted.
-#[derive(Message, Serialize, Deserialize)]
+#[derive(Message, RemoteMessage, Serialize, Deserialize)]
 #[rtype(result = "Vec<(String, String)>")]
+#[remote(tag = "datastore.scan")]
 struct Scan(String);
 
 /// Api: records a visit of `user` and returns what the page needs.
-#[derive(Message, Serialize, Deserialize)]
+#[derive(Message, RemoteMessage, Serialize, Deserialize)]
 #[rtype(result = "Result<Visit, String>")]
+#[remote(tag = "api.record_visit")]
 struct RecordVisit {
     user: String,
 }
@@ -139,15 +144,17 @@ struct Visit {
 
 /// Api: `user`'s profile, read-only. Safe to handle twice, so a call whose
 /// api fork dies is sent again to another one (see `remote_messages!`).
-#[derive(Message, Serialize, Deserialize)]
+#[derive(Message, RemoteMessage, Serialize, Deserialize)]
 #[rtype(result = "Option<String>")]
+#[remote(tag = "api.read_profile", idempotent)]
 struct ReadProfile {
     user: String,
 }
 
 /// Api: which fork answers and how many visits it has recorded.
-#[derive(Message, Serialize, Deserialize)]
+#[derive(Message, RemoteMessage, Serialize, Deserialize)]
 #[rtype(result = "ApiHealth")]
+#[remote(tag = "api.health")]
 struct Health;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -157,8 +164,9 @@ struct ApiHealth {
 }
 
 /// Frontend: renders `user`'s page.
-#[derive(Message, Serialize, Deserialize)]
+#[derive(Message, RemoteMessage, Serialize, Deserialize)]
 #[rtype(result = "Result<Page, String>")]
+#[remote(tag = "frontend.render")]
 struct Render {
     user: String,
 }
@@ -168,19 +176,6 @@ struct Page {
     title: String,
     frontend: Hop,
     visit: Visit,
-}
-
-evilcluster::remote_messages! {
-    // Reads are idempotent: a reader whose instance dies mid-call is
-    // answered by another instance within the same deadline.
-    Get => "datastore.get", idempotent,
-    ReadProfile => "api.read_profile", idempotent,
-    Put => "datastore.put",
-    Incr => "datastore.incr",
-    Scan => "datastore.scan",
-    RecordVisit => "api.record_visit",
-    Health => "api.health",
-    Render => "frontend.render",
 }
 
 // ------------------------------------------------------------------- actors

@@ -148,6 +148,32 @@ pub use control::restart_worker;
 pub use directory::Member;
 pub use error::{Error, Result, SendError};
 pub use events::{publish, subscribe, Delivery, Event, PublishError, Subscription, To};
+/// Derives [`RemoteMessage`](trait@RemoteMessage) with the message's stable
+/// wire tag declared beside it: `#[derive(RemoteMessage)] #[remote(tag = "kv.get")]`
+/// (add `idempotent` for a message safe to handle twice).
+///
+/// ```
+/// use evilcluster::prelude::*;
+///
+/// #[derive(Message, RemoteMessage, Serialize, Deserialize)]
+/// #[rtype(result = "Option<String>")]
+/// #[remote(tag = "datastore.get", idempotent)]
+/// struct Get(String);
+///
+/// assert_eq!(<Get as evilcluster::RemoteMessage>::TAG, "datastore.get");
+/// assert!(<Get as evilcluster::RemoteMessage>::IDEMPOTENT);
+/// ```
+///
+/// A message without its tag does not compile:
+///
+/// ```compile_fail
+/// use evilcluster::prelude::*;
+///
+/// #[derive(Message, RemoteMessage, Serialize, Deserialize)]
+/// #[rtype(result = "()")]
+/// struct Untagged;
+/// ```
+pub use evilcluster_macros::RemoteMessage;
 pub use lifecycle::{cluster_ready, lifecycle, ExitReason, Lifecycle, PANIC_EXIT_CODE};
 pub use listener::listener;
 pub use remote::{
