@@ -110,7 +110,11 @@ fn status_lists_every_process_and_stop_stops_the_cluster() {
             ("fixture/tasks", "spawn", "up", None),
         ]
     );
-    for process in status.processes.iter().filter(|p| p.state == "up") {
+    for process in status
+        .processes
+        .iter()
+        .filter(|p| p.state == evilcluster_wire::control::ProcessState::Up)
+    {
         let member = members
             .iter()
             .find(|m| m.path == process.path)
@@ -169,7 +173,7 @@ fn status_shows_the_restart_count_of_a_process_waiting_for_its_restart() {
                 .iter()
                 .find(|p| p.path == "sup/c")
                 .expect("a row for c");
-            if c.state == "down" && c.restarts >= 2 {
+            if c.state == evilcluster_wire::control::ProcessState::Down && c.restarts >= 2 {
                 break;
             }
             assert!(id < 1000, "c: {c:#?}");

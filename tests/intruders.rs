@@ -450,7 +450,7 @@ fn payload_paths_must_match_the_handshake_identity() {
         // Announce the store, pointing at a socket of ours.
         let fake = evilcluster::Member {
             path: store.path.clone(),
-            role: "spawn".into(),
+            role: evilcluster::RoleKind::Spawn,
             worker: "store".into(),
             order: 1,
             fork: None,

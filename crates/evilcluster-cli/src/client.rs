@@ -273,8 +273,8 @@ mod tests {
             cluster: CLUSTER.into(),
             processes: vec![ProcessStatus {
                 path: CLUSTER.into(),
-                role: "master".into(),
-                state: "up".into(),
+                role: evilcluster_wire::control::RoleKind::Master,
+                state: evilcluster_wire::control::ProcessState::Up,
                 pid: Some(1),
                 actor: None,
                 actor_type: None,

@@ -1,7 +1,7 @@
 //! Rendering a [`Status`] for people: the tree, the `ps` table, and their
 //! units.
 
-use evilcluster_wire::control::{tree_lines, Status};
+use evilcluster_wire::control::{tree_lines, ProcessState, Status};
 
 /// An uptime for people: `3s`, `2m10s`, `1h02m`, `4d03h`.
 pub fn format_uptime(ms: u64) -> String {
@@ -57,11 +57,11 @@ pub fn table(status: &Status) -> String {
             rows.push(row);
             continue;
         };
-        let up = p.state == "up";
+        let up = p.state == ProcessState::Up;
         rows.push(vec![
             name,
-            p.role.clone(),
-            p.state.clone(),
+            p.role.to_string(),
+            p.state.to_string(),
             p.pid.map_or_else(|| NONE.into(), |pid| pid.to_string()),
             p.actor_type
                 .clone()
@@ -127,8 +127,8 @@ mod tests {
     fn process(path: &str, role: &str, state: &str, pid: Option<u32>, actor_type: Option<&str>) -> ProcessStatus {
         ProcessStatus {
             path: path.into(),
-            role: role.into(),
-            state: state.into(),
+            role: role.parse().expect("a role"),
+            state: state.parse().expect("a state"),
             pid,
             actor: actor_type.map(|t| t.to_lowercase()),
             actor_type: actor_type.map(Into::into),

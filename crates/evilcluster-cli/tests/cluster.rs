@@ -54,7 +54,7 @@ fn ps_json_lists_every_process_with_its_role_and_actor() {
 
     let mut pids = Vec::new();
     for p in &status.processes {
-        if p.state == "up" {
+        if p.state == evilcluster_wire::control::ProcessState::Up {
             let pid = p.pid.unwrap_or_else(|| panic!("{} is up without a pid", p.path));
             assert!(alive(pid), "{} has pid {pid}, which is not running", p.path);
             pids.push(pid);
@@ -197,7 +197,9 @@ fn ps_counts_the_restarts_of_a_killed_fork() {
             return false;
         };
         let fork = find(&status.processes, &path);
-        let back = fork.state == "up" && fork.pid.is_some_and(|pid| pid != old) && fork.restarts == 1;
+        let back = fork.state == evilcluster_wire::control::ProcessState::Up
+            && fork.pid.is_some_and(|pid| pid != old)
+            && fork.restarts == 1;
         if back {
             after = Some(status);
         }
@@ -246,7 +248,7 @@ fn restart_replaces_a_workers_forks_one_at_a_time() {
     fixture.remember(&after);
     for path in [&web1, &web2] {
         let fork = find(&after.processes, path);
-        assert_eq!(fork.state, "up", "{fork:#?}");
+        assert_eq!(fork.state, evilcluster_wire::control::ProcessState::Up, "{fork:#?}");
         assert_ne!(fork.pid, pid_of(&before, path), "{path} is a new process");
         assert_eq!(fork.restarts, 1, "{fork:#?}");
     }

@@ -21,8 +21,8 @@ const INCARNATION: u64 = 4242;
 fn process(path: &str, role: &str, state: &str, pid: Option<u32>, actor_type: Option<&str>) -> ProcessStatus {
     ProcessStatus {
         path: path.into(),
-        role: role.into(),
-        state: state.into(),
+        role: role.parse().expect("a role"),
+        state: state.parse().expect("a state"),
         pid,
         actor: actor_type.map(str::to_lowercase),
         actor_type: actor_type.map(Into::into),

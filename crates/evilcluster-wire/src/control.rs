@@ -280,15 +280,101 @@ pub struct Status {
     pub processes: Vec<ProcessStatus>,
 }
 
+/// What a process is in the tree. On the wire and in JSON: `"master"`,
+/// `"spawn"` or `"fork"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleKind {
+    /// The process that was started; it supervises the spawns.
+    Master,
+    /// A worker's process, started by the master.
+    Spawn,
+    /// A copy of a worker, started by its spawn.
+    Fork,
+}
+
+impl RoleKind {
+    /// `master`, `spawn` or `fork`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoleKind::Master => "master",
+            RoleKind::Spawn => "spawn",
+            RoleKind::Fork => "fork",
+        }
+    }
+}
+
+impl std::str::FromStr for RoleKind {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "master" => Ok(RoleKind::Master),
+            "spawn" => Ok(RoleKind::Spawn),
+            "fork" => Ok(RoleKind::Fork),
+            other => Err(format!("not a role: {other:?} (master, spawn or fork)")),
+        }
+    }
+}
+
+impl std::fmt::Display for RoleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether a declared process runs. On the wire and in JSON: `"up"`,
+/// `"down"` or `"disabled"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessState {
+    /// Running and registered.
+    Up,
+    /// Declared, not running now (starting, restarting or stopped).
+    Down,
+    /// Declared with `disable(true)`: never started.
+    Disabled,
+}
+
+impl ProcessState {
+    /// `up`, `down` or `disabled`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProcessState::Up => "up",
+            ProcessState::Down => "down",
+            ProcessState::Disabled => "disabled",
+        }
+    }
+}
+
+impl std::str::FromStr for ProcessState {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "up" => Ok(ProcessState::Up),
+            "down" => Ok(ProcessState::Down),
+            "disabled" => Ok(ProcessState::Disabled),
+            other => Err(format!("not a process state: {other:?} (up, down or disabled)")),
+        }
+    }
+}
+
+impl std::fmt::Display for ProcessState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One process of the tree, as `evilcluster ps` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProcessStatus {
     /// Path in the tree, e.g. `myapp/webserverApi/2`.
     pub path: String,
-    /// `master`, `spawn` or `fork`.
-    pub role: String,
-    /// `up`, `down` (declared, not running) or `disabled`.
-    pub state: String,
+    /// What it is in the tree.
+    pub role: RoleKind,
+    /// Whether it runs.
+    pub state: ProcessState,
     /// Operating-system process id, while up.
     pub pid: Option<u32>,
     /// The `NAME` of the actor it hosts (or would host, while down).

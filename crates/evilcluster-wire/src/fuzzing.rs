@@ -348,10 +348,11 @@ fn frame_seeds() -> Vec<(String, Vec<u8>)> {
 /// A status like a small cluster's: a master, a spawn with two forks, a
 /// disabled worker.
 pub fn sample_status() -> Status {
-    let process = |path: &str, role: &str, state: &str, pid: Option<u32>| control::ProcessStatus {
+    use control::{ProcessState, RoleKind};
+    let process = |path: &str, role: RoleKind, state: ProcessState, pid: Option<u32>| control::ProcessStatus {
         path: path.into(),
-        role: role.into(),
-        state: state.into(),
+        role,
+        state,
         pid,
         actor: Some("actor".into()),
         actor_type: Some("Actor".into()),
@@ -366,11 +367,11 @@ pub fn sample_status() -> Status {
     Status {
         cluster: "myapp".into(),
         processes: vec![
-            process("myapp", "master", "up", Some(100)),
-            process("myapp/web", "spawn", "up", Some(101)),
-            process("myapp/web/1", "fork", "up", Some(102)),
-            process("myapp/web/2", "fork", "down", None),
-            process("myapp/ghost", "spawn", "disabled", None),
+            process("myapp", RoleKind::Master, ProcessState::Up, Some(100)),
+            process("myapp/web", RoleKind::Spawn, ProcessState::Up, Some(101)),
+            process("myapp/web/1", RoleKind::Fork, ProcessState::Up, Some(102)),
+            process("myapp/web/2", RoleKind::Fork, ProcessState::Down, None),
+            process("myapp/ghost", RoleKind::Spawn, ProcessState::Disabled, None),
         ],
     }
 }

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::control::{ProcessStatus, Status};
+use crate::control::{ProcessState, ProcessStatus, RoleKind, Status};
 
 /// One line of the tree: a process (or the cluster itself, when the status
 /// has no master entry) with its place in the tree.
@@ -27,7 +27,7 @@ pub fn tree_lines(status: &Status) -> Vec<TreeLine<'_>> {
     let processes = &status.processes;
     let root = processes
         .iter()
-        .position(|p| p.role == "master")
+        .position(|p| p.role == RoleKind::Master)
         .or_else(|| processes.iter().position(|p| p.path == status.cluster));
     let mut children: Vec<Vec<usize>> = vec![Vec::new(); processes.len()];
     let mut top = Vec::new();
@@ -124,7 +124,7 @@ pub fn render_tree(status: &Status) -> String {
             out.push('\n');
             continue;
         };
-        if process.state == "disabled" {
+        if process.state == ProcessState::Disabled {
             out.push_str(" (disabled)\n");
             continue;
         }
@@ -133,7 +133,7 @@ pub fn render_tree(status: &Status) -> String {
             let _ = write!(out, ", pid {pid}");
         }
         out.push(')');
-        if !line.has_children && process.role != "master" {
+        if !line.has_children && process.role != RoleKind::Master {
             if let Some(actor_type) = &process.actor_type {
                 let _ = write!(out, " {actor_type}");
             }

@@ -24,6 +24,7 @@ use crate::supervisor::{self, AutoShutdown, Intensity, Plan, Restart, Strategy, 
 use crate::tree::{self, Declared};
 use crate::worker::{publish_options, Body, Hosted, Worker};
 use crate::{transport, Error, Result, Role};
+use evilcluster_wire::control::RoleKind;
 
 /// A tree of workers, declared the same way in every process.
 ///
@@ -333,7 +334,7 @@ impl Cluster {
                 owner: None,
                 member: Member {
                     path: self.name.clone(),
-                    role: "master".into(),
+                    role: RoleKind::Master,
                     worker: self.name.clone(),
                     order: 0,
                     fork: None,
@@ -641,7 +642,7 @@ impl Child {
         };
         let member = Member {
             path: self.env.path.clone(),
-            role: self.env.role.kind().into(),
+            role: self.env.role.kind(),
             worker: worker.name.clone(),
             order: self.order,
             fork: match self.env.role {

@@ -4,7 +4,9 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use evilcluster_wire::control::{ProcessStatus, Status, CONTROL, RESTART_TAG, STATUS_TAG, STOP_TAG};
+use evilcluster_wire::control::{
+    ProcessState, ProcessStatus, RoleKind, Status, CONTROL, RESTART_TAG, STATUS_TAG, STOP_TAG,
+};
 use evilcluster_wire::WireError;
 use futures_util::future::join_all;
 use tokio::sync::Notify;
@@ -203,7 +205,7 @@ async fn status(node: &Arc<Node>, cluster: String, declared: &[Declared]) -> Sta
     let rows = rows(&cluster, declared, &members);
     let counters = join_all(rows.iter().map(|row| async move {
         match (row.member, row.role) {
-            (Some(_), "master") => Some(node.stats.snapshot()),
+            (Some(_), RoleKind::Master) => Some(node.stats.snapshot()),
             (Some(member), _) => fetch(node, member).await,
             (None, _) => None,
         }
@@ -230,7 +232,7 @@ fn rows<'a>(cluster: &str, declared: &[Declared], members: &'a [Member]) -> Vec<
     let find = |path: &str| members.iter().find(|m| m.path == path);
     let mut rows = vec![Row {
         path: cluster.to_owned(),
-        role: "master",
+        role: RoleKind::Master,
         member: find(cluster),
         disabled: false,
         hosts: None,
@@ -241,7 +243,7 @@ fn rows<'a>(cluster: &str, declared: &[Declared], members: &'a [Member]) -> Vec<
         let hosts = worker.actor.zip(worker.type_name);
         rows.push(Row {
             path: path.clone(),
-            role: "spawn",
+            role: RoleKind::Spawn,
             member: find(&path),
             disabled: worker.disabled,
             hosts: hosts.filter(|_| worker.forks == 0),
@@ -252,7 +254,7 @@ fn rows<'a>(cluster: &str, declared: &[Declared], members: &'a [Member]) -> Vec<
                 rows.push(Row {
                     member: find(&fork),
                     path: fork,
-                    role: "fork",
+                    role: RoleKind::Fork,
                     disabled: false,
                     hosts,
                 });
@@ -265,7 +267,7 @@ fn rows<'a>(cluster: &str, declared: &[Declared], members: &'a [Member]) -> Vec<
 /// One declared process, in tree order.
 struct Row<'a> {
     path: String,
-    role: &'static str,
+    role: RoleKind,
     member: Option<&'a Member>,
     disabled: bool,
     /// The actor it hosts (or would host): `NAME` and Rust type.
@@ -283,13 +285,12 @@ impl Row<'_> {
         };
         ProcessStatus {
             path: self.path,
-            role: self.role.to_owned(),
+            role: self.role,
             state: match (self.disabled, up) {
-                (true, _) => "disabled",
-                (false, true) => "up",
-                (false, false) => "down",
-            }
-            .to_owned(),
+                (true, _) => ProcessState::Disabled,
+                (false, true) => ProcessState::Up,
+                (false, false) => ProcessState::Down,
+            },
             pid: self.member.map(|m| m.pid),
             actor: self.hosts.map(|(name, _)| name.to_owned()),
             actor_type: self.hosts.map(|(_, type_name)| type_name.to_owned()),

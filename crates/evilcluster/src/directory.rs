@@ -2,6 +2,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use evilcluster_wire::control::RoleKind;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -11,8 +12,8 @@ use tokio::sync::watch;
 pub struct Member {
     /// Its path in the tree, e.g. `myapp/webserverApi/2`.
     pub path: String,
-    /// `master`, `spawn` or `fork`.
-    pub role: String,
+    /// What it is in the tree.
+    pub role: RoleKind,
     /// The worker's name (the cluster's name for the master).
     pub worker: String,
     /// Declaration index of the worker (0 for the master), for ordering the tree.
@@ -224,7 +225,7 @@ mod tests {
     fn fork(number: u32) -> Member {
         Member {
             path: format!("app/w/{number}"),
-            role: "fork".into(),
+            role: RoleKind::Fork,
             worker: "w".into(),
             order: 1,
             fork: Some(number),

@@ -174,6 +174,7 @@ pub use events::{publish, subscribe, Delivery, Event, PublishError, Subscription
 /// struct Untagged;
 /// ```
 pub use evilcluster_macros::RemoteMessage;
+pub use evilcluster_wire::control::{ProcessState, RoleKind};
 pub use lifecycle::{cluster_ready, lifecycle, ExitReason, Lifecycle, PANIC_EXIT_CODE};
 pub use listener::listener;
 pub use remote::{

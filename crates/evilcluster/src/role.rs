@@ -1,3 +1,4 @@
+use evilcluster_wire::control::RoleKind;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -33,7 +34,7 @@ pub(crate) mod env {
 }
 
 /// What this process is in the cluster's tree.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Role {
     /// The process the user started; it spawns and supervises the workers.
     Master,
@@ -62,11 +63,12 @@ impl Role {
         }
     }
 
-    pub(crate) fn kind(&self) -> &'static str {
+    /// What this process is in the tree, without the worker's name.
+    pub fn kind(&self) -> RoleKind {
         match self {
-            Role::Master => "master",
-            Role::Spawn { .. } => "spawn",
-            Role::Fork { .. } => "fork",
+            Role::Master => RoleKind::Master,
+            Role::Spawn { .. } => RoleKind::Spawn,
+            Role::Fork { .. } => RoleKind::Fork,
         }
     }
 }

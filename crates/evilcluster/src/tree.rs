@@ -34,11 +34,12 @@ pub(crate) fn render(cluster: &str, workers: &[Declared], members: &[Member]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use evilcluster_wire::control::RoleKind;
 
     fn member(path: &str, pid: u32) -> Member {
         Member {
             path: path.into(),
-            role: "spawn".into(),
+            role: RoleKind::Spawn,
             worker: String::new(),
             order: 0,
             fork: None,

@@ -171,10 +171,9 @@ impl Fixture {
                         .unwrap_or_else(|e| panic!("ps --json printed something that is not a Status ({e}): {run:#?}"));
                     self.remember(&status);
                     let all_up = status.processes.len() == 7
-                        && status
-                            .processes
-                            .iter()
-                            .all(|p| p.state == "up" || p.path.ends_with("/ghost"));
+                        && status.processes.iter().all(|p| {
+                            p.state == evilcluster_wire::control::ProcessState::Up || p.path.ends_with("/ghost")
+                        });
                     if all_up {
                         return status;
                     }
