@@ -646,7 +646,7 @@ fn main() -> ExitCode {
                     rounds: 25,
                 }),
         )
-        .run_with(move || demo(serve));
+        .run_with(move |_| demo(serve));
     match outcome {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(failure)) => {

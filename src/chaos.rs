@@ -383,7 +383,7 @@ pub fn cluster(settings: &Settings) -> Cluster {
 pub fn main(requests: u64) -> ExitCode {
     let settings = Settings::from_args(requests);
     let load = settings.clone();
-    match cluster(&settings).run_with(move || run(load)) {
+    match cluster(&settings).run_with(move |_| run(load)) {
         Ok(report) => {
             report.print(&settings);
             ExitCode::SUCCESS

@@ -102,3 +102,9 @@ fn try_do_send_to_a_stalled_receiver_is_refused_as_full_at_once() {
 fn calls_through_a_recipient_from_a_plain_thread_and_from_a_tokio_runtime() {
     run(&["calling"]);
 }
+
+#[test]
+fn run_with_gets_the_running_cluster_and_can_stop_it() {
+    let result = run(&["running"]);
+    assert_eq!(result["stopped"], 1);
+}

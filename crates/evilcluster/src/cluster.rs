@@ -249,7 +249,7 @@ impl Cluster {
     /// returns [`Error::GaveUp`].
     pub fn run_with<F, Fut, T>(self, main: F) -> Result<T>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(RunningCluster) -> Fut,
         Fut: Future<Output = T> + 'static,
         T: 'static,
     {
@@ -265,7 +265,7 @@ impl Cluster {
             let cluster = self.start_unless(&mut signal).await?;
             // A task rather than part of the root future: waking the root
             // costs the runtime a syscall per wake-up.
-            let mut main = actix_rt::spawn(main());
+            let mut main = actix_rt::spawn(main(cluster.running()));
             let outcome = tokio::select! {
                 gave_up = cluster.gave_up() => {
                     main.abort();
@@ -510,7 +510,57 @@ pub struct ClusterHandle {
     tree_logger: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// What [`Cluster::run_with`]'s function gets: a view of the running
+/// cluster. Cheap to clone; it does not own the cluster (the master stops
+/// the tree when the function returns).
+#[derive(Clone)]
+pub struct RunningCluster {
+    name: String,
+    node: Arc<Node>,
+    declared: Arc<Vec<Declared>>,
+    stop: Arc<Notify>,
+}
+
+impl std::fmt::Debug for RunningCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningCluster").field("name", &self.name).finish()
+    }
+}
+
+impl RunningCluster {
+    /// The cluster's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The live processes of the cluster, as the master's registry knows them.
+    pub fn members(&self) -> Vec<Member> {
+        self.node.directory.members()
+    }
+
+    /// The tree as it is now, rendered as text.
+    pub fn tree(&self) -> String {
+        tree::render(&self.name, &self.declared, &self.node.directory.members())
+    }
+
+    /// Asks the master to stop the whole tree, as `evilcluster stop` does:
+    /// `run_with` then returns [`Error::Interrupted`].
+    pub fn stop(&self) {
+        self.stop.notify_one();
+    }
+}
+
 impl ClusterHandle {
+    /// A cheap, clonable view of the running cluster.
+    pub fn running(&self) -> RunningCluster {
+        RunningCluster {
+            name: self.name.clone(),
+            node: self.node.clone(),
+            declared: Arc::new(self.declared.clone()),
+            stop: self.stop.clone(),
+        }
+    }
+
     /// The tree as it is now, rendered as text.
     pub fn tree(&self) -> String {
         tree::render(&self.name, &self.declared, &self.node.directory.members())

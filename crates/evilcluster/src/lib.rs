@@ -41,7 +41,7 @@
 //!     // the master runs the closure.
 //!     let total = Cluster::new("doc-example")
 //!         .spawn(Worker::actor::<Counter>())
-//!         .run_with(|| async {
+//!         .run_with(|_cluster| async {
 //!             let counter = evilcluster::addr_of::<Counter>();
 //!             counter.send(Add(2)).await?;
 //!             counter.send(Add(3)).await
@@ -143,7 +143,7 @@ mod output {
 }
 
 pub use addr::{addr_of, addr_of_fork, RemoteAddr, RemoteRecipient, SendRequest};
-pub use cluster::{shutdown_signal, Cluster, ClusterHandle};
+pub use cluster::{shutdown_signal, Cluster, ClusterHandle, RunningCluster};
 pub use control::restart_worker;
 pub use directory::Member;
 pub use error::{Error, Result, SendError};
