@@ -284,6 +284,7 @@ mod tests {
                 messages_out: 2,
                 errors: 0,
                 rss_bytes: Some(1 << 20),
+                pss_bytes: Some(1 << 19),
                 latency_us: vec![0; 4],
             }],
         }

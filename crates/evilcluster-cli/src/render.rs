@@ -29,7 +29,7 @@ enum Align {
     Right,
 }
 
-const COLUMNS: [(&str, Align); 11] = [
+const COLUMNS: [(&str, Align); 12] = [
     ("NAME", Align::Left),
     ("ROLE", Align::Left),
     ("STATE", Align::Left),
@@ -41,6 +41,7 @@ const COLUMNS: [(&str, Align); 11] = [
     ("OUT", Align::Right),
     ("ERRORS", Align::Right),
     ("MEM", Align::Right),
+    ("PSS", Align::Right),
 ];
 
 const NONE: &str = "-";
@@ -73,6 +74,7 @@ pub fn table(status: &Status) -> String {
             count(up, p.messages_out),
             count(up, p.errors),
             p.rss_bytes.map_or_else(|| NONE.into(), format_memory),
+            p.pss_bytes.map_or_else(|| NONE.into(), format_memory),
         ]);
     }
     let widths: Vec<usize> = (0..COLUMNS.len())
@@ -138,6 +140,7 @@ mod tests {
             messages_out: 0,
             errors: 0,
             rss_bytes: pid.map(|_| 5 * 1024 * 1024 + 300 * 1024),
+            pss_bytes: pid.map(|_| 1200 * 1024),
             latency_us: Vec::new(),
         }
     }
@@ -292,14 +295,14 @@ app (master, pid 10)
         status.processes[2].restarts = 1;
         status.processes[2].uptime_ms = Some(3_000);
         let expected = "\
-NAME                       ROLE    STATE     PID  ACTOR              UPTIME  RESTARTS     IN  OUT  ERRORS       MEM
-myapp                      master  up        100  -                   1h02m         0      0    0       0  12.0 MiB
-├── webserverFrontend      spawn   up        101  WebserverFrontend   2m10s         0      0    0       0   5.3 MiB
-│   ├── 1                  fork    up        104  WebserverFrontend      3s         1  12345    7       2   5.3 MiB
-│   └── 2                  fork    up        105  WebserverFrontend   2m10s         0      0    0       0   5.3 MiB
-├── inMemoryDatastore      spawn   up        102  InMemoryDatastore   2m10s         0      0    0       0   5.3 MiB
-├── ghost                  spawn   disabled    -  Ghost                   -         0      -    -       -         -
-└── backgroundTaskManager  spawn   up        103  -                   2m10s         0      0    0       0   5.3 MiB
+NAME                       ROLE    STATE     PID  ACTOR              UPTIME  RESTARTS     IN  OUT  ERRORS       MEM      PSS
+myapp                      master  up        100  -                   1h02m         0      0    0       0  12.0 MiB  1.2 MiB
+├── webserverFrontend      spawn   up        101  WebserverFrontend   2m10s         0      0    0       0   5.3 MiB  1.2 MiB
+│   ├── 1                  fork    up        104  WebserverFrontend      3s         1  12345    7       2   5.3 MiB  1.2 MiB
+│   └── 2                  fork    up        105  WebserverFrontend   2m10s         0      0    0       0   5.3 MiB  1.2 MiB
+├── inMemoryDatastore      spawn   up        102  InMemoryDatastore   2m10s         0      0    0       0   5.3 MiB  1.2 MiB
+├── ghost                  spawn   disabled    -  Ghost                   -         0      -    -       -         -        -
+└── backgroundTaskManager  spawn   up        103  -                   2m10s         0      0    0       0   5.3 MiB  1.2 MiB
 ";
         assert_eq!(table(&status), expected);
     }

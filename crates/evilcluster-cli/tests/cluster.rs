@@ -66,6 +66,15 @@ fn ps_json_lists_every_process_with_its_role_and_actor() {
                     p.path,
                     p.rss_bytes
                 );
+                // Shared pages counted once: never more than resident.
+                assert!(
+                    p.pss_bytes
+                        .is_some_and(|pss| pss > 0 && pss <= p.rss_bytes.unwrap_or(0) + (1 << 20)),
+                    "{}: pss {:?}, rss {:?}",
+                    p.path,
+                    p.pss_bytes,
+                    p.rss_bytes
+                );
             }
         } else {
             assert_eq!((p.pid, p.uptime_ms), (None, None), "{p:#?}");

@@ -32,6 +32,7 @@ fn process(path: &str, role: &str, state: &str, pid: Option<u32>, actor_type: Op
         messages_out: 4,
         errors: 0,
         rss_bytes: pid.map(|_| 10 * 1024 * 1024),
+        pss_bytes: pid.map(|_| 3 * 1024 * 1024),
         latency_us: vec![1, 2, 3],
     }
 }
@@ -147,7 +148,7 @@ fn ps_prints_a_table() {
     let header: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "ROLE", "STATE", "PID", "ACTOR", "UPTIME", "RESTARTS", "IN", "OUT", "ERRORS", "MEM"]
+        ["NAME", "ROLE", "STATE", "PID", "ACTOR", "UPTIME", "RESTARTS", "IN", "OUT", "ERRORS", "MEM", "PSS"]
     );
     let fork: Vec<&str> = lines[3].split_whitespace().collect();
     assert_eq!(
@@ -166,6 +167,8 @@ fn ps_prints_a_table() {
             "4",
             "0",
             "10.0",
+            "MiB",
+            "3.0",
             "MiB"
         ]
     );

@@ -394,6 +394,11 @@ pub struct ProcessStatus {
     pub errors: u64,
     /// Resident memory in bytes, where the platform tells.
     pub rss_bytes: Option<u64>,
+    /// Proportional set size in bytes (shared pages counted once across the
+    /// processes that share them), where the platform tells. Summed over a
+    /// tree it is what the tree costs.
+    #[serde(default)]
+    pub pss_bytes: Option<u64>,
     /// Handling time of sampled requests, by power-of-two microsecond
     /// buckets: `latency_us[i]` counts requests that took less than `2^i` µs
     /// (the last bucket: the rest).

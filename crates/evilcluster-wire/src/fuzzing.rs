@@ -362,6 +362,7 @@ pub fn sample_status() -> Status {
         messages_out: 3,
         errors: 0,
         rss_bytes: Some(4096),
+        pss_bytes: Some(2048),
         latency_us: vec![0, 1, 2],
     };
     Status {

@@ -300,6 +300,7 @@ impl Row<'_> {
             messages_out: counters.messages_out,
             errors: counters.errors,
             rss_bytes: counters.rss_bytes,
+            pss_bytes: counters.pss_bytes,
             latency_us: counters.latency_us,
         }
     }

@@ -33,6 +33,8 @@ pub(crate) struct ProcessStats {
     pub messages_out: u64,
     pub errors: u64,
     pub rss_bytes: Option<u64>,
+    #[serde(default)]
+    pub pss_bytes: Option<u64>,
     pub latency_us: Vec<u64>,
 }
 
@@ -78,6 +80,7 @@ impl Stats {
             messages_out: self.messages_out.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             rss_bytes: resident_memory(),
+            pss_bytes: proportional_memory(),
             latency_us: self.latency.iter().map(|b| b.load(Ordering::Relaxed)).collect(),
         }
     }
@@ -95,6 +98,22 @@ fn resident_memory() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * rustix::param::page_size() as u64)
+}
+
+/// Proportional set size from `/proc/self/smaps_rollup` (Linux): resident
+/// memory with each page shared by N processes counted 1/N — what a tree of
+/// copies of one executable really costs, summed over its processes.
+fn proportional_memory() -> Option<u64> {
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let kib: u64 = rollup
+        .lines()
+        .find_map(|line| line.strip_prefix("Pss:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// Answers [`STATS_TAG`] with this process's [`ProcessStats`].
@@ -146,5 +165,9 @@ mod tests {
         );
         assert_eq!(snapshot.latency_us.iter().sum::<u64>(), 1);
         assert!(snapshot.rss_bytes.is_some_and(|rss| rss > 0));
+        if cfg!(target_os = "linux") {
+            let pss = snapshot.pss_bytes.expect("smaps_rollup on Linux");
+            assert!(pss > 0 && pss <= snapshot.rss_bytes.unwrap() + 4096, "{snapshot:?}");
+        }
     }
 }
