@@ -5,13 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::Message;
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 
-use crate::connection::{Failure, Link, LinkError, ReplyWaiter};
 use crate::directory::{Member, Pick};
+use crate::node::connection::{Link, LinkError, ReplyWaiter};
+use crate::node::rpc::{deadline_after, deadline_from, link_error, timed_out, wait};
 use crate::node::{self, Node};
 use crate::remote::{RemoteActor, RemoteMessage, Routed};
 use crate::SendError;
@@ -169,7 +168,7 @@ impl<A: RemoteActor> RemoteAddr<A> {
         M::Result: DeserializeOwned + Send,
     {
         let now = Duration::ZERO;
-        match crate::events::declared_forks(A::NAME) {
+        match crate::directory::declared_forks(A::NAME) {
             Some(forks) if forks > 0 => {
                 let sends = (1..=forks).map(|fork| {
                     let mut addr = self.resolve_timeout(now);
@@ -293,7 +292,7 @@ impl Target {
                 }
                 Route::Connect(member) => member,
                 Route::Resolve => {
-                    if crate::events::declared_forks(self.actor).is_none() && crate::events::declared_any() {
+                    if crate::directory::declared_forks(self.actor).is_none() && crate::directory::declared_any() {
                         return Err(SendError::NotDeclared { actor: self.actor });
                     }
                     let accept = |m: &Member| !avoided(&m.path, m.incarnation);
@@ -342,24 +341,6 @@ impl Target {
                 }
             }
         }
-    }
-}
-
-/// The instant `timeout` from now, or a far one for a timeout too large to add.
-fn deadline_after(timeout: Duration) -> Instant {
-    deadline_from(Instant::now(), timeout)
-}
-
-fn deadline_from(now: Instant, timeout: Duration) -> Instant {
-    now.checked_add(timeout)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
-}
-
-fn timed_out(actor: &'static str, tag: &'static str, started: Instant) -> SendError {
-    SendError::Timeout {
-        actor,
-        tag,
-        after: started.elapsed(),
     }
 }
 
@@ -739,30 +720,6 @@ async fn queue<M: RemoteMessage>(
     (message, outcome)
 }
 
-fn link_error(link: &Link, actor: &'static str, tag: &'static str, error: LinkError) -> SendError {
-    match error {
-        LinkError::TooLarge { size } => SendError::TooLarge {
-            tag,
-            size,
-            max: link.max_frame,
-        },
-        LinkError::Full => SendError::Full {
-            actor,
-            path: link.peer.path.clone(),
-        },
-        LinkError::GoingAway => SendError::Rejected {
-            actor,
-            tag,
-            reason: format!("{} is stopping and takes no new requests", link.peer.path),
-        },
-        LinkError::Closed(reason) => SendError::Disconnected {
-            actor,
-            path: link.peer.path.clone(),
-            reason,
-        },
-    }
-}
-
 /// A `Write` that refuses to grow past a limit, so that an oversized
 /// message is refused while it is being encoded, not after.
 struct Capped<'a> {
@@ -821,7 +778,7 @@ fn with_payload<M: RemoteMessage, T>(message: &M, limit: usize, f: impl FnOnce(R
                 detail: e.to_string(),
             })),
         };
-        crate::connection::shrink(payload);
+        crate::node::connection::shrink(payload);
         result
     })
 }
@@ -831,76 +788,4 @@ fn decode_reply<T: DeserializeOwned>(tag: &'static str, bytes: &[u8]) -> Result<
         tag,
         detail: e.to_string(),
     })
-}
-
-pub(crate) fn decode<T: DeserializeOwned>(tag: &'static str, bytes: &[u8]) -> Result<T, SendError> {
-    rmp_serde::from_slice(bytes).map_err(|e| SendError::Decode {
-        tag,
-        detail: e.to_string(),
-    })
-}
-
-pub(crate) fn encode<T: Serialize>(tag: &'static str, value: &T) -> Result<Vec<u8>, SendError> {
-    rmp_serde::to_vec(value).map_err(|e| SendError::Encode {
-        tag,
-        detail: e.to_string(),
-    })
-}
-
-/// Forgets a request if its caller stops waiting (deadline or drop).
-struct Cancel<'a> {
-    link: &'a Link,
-    id: u64,
-}
-
-impl Drop for Cancel<'_> {
-    fn drop(&mut self) {
-        self.link.cancel(self.id);
-    }
-}
-
-/// Sends one request of the runtime's own on `link` and waits for its
-/// reply bytes. These take no place in the flow-control window.
-pub(crate) async fn call(
-    link: &Link,
-    actor: &'static str,
-    tag: &'static str,
-    incarnation: u64,
-    payload: &[u8],
-    timeout: Duration,
-) -> Result<Bytes, SendError> {
-    let started = Instant::now();
-    let deadline = deadline_after(timeout);
-    let waiter = link
-        .request(actor, tag, incarnation, payload, true, None)
-        .map_err(|error| link_error(link, actor, tag, error))?
-        .expect("a reply was asked for");
-    wait(link, waiter, actor, tag, deadline, started).await
-}
-
-/// Waits for the reply to a queued request, until `deadline`.
-async fn wait(
-    link: &Link,
-    (id, reply): ReplyWaiter,
-    actor: &'static str,
-    tag: &'static str,
-    deadline: Instant,
-    started: Instant,
-) -> Result<Bytes, SendError> {
-    let _cancel = Cancel { link, id };
-    match tokio::time::timeout_at(deadline.into(), reply).await {
-        Err(_) => Err(timed_out(actor, tag, started)),
-        Ok(Err(_)) => Err(SendError::Disconnected {
-            actor,
-            path: link.peer.path.clone(),
-            reason: "the connection closed before the reply arrived".to_owned(),
-        }),
-        Ok(Ok(Err(Failure::Closed(reason)))) => Err(SendError::Disconnected {
-            actor,
-            path: link.peer.path.clone(),
-            reason,
-        }),
-        Ok(Ok(Err(Failure::Wire(error)))) => Err(SendError::from_wire(actor, tag, error)),
-        Ok(Ok(Ok(bytes))) => Ok(bytes),
-    }
 }

@@ -10,20 +10,21 @@ use evilcluster_wire::{Cookie, Identity};
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, error_span, info, warn};
 
-use crate::addr::{call, decode, encode};
-use crate::connection::{self, Link, Side};
 use crate::control::{ControlService, SupervisorService, SUPERVISOR};
 use crate::directory::{Member, Snapshot};
+use crate::node::connection::{self, Link, Side};
+use crate::node::rpc::{call, decode, encode};
+use crate::node::transport;
 use crate::node::{Config, Node, NodeSpec};
 use crate::process::StopReason;
-use crate::registry::{Announce, Leave, MarkReady, Register, Registry, RegistryService, Subscribe, REGISTRY};
+use crate::registry::{Announce, Leave, MarkReady, PeerGone, Register, Registry, RegistryService, Subscribe, REGISTRY};
 use crate::remote::RemoteMessage;
 use crate::role::ChildEnv;
 use crate::rundir::RunDir;
 use crate::supervisor::{self, AutoShutdown, Intensity, Plan, Restart, Strategy, SupervisorHandle};
-use crate::tree::{self, Declared};
+use crate::tree::Declared;
 use crate::worker::{publish_options, Body, Hosted, Worker};
-use crate::{transport, Error, Result, Role};
+use crate::{Error, Result, Role};
 use evilcluster_wire::control::RoleKind;
 
 /// A tree of workers, declared the same way in every process.
@@ -309,10 +310,10 @@ impl Cluster {
         let run_dir = RunDir::claim(&self.name)?;
         let cookie = match self.cookie.clone() {
             Some(secret) => Cookie::new(secret),
-            None => Cookie::new(random_bytes::<32>().to_vec()),
+            None => Cookie::new(crate::process::random_bytes::<32>().to_vec()),
         };
         let master_socket = run_dir.sockets.join("master.sock").to_string_lossy().into_owned();
-        let incarnation = random_incarnation();
+        let incarnation = crate::process::random_incarnation();
         run_dir.publish(&master_socket, &cookie)?;
         let node = Node::start(NodeSpec {
             identity: Identity {
@@ -326,8 +327,12 @@ impl Cluster {
             socket_dir: run_dir.sockets.clone(),
             master: (self.name.clone(), master_socket.clone()),
         })?;
+        install_services(&node);
         let registry = actix::Actor::start(Registry::new(&node));
-        node.registry.set(registry.clone()).ok();
+        node.host_registry({
+            let registry = registry.clone();
+            Box::new(move |link| registry.do_send(PeerGone { link }))
+        });
         node.add_service(REGISTRY, Arc::new(RegistryService(registry.clone())));
         let _ = registry
             .send(Register {
@@ -540,7 +545,7 @@ impl RunningCluster {
 
     /// The tree as it is now, rendered as text.
     pub fn tree(&self) -> String {
-        tree::render(&self.name, &self.declared, &self.node.directory.members())
+        crate::control::render(&self.name, &self.declared, &self.node.directory.members())
     }
 
     /// Asks the master to stop the whole tree, as `evilcluster stop` does:
@@ -563,7 +568,7 @@ impl ClusterHandle {
 
     /// The tree as it is now, rendered as text.
     pub fn tree(&self) -> String {
-        tree::render(&self.name, &self.declared, &self.node.directory.members())
+        crate::control::render(&self.name, &self.declared, &self.node.directory.members())
     }
 
     /// Resolves when a control client (`evilcluster stop`) asks the cluster
@@ -615,7 +620,10 @@ async fn log_tree_changes(node: Arc<Node>, cluster: String, declared: Vec<Declar
         tokio::time::sleep(Duration::from_millis(50)).await;
         changes.mark_unchanged();
         let members = node.directory.members();
-        info!("cluster changed\n{}", tree::render(&cluster, &declared, &members));
+        info!(
+            "cluster changed\n{}",
+            crate::control::render(&cluster, &declared, &members)
+        );
     }
 }
 
@@ -656,6 +664,7 @@ impl Child {
             socket_dir: self.env.socket_dir.clone(),
             master: (self.cluster.clone(), self.env.master_socket.clone()),
         })?;
+        install_services(&node);
         let outcome = self
             .serve(&node, worker, socket, hosted, supervises_forks, &mut stop_requests)
             .await;
@@ -977,18 +986,6 @@ fn init_tracing() {
         .try_init();
 }
 
-fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut bytes = [0; N];
-    getrandom::fill(&mut bytes).expect("the operating system's random source failed");
-    bytes
-}
-
-/// Incarnations are random: a restarted process, even under a restarted
-/// parent, never reuses its predecessor's.
-pub(crate) fn random_incarnation() -> u64 {
-    u64::from_ne_bytes(random_bytes::<8>()).max(1)
-}
-
 /// Raises the soft limit on open descriptors to the hard limit: every
 /// connection costs one, and the usual soft limit (1,024) is far below what
 /// the system allows, which made a flood of connections starve the master.
@@ -1005,4 +1002,21 @@ fn raise_descriptor_limit() {
             debug!(%error, "could not raise the descriptor limit");
         }
     }
+}
+
+/// The runtime's own services every process hosts: its counters, event
+/// deliveries and directory pushes (the master adds the registry).
+fn install_services(node: &Arc<Node>) {
+    node.add_service(
+        crate::stats::STATS,
+        Arc::new(crate::control::StatsService(Arc::downgrade(node))),
+    );
+    node.add_service(
+        crate::events::EVENTS,
+        Arc::new(crate::events::EventService(Arc::downgrade(node))),
+    );
+    node.add_service(
+        crate::registry::DIRECTORY,
+        Arc::new(crate::registry::DirectoryService(node.directory.clone())),
+    );
 }

@@ -11,11 +11,11 @@ use evilcluster_wire::WireError;
 use futures_util::future::join_all;
 use tokio::sync::Notify;
 
-use crate::addr::{call, decode, encode};
-use crate::connection::Link;
 use crate::directory::Member;
+use crate::node::connection::Link;
+use crate::node::rpc::{call, decode, encode};
+use crate::node::service::{decode_payload, encode_reply, Dispatch, Service};
 use crate::node::Node;
-use crate::remote::{decode_payload, encode_reply, Dispatch, Service};
 use crate::stats::{ProcessStats, STATS, STATS_TAG};
 use crate::supervisor::Restarter;
 use crate::tree::Declared;
@@ -127,7 +127,7 @@ pub async fn restart_worker(worker: &str) -> Result<u32, Error> {
         worker: worker.to_owned(),
         reason,
     };
-    let reply = if node.registry.get().is_some() {
+    let reply = if node.hosts_registry() {
         let control = node
             .service(CONTROL)
             .ok_or_else(|| failed("the cluster is not started".into()))?;
@@ -317,4 +317,42 @@ async fn fetch(node: &Arc<Node>, member: &Member) -> Option<ProcessStats> {
         .await
         .ok()?;
     rmp_serde::from_slice(&reply).ok()
+}
+
+/// Answers [`STATS_TAG`] with this process's [`ProcessStats`].
+pub(crate) struct StatsService(pub std::sync::Weak<crate::node::Node>);
+
+impl Service for StatsService {
+    fn dispatch(
+        &self,
+        _caller: Option<&std::sync::Arc<crate::node::connection::Link>>,
+        tag: &str,
+        _payload: &[u8],
+        _reply: bool,
+    ) -> Result<Dispatch, WireError> {
+        if tag != STATS_TAG {
+            return Err(WireError::UnknownMessage {
+                actor: STATS.to_owned(),
+                tag: tag.to_owned(),
+            });
+        }
+        let stats = self.0.upgrade().map(|node| node.stats.snapshot()).unwrap_or_default();
+        Ok(Some(Box::pin(std::future::ready(encode_reply(tag, &stats)))))
+    }
+}
+
+/// Renders the declared tree with the live members:
+///
+/// ```text
+/// myapp (master, pid 100)
+/// ├── webserverApi (spawn, pid 101)
+/// │   ├── 1 (fork, pid 104) WebserverApi up
+/// │   └── 2 (fork, pid 105) WebserverApi up
+/// └── backgroundTaskManager (spawn, pid 103) up
+/// ```
+///
+/// The same text as `evilcluster tree` prints: both render with
+/// [`evilcluster_wire::control::render_tree`].
+pub(crate) fn render(cluster: &str, workers: &[Declared], members: &[Member]) -> String {
+    evilcluster_wire::control::render_tree(&declared_status(cluster, workers, members))
 }

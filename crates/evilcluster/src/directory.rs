@@ -218,6 +218,36 @@ impl Directory {
     }
 }
 
+/// Every declared worker and its fork count, as every process knows them:
+/// those of the cluster started last in this process (a later cluster
+/// replaces an earlier one's, never mixes with it).
+static DECLARED: RwLock<Option<Declared>> = RwLock::new(None);
+
+/// Worker names and their fork counts.
+type Declared = Arc<Vec<(String, u32)>>;
+
+pub(crate) fn declare(workers: impl IntoIterator<Item = (String, u32)>) {
+    *DECLARED.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(workers.into_iter().collect()));
+}
+
+fn declared() -> Option<Declared> {
+    DECLARED.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Whether the running cluster's workers are known here.
+pub(crate) fn declared_any() -> bool {
+    declared().is_some()
+}
+
+/// How many forks the worker named `worker` declares, if it is declared.
+pub(crate) fn declared_forks(worker: &str) -> Option<u32> {
+    let declared = declared()?;
+    declared
+        .iter()
+        .find(|(name, _)| name == worker)
+        .map(|(_, forks)| *forks)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

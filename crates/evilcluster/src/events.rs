@@ -7,7 +7,7 @@
 
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::connection::Link;
+use crate::node::connection::Link;
+use crate::node::service::{check_identity, check_master, decode_payload, Dispatch, Service};
 use crate::node::{self, Node};
-use crate::remote::{check_identity, check_master, decode_payload, Dispatch, Service};
 use crate::SendError;
 
 /// Name of the event service every process hosts.
@@ -120,42 +120,13 @@ fn subscribers() -> &'static Mutex<Subscribers> {
     SUBSCRIBERS.get_or_init(Default::default)
 }
 
-/// Every declared worker and its fork count, as every process knows them:
-/// those of the cluster started last in this process (a later cluster
-/// replaces an earlier one's, never mixes with it).
-static DECLARED: RwLock<Option<Declared>> = RwLock::new(None);
-
-/// Worker names and their fork counts.
-type Declared = Arc<Vec<(String, u32)>>;
-
-pub(crate) fn declare(workers: impl IntoIterator<Item = (String, u32)>) {
-    *DECLARED.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(workers.into_iter().collect()));
-}
-
-fn declared() -> Option<Declared> {
-    DECLARED.read().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
-/// Whether the running cluster's workers are known here.
-pub(crate) fn declared_any() -> bool {
-    declared().is_some()
-}
-
-/// How many forks the worker named `worker` declares, if it is declared.
-pub(crate) fn declared_forks(worker: &str) -> Option<u32> {
-    let declared = declared()?;
-    declared
-        .iter()
-        .find(|(name, _)| name == worker)
-        .map(|(_, forks)| *forks)
-}
-
 /// Publishes `event` to the processes `to` names. Returns once it is on its
 /// way to the master, which delivers it; an event nobody subscribed to is
 /// dropped silently, a worker or fork that is not declared is an error.
 pub async fn publish<E: Event>(to: To, event: &E) -> Result<(), PublishError> {
     if let To::Worker(worker) | To::Fork(worker, _) = &to {
-        let forks = declared_forks(worker).ok_or_else(|| PublishError::UnknownWorker(worker.clone()))?;
+        let forks =
+            crate::directory::declared_forks(worker).ok_or_else(|| PublishError::UnknownWorker(worker.clone()))?;
         if let To::Fork(_, fork) = to {
             if fork == 0 || fork > forks {
                 return Err(PublishError::UnknownFork {
@@ -167,14 +138,14 @@ pub async fn publish<E: Event>(to: To, event: &E) -> Result<(), PublishError> {
         }
     }
     let node = node::current().ok_or(SendError::NotInCluster)?;
-    let payload = crate::addr::encode(E::TAG, event)?;
+    let payload = crate::node::rpc::encode(E::TAG, event)?;
     let publication = Publication {
         to,
         tag: E::TAG.to_owned(),
         from: node.identity.path.clone(),
         payload,
     };
-    if node.registry.get().is_some() {
+    if node.hosts_registry() {
         fan_out(&node, publication);
         return Ok(());
     }
@@ -183,7 +154,7 @@ pub async fn publish<E: Event>(to: To, event: &E) -> Result<(), PublishError> {
         path: node.master.0.clone(),
         reason: "not connected to the master".into(),
     })?;
-    let body = crate::addr::encode(PUBLISH_TAG, &publication)?;
+    let body = crate::node::rpc::encode(PUBLISH_TAG, &publication)?;
     master
         .request(EVENTS, PUBLISH_TAG, master.peer.incarnation, &body, false, None)
         .map_err(|_| SendError::Disconnected {
@@ -262,7 +233,7 @@ impl Service for EventService {
                 let publication: Publication = decode_payload(tag, payload)?;
                 // Subscribers trust `from`: it must be the publisher's own path.
                 check_identity(caller, &publication.from, None)?;
-                if let Some(node) = self.0.upgrade().filter(|node| node.registry.get().is_some()) {
+                if let Some(node) = self.0.upgrade().filter(|node| node.hosts_registry()) {
                     fan_out(&node, publication);
                 }
                 Ok(None)

@@ -83,7 +83,6 @@
 
 mod addr;
 mod cluster;
-mod connection;
 mod control;
 mod directory;
 mod error;
@@ -101,8 +100,6 @@ mod role;
 mod rundir;
 mod stats;
 mod supervisor;
-mod throttle;
-mod transport;
 mod tree;
 mod watch;
 mod worker;

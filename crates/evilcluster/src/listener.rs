@@ -119,7 +119,7 @@ impl Handoff {
         std::thread::Builder::new()
             .name("evilcluster-listener".into())
             .spawn(move || {
-                let mut throttle = crate::throttle::Throttle::default();
+                let mut throttle = crate::node::throttle::Throttle::default();
                 for fork in handoff.incoming() {
                     let sent = fork.and_then(|fork| match is_our_fork(&fork) {
                         Ok(()) => send_descriptor(&fork, shared.as_fd()),

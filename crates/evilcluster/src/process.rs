@@ -216,3 +216,15 @@ pub(crate) fn attach_to_parent(
         .map_err(|e| Error::io("cannot start the control thread", e))?;
     Ok((Cookie::new(cookie), stopped))
 }
+
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0; N];
+    getrandom::fill(&mut bytes).expect("the operating system's random source failed");
+    bytes
+}
+
+/// Incarnations are random: a restarted process, even under a restarted
+/// parent, never reuses its predecessor's.
+pub(crate) fn random_incarnation() -> u64 {
+    u64::from_ne_bytes(random_bytes::<8>()).max(1)
+}

@@ -9,10 +9,11 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
-use crate::connection::Link;
 use crate::directory::{Directory, Member, Snapshot};
+use crate::node::connection::Link;
+use crate::node::service::{check_identity, check_master, decode_payload, encode_reply, Dispatch, Service};
 use crate::node::Node;
-use crate::remote::{check_identity, check_master, decode_payload, encode_reply, Dispatch, RemoteMessage, Service};
+use crate::remote::RemoteMessage;
 
 /// Name of the master's registry actor.
 pub(crate) const REGISTRY: &str = "evilcluster.registry";

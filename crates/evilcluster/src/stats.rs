@@ -4,10 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use evilcluster_wire::WireError;
 use serde::{Deserialize, Serialize};
-
-use crate::remote::{encode_reply, Dispatch, Service};
 
 /// Buckets of the latency histogram: `< 1 µs`, `< 2 µs`, … `< 2^22 µs` (4 s), and the rest.
 pub(crate) const LATENCY_BUCKETS: usize = 24;
@@ -114,28 +111,6 @@ fn proportional_memory() -> Option<u64> {
         .parse()
         .ok()?;
     Some(kib * 1024)
-}
-
-/// Answers [`STATS_TAG`] with this process's [`ProcessStats`].
-pub(crate) struct StatsService(pub std::sync::Weak<crate::node::Node>);
-
-impl Service for StatsService {
-    fn dispatch(
-        &self,
-        _caller: Option<&std::sync::Arc<crate::connection::Link>>,
-        tag: &str,
-        _payload: &[u8],
-        _reply: bool,
-    ) -> Result<Dispatch, WireError> {
-        if tag != STATS_TAG {
-            return Err(WireError::UnknownMessage {
-                actor: STATS.to_owned(),
-                tag: tag.to_owned(),
-            });
-        }
-        let stats = self.0.upgrade().map(|node| node.stats.snapshot()).unwrap_or_default();
-        Ok(Some(Box::pin(std::future::ready(encode_reply(tag, &stats)))))
-    }
 }
 
 #[cfg(test)]

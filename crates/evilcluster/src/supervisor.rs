@@ -531,7 +531,7 @@ impl Supervisor {
     /// timeout passes.
     async fn start(&mut self, index: usize, commands: &mut mpsc::UnboundedReceiver<Command>) -> Started {
         let spec = &self.plan.children[index];
-        let incarnation = crate::cluster::random_incarnation();
+        let incarnation = crate::process::random_incarnation();
         let restarts = self.slots[index].restarts;
         let launched = process::launch(Launch {
             role: &spec.role,

@@ -1,8 +1,5 @@
-//! The tree of processes, rendered for people.
-
-use evilcluster_wire::control::render_tree;
-
-use crate::directory::Member;
+//! What the rendered tree needs to know about the declared workers (the
+//! rendering itself is `control::render`, beside the live status).
 
 /// What the tree needs to know about a declared worker.
 #[derive(Debug, Clone)]
@@ -15,25 +12,11 @@ pub(crate) struct Declared {
     pub type_name: Option<&'static str>,
 }
 
-/// Renders the declared tree with the live members:
-///
-/// ```text
-/// myapp (master, pid 100)
-/// ├── webserverApi (spawn, pid 101)
-/// │   ├── 1 (fork, pid 104) WebserverApi up
-/// │   └── 2 (fork, pid 105) WebserverApi up
-/// └── backgroundTaskManager (spawn, pid 103) up
-/// ```
-///
-/// The same text as `evilcluster tree` prints: both render with
-/// [`render_tree`].
-pub(crate) fn render(cluster: &str, workers: &[Declared], members: &[Member]) -> String {
-    render_tree(&crate::control::declared_status(cluster, workers, members))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::render;
+    use crate::directory::Member;
     use evilcluster_wire::control::RoleKind;
 
     fn member(path: &str, pid: u32) -> Member {

@@ -8,7 +8,8 @@ use std::task::{Context, Poll};
 use futures_util::Stream;
 use rustc_hash::FxHashMap;
 
-use crate::events::{declared_forks, Subscription};
+use crate::directory::declared_forks;
+use crate::events::Subscription;
 use crate::lifecycle::{lifecycle, ExitReason, Lifecycle};
 use crate::remote::RemoteActor;
 

@@ -1,11 +1,16 @@
 //! This process's membership in the cluster: who it is, what it hosts, and
 //! its connections to the other processes.
 
+pub(crate) mod connection;
+pub(crate) mod rpc;
+pub(crate) mod service;
+pub(crate) mod throttle;
+pub(crate) mod transport;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use actix::Addr;
 use std::time::Duration;
 
 use evilcluster_wire::{Cookie, Identity, Request, WireError, DEFAULT_MAX_FRAME_LENGTH};
@@ -14,15 +19,12 @@ use rustc_hash::FxHashMap;
 use tokio::sync::{Notify, OnceCell};
 use tracing::{debug, warn};
 
-use crate::connection::{self, Link, Side, DEFAULT_HANDSHAKE_TIMEOUT};
 use crate::directory::{Directory, Member, Pick};
-use crate::events::{EventService, EVENTS};
-use crate::registry::{PeerGone, Registry};
-use crate::remote::{Dispatch, Service};
-use crate::stats::{Stats, StatsService, STATS};
-use crate::throttle::{clip, Throttle};
-use crate::transport;
+use crate::stats::Stats;
 use crate::Error;
+use connection::{Link, Side, DEFAULT_HANDSHAKE_TIMEOUT};
+use service::{Dispatch, Service};
+use throttle::{clip, Throttle};
 
 /// One-way messages being passed on to another instance at once (see
 /// [`Node::refused`]); past it, such messages are refused like any other.
@@ -71,6 +73,9 @@ impl Slot {
     }
 }
 
+/// What the master's registry is told when a connection closes.
+pub(crate) type LinkClosedHook = Box<dyn Fn(std::sync::Weak<Link>) + Send + Sync>;
+
 pub(crate) struct Node {
     pub identity: Identity,
     pub cookie: Cookie,
@@ -92,8 +97,9 @@ pub(crate) struct Node {
     master_link: Mutex<std::sync::Weak<Link>>,
     /// Warnings not tied to one connection, rate-limited.
     warnings: Mutex<Throttle>,
-    /// The registry, in the master.
-    pub registry: OnceLock<Addr<Registry>>,
+    /// In the master: tells the registry that a connection closed (the
+    /// registry forgets what that very connection registered).
+    registry_hook: OnceLock<LinkClosedHook>,
     pub stats: Stats,
     /// One-way messages being passed on to another instance (see
     /// [`Node::refused`]); a drain waits for them.
@@ -146,17 +152,11 @@ impl Node {
             master_lost: Notify::new(),
             master_link: Mutex::new(std::sync::Weak::new()),
             warnings: Mutex::new(Throttle::default()),
-            registry: OnceLock::new(),
+            registry_hook: OnceLock::new(),
             stats: Stats::new(),
             forwarding: AtomicUsize::new(0),
             stopping: std::sync::atomic::AtomicBool::new(false),
         });
-        node.add_service(STATS, Arc::new(StatsService(Arc::downgrade(&node))));
-        node.add_service(EVENTS, Arc::new(EventService(Arc::downgrade(&node))));
-        node.add_service(
-            crate::registry::DIRECTORY,
-            Arc::new(crate::registry::DirectoryService(node.directory.clone())),
-        );
         if let Some(listener) = listener {
             let task = actix_rt::spawn(accept_loop(node.clone(), listener));
             *node.accept_task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
@@ -473,6 +473,17 @@ impl Node {
         slot.link.get().filter(|link| !link.is_closed()).cloned()
     }
 
+    /// Makes this node the master's: `hook` learns of every connection that
+    /// closes, for the registry.
+    pub(crate) fn host_registry(&self, hook: LinkClosedHook) {
+        let _ = self.registry_hook.set(hook);
+    }
+
+    /// Whether this process hosts the registry (it is the master).
+    pub(crate) fn hosts_registry(&self) -> bool {
+        self.registry_hook.get().is_some()
+    }
+
     pub(crate) fn link_closed(&self, link: &Arc<Link>) {
         {
             let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
@@ -484,11 +495,8 @@ impl Node {
                 links.remove(&link.peer.path);
             }
         }
-        if let Some(registry) = self.registry.get() {
-            // The registry forgets only what this very connection registered.
-            registry.do_send(PeerGone {
-                link: Arc::downgrade(link),
-            });
+        if let Some(hook) = self.registry_hook.get() {
+            hook(Arc::downgrade(link));
         } else if link.is_master() {
             // Only the loss of the connection this process opened counts:
             // another one claiming the master's path stops nothing.

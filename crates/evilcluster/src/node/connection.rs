@@ -18,9 +18,9 @@ use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::codec::{Encoder, Framed, FramedRead, LengthDelimitedCodec};
 use tracing::{debug, warn};
 
+use crate::node::throttle::clip;
+use crate::node::transport::{self, ReadHalf, WriteHalf};
 use crate::node::Node;
-use crate::throttle::clip;
-use crate::transport::{self, ReadHalf, WriteHalf};
 
 /// Names of the runtime's own services start with this.
 const SYSTEM_PREFIX: &str = "evilcluster.";
@@ -208,7 +208,7 @@ pub(crate) struct Link {
     /// one whose loss stops it, and the only one its master speaks on).
     master: AtomicBool,
     /// Warnings this connection's peer caused, rate-limited.
-    pub(crate) warnings: Mutex<crate::throttle::Throttle>,
+    pub(crate) warnings: Mutex<crate::node::throttle::Throttle>,
 }
 
 impl Link {
@@ -231,7 +231,7 @@ impl Link {
             asked_to_go: AtomicBool::new(false),
             quiet: AtomicBool::new(false),
             master: AtomicBool::new(false),
-            warnings: Mutex::new(crate::throttle::Throttle::default()),
+            warnings: Mutex::new(crate::node::throttle::Throttle::default()),
             closed: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             slots: Semaphore::new(WINDOW),
@@ -254,7 +254,7 @@ impl Link {
     }
 
     /// Whether one more warning caused by this peer may be logged now (at
-    /// most [`PER_WINDOW`](crate::throttle::PER_WINDOW) a second; the rest
+    /// most [`PER_WINDOW`](crate::node::throttle::PER_WINDOW) a second; the rest
     /// are counted and reported later in one line).
     pub fn warn_allowed(&self) -> bool {
         let mut warnings = self.warnings.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,0 +1,78 @@
+//! What a process hosts, as the connections see it: a service answers
+//! requests by tag. User actors (through their routes) and the runtime's own
+//! services (registry, directory, events, stats, control) are all services.
+
+use std::sync::Arc;
+
+use evilcluster_wire::WireError;
+use futures_util::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::node::connection::Link;
+
+/// The outcome of dispatching one request to a local service.
+pub(crate) type Dispatch = Option<BoxFuture<'static, Result<Vec<u8>, WireError>>>;
+
+/// Something hosted by this process that requests can name: a user's actor
+/// or one of the runtime's own services.
+pub(crate) trait Service: Send + Sync {
+    /// Decodes and queues one message. `Ok(None)` when no reply is wanted.
+    /// `caller` is the connection it came on (`None`: from this process),
+    /// whose authenticated identity is the only one it may speak for.
+    fn dispatch(
+        &self,
+        caller: Option<&Arc<Link>>,
+        tag: &str,
+        payload: &[u8],
+        reply: bool,
+    ) -> Result<Dispatch, WireError>;
+}
+
+/// Refuses a request that speaks for another process than its connection
+/// authenticated as.
+pub(crate) fn check_identity(
+    caller: Option<&Arc<Link>>,
+    path: &str,
+    incarnation: Option<u64>,
+) -> Result<(), WireError> {
+    let Some(caller) = caller else { return Ok(()) };
+    let same = caller.peer.path == path && incarnation.is_none_or(|i| i == caller.peer.incarnation);
+    if same {
+        Ok(())
+    } else {
+        Err(WireError::Impersonation {
+            claimed: crate::node::throttle::clip(path).into_owned(),
+            authenticated: crate::node::throttle::clip(&caller.peer.path).into_owned(),
+        })
+    }
+}
+
+/// Refuses a request that only this process's master may make (a
+/// directory snapshot, an event delivery) unless it came on the connection
+/// this process opened to its master.
+pub(crate) fn check_master(caller: Option<&Arc<Link>>) -> Result<(), WireError> {
+    match caller {
+        Some(caller) if !caller.is_master() => Err(WireError::Impersonation {
+            claimed: "this process's master".into(),
+            authenticated: crate::node::throttle::clip(&caller.peer.path).into_owned(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Decodes a request's payload, or says why it did not decode.
+pub(crate) fn decode_payload<T: DeserializeOwned>(tag: &str, payload: &[u8]) -> Result<T, WireError> {
+    rmp_serde::from_slice(payload).map_err(|e| WireError::Decode {
+        tag: tag.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// Encodes a handler's result for its reply, or says why it did not encode.
+pub(crate) fn encode_reply<T: Serialize>(tag: &str, value: &T) -> Result<Vec<u8>, WireError> {
+    rmp_serde::to_vec(value).map_err(|e| WireError::Encode {
+        tag: tag.to_owned(),
+        detail: e.to_string(),
+    })
+}
