@@ -602,6 +602,13 @@ impl Supervisor {
                     break Some(ExitReason::StartFailed(format!("not ready within {start_timeout:?}")));
                 }
                 reason = supervised.exited() => {
+                    // A child that finished its work and exited 0 before its
+                    // registration reached this supervisor (a short task) did
+                    // start: its exit is handled as a normal one, so a
+                    // Transient child is not restarted.
+                    if reason == ExitReason::Normal {
+                        break None;
+                    }
                     break Some(ExitReason::StartFailed(format!("exited before it was ready ({reason})")));
                 }
                 command = commands.recv() => {
