@@ -1,0 +1,386 @@
+//! A child's runtime: joining the master, hosting an actor or running a
+//! task, and stopping gracefully.
+
+use super::master::install_services;
+use super::*;
+
+impl Cluster {
+    pub(super) fn run_child_and_exit(self, env: ChildEnv) -> ! {
+        let socket_dir = env.socket_dir.clone();
+        // A panic that unwinds this far (a task's) ends the process like
+        // one that ended its actor: the same code, the output flushed.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_child(env)));
+        let code = match &outcome {
+            Ok(Ok(())) => 0,
+            Err(_) => crate::lifecycle::PANIC_EXIT_CODE,
+            Ok(Err(error)) => {
+                error!("{error}");
+                // The parent reports it in the exit's reason; a panic's own
+                // message, left first, wins.
+                crate::lifecycle::leave_last_words(&socket_dir, &error.to_string());
+                if PANICKED.load(std::sync::atomic::Ordering::SeqCst) {
+                    crate::lifecycle::PANIC_EXIT_CODE
+                } else {
+                    1
+                }
+            }
+        };
+        // Every line written so far reaches the terminal before the exit.
+        crate::output::finish();
+        std::process::exit(code)
+    }
+
+    pub(super) fn run_child(mut self, env: ChildEnv) -> Result<()> {
+        let name = env.role.worker().expect("a child has a worker").to_owned();
+        let index = self
+            .workers
+            .iter()
+            .position(|w| w.name == name)
+            .ok_or_else(|| Error::Environment(format!("worker `{name}` is not declared in this program")))?;
+        let worker = &self.workers[index];
+        // The whole of this process's budget (its forks' included, for a
+        // spawn): its parent waits that long before killing it.
+        let budget = worker
+            .supervision
+            .shutdown_budget(&env.role, worker.forks, &self.config);
+        let (cookie, stop_requests) = crate::process::attach_to_parent(&env, budget.saturating_mul(2))?;
+        publish_options(Some(&name), &self.workers);
+        record_panics(env.socket_dir.clone());
+        let worker = self.workers.swap_remove(index);
+        // Every line this process writes, logs included, carries its path
+        // and pid: from the output relay, or failing that from a span (at
+        // error level, so it is enabled whatever RUST_LOG filters).
+        let span = match crate::output::relay(&format!("{}[{}]", env.path, std::process::id())) {
+            Ok(()) => tracing::Span::none(),
+            Err(error) => {
+                warn!(%error, "cannot prefix this process's output; logging with a span instead");
+                error_span!("proc", path = %env.path, pid = std::process::id())
+            }
+        };
+        let _entered = span.enter();
+        let child = Child {
+            cluster: self.name,
+            config: self.config,
+            env,
+            cookie,
+            order: index as u32 + 1,
+        };
+        actix_rt::System::new().block_on(child.run(worker, stop_requests))
+    }
+}
+
+/// The process-local part of a child.
+struct Child {
+    cluster: String,
+    config: Config,
+    env: ChildEnv,
+    cookie: Cookie,
+    order: u32,
+}
+
+impl Child {
+    async fn run(self, worker: Worker, mut stop_requests: mpsc::UnboundedReceiver<StopReason>) -> Result<()> {
+        let supervises_forks = matches!(self.env.role, Role::Spawn { .. }) && worker.forks > 0;
+        let hosted = match (&worker.body, supervises_forks) {
+            (Body::Actor { name, type_name, .. }, false) => Some((*name, *type_name)),
+            _ => None,
+        };
+        let socket = hosted.map(|_| {
+            self.env
+                .socket_dir
+                // Named by incarnation (random), not pid: a pid is reused,
+                // and a killed process leaves its socket file behind.
+                .join(format!("{:016x}.sock", self.env.incarnation))
+                .to_string_lossy()
+                .into_owned()
+        });
+        let node = Node::start(NodeSpec {
+            identity: Identity {
+                cluster: self.cluster.clone(),
+                path: self.env.path.clone(),
+                incarnation: self.env.incarnation,
+            },
+            cookie: self.cookie.clone(),
+            config: self.config.clone(),
+            socket: socket.clone(),
+            socket_dir: self.env.socket_dir.clone(),
+            master: (self.cluster.clone(), self.env.master_socket.clone()),
+        })?;
+        install_services(&node);
+        let outcome = self
+            .serve(&node, worker, socket, hosted, supervises_forks, &mut stop_requests)
+            .await;
+        // Replies to requests handled, and messages sent just before the
+        // end (a task's last do_send), leave before the process does.
+        node.drain(self.config.shutdown_timeout).await;
+        node.stop();
+        outcome
+    }
+
+    async fn serve(
+        &self,
+        node: &Arc<Node>,
+        worker: Worker,
+        socket: Option<String>,
+        hosted: Option<(&'static str, &'static str)>,
+        supervises_forks: bool,
+        stop_requests: &mut mpsc::UnboundedReceiver<StopReason>,
+    ) -> Result<()> {
+        let master = join(node).await?;
+        // The worker's shared listener ([`Worker::listen`]): a spawn binds
+        // it (and serves it to its forks), a fork fetches it from its spawn.
+        let shared = match &worker.listen {
+            Some(address) => Some(crate::listener::share(
+                address,
+                self.env.listener.as_deref(),
+                supervises_forks.then(|| {
+                    self.env
+                        .socket_dir
+                        .join(format!("{:016x}.listener", self.env.incarnation))
+                }),
+            )?),
+            None => None,
+        };
+        let member = Member {
+            path: self.env.path.clone(),
+            role: self.env.role.kind(),
+            worker: worker.name.clone(),
+            order: self.order,
+            fork: match self.env.role {
+                Role::Fork { number, .. } => Some(number),
+                _ => None,
+            },
+            pid: std::process::id(),
+            incarnation: self.env.incarnation,
+            actor: hosted.map(|(name, _)| name.to_owned()),
+            actor_type: hosted.map(|(_, type_name)| type_name.to_owned()),
+            socket,
+            restarts: self.env.restarts,
+            listen: shared.as_ref().map(|s| s.address.clone()),
+        };
+        if supervises_forks {
+            let mut plan = self.fork_plan(&worker);
+            plan.listener = shared.as_ref().and_then(|s| s.handoff.as_ref()).map(|h| h.path.clone());
+            let forks = supervisor::supervise(node.clone(), plan);
+            node.add_service(SUPERVISOR, Arc::new(SupervisorService(forks.restarter())));
+            let work = async {
+                forks.started().await?;
+                announce(&master, member).await?;
+                tokio::select! {
+                    gave_up = forks.gave_up() => Err(gave_up),
+                    // Its forks ended as `fork_auto_shutdown` says: the
+                    // spawn's work is done, a normal exit.
+                    () = forks.finished() => {
+                        info!("the forks have ended (auto-shutdown); exiting");
+                        Ok(())
+                    }
+                }
+            };
+            let outcome = tokio::select! {
+                outcome = work => outcome,
+                () = wait_for_stop(node, stop_requests) => Ok(()),
+            };
+            // Whatever happened, the forks stop before their spawn does.
+            forks.shutdown().await;
+            return outcome;
+        }
+        match worker.body {
+            Body::Actor { name, host, .. } => {
+                let Hosted { service, stop, stopped } = host();
+                let mut stopped = std::pin::pin!(stopped);
+                node.add_service(name, service);
+                let path = member.path.clone();
+                announce(&master, member).await?;
+                tokio::select! {
+                    () = wait_for_stop(node, stop_requests) => {}
+                    _ = &mut stopped => return actor_ended(name),
+                }
+                // New requests go to other instances from now on; the actor
+                // handles what it has already received, then stops.
+                leave(node, &master, path).await;
+                // Peers send new requests elsewhere; what is already on its
+                // way is still handled here, or passed on.
+                node.go_away();
+                node.remove_service(name);
+                let _ = stop.send(());
+                let _ = stopped.await;
+                Ok(())
+            }
+            Body::Task(task) => {
+                announce(&master, member).await?;
+                tokio::select! {
+                    result = task() => result.map_err(|e| Error::Task { name: worker.name.clone(), reason: e.to_string() }),
+                    _ = wait_for_stop(node, stop_requests) => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// How this spawn supervises its forks.
+    fn fork_plan(&self, worker: &Worker) -> Plan {
+        let supervision = &worker.supervision;
+        Plan {
+            path: self.env.path.clone(),
+            strategy: supervision.fork_strategy,
+            intensity: supervision.fork_intensity,
+            auto_shutdown: supervision.fork_auto_shutdown,
+            children: (1..=worker.forks)
+                .map(|number| {
+                    supervision.child(
+                        Role::Fork {
+                            name: worker.name.clone(),
+                            number,
+                            of: worker.forks,
+                        },
+                        format!("{}/{number}", self.env.path),
+                        worker.forks,
+                        &self.config,
+                    )
+                })
+                .collect(),
+            master_socket: self.env.master_socket.clone(),
+            socket_dir: self.env.socket_dir.clone(),
+            cookie: self.cookie.clone(),
+            listener: None,
+        }
+    }
+}
+
+/// The hosted actor stopped by itself: the process ends with it, abnormally
+/// if a handler panicked.
+fn actor_ended(name: &str) -> Result<()> {
+    if PANICKED.load(std::sync::atomic::Ordering::SeqCst) {
+        Err(Error::ActorFailed {
+            actor: name.to_owned(),
+            reason: "a handler panicked".into(),
+        })
+    } else {
+        info!(actor = name, "the actor stopped; exiting");
+        Ok(())
+    }
+}
+
+static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Remembers that a panic happened (after the usual report), so that an
+/// actor ended by a panic ends its process abnormally, with
+/// [`PANIC_EXIT_CODE`](crate::lifecycle::PANIC_EXIT_CODE) as a panicking
+/// task does; and leaves the panic's message for the parent to report in
+/// the exit's reason.
+fn record_panics(socket_dir: std::path::PathBuf) {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICKED.store(true, std::sync::atomic::Ordering::SeqCst);
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("Box<dyn Any>");
+        let words = match info.location() {
+            Some(at) => format!("panicked at {at}: {message}"),
+            None => format!("panicked: {message}"),
+        };
+        crate::lifecycle::leave_last_words(&socket_dir, &words);
+        report(info);
+    }));
+}
+
+/// Tells the registry this process is leaving, so that callers stop
+/// choosing it before it stops.
+async fn leave(node: &Node, master: &Link, path: String) {
+    let leave = Leave {
+        path,
+        incarnation: node.identity.incarnation,
+    };
+    let Ok(payload) = encode(Leave::TAG, &leave) else {
+        return;
+    };
+    if let Err(error) = call(
+        master,
+        REGISTRY,
+        Leave::TAG,
+        master.peer.incarnation,
+        &payload,
+        Duration::from_secs(1),
+    )
+    .await
+    {
+        debug!(%error, "could not tell the registry this process is leaving");
+    }
+}
+
+/// Connects a child to the master and loads the directory.
+async fn join(node: &Arc<Node>) -> Result<Arc<Link>> {
+    let (master_path, master_socket) = &node.master;
+    let stream = transport::connect(master_socket)
+        .await
+        .map_err(|e| Error::io(format!("cannot connect to the master at {master_socket}"), e))?;
+    let link = connection::establish(node.clone(), stream, Side::Caller)
+        .await
+        .map_err(|source| Error::Handshake {
+            peer: master_path.clone(),
+            source,
+        })?;
+    node.set_master_link(&link);
+    let subscribe = Subscribe {
+        path: node.identity.path.clone(),
+        incarnation: node.identity.incarnation,
+    };
+    let reply = call(
+        &link,
+        REGISTRY,
+        Subscribe::TAG,
+        link.peer.incarnation,
+        &encode(Subscribe::TAG, &subscribe)?,
+        node.config.call_timeout,
+    )
+    .await?;
+    let snapshot: Snapshot = decode(Subscribe::TAG, &reply)?;
+    node.directory.apply(snapshot);
+    Ok(link)
+}
+
+async fn announce(master: &Link, member: Member) -> Result<()> {
+    let payload = encode(Announce::TAG, &Announce(member))?;
+    call(
+        master,
+        REGISTRY,
+        Announce::TAG,
+        master.peer.incarnation,
+        &payload,
+        Duration::from_secs(30),
+    )
+    .await?;
+    info!("ready");
+    Ok(())
+}
+
+/// Resolves when this child should stop: its control pipe closed, SIGTERM,
+/// or the master's connection lost.
+async fn wait_for_stop(node: &Node, stop_requests: &mut mpsc::UnboundedReceiver<StopReason>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut terminate = signal(SignalKind::terminate()).ok();
+        // A terminal's Ctrl-C reaches every process of the group; the master
+        // drives the shutdown, so children let it.
+        let mut interrupt = signal(SignalKind::interrupt()).ok();
+        loop {
+            tokio::select! {
+                _ = stop_requests.recv() => return,
+                _ = node.master_lost.notified() => return,
+                Some(()) = async { terminate.as_mut()?.recv().await } => {
+                    info!("SIGTERM received; stopping");
+                    return;
+                }
+                Some(()) = async { interrupt.as_mut()?.recv().await } => {}
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::select! {
+        _ = stop_requests.recv() => {}
+        _ = node.master_lost.notified() => {}
+    }
+}
