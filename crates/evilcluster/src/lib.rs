@@ -81,28 +81,18 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod addr;
-mod cluster;
-mod control;
-mod directory;
+// The layers, bottom up; imports only go down (ARCHITECTURE.md).
+mod api; // 6. what users call
 mod error;
-mod events;
-mod lifecycle;
 #[cfg(unix)]
 mod listener;
-mod node;
+mod node; // 2. this process, its connections, the one internal request path
+mod observe; // the control endpoint, live status, the tree
 #[cfg(unix)]
 mod output;
-mod process;
-mod registry;
-mod remote;
-mod role;
-mod rundir;
-mod stats;
-mod supervisor;
-mod tree;
-mod watch;
-mod worker;
+mod registry; // 3. who is where: the master's registry
+mod runtime; // 5. the master's and a child's runtimes, signals
+mod supervision; // 4. policy, engine, launching processes
 
 /// Forks share a listener on Unix only.
 #[cfg(not(unix))]
@@ -139,12 +129,15 @@ mod output {
     }
 }
 
-pub use addr::{addr_of, addr_of_fork, RemoteAddr, RemoteRecipient, SendRequest};
-pub use cluster::{shutdown_signal, Cluster, ClusterHandle, RunningCluster};
-pub use control::restart_worker;
-pub use directory::Member;
+pub use api::addr::{addr_of, addr_of_fork, RemoteAddr, RemoteRecipient, SendRequest};
+pub use api::events::{publish, subscribe, Delivery, Event, PublishError, Subscription, To};
+pub use api::lifecycle::{cluster_ready, lifecycle, ExitReason, Lifecycle, PANIC_EXIT_CODE};
+pub use api::remote::{
+    Contains, Here, MessageList, RemoteActor, RemoteMessage, Routed, Routes, There, DEFAULT_MAILBOX_CAPACITY,
+};
+pub use api::role::{fork_number, is_fork, is_last_fork, is_master, is_spawn, path, role, try_role, Role};
+pub use api::watch::{watch, Watch, Watched};
 pub use error::{Error, Result, SendError};
-pub use events::{publish, subscribe, Delivery, Event, PublishError, Subscription, To};
 /// Derives [`RemoteMessage`](trait@RemoteMessage) with the message's stable
 /// wire tag declared beside it: `#[derive(RemoteMessage)] #[remote(tag = "kv.get")]`
 /// (add `idempotent` for a message safe to handle twice).
@@ -172,15 +165,12 @@ pub use events::{publish, subscribe, Delivery, Event, PublishError, Subscription
 /// ```
 pub use evilcluster_macros::RemoteMessage;
 pub use evilcluster_wire::control::{ProcessState, RoleKind};
-pub use lifecycle::{cluster_ready, lifecycle, ExitReason, Lifecycle, PANIC_EXIT_CODE};
 pub use listener::listener;
-pub use remote::{
-    Contains, Here, MessageList, RemoteActor, RemoteMessage, Routed, Routes, There, DEFAULT_MAILBOX_CAPACITY,
-};
-pub use role::{fork_number, is_fork, is_last_fork, is_master, is_spawn, path, role, try_role, Role};
-pub use supervisor::{AutoShutdown, Backoff, Intensity, Restart, Strategy};
-pub use watch::{watch, Watch, Watched};
-pub use worker::{options, options_of, TaskResult, Worker};
+pub use node::directory::Member;
+pub use observe::control::restart_worker;
+pub use runtime::{shutdown_signal, Cluster, ClusterHandle, RunningCluster};
+pub use supervision::supervisor::{AutoShutdown, Backoff, Intensity, Restart, Strategy};
+pub use supervision::worker::{options, options_of, TaskResult, Worker};
 
 /// The README's tour, compiled as a doc test so that it stays true.
 #[cfg(doctest)]

@@ -9,11 +9,11 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
-use crate::directory::{Directory, Member, Snapshot};
+use crate::api::remote::RemoteMessage;
 use crate::node::connection::Link;
+use crate::node::directory::{Directory, Member, Snapshot};
 use crate::node::service::{check_identity, check_master, decode_payload, encode_reply, Dispatch, Service};
 use crate::node::Node;
-use crate::remote::RemoteMessage;
 
 /// Name of the master's registry actor.
 pub(crate) const REGISTRY: &str = "evilcluster.registry";

@@ -2,8 +2,10 @@
 //! its connections to the other processes.
 
 pub(crate) mod connection;
+pub(crate) mod directory;
 pub(crate) mod rpc;
 pub(crate) mod service;
+pub(crate) mod stats;
 pub(crate) mod throttle;
 pub(crate) mod transport;
 
@@ -19,8 +21,8 @@ use rustc_hash::FxHashMap;
 use tokio::sync::{Notify, OnceCell};
 use tracing::{debug, warn};
 
-use crate::directory::{Directory, Member, Pick};
-use crate::stats::Stats;
+use crate::node::directory::{Directory, Member, Pick};
+use crate::node::stats::Stats;
 use crate::Error;
 use connection::{Link, Side, DEFAULT_HANDSHAKE_TIMEOUT};
 use service::{Dispatch, Service};

@@ -16,7 +16,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::role::{env, ChildEnv};
+use crate::api::role::{env, ChildEnv};
 use crate::{Error, Role};
 
 /// What a parent tells a new child.

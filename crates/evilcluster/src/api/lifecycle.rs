@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::events::{subscribe, Event, Subscription};
+use crate::api::events::{subscribe, Event, Subscription};
 
 /// The exit code of a child process that panicked — in a task, in an actor's
 /// handler, anywhere — the same code Rust gives a program whose `main`

@@ -125,8 +125,8 @@ fn subscribers() -> &'static Mutex<Subscribers> {
 /// dropped silently, a worker or fork that is not declared is an error.
 pub async fn publish<E: Event>(to: To, event: &E) -> Result<(), PublishError> {
     if let To::Worker(worker) | To::Fork(worker, _) = &to {
-        let forks =
-            crate::directory::declared_forks(worker).ok_or_else(|| PublishError::UnknownWorker(worker.clone()))?;
+        let forks = crate::node::directory::declared_forks(worker)
+            .ok_or_else(|| PublishError::UnknownWorker(worker.clone()))?;
         if let To::Fork(_, fork) = to {
             if fork == 0 || fork > forks {
                 return Err(PublishError::UnknownFork {

@@ -16,10 +16,10 @@ impl Cluster {
         let run_dir = RunDir::claim(&self.name)?;
         let cookie = match self.cookie.clone() {
             Some(secret) => Cookie::new(secret),
-            None => Cookie::new(crate::process::random_bytes::<32>().to_vec()),
+            None => Cookie::new(crate::supervision::process::random_bytes::<32>().to_vec()),
         };
         let master_socket = run_dir.sockets.join("master.sock").to_string_lossy().into_owned();
-        let incarnation = crate::process::random_incarnation();
+        let incarnation = crate::supervision::process::random_incarnation();
         run_dir.publish(&master_socket, &cookie)?;
         let node = Node::start(NodeSpec {
             identity: Identity {
@@ -97,7 +97,7 @@ impl Cluster {
             cookie: cookie.clone(),
             listener: None,
         };
-        actix_rt::spawn(crate::control::track_restarts());
+        actix_rt::spawn(crate::observe::control::track_restarts());
         let supervisor = supervisor::supervise(node.clone(), plan);
         node.add_service(
             CONTROL,
@@ -188,7 +188,7 @@ impl RunningCluster {
 
     /// The tree as it is now, rendered as text.
     pub fn tree(&self) -> String {
-        crate::control::render(&self.name, &self.declared, &self.node.directory.members())
+        crate::observe::control::render(&self.name, &self.declared, &self.node.directory.members())
     }
 
     /// Asks the master to stop the whole tree, as `evilcluster stop` does:
@@ -211,7 +211,7 @@ impl ClusterHandle {
 
     /// The tree as it is now, rendered as text.
     pub fn tree(&self) -> String {
-        crate::control::render(&self.name, &self.declared, &self.node.directory.members())
+        crate::observe::control::render(&self.name, &self.declared, &self.node.directory.members())
     }
 
     /// Resolves when a control client (`evilcluster stop`) asks the cluster
@@ -265,7 +265,7 @@ async fn log_tree_changes(node: Arc<Node>, cluster: String, declared: Vec<Declar
         let members = node.directory.members();
         info!(
             "cluster changed\n{}",
-            crate::control::render(&cluster, &declared, &members)
+            crate::observe::control::render(&cluster, &declared, &members)
         );
     }
 }
@@ -292,12 +292,12 @@ pub(super) fn raise_descriptor_limit() {
 /// deliveries and directory pushes (the master adds the registry).
 pub(super) fn install_services(node: &Arc<Node>) {
     node.add_service(
-        crate::stats::STATS,
-        Arc::new(crate::control::StatsService(Arc::downgrade(node))),
+        crate::node::stats::STATS,
+        Arc::new(crate::observe::control::StatsService(Arc::downgrade(node))),
     );
     node.add_service(
-        crate::events::EVENTS,
-        Arc::new(crate::events::EventService(Arc::downgrade(node))),
+        crate::api::events::EVENTS,
+        Arc::new(crate::api::events::EventService(Arc::downgrade(node))),
     );
     node.add_service(
         crate::registry::DIRECTORY,

@@ -12,14 +12,14 @@ impl Cluster {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_child(env)));
         let code = match &outcome {
             Ok(Ok(())) => 0,
-            Err(_) => crate::lifecycle::PANIC_EXIT_CODE,
+            Err(_) => crate::api::lifecycle::PANIC_EXIT_CODE,
             Ok(Err(error)) => {
                 error!("{error}");
                 // The parent reports it in the exit's reason; a panic's own
                 // message, left first, wins.
-                crate::lifecycle::leave_last_words(&socket_dir, &error.to_string());
+                crate::api::lifecycle::leave_last_words(&socket_dir, &error.to_string());
                 if PANICKED.load(std::sync::atomic::Ordering::SeqCst) {
-                    crate::lifecycle::PANIC_EXIT_CODE
+                    crate::api::lifecycle::PANIC_EXIT_CODE
                 } else {
                     1
                 }
@@ -43,7 +43,7 @@ impl Cluster {
         let budget = worker
             .supervision
             .shutdown_budget(&env.role, worker.forks, &self.config);
-        let (cookie, stop_requests) = crate::process::attach_to_parent(&env, budget.saturating_mul(2))?;
+        let (cookie, stop_requests) = crate::supervision::process::attach_to_parent(&env, budget.saturating_mul(2))?;
         publish_options(Some(&name), &self.workers);
         record_panics(env.socket_dir.clone());
         let worker = self.workers.swap_remove(index);
@@ -264,7 +264,7 @@ static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 
 /// Remembers that a panic happened (after the usual report), so that an
 /// actor ended by a panic ends its process abnormally, with
-/// [`PANIC_EXIT_CODE`](crate::lifecycle::PANIC_EXIT_CODE) as a panicking
+/// [`PANIC_EXIT_CODE`](crate::api::lifecycle::PANIC_EXIT_CODE) as a panicking
 /// task does; and leaves the panic's message for the parent to report in
 /// the exit's reason.
 fn record_panics(socket_dir: std::path::PathBuf) {
@@ -281,7 +281,7 @@ fn record_panics(socket_dir: std::path::PathBuf) {
             Some(at) => format!("panicked at {at}: {message}"),
             None => format!("panicked: {message}"),
         };
-        crate::lifecycle::leave_last_words(&socket_dir, &words);
+        crate::api::lifecycle::leave_last_words(&socket_dir, &words);
         report(info);
     }));
 }

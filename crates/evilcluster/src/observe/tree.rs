@@ -15,8 +15,8 @@ pub(crate) struct Declared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::render;
-    use crate::directory::Member;
+    use crate::node::directory::Member;
+    use crate::observe::control::render;
     use evilcluster_wire::control::RoleKind;
 
     fn member(path: &str, pid: u32) -> Member {

@@ -11,14 +11,14 @@ use evilcluster_wire::WireError;
 use futures_util::future::join_all;
 use tokio::sync::Notify;
 
-use crate::directory::Member;
 use crate::node::connection::Link;
+use crate::node::directory::Member;
 use crate::node::rpc::{call, decode, encode};
 use crate::node::service::{decode_payload, encode_reply, Dispatch, Service};
+use crate::node::stats::{ProcessStats, STATS, STATS_TAG};
 use crate::node::Node;
-use crate::stats::{ProcessStats, STATS, STATS_TAG};
-use crate::supervisor::Restarter;
-use crate::tree::Declared;
+use crate::observe::tree::Declared;
+use crate::supervision::supervisor::Restarter;
 use crate::Error;
 
 /// The restart count of every path, as the master last heard it from a
@@ -33,7 +33,7 @@ fn last_restarts(path: &str) -> u32 {
 /// In the master: keeps [`LAST_RESTARTS`] up to date from the lifecycle events.
 pub(crate) async fn track_restarts() {
     use futures_util::StreamExt;
-    let mut events = crate::lifecycle::lifecycle();
+    let mut events = crate::api::lifecycle::lifecycle();
     while let Some(delivery) = events.next().await {
         if let crate::Lifecycle::Restarting { path, restarts, .. } = delivery.event {
             let mut counts = LAST_RESTARTS.lock().unwrap_or_else(|e| e.into_inner());

@@ -17,20 +17,20 @@ use evilcluster_wire::{Cookie, Identity};
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, error_span, info, warn};
 
-use crate::control::{ControlService, SupervisorService, SUPERVISOR};
-use crate::directory::{Member, Snapshot};
+use crate::api::remote::RemoteMessage;
+use crate::api::role::ChildEnv;
 use crate::node::connection::{self, Link, Side};
+use crate::node::directory::{Member, Snapshot};
 use crate::node::rpc::{call, decode, encode};
 use crate::node::transport;
 use crate::node::{Config, Node, NodeSpec};
-use crate::process::StopReason;
+use crate::observe::control::{ControlService, SupervisorService, SUPERVISOR};
+use crate::observe::tree::Declared;
 use crate::registry::{Announce, Leave, MarkReady, PeerGone, Register, Registry, RegistryService, Subscribe, REGISTRY};
-use crate::remote::RemoteMessage;
-use crate::role::ChildEnv;
-use crate::rundir::RunDir;
-use crate::supervisor::{self, AutoShutdown, Intensity, Plan, Restart, Strategy, SupervisorHandle};
-use crate::tree::Declared;
-use crate::worker::{publish_options, Body, Hosted, Worker};
+use crate::runtime::rundir::RunDir;
+use crate::supervision::process::StopReason;
+use crate::supervision::supervisor::{self, AutoShutdown, Intensity, Plan, Restart, Strategy, SupervisorHandle};
+use crate::supervision::worker::{publish_options, Body, Hosted, Worker};
 use crate::{Error, Result, Role};
 use evilcluster_wire::control::RoleKind;
 
@@ -320,6 +320,7 @@ fn init_tracing() {
 
 mod child;
 mod master;
+pub(crate) mod rundir;
 mod signals;
 
 pub use master::{ClusterHandle, RunningCluster};

@@ -11,10 +11,10 @@ use actix::{ActorContext, AsyncContext};
 use futures_util::future::LocalBoxFuture;
 use tokio::sync::oneshot;
 
+use crate::api::remote::{ActorService, RemoteActor};
 use crate::node::service::Service;
 use crate::node::Config;
-use crate::remote::{ActorService, RemoteActor};
-use crate::supervisor::{AutoShutdown, Backoff, ChildSpec, Intensity, Restart, Strategy};
+use crate::supervision::supervisor::{AutoShutdown, Backoff, ChildSpec, Intensity, Restart, Strategy};
 use crate::Role;
 
 /// What a task worker's function returns.
@@ -358,7 +358,7 @@ fn current_options() -> Option<Options> {
 }
 
 pub(crate) fn publish_options(own: Option<&str>, workers: &[Worker]) {
-    crate::directory::declare(workers.iter().map(|w| (w.name.clone(), w.forks)));
+    crate::node::directory::declare(workers.iter().map(|w| (w.name.clone(), w.forks)));
     let table = workers
         .iter()
         .filter_map(|w| Some((w.name.clone(), w.options.clone()?)))
@@ -392,15 +392,15 @@ mod tests {
             &[Worker::task("first", || async { Ok(()) }).options(1u32).forks(2)],
         );
         assert_eq!(options_of::<u32>("first").as_deref(), Some(&1));
-        assert_eq!(crate::directory::declared_forks("first"), Some(2));
+        assert_eq!(crate::node::directory::declared_forks("first"), Some(2));
         publish_options(
             Some("second"),
             &[Worker::task("second", || async { Ok(()) }).options(2u32)],
         );
         assert_eq!(options_of::<u32>("first"), None, "the first cluster's options are gone");
         assert_eq!(options::<u32>().as_deref(), Some(&2));
-        assert_eq!(crate::directory::declared_forks("first"), None);
-        assert_eq!(crate::directory::declared_forks("second"), Some(0));
+        assert_eq!(crate::node::directory::declared_forks("first"), None);
+        assert_eq!(crate::node::directory::declared_forks("second"), Some(0));
     }
 
     #[test]

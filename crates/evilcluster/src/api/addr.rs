@@ -8,11 +8,11 @@ use actix::Message;
 use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 
-use crate::directory::{Member, Pick};
+use crate::api::remote::{RemoteActor, RemoteMessage, Routed};
 use crate::node::connection::{Link, LinkError, ReplyWaiter};
+use crate::node::directory::{Member, Pick};
 use crate::node::rpc::{deadline_after, deadline_from, link_error, timed_out, wait};
 use crate::node::{self, Node};
-use crate::remote::{RemoteActor, RemoteMessage, Routed};
 use crate::SendError;
 
 /// The address of a remote actor, by name: whichever live process hosts it.
@@ -168,7 +168,7 @@ impl<A: RemoteActor> RemoteAddr<A> {
         M::Result: DeserializeOwned + Send,
     {
         let now = Duration::ZERO;
-        match crate::directory::declared_forks(A::NAME) {
+        match crate::node::directory::declared_forks(A::NAME) {
             Some(forks) if forks > 0 => {
                 let sends = (1..=forks).map(|fork| {
                     let mut addr = self.resolve_timeout(now);
@@ -292,7 +292,9 @@ impl Target {
                 }
                 Route::Connect(member) => member,
                 Route::Resolve => {
-                    if crate::directory::declared_forks(self.actor).is_none() && crate::directory::declared_any() {
+                    if crate::node::directory::declared_forks(self.actor).is_none()
+                        && crate::node::directory::declared_any()
+                    {
                         return Err(SendError::NotDeclared { actor: self.actor });
                     }
                     let accept = |m: &Member| !avoided(&m.path, m.incarnation);

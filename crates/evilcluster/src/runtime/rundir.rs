@@ -96,7 +96,7 @@ impl RunDir {
         let context = || format!("cannot write {}", target.display());
         let temporary = format!(
             ".{name}.{}",
-            hex::encode(crate::process::random_incarnation().to_ne_bytes())
+            hex::encode(crate::supervision::process::random_incarnation().to_ne_bytes())
         );
         // EXCL|NOFOLLOW: a fresh file of ours, never something planted.
         let file = rustix::fs::openat(

@@ -8,10 +8,10 @@ use std::task::{Context, Poll};
 use futures_util::Stream;
 use rustc_hash::FxHashMap;
 
-use crate::directory::declared_forks;
-use crate::events::Subscription;
-use crate::lifecycle::{lifecycle, ExitReason, Lifecycle};
-use crate::remote::RemoteActor;
+use crate::api::events::Subscription;
+use crate::api::lifecycle::{lifecycle, ExitReason, Lifecycle};
+use crate::api::remote::RemoteActor;
+use crate::node::directory::declared_forks;
 
 /// A change of one instance of a watched actor.
 #[derive(Debug, Clone, PartialEq, Eq)]

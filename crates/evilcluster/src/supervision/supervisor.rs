@@ -14,11 +14,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::directory::Member;
-use crate::events::{publish, To};
-use crate::lifecycle::{ExitReason, Lifecycle};
+use crate::api::events::{publish, To};
+use crate::api::lifecycle::{ExitReason, Lifecycle};
+use crate::node::directory::Member;
 use crate::node::Node;
-use crate::process::{self, ChildProcess, Launch};
+use crate::supervision::process::{self, ChildProcess, Launch};
 use crate::{Error, Role};
 
 /// Which children a supervisor restarts when one of them is to be restarted
@@ -531,7 +531,7 @@ impl Supervisor {
     /// timeout passes.
     async fn start(&mut self, index: usize, commands: &mut mpsc::UnboundedReceiver<Command>) -> Started {
         let spec = &self.plan.children[index];
-        let incarnation = crate::process::random_incarnation();
+        let incarnation = crate::supervision::process::random_incarnation();
         let restarts = self.slots[index].restarts;
         let launched = process::launch(Launch {
             role: &spec.role,
@@ -937,7 +937,7 @@ fn watch_child(
         };
         // What the child said about its end (a panic message, an error),
         // read and removed whatever the status, so none is left behind.
-        let last_words = crate::lifecycle::take_last_words(&socket_dir, child.pid);
+        let last_words = crate::api::lifecycle::take_last_words(&socket_dir, child.pid);
         let reason = ExitReason::from_status(status).with_last_words(last_words);
         exit_tx.send_replace(Some(reason.clone()));
         on_exit(reason);

@@ -1,0 +1,11 @@
+//! Addressing and messaging: typed addresses (`addr`), remote actor and
+//! message declarations (`remote`), events, watching a name, lifecycle
+//! events and roles. Built on the node alone; the registry, supervision,
+//! observability and the runtime use it.
+
+pub(crate) mod addr;
+pub(crate) mod events;
+pub(crate) mod lifecycle;
+pub(crate) mod remote;
+pub(crate) mod role;
+pub(crate) mod watch;
