@@ -1,6 +1,11 @@
-//! Runs the `cli-fixture` cluster and the `evilcluster` command as real
-//! processes, each test in its own TMPDIR (so the discovery files land
-//! there) with a cluster name of its own.
+//! Runs the `evilcluster` command (and, from the suite package, the
+//! `cli-fixture` cluster) as real processes, each test in its own TMPDIR (so
+//! the discovery files land there) with a cluster name of its own.
+//!
+//! Shared by this crate's tests and the suite's `tests/cli_cluster.rs`
+//! (which includes it by path): the CLI crate builds without the runtime,
+//! so the cluster fixture lives in the suite, which also builds the command
+//! as `cli-under-test`.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
@@ -11,6 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use evilcluster_wire::control::{self, Status};
+
+/// The `evilcluster` command: this crate's binary, or the suite's build of it.
+fn cli_binary() -> &'static str {
+    match option_env!("CARGO_BIN_EXE_evilcluster").or(option_env!("CARGO_BIN_EXE_cli-under-test")) {
+        Some(binary) => binary,
+        None => panic!("built without the `evilcluster` command"),
+    }
+}
 
 /// Generous: CI is a loaded 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(60);
@@ -26,7 +39,7 @@ pub struct Run {
 /// Runs the `evilcluster` command with `TMPDIR=tmp`; kills it and panics
 /// if it has not finished within [`DEADLINE`].
 pub fn evilcluster(tmp: &Path, args: &[&str]) -> Run {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_evilcluster"))
+    let mut child = Command::new(cli_binary())
         .args(args)
         .env("TMPDIR", tmp)
         // The discovery directory would be there instead of in TMPDIR.
@@ -92,7 +105,10 @@ impl Fixture {
     /// master logs its tree).
     pub fn start(name: &str) -> Fixture {
         let tmp = tempfile::tempdir().expect("temp dir");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cli-fixture"))
+        let Some(fixture) = option_env!("CARGO_BIN_EXE_cli-fixture") else {
+            panic!("the cli-fixture cluster is built by the suite package (tests/cli_cluster.rs)")
+        };
+        let mut child = Command::new(fixture)
             .arg(name)
             .env("TMPDIR", tmp.path())
             .env_remove("XDG_RUNTIME_DIR")

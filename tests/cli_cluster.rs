@@ -1,6 +1,7 @@
 //! The `evilcluster` command against a real running cluster (the
 //! `cli-fixture` binary): `ps`, `tree` and `stop`.
 
+#[path = "../crates/evilcluster-cli/tests/support/mod.rs"]
 mod support;
 
 use evilcluster_wire::control::ProcessStatus;
