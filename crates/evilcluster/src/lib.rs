@@ -169,7 +169,7 @@ pub use listener::listener;
 pub use node::directory::Member;
 pub use observe::control::restart_worker;
 pub use runtime::{shutdown_signal, Cluster, ClusterHandle, RunningCluster};
-pub use supervision::supervisor::{AutoShutdown, Backoff, Intensity, Restart, Strategy};
+pub use supervision::policy::{AutoShutdown, Backoff, Intensity, Restart, Strategy};
 pub use supervision::worker::{options, options_of, TaskResult, Worker};
 
 /// The README's tour, compiled as a doc test so that it stays true.

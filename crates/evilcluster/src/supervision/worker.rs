@@ -14,7 +14,8 @@ use tokio::sync::oneshot;
 use crate::api::remote::{ActorService, RemoteActor};
 use crate::node::service::Service;
 use crate::node::Config;
-use crate::supervision::supervisor::{AutoShutdown, Backoff, ChildSpec, Intensity, Restart, Strategy};
+use crate::supervision::policy::{AutoShutdown, Backoff, Intensity, Restart, Strategy};
+use crate::supervision::supervisor::ChildSpec;
 use crate::Role;
 
 /// What a task worker's function returns.
