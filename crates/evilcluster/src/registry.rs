@@ -1,5 +1,7 @@
 //! The master's registry of live processes, and the directory service every
 //! process runs to receive the registry's pushed snapshots.
+//!
+//! May use: the node and the API layer (message declarations).
 
 use std::sync::{Arc, Weak};
 
@@ -152,9 +154,7 @@ impl Registry {
         let payload = rmp_serde::to_vec(&snapshot).expect("a snapshot always encodes");
         node.directory.apply(snapshot);
         self.subscribers.retain(|(link, incarnation)| match link.upgrade() {
-            Some(link) => link
-                .request(DIRECTORY, SNAPSHOT_TAG, *incarnation, &payload, false, None)
-                .is_ok(),
+            Some(link) => crate::node::rpc::push(&link, DIRECTORY, SNAPSHOT_TAG, *incarnation, &payload).is_ok(),
             None => false,
         });
     }

@@ -155,13 +155,13 @@ pub async fn publish<E: Event>(to: To, event: &E) -> Result<(), PublishError> {
         reason: "not connected to the master".into(),
     })?;
     let body = crate::node::rpc::encode(PUBLISH_TAG, &publication)?;
-    master
-        .request(EVENTS, PUBLISH_TAG, master.peer.incarnation, &body, false, None)
-        .map_err(|_| SendError::Disconnected {
+    crate::node::rpc::push(&master, EVENTS, PUBLISH_TAG, master.peer.incarnation, &body).map_err(|_| {
+        SendError::Disconnected {
             actor: EVENTS,
             path: master.peer.path.clone(),
             reason: "the connection to the master closed".into(),
-        })?;
+        }
+    })?;
     Ok(())
 }
 
@@ -195,7 +195,7 @@ fn fan_out(node: &Arc<Node>, publication: Publication) {
         }
         match node.link_for(&member.path, member.incarnation) {
             Some(link) => {
-                let _ = link.request(EVENTS, DELIVER_TAG, member.incarnation, &body, false, None);
+                let _ = crate::node::rpc::push(&link, EVENTS, DELIVER_TAG, member.incarnation, &body);
             }
             None => debug!(path = %member.path, "event not delivered: no connection"),
         }

@@ -2,6 +2,8 @@
 //! message declarations (`remote`), events, watching a name, lifecycle
 //! events and roles. Built on the node alone; the registry, supervision,
 //! observability and the runtime use it.
+//!
+//! May use: the node.
 
 pub(crate) mod addr;
 pub(crate) mod events;

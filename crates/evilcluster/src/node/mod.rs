@@ -1,5 +1,9 @@
 //! This process's membership in the cluster: who it is, what it hosts, and
 //! its connections to the other processes.
+//!
+//! The node layer: it owns the identity, listener, connections, local
+//! directory, counters and the one internal request path (`rpc`). May use:
+//! the wire crate and `error` only; the services above install themselves.
 
 pub(crate) mod connection;
 pub(crate) mod directory;

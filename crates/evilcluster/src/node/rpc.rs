@@ -98,6 +98,21 @@ pub(crate) async fn call(
     wait(link, waiter, actor, tag, deadline, started).await
 }
 
+/// Sends one message of the runtime's own on `link` and waits for nothing
+/// (a directory push, an event delivery). Like [`call`], it takes no place
+/// in the flow-control window: these are the runtime's, not the actors'.
+pub(crate) fn push(
+    link: &Link,
+    actor: &'static str,
+    tag: &'static str,
+    incarnation: u64,
+    payload: &[u8],
+) -> Result<(), SendError> {
+    link.request(actor, tag, incarnation, payload, false, None)
+        .map(drop)
+        .map_err(|error| link_error(link, actor, tag, error))
+}
+
 /// Waits for the reply to a queued request, until `deadline`.
 pub(crate) async fn wait(
     link: &Link,

@@ -7,6 +7,9 @@
 //! - `child`: joining the master, hosting an actor or running a task, the
 //!   graceful stop;
 //! - `signals`: SIGINT and SIGTERM.
+//!
+//! May use: every layer below (node, API, registry, supervision,
+//! observability); nothing uses it but the crate root.
 
 use std::future::Future;
 use std::sync::Arc;
