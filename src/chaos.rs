@@ -533,7 +533,8 @@ fn kill_a_fork(rng: &mut Rng, report: &RefCell<Report>) {
     }
 }
 
-/// One rolling restart of the echo worker. The spawn refuses one while a
+/// One rolling restart of the echo worker (asked again if the killer shot
+/// a fork it was bringing up). The spawn refuses one while a
 /// fork is starting (as killed forks keep doing): asked again until it runs.
 async fn roll_once() -> (u32, Result<u32, String>) {
     let mut asked = 0;
@@ -543,6 +544,12 @@ async fn roll_once() -> (u32, Result<u32, String>) {
             Ok(restarted) => return (asked, Ok(restarted)),
             // The refusal is only told in words (`Error::RestartFailed`'s reason).
             Err(error) if error.to_string().contains("try again") && asked < 200 => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // The killer shot a fork the roll had just started (on a loaded
+            // machine a start takes long enough to be hit): that roll is over,
+            // typed as it should be; roll again.
+            Err(error) if error.to_string().contains("did not come back") && asked < 20 => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(error) => return (asked, Err(error.to_string())),
