@@ -9,7 +9,7 @@ use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 
 use crate::api::remote::{RemoteActor, RemoteMessage, Routed};
-use crate::node::connection::{Link, LinkError, ReplyWaiter};
+use crate::node::connection::{frame_size, Link, LinkError, ReplyWaiter};
 use crate::node::directory::{Member, Pick};
 use crate::node::rpc::{deadline_after, deadline_from, link_error, timed_out, wait};
 use crate::node::{self, Node};
@@ -219,7 +219,8 @@ impl Target {
                 Ok(Some(_)) => return Ok(()),
                 // No room, or refused before it was sent: the path below
                 // waits for room or picks another instance.
-                Ok(None) | Err(SendError::Rejected { .. } | SendError::Disconnected { .. }) => {}
+                Ok(None) => {}
+                Err(error) if never_sent(&error) => {}
                 Err(error) => return Err(error),
             }
         }
@@ -236,12 +237,7 @@ impl Target {
                 Ok(_) => return Ok(()),
                 // Refused before it was sent (the instance is stopping, or
                 // the connection closed): another instance takes it.
-                Err(error @ (SendError::Rejected { .. } | SendError::Disconnected { .. }))
-                    if Instant::now() >= deadline =>
-                {
-                    return Err(error)
-                }
-                Err(SendError::Rejected { .. } | SendError::Disconnected { .. }) => {
+                Err(error) if never_sent(&error) && Instant::now() < deadline => {
                     avoid.push((link.peer.path.clone(), incarnation));
                     message = returned;
                 }
@@ -585,7 +581,7 @@ where
                     let outcome = match queued {
                         Ok(waiter) => wait(&link, waiter, target.actor, M::TAG, deadline, started).await,
                         // Not sent at all: safe to send anywhere else.
-                        Err(error) if matches!(error, SendError::Rejected { .. } | SendError::Disconnected { .. }) => {
+                        Err(error) if never_sent(&error) => {
                             if Instant::now() < deadline {
                                 avoid.push((link.peer.path.clone(), incarnation));
                                 continue;
@@ -620,6 +616,13 @@ where
     })
 }
 
+/// Whether a message failed before it was written to its connection (the
+/// instance refused new requests as it stops, or the connection closed
+/// first): it can go to any other instance, whatever the message.
+fn never_sent(error: &SendError) -> bool {
+    matches!(error, SendError::Rejected { .. } | SendError::Disconnected { .. })
+}
+
 /// Whether a failed call may be sent again to another instance: when it
 /// provably reached no handler, or when the message says it is safe to
 /// handle twice.
@@ -630,12 +633,6 @@ fn retry_elsewhere<M: RemoteMessage>(error: &SendError) -> bool {
         SendError::Rejected { .. } => true,
         _ => false,
     }
-}
-
-/// The size a request frame of `payload` bytes will have, near enough to
-/// refuse an oversized one before building it.
-fn frame_size(actor: &str, tag: &str, payload: usize) -> usize {
-    payload + actor.len() + tag.len() + 32
 }
 
 /// Encodes `message` and queues it if the connection has room now.

@@ -47,6 +47,12 @@ const WRITE_BUFFER: usize = 64 * 1024;
 /// the allocator afterwards rather than kept for the process's lifetime.
 pub(crate) const KEEP_BUFFER: usize = 256 * 1024;
 
+/// The size a request frame of `payload` bytes will have, near enough to
+/// refuse an oversized one, and to reserve its room, before building it.
+pub(crate) fn frame_size(actor: &str, tag: &str, payload: usize) -> usize {
+    payload + actor.len() + tag.len() + 32
+}
+
 /// Whether messages to `actor` take a place in the window (user actors do;
 /// the runtime's own services, reached from synchronous code, do not).
 pub(crate) fn takes_slot(actor: &str) -> bool {
@@ -68,7 +74,8 @@ pub(crate) type ReplyWaiter = (u64, oneshot::Receiver<Outcome>);
 
 /// A request waiting for its reply.
 struct Pending {
-    reply: oneshot::Sender<Outcome>,
+    /// `None` once its caller stopped waiting.
+    reply: Option<oneshot::Sender<Outcome>>,
     /// Whether it holds a place in the window (given back with its reply).
     slotted: bool,
 }
@@ -340,6 +347,16 @@ impl Link {
             if body.len() > self.max_frame {
                 return Err(LinkError::TooLarge { size: body.len() });
             }
+            // Checked and queued under the lock that `close` and a peer's
+            // `GoAway` take: a request is either refused (and its admission,
+            // dropped, gives its room back), or queued before the close fails
+            // it / before the `GoAwayAck` that promises the peer nothing more.
+            let mut calls = self.lock_calls();
+            match &calls.closed {
+                Some(reason) => return Err(LinkError::Closed(reason.clone())),
+                None if calls.gone_away && slotted => return Err(LinkError::GoingAway),
+                None => {}
+            }
             let budgeted = match admission {
                 Some(mut admission) => {
                     admission.used = true;
@@ -347,27 +364,15 @@ impl Link {
                 }
                 None => 0,
             };
-            // Checked and queued under the lock that `close` and a peer's
-            // `GoAway` take: a request is either refused, or queued before
-            // the close fails it / before the `GoAwayAck` that promises the
-            // peer nothing more.
-            let mut calls = self.lock_calls();
-            let refused = match &calls.closed {
-                Some(reason) => Some(LinkError::Closed(reason.clone())),
-                None if calls.gone_away && takes_slot(actor) => Some(LinkError::GoingAway),
-                None => None,
-            };
-            if let Some(refused) = refused {
-                drop(calls);
-                if slotted {
-                    self.slots.add_permits(1);
-                    self.room.add_permits(budgeted);
-                }
-                return Err(refused);
-            }
             let waiter = reply.then(|| {
                 let (sender, rx) = oneshot::channel();
-                calls.pending.insert(id, Pending { reply: sender, slotted });
+                calls.pending.insert(
+                    id,
+                    Pending {
+                        reply: Some(sender),
+                        slotted,
+                    },
+                );
                 (id, rx)
             });
             if slotted && !reply {
@@ -405,8 +410,7 @@ impl Link {
             Some(pending) if pending.slotted => {
                 // Keep the entry, without its caller: the late reply gives
                 // the place back (at most a window of these per peer).
-                let (orphan, _) = oneshot::channel();
-                pending.reply = orphan;
+                pending.reply = None;
             }
             Some(_) => {
                 calls.pending.remove(&id);
@@ -426,7 +430,9 @@ impl Link {
                 if waiter.slotted {
                     self.slots.add_permits(1);
                 }
-                let _ = waiter.reply.send(result.map_err(Failure::Wire));
+                if let Some(reply) = waiter.reply {
+                    let _ = reply.send(result.map_err(Failure::Wire));
+                }
             }
             None => debug!(peer = %self.peer.path, id, "reply for a request nobody waits for"),
         }
@@ -524,7 +530,9 @@ impl Link {
         self.slots.close();
         self.room.close();
         for (_, waiter) in pending {
-            let _ = waiter.reply.send(Err(Failure::Closed(reason.clone())));
+            if let Some(reply) = waiter.reply {
+                let _ = reply.send(Err(Failure::Closed(reason.clone())));
+            }
         }
     }
 }

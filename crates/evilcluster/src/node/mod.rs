@@ -315,25 +315,31 @@ impl Node {
             let deadline = tokio::time::Instant::now() + node.config.resolve_timeout;
             let own = node.identity.path.clone();
             let sent = tokio::time::timeout_at(deadline, async {
+                // Instances that could not take it (stopping too, or gone).
+                let mut refused: Vec<(String, u64)> = Vec::new();
                 loop {
                     let elsewhere = node
                         .directory
-                        .wait_pick(&actor, Pick::Any, |member| member.path != own)
+                        .wait_pick(&actor, Pick::Any, |member| {
+                            member.path != own
+                                && !refused
+                                    .iter()
+                                    .any(|(path, inc)| *path == member.path && *inc == member.incarnation)
+                        })
                         .await;
-                    let Ok(link) = node.link_to(&elsewhere).await else {
-                        // Going away too: look again once the directory says so.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
+                    let queued = match node.link_to(&elsewhere).await {
+                        Ok(link) => match link.admit(connection::frame_size(&actor, &tag, payload.len())).await {
+                            Ok(admission) => link
+                                .request(&actor, &tag, elsewhere.incarnation, &payload, false, Some(admission))
+                                .is_ok(),
+                            Err(_) => false,
+                        },
+                        Err(_) => false,
                     };
-                    let Ok(admission) = link.admit(payload.len() + actor.len() + tag.len() + 32).await else {
-                        continue;
-                    };
-                    if link
-                        .request(&actor, &tag, elsewhere.incarnation, &payload, false, Some(admission))
-                        .is_ok()
-                    {
+                    if queued {
                         return;
                     }
+                    refused.push((elsewhere.path.clone(), elsewhere.incarnation));
                 }
             })
             .await;
