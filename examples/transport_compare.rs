@@ -96,13 +96,21 @@ fn compare(cluster: Cluster) -> Result<(), Box<dyn Error>> {
     // Stop everything before reporting, whatever happened.
     drop(raw_server);
     system.block_on(handle.shutdown())?;
-    print_table(&measured?);
+    let samples = measured?;
+    if std::env::var_os("TRANSPORT_COMPARE_ONLY").is_none() {
+        print_table(&samples);
+    }
     Ok(())
 }
 
 async fn measure(mut raw: RawClient) -> Result<Samples, BenchError> {
     let cluster = ClusterClient::new();
     cluster.warm_up().await?;
+    // For profiling one path alone: `TRANSPORT_COMPARE_ONLY=pipelined perf record ...`.
+    if let Ok(only) = std::env::var("TRANSPORT_COMPARE_ONLY") {
+        profile_only(&only, cluster, raw).await?;
+        return Ok(Samples::default());
+    }
     raw.round_trips(2_000).await?;
     cluster.round_trips(2_000).await?;
     raw.pipelined(20_000, WINDOW).await?;
@@ -128,6 +136,25 @@ async fn measure(mut raw: RawClient) -> Result<Samples, BenchError> {
             .push(per_second(cluster.do_send(DO_SENDS).await?, DO_SENDS));
     }
     Ok(samples)
+}
+
+/// Runs one path for about five seconds and prints its rate, so that a
+/// profiler sees nothing else.
+async fn profile_only(only: &str, cluster: ClusterClient, mut raw: RawClient) -> Result<(), BenchError> {
+    let start = std::time::Instant::now();
+    let mut count = 0u64;
+    while start.elapsed() < Duration::from_secs(5) {
+        match only {
+            "pipelined" => cluster.pipelined(PIPELINED, WINDOW).await?,
+            "raw-pipelined" => raw.pipelined(PIPELINED, WINDOW).await?,
+            "round-trip" => cluster.round_trips(ROUND_TRIPS).await?,
+            "do-send" => cluster.do_send(DO_SENDS).await?,
+            other => panic!("TRANSPORT_COMPARE_ONLY={other}: one of pipelined, raw-pipelined, round-trip, do-send"),
+        };
+        count += PIPELINED;
+    }
+    eprintln!("{only}: {} per second", thousands(per_second(start.elapsed(), count)));
+    Ok(())
 }
 
 fn micros_each(elapsed: Duration, n: u64) -> f64 {
