@@ -138,20 +138,29 @@ async fn measure(mut raw: RawClient) -> Result<Samples, BenchError> {
     Ok(samples)
 }
 
-/// Runs one path for about five seconds and prints its rate, so that a
-/// profiler sees nothing else.
+/// Runs one path alone and prints its rate, so that a profiler sees
+/// nothing else: for about five seconds, or for exactly
+/// `TRANSPORT_COMPARE_COUNT` messages (for instruction counts, see
+/// `benches/instructions.sh`).
 async fn profile_only(only: &str, cluster: ClusterClient, mut raw: RawClient) -> Result<(), BenchError> {
+    let exact: Option<u64> = std::env::var("TRANSPORT_COMPARE_COUNT")
+        .ok()
+        .and_then(|n| n.parse().ok());
+    let batch = exact.unwrap_or(PIPELINED);
     let start = std::time::Instant::now();
     let mut count = 0u64;
-    while start.elapsed() < Duration::from_secs(5) {
+    loop {
         match only {
-            "pipelined" => cluster.pipelined(PIPELINED, WINDOW).await?,
-            "raw-pipelined" => raw.pipelined(PIPELINED, WINDOW).await?,
-            "round-trip" => cluster.round_trips(ROUND_TRIPS).await?,
-            "do-send" => cluster.do_send(DO_SENDS).await?,
+            "pipelined" => cluster.pipelined(batch, WINDOW).await?,
+            "raw-pipelined" => raw.pipelined(batch, WINDOW).await?,
+            "round-trip" => cluster.round_trips(batch).await?,
+            "do-send" => cluster.do_send(batch).await?,
             other => panic!("TRANSPORT_COMPARE_ONLY={other}: one of pipelined, raw-pipelined, round-trip, do-send"),
         };
-        count += PIPELINED;
+        count += batch;
+        if exact.is_some() || start.elapsed() >= Duration::from_secs(5) {
+            break;
+        }
     }
     eprintln!("{only}: {} per second", thousands(per_second(start.elapsed(), count)));
     Ok(())

@@ -366,8 +366,42 @@ enum SendState<M: Message> {
         message: M,
         wait_for_room: bool,
     },
+    /// Queued at once on an open connection: waits for the reply right
+    /// here (the common case, with nothing boxed).
+    Sent(Sent<M>),
+    /// Anything else (resolving, connecting, waiting for room, sending
+    /// again elsewhere), as one boxed future.
     Running(BoxFuture<'static, Result<M::Result, SendError>>),
     Done,
+}
+
+/// A request queued on a connection, waiting for its reply.
+struct Sent<M> {
+    target: Target,
+    /// Kept to send it again to another instance, when that is safe.
+    message: M,
+    request: Outstanding,
+    incarnation: u64,
+    started: Instant,
+    deadline: Instant,
+    /// Made when the reply did not come at the first poll.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// A queued request; dropping it before its reply was taken cancels it.
+struct Outstanding {
+    link: Arc<Link>,
+    id: u64,
+    /// The reply (or its failure) was taken: nothing to cancel.
+    ended: bool,
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.link.cancel(self.id);
+        }
+    }
 }
 
 // The message is only ever moved out, never pinned in place.
@@ -377,6 +411,7 @@ impl<M: Message> std::fmt::Debug for SendRequest<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
             SendState::Ready { .. } => "ready",
+            SendState::Sent(_) => "waiting for the reply",
             SendState::Running(_) => "running",
             SendState::Done => "done",
         };
@@ -454,7 +489,62 @@ where
             else {
                 unreachable!("matched just above")
             };
-            this.state = SendState::Running(start_send(target, message, wait_for_room));
+            this.state = start_send(target, message, wait_for_room);
+        }
+        if let SendState::Sent(sent) = &mut this.state {
+            let request = &mut sent.request;
+            let outcome = match request.link.poll_reply(request.id, cx) {
+                std::task::Poll::Ready(outcome) => {
+                    request.ended = true;
+                    crate::node::rpc::outcome_to_result(&request.link, sent.target.actor, M::TAG, outcome)
+                }
+                std::task::Poll::Pending => {
+                    let deadline = sent.deadline;
+                    let timer = sent
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+                    std::task::ready!(timer.as_mut().poll(cx));
+                    Err(timed_out(sent.target.actor, M::TAG, sent.started))
+                }
+            };
+            let retry = match &outcome {
+                Err(error) if Instant::now() < sent.deadline && retry_elsewhere::<M>(error) => {
+                    tracing::debug!(actor = sent.target.actor, tag = M::TAG, path = %sent.request.link.peer.path, %error, "sending again to another instance");
+                    true
+                }
+                _ => false,
+            };
+            let SendState::Sent(sent) = std::mem::replace(&mut this.state, SendState::Done) else {
+                unreachable!("matched just above")
+            };
+            if !retry {
+                let outcome = outcome.and_then(|reply| decode_reply(M::TAG, &reply));
+                log_outcome(sent.target.actor, M::TAG, sent.started, &outcome);
+                return std::task::Poll::Ready(outcome);
+            }
+            let avoid = vec![(sent.request.link.peer.path.clone(), sent.incarnation)];
+            let Sent {
+                target,
+                message,
+                started,
+                deadline,
+                ..
+            } = sent;
+            let Some(node) = node::current() else {
+                return std::task::Poll::Ready(Err(SendError::NotInCluster));
+            };
+            let slow = Slow {
+                node,
+                target,
+                message,
+                wait_for_room: true,
+                first: None,
+                route: None,
+                avoid,
+                started,
+                deadline,
+            };
+            this.state = SendState::Running(Box::pin(slow.run()));
         }
         match &mut this.state {
             SendState::Running(call) => {
@@ -533,13 +623,13 @@ where
 /// Starts a call: queued at once when the connection is up and has room
 /// (so calls started in turn are sent in turn), then waits for its reply,
 /// sending it again to another instance when that is safe.
-fn start_send<M>(target: Target, message: M, wait_for_room: bool) -> BoxFuture<'static, Result<M::Result, SendError>>
+fn start_send<M>(target: Target, message: M, wait_for_room: bool) -> SendState<M>
 where
     M: RemoteMessage,
     M::Result: DeserializeOwned + Send,
 {
     let Some(node) = node::current() else {
-        return Box::pin(std::future::ready(Err(SendError::NotInCluster)));
+        return SendState::Running(Box::pin(std::future::ready(Err(SendError::NotInCluster))));
     };
     // One clock read: the call's start, and its deadline from it.
     let started = Instant::now();
@@ -547,73 +637,127 @@ where
     node.stats.sent();
     // Queued now when there is room, so that the order of sends is the
     // order of the calls; otherwise once the name resolves and there is room.
-    let (first, mut route) = match target.route_now(&node) {
+    let (first, route) = match target.route_now(&node) {
         Route::Ready(link, incarnation) => match try_queue::<M>(&link, target.actor, incarnation, &message, true) {
-            Ok(None) => (None, Some(Route::Ready(link, incarnation))),
-            queued => {
-                let queued = queued.map(|waiter| waiter.flatten().expect("a reply was asked for"));
-                (Some((link, incarnation, queued)), None)
+            Ok(Some(waiter)) => {
+                let id = waiter.expect("a reply was asked for");
+                return SendState::Sent(Sent {
+                    target,
+                    message,
+                    request: Outstanding { link, id, ended: false },
+                    incarnation,
+                    started,
+                    deadline,
+                    timer: None,
+                });
             }
+            Ok(None) => (None, Some(Route::Ready(link, incarnation))),
+            Err(error) => (Some((link, incarnation, Err(error))), None),
         },
         // Kept for the first attempt: picking again would skip an
         // instance of the round robin.
         pending => (None, Some(pending)),
     };
-    Box::pin(async move {
-        let node_for_log = node.clone();
-        let outcome = async move {
-                let mut message = message;
-                let mut avoid: Vec<(String, u64)> = Vec::new();
-                let mut first = first;
-                loop {
-                    let (link, incarnation, queued) = match first.take() {
-                        Some(first) => first,
-                        None => {
-                            let next = route.take().unwrap_or_else(|| target.route_now(&node));
-                            let (link, incarnation) = target.route(&node, next, deadline, &avoid).await?;
-                            let (returned, queued) =
-                                queue(&link, target.actor, incarnation, message, true, wait_for_room, deadline).await;
-                            message = returned;
-                            let queued = queued.map(|waiter| waiter.expect("a reply was asked for"));
-                            (link, incarnation, queued)
-                        }
-                    };
-                    let outcome = match queued {
-                        Ok(waiter) => wait(&link, waiter, target.actor, M::TAG, deadline, started).await,
-                        // Not sent at all: safe to send anywhere else.
-                        Err(error) if never_sent(&error) => {
-                            if Instant::now() < deadline {
-                                avoid.push((link.peer.path.clone(), incarnation));
-                                continue;
-                            }
-                            Err(error)
-                        }
-                        Err(error) => Err(error),
-                    };
-                    match outcome {
-                        Ok(reply) => return decode_reply(M::TAG, &reply),
-                        Err(error) if Instant::now() < deadline && retry_elsewhere::<M>(&error) => {
-                            tracing::debug!(actor = target.actor, tag = M::TAG, path = %link.peer.path, %error, "sending again to another instance");
-                            avoid.push((link.peer.path.clone(), incarnation));
-                        }
-                        Err(error) => return Err(error),
+    let slow = Slow {
+        node,
+        target,
+        message,
+        wait_for_room,
+        first,
+        route,
+        avoid: Vec::new(),
+        started,
+        deadline,
+    };
+    SendState::Running(Box::pin(slow.run()))
+}
+
+/// A connection, the incarnation it reaches, and how queueing on it went.
+type Attempt = (Arc<Link>, u64, Result<Option<ReplyWaiter>, SendError>);
+
+/// The slow path of a call: everything but "queued at once, answered".
+struct Slow<M> {
+    node: Arc<Node>,
+    target: Target,
+    message: M,
+    wait_for_room: bool,
+    /// A first attempt already made on a ready connection.
+    first: Option<Attempt>,
+    route: Option<Route>,
+    /// Instances (path and incarnation) that refused this message already.
+    avoid: Vec<(String, u64)>,
+    started: Instant,
+    deadline: Instant,
+}
+
+impl<M> Slow<M>
+where
+    M: RemoteMessage,
+    M::Result: DeserializeOwned + Send,
+{
+    async fn run(self) -> Result<M::Result, SendError> {
+        let Slow {
+            node,
+            target,
+            mut message,
+            wait_for_room,
+            mut first,
+            mut route,
+            mut avoid,
+            started,
+            deadline,
+        } = self;
+        let outcome = loop {
+            let (link, incarnation, queued) = match first.take() {
+                Some(first) => first,
+                None => {
+                    let next = route.take().unwrap_or_else(|| target.route_now(&node));
+                    let (link, incarnation) = target.route(&node, next, deadline, &avoid).await?;
+                    let (returned, queued) =
+                        queue(&link, target.actor, incarnation, message, true, wait_for_room, deadline).await;
+                    message = returned;
+                    (link, incarnation, queued)
+                }
+            };
+            let queued = queued.map(|waiter| waiter.expect("a reply was asked for"));
+            let outcome = match queued {
+                Ok(waiter) => wait(&link, waiter, target.actor, M::TAG, deadline, started).await,
+                // Not sent at all: safe to send anywhere else.
+                Err(error) if never_sent(&error) => {
+                    if Instant::now() < deadline {
+                        avoid.push((link.peer.path.clone(), incarnation));
+                        continue;
                     }
+                    Err(error)
                 }
-            }
-            .await;
-        // Tracing each request costs a clock read: only when it is logged.
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            let latency = started.elapsed();
-            let caller = &node_for_log.identity.path;
-            match &outcome {
-                Ok(_) => tracing::debug!(%caller, actor = target.actor, tag = M::TAG, ?latency, "request answered"),
-                Err(error) => {
-                    tracing::debug!(%caller, actor = target.actor, tag = M::TAG, ?latency, %error, "request failed")
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Ok(reply) => break decode_reply(M::TAG, &reply),
+                Err(error) if Instant::now() < deadline && retry_elsewhere::<M>(&error) => {
+                    tracing::debug!(actor = target.actor, tag = M::TAG, path = %link.peer.path, %error, "sending again to another instance");
+                    avoid.push((link.peer.path.clone(), incarnation));
                 }
+                Err(error) => break Err(error),
             }
-        }
+        };
+        log_outcome(target.actor, M::TAG, started, &outcome);
         outcome
-    })
+    }
+}
+
+/// Logs how a call ended, when calls are logged (it costs a clock read).
+fn log_outcome<T>(actor: &'static str, tag: &'static str, started: Instant, outcome: &Result<T, SendError>) {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let latency = started.elapsed();
+        let caller = node::current()
+            .map(|node| node.identity.path.clone())
+            .unwrap_or_default();
+        match outcome {
+            Ok(_) => tracing::debug!(%caller, actor, tag, ?latency, "request answered"),
+            Err(error) => tracing::debug!(%caller, actor, tag, ?latency, %error, "request failed"),
+        }
+    }
 }
 
 /// Whether a message failed before it was written to its connection (the

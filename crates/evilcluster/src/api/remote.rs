@@ -3,14 +3,20 @@ use std::sync::Arc;
 
 use actix::dev::ToEnvelope;
 
-use crate::node::service::{decode_payload, encode_reply, Dispatch, Service};
-use actix::{Actor, Addr, Context, Handler, Message};
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use actix::dev::MessageResponse;
+use actix::fut::ActorFuture;
+use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message};
+use futures_util::task::AtomicWaker;
+
+use crate::node::connection::{Payload, Responder};
+use crate::node::service::{decode_payload, encode_reply, Inbox};
 use evilcluster_wire::WireError;
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-
-use crate::node::connection::Link;
 
 /// A message that can cross process boundaries.
 ///
@@ -249,11 +255,14 @@ macro_rules! messages {
 /// connected process.
 pub const DEFAULT_MAILBOX_CAPACITY: usize = 1 << 20;
 
-type Route<A> = Box<dyn Fn(&Addr<A>, &[u8], bool) -> Result<Dispatch, WireError> + Send + Sync>;
+/// Handles one remote request inside the actor: decodes it, runs the
+/// actor's `Handler` with `&mut self`, and answers through the responder.
+type HandleFn<A> = fn(&mut A, &mut <A as Actor>::Context, &[u8], Responder);
 
-/// The messages a [`RemoteActor`] answers, filled in by [`RemoteActor::routes`].
+/// The messages a [`RemoteActor`] answers, filled in from its
+/// [`Messages`](RemoteActor::Messages) list.
 pub struct Routes<A: Actor> {
-    table: FxHashMap<&'static str, (&'static str, Route<A>)>,
+    table: FxHashMap<&'static str, (&'static str, HandleFn<A>)>,
 }
 
 impl<A: RemoteActor> Routes<A> {
@@ -265,10 +274,7 @@ impl<A: RemoteActor> Routes<A> {
         routes
     }
 
-    /// Accepts `M` from other processes.
-    ///
-    /// # Panics
-    /// If another message of this actor already uses `M::TAG`.
+    /// Routes messages of type `M` (tag `M::TAG`) to `A`'s handler.
     pub(crate) fn handle<M>(&mut self) -> &mut Self
     where
         A: Handler<M>,
@@ -276,31 +282,8 @@ impl<A: RemoteActor> Routes<A> {
         M: RemoteMessage,
         M::Result: Serialize + Send,
     {
-        let route: Route<A> = Box::new(|addr, payload, reply| {
-            let message: M = decode_payload(M::TAG, payload)?;
-            if !addr.connected() {
-                // Not queued: the handler did not run.
-                return Err(WireError::MailboxClosed {
-                    actor: A::NAME.to_owned(),
-                });
-            }
-            // One queue for both kinds, so do_send and send stay in order;
-            // a one-way message is awaited too, so that the connection knows
-            // when its place in the window is free again.
-            let pending = addr.send(message);
-            Ok(Some(Box::pin(async move {
-                let result = pending.await.map_err(|_| WireError::Stopped {
-                    actor: A::NAME.to_owned(),
-                })?;
-                if reply {
-                    encode_reply(M::TAG, &result)
-                } else {
-                    Ok(Vec::new())
-                }
-            })))
-        });
         let name = std::any::type_name::<M>();
-        if let Some((previous, _)) = self.table.insert(M::TAG, (name, route)) {
+        if let Some((previous, _)) = self.table.insert(M::TAG, (name, handle_remote::<A, M>)) {
             panic!(
                 "{} routes two messages with tag `{}`: {previous} and {name}",
                 A::NAME,
@@ -311,33 +294,205 @@ impl<A: RemoteActor> Routes<A> {
     }
 }
 
-/// A hosted actor, seen as a service.
-pub(crate) struct ActorService<A: RemoteActor> {
-    addr: Addr<A>,
-    routes: Routes<A>,
+fn handle_remote<A, M>(act: &mut A, ctx: &mut Context<A>, payload: &[u8], responder: Responder)
+where
+    A: RemoteActor + Handler<M>,
+    M: RemoteMessage,
+    M::Result: Serialize + Send,
+{
+    let message: M = match decode_payload(M::TAG, payload) {
+        Ok(message) => message,
+        Err(error) => return responder.answer(Err(error)),
+    };
+    // A one-way message's result is not sent, but it is waited for all
+    // the same: its place in the window is given back once it is handled.
+    let (done, mut result) = tokio::sync::oneshot::channel();
+    <A as Handler<M>>::handle(act, message, ctx).handle(ctx, Some(done));
+    let answer = |responder: Responder, result: M::Result| {
+        let reply = if responder.wants_reply() {
+            encode_reply(M::TAG, &result)
+        } else {
+            Ok(Vec::new())
+        };
+        responder.answer(reply);
+    };
+    match result.try_recv() {
+        Ok(value) => answer(responder, value),
+        // An asynchronous handler: answered when it finishes, even after
+        // the actor stopped (a `ResponseFuture` outlives it, as with
+        // `Addr::send`); if its answer is dropped instead, the responder,
+        // dropped too, says the actor stopped.
+        Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+            actix_rt::spawn(async move {
+                if let Ok(value) = result.await {
+                    answer(responder, value);
+                }
+            });
+        }
+        // The handler dropped its answer: it ran, and there is no result.
+        Err(tokio::sync::oneshot::error::TryRecvError::Closed) => responder.answer(Err(WireError::Stopped {
+            actor: A::NAME.to_owned(),
+        })),
+    }
 }
 
-impl<A: RemoteActor> ActorService<A> {
-    pub fn new(addr: Addr<A>) -> Self {
-        ActorService {
-            addr,
+/// A hosted actor's inbox for requests from connections. The actor drains
+/// it from its own context (see [`ActorInbox::drain`]), so requests are
+/// handled in the order they arrived, interleaved with the actor's own
+/// mailbox as actix interleaves a context's futures with it.
+pub(crate) struct ActorInbox<A: RemoteActor> {
+    routes: Routes<A>,
+    queue: Mutex<Queue<A>>,
+    /// The draining future, when it waits for work.
+    waker: AtomicWaker,
+    /// Stop the actor once the inbox is empty.
+    stop_requested: std::sync::atomic::AtomicBool,
+}
+
+struct Queue<A: Actor> {
+    jobs: VecDeque<Job<A>>,
+    /// The actor stopped: requests are refused (their handlers never run).
+    closed: bool,
+}
+
+struct Job<A: Actor> {
+    handle: HandleFn<A>,
+    payload: Payload,
+    responder: Responder,
+}
+
+/// Requests handled in one turn before the actor lets its mailbox and
+/// other futures run.
+const TURN: usize = 256;
+
+impl<A: RemoteActor> ActorInbox<A> {
+    pub fn new() -> Arc<Self> {
+        Arc::new(ActorInbox {
             routes: Routes::collect(),
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                closed: false,
+            }),
+            waker: AtomicWaker::new(),
+            stop_requested: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Stops the actor once it has handled every request the inbox holds.
+    pub fn stop_when_drained(&self) {
+        self.stop_requested.store(true, std::sync::atomic::Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// The future that hands the inbox's requests to the actor; spawn it in
+    /// the actor's context before the actor starts.
+    pub fn drain(self: &Arc<Self>) -> impl ActorFuture<A, Output = ()> {
+        Drain {
+            inbox: self.clone(),
+            batch: VecDeque::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue<A>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<A: RemoteActor> Inbox for ActorInbox<A> {
+    fn deliver(&self, tag: &str, payload: Payload, mut responder: Responder) -> Result<(), (Responder, WireError)> {
+        responder.for_actor(A::NAME);
+        let Some(&(_, handle)) = self.routes.table.get(tag) else {
+            let unknown = WireError::UnknownMessage {
+                actor: A::NAME.to_owned(),
+                tag: tag.to_owned(),
+            };
+            return Err((responder, unknown));
+        };
+        let mut queue = self.lock();
+        if queue.closed {
+            drop(queue);
+            let closed = WireError::MailboxClosed {
+                actor: A::NAME.to_owned(),
+            };
+            return Err((responder, closed));
+        }
+        let was_empty = queue.jobs.is_empty();
+        queue.jobs.push_back(Job {
+            handle,
+            payload,
+            responder,
+        });
+        drop(queue);
+        // The drain takes the whole queue at once and registers before it
+        // looks: only the first request after that needs to wake it.
+        if was_empty {
+            self.waker.wake();
+        }
+        Ok(())
+    }
+}
+
+struct Drain<A: RemoteActor> {
+    inbox: Arc<ActorInbox<A>>,
+    /// Requests taken from the inbox and not handled yet.
+    batch: VecDeque<Job<A>>,
+}
+
+impl<A: RemoteActor> ActorFuture<A> for Drain<A> {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        act: &mut A,
+        ctx: &mut Context<A>,
+        task: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let this = self.get_mut();
+        let mut turn = TURN;
+        loop {
+            if this.batch.is_empty() {
+                this.inbox.waker.register(task.waker());
+                std::mem::swap(&mut this.inbox.lock().jobs, &mut this.batch);
+                if this.batch.is_empty() {
+                    if this
+                        .inbox
+                        .stop_requested
+                        .swap(false, std::sync::atomic::Ordering::AcqRel)
+                    {
+                        ctx.stop();
+                    }
+                    return std::task::Poll::Pending;
+                }
+            }
+            while let Some(job) = this.batch.pop_front() {
+                (job.handle)(act, ctx, &job.payload, job.responder);
+                // A handler that made the actor wait for a future, or stop:
+                // the context comes back here once it may handle more.
+                if ctx.waiting() || ctx.state() != actix::ActorState::Running {
+                    return std::task::Poll::Pending;
+                }
+                turn -= 1;
+                if turn == 0 {
+                    task.waker().wake_by_ref();
+                    return std::task::Poll::Pending;
+                }
+            }
         }
     }
 }
 
-impl<A: RemoteActor> Service for ActorService<A> {
-    fn dispatch(
-        &self,
-        _caller: Option<&Arc<Link>>,
-        tag: &str,
-        payload: &[u8],
-        reply: bool,
-    ) -> Result<Dispatch, WireError> {
-        let (_, route) = self.routes.table.get(tag).ok_or_else(|| WireError::UnknownMessage {
-            actor: A::NAME.to_owned(),
-            tag: tag.to_owned(),
-        })?;
-        route(&self.addr, payload, reply)
+impl<A: RemoteActor> Drop for Drain<A> {
+    fn drop(&mut self) {
+        // The actor is gone: what it did not take never reached a handler.
+        let left = {
+            let mut queue = self.inbox.lock();
+            queue.closed = true;
+            std::mem::take(&mut queue.jobs)
+        };
+        for job in self.batch.drain(..).chain(left) {
+            job.responder.answer(Err(WireError::MailboxClosed {
+                actor: A::NAME.to_owned(),
+            }));
+        }
     }
 }

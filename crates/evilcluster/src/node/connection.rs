@@ -4,6 +4,7 @@
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -14,7 +15,7 @@ use futures_util::StreamExt;
 use interprocess::local_socket::tokio::Stream;
 use rustc_hash::FxHashMap;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::codec::{Encoder, Framed, FramedRead, LengthDelimitedCodec};
 use tracing::{debug, warn};
 
@@ -68,16 +69,29 @@ pub(crate) enum Failure {
     Closed(String),
 }
 
-type Outcome = Result<Bytes, Failure>;
-/// A request's id and where its reply will arrive.
-pub(crate) type ReplyWaiter = (u64, oneshot::Receiver<Outcome>);
+type Outcome = Result<Payload, Failure>;
+/// A queued request's id, to collect its reply with
+/// [`Link::poll_reply`] (and to [`cancel`](Link::cancel) it).
+pub(crate) type ReplyWaiter = u64;
 
 /// A request waiting for its reply.
 struct Pending {
-    /// `None` once its caller stopped waiting.
-    reply: Option<oneshot::Sender<Outcome>>,
+    reply: Awaited,
     /// Whether it holds a place in the window (given back with its reply).
     slotted: bool,
+}
+
+/// Where a request's reply stands. Kept in the connection's table rather
+/// than in a channel per request: a call then allocates nothing for its
+/// reply, and the reader hands it over under the lock it takes anyway.
+enum Awaited {
+    /// No reply yet; the caller's waker, once it has been polled.
+    Waiting(Option<Waker>),
+    /// The reply (or the connection's end), for the caller to take.
+    Arrived(Outcome),
+    /// The caller stopped waiting; the entry stays until the reply gives
+    /// the request's place in the window back.
+    Abandoned,
 }
 
 /// The requests waiting on a connection, and whether it is closed: one
@@ -203,8 +217,12 @@ pub(crate) struct Link {
     /// Bytes queued or being written: zero only once the writer has
     /// handed the last byte to the kernel.
     unwritten: AtomicUsize,
-    /// Requests from the peer being handled, as the reader last counted.
+    /// Requests from the peer taken in and not answered yet.
     serving: AtomicUsize,
+    /// Signalled when `serving` drops below [`MAX_IN_FLIGHT`] again.
+    served: Notify,
+    /// The peer's one-way messages finished and not yet credited back.
+    credit_due: AtomicUsize,
     /// One-way messages sent and not yet credited back by the peer.
     uncredited: AtomicUsize,
     /// This process told the peer it is stopping.
@@ -246,6 +264,8 @@ impl Link {
             budget,
             unwritten: AtomicUsize::new(0),
             serving: AtomicUsize::new(0),
+            served: Notify::new(),
+            credit_due: AtomicUsize::new(0),
             uncredited: AtomicUsize::new(0),
         }
     }
@@ -365,15 +385,14 @@ impl Link {
                 None => 0,
             };
             let waiter = reply.then(|| {
-                let (sender, rx) = oneshot::channel();
                 calls.pending.insert(
                     id,
                     Pending {
-                        reply: Some(sender),
+                        reply: Awaited::Waiting(None),
                         slotted,
                     },
                 );
-                (id, rx)
+                id
             });
             if slotted && !reply {
                 self.uncredited.fetch_add(1, Ordering::AcqRel);
@@ -402,15 +421,45 @@ impl Link {
         }
     }
 
+    /// The reply to request `id`, once it arrived (or the connection
+    /// ended); until then, `cx` is woken when it does.
+    pub fn poll_reply(&self, id: u64, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let mut calls = self.lock_calls();
+        let Some(pending) = calls.pending.get_mut(&id) else {
+            // Taken or cancelled already: a caller polled after it ended.
+            return Poll::Ready(Err(Failure::Closed("the request has ended".to_owned())));
+        };
+        match &mut pending.reply {
+            Awaited::Waiting(waker) => {
+                match waker {
+                    Some(waker) if waker.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            Awaited::Arrived(_) => {
+                let Some(Pending {
+                    reply: Awaited::Arrived(outcome),
+                    ..
+                }) = calls.pending.remove(&id)
+                else {
+                    unreachable!("matched just above")
+                };
+                Poll::Ready(outcome)
+            }
+            Awaited::Abandoned => Poll::Ready(Err(Failure::Closed("the request was cancelled".to_owned()))),
+        }
+    }
+
     /// Forgets a request whose caller stopped waiting. Its place in the
     /// window stays taken until the reply comes: the peer is still on it.
     pub fn cancel(&self, id: u64) {
         let mut calls = self.lock_calls();
         match calls.pending.get_mut(&id) {
-            Some(pending) if pending.slotted => {
+            Some(pending) if pending.slotted && matches!(pending.reply, Awaited::Waiting(_)) => {
                 // Keep the entry, without its caller: the late reply gives
                 // the place back (at most a window of these per peer).
-                pending.reply = None;
+                pending.reply = Awaited::Abandoned;
             }
             Some(_) => {
                 calls.pending.remove(&id);
@@ -423,18 +472,27 @@ impl Link {
         self.calls.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn complete(&self, id: u64, result: Result<Bytes, WireError>) {
-        let waiter = self.lock_calls().pending.remove(&id);
-        match waiter {
-            Some(waiter) => {
-                if waiter.slotted {
-                    self.slots.add_permits(1);
-                }
-                if let Some(reply) = waiter.reply {
-                    let _ = reply.send(result.map_err(Failure::Wire));
-                }
+    fn complete(&self, id: u64, result: Result<Payload, WireError>) {
+        let mut calls = self.lock_calls();
+        let Some(pending) = calls.pending.get_mut(&id) else {
+            drop(calls);
+            debug!(peer = %self.peer.path, id, "reply for a request nobody waits for");
+            return;
+        };
+        let slotted = pending.slotted;
+        let waker = match std::mem::replace(&mut pending.reply, Awaited::Arrived(result.map_err(Failure::Wire))) {
+            Awaited::Waiting(waker) => waker,
+            Awaited::Abandoned | Awaited::Arrived(_) => {
+                calls.pending.remove(&id);
+                None
             }
-            None => debug!(peer = %self.peer.path, id, "reply for a request nobody waits for"),
+        };
+        drop(calls);
+        if slotted {
+            self.slots.add_permits(1);
+        }
+        if let Some(waker) = waker {
+            waker.wake();
         }
     }
 
@@ -480,8 +538,12 @@ impl Link {
         })
     }
 
-    fn credit(&self, count: usize) {
-        self.queue_frame(&Frame::Credit(Credit { count: count as u32 }));
+    /// Gives the places of finished one-way messages back to the peer.
+    fn flush_credit(&self) {
+        let count = self.credit_due.swap(0, Ordering::AcqRel);
+        if count > 0 && !self.is_closed() {
+            self.queue_frame(&Frame::Credit(Credit { count: count as u32 }));
+        }
     }
 
     /// Tells the peer this process is stopping: it sends no new requests
@@ -517,22 +579,102 @@ impl Link {
     /// Marks the link dead and fails every request waiting on it: their
     /// callers get `Disconnected` at once rather than at their deadline.
     fn close(&self, reason: String) {
-        let pending = {
+        let wakers: Vec<Waker> = {
             let mut calls = self.lock_calls();
             if calls.closed.is_some() {
                 return;
             }
             calls.closed = Some(reason.clone());
             self.closed.store(true, Ordering::Release);
-            std::mem::take(&mut calls.pending)
+            // Nobody will take what abandoned requests get; replies that
+            // arrived stay for their callers.
+            calls
+                .pending
+                .retain(|_, pending| !matches!(pending.reply, Awaited::Abandoned));
+            calls
+                .pending
+                .values_mut()
+                .filter(|pending| matches!(pending.reply, Awaited::Waiting(_)))
+                .filter_map(|pending| {
+                    let closed = Awaited::Arrived(Err(Failure::Closed(reason.clone())));
+                    match std::mem::replace(&mut pending.reply, closed) {
+                        Awaited::Waiting(waker) => waker,
+                        _ => None,
+                    }
+                })
+                .collect()
         };
         // Callers waiting for room get `Closed` too.
         self.slots.close();
         self.room.close();
-        for (_, waiter) in pending {
-            if let Some(reply) = waiter.reply {
-                let _ = reply.send(Err(Failure::Closed(reason.clone())));
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+}
+
+/// Answers one request from a connection's peer, from whichever thread
+/// handles it: replies, or gives a one-way message's place in the window
+/// back, and counts the request as done. Every request the reader takes
+/// in gets one; dropping it unanswered answers that the actor stopped.
+pub(crate) struct Responder {
+    node: Arc<Node>,
+    link: Arc<Link>,
+    id: u64,
+    reply: bool,
+    slotted: bool,
+    started: Option<std::time::Instant>,
+    /// For the answer of a responder dropped unanswered.
+    actor: &'static str,
+    answered: bool,
+}
+
+impl Responder {
+    /// Whether the caller waits for a reply (a one-way message's result is
+    /// not encoded).
+    pub fn wants_reply(&self) -> bool {
+        self.reply
+    }
+
+    /// Names the actor that will answer, for the error sent if it never does.
+    pub fn for_actor(&mut self, actor: &'static str) {
+        self.actor = actor;
+    }
+
+    /// Sends the answer (when one is wanted) and frees the request's place.
+    pub fn answer(mut self, result: Result<Vec<u8>, WireError>) {
+        self.finish(result);
+    }
+
+    fn finish(&mut self, result: Result<Vec<u8>, WireError>) {
+        self.answered = true;
+        let link = &*self.link;
+        if self.slotted {
+            self.node.stats.handled(self.started, result.is_err());
+        }
+        if self.reply {
+            link.reply(self.id, result);
+        } else if self.slotted {
+            let due = link.credit_due.fetch_add(1, Ordering::AcqRel) + 1;
+            if due >= CREDIT_BATCH {
+                link.flush_credit();
             }
+        }
+        let before = link.serving.fetch_sub(1, Ordering::AcqRel);
+        if before == 1 {
+            // Out of work: whatever is due goes back now.
+            link.flush_credit();
+        } else if before == MAX_IN_FLIGHT {
+            link.served.notify_one();
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if !self.answered {
+            let actor = self.actor.to_owned();
+            self.finish(Err(WireError::Stopped { actor }));
         }
     }
 }
@@ -659,25 +801,16 @@ async fn read_loop(
     link: &Arc<Link>,
     mut frames: FramedRead<ReadHalf, LengthDelimitedCodec>,
 ) -> String {
+    // Answers of the runtime's own services that are not ready at once;
+    // actors answer from their own threads through their `Responder`s.
     let mut in_flight = FuturesUnordered::new();
-    // One-way messages finished and not yet credited back to the peer.
-    let mut credit_due = 0usize;
     loop {
+        let room = link.serving.load(Ordering::Acquire) < MAX_IN_FLIGHT;
         tokio::select! {
             biased;
-            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                let Done { id, reply, slotted, counted, started, result } = done;
-                if counted {
-                    node.stats.handled(started, result.is_err());
-                }
-                if reply {
-                    link.reply(id, result);
-                } else if slotted {
-                    credit_due += 1;
-                }
-                link.serving.store(in_flight.len(), Ordering::Release);
-            }
-            frame = frames.next(), if in_flight.len() < MAX_IN_FLIGHT => match frame {
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            () = link.served.notified(), if !room => {}
+            frame = frames.next(), if room => match frame {
                 None => return "closed by the peer".to_owned(),
                 Some(Err(error)) if is_disconnect(&error) => return format!("connection lost: {error}"),
                 Some(Err(error)) => {
@@ -693,40 +826,31 @@ async fn read_loop(
                                 warn!(peer = %clip(&link.peer.path), %error, "ignored a malformed frame");
                             }
                         }
-                        Ok(Frame::Reply(reply)) => link.complete(reply.id, reply.result.map(|p| body.slice_ref(p.0))),
+                        Ok(Frame::Reply(reply)) => link.complete(reply.id, reply.result.map(|p| Payload::detach(&body, p.0))),
                         Ok(Frame::Credit(credit)) => link.credited(credit.count),
                         Ok(Frame::GoAway) => link.peer_going_away(),
                         Ok(Frame::GoAwayAck) => link.quiet.store(true, Ordering::Release),
                         Ok(Frame::Request(request)) => {
-                            let id = request.id;
-                            let reply = request.reply;
                             let slotted = takes_slot(request.actor);
                             // The runtime's own traffic is not the actors' work.
-                            let counted = slotted;
-                            let started = if counted { node.stats.received() } else { None };
-                            match node.dispatch(link, &request) {
-                                Ok(None) => {
-                                    if slotted && !reply {
-                                        credit_due += 1;
-                                    }
-                                }
-                                Ok(Some(pending)) => {
-                                    in_flight.push(async move {
-                                        let result = pending.await;
-                                        Done { id, reply, slotted, counted, started, result }
-                                    });
-                                    link.serving.store(in_flight.len(), Ordering::Release);
-                                }
-                                Err(error) => {
-                                    if counted {
-                                        node.stats.failed();
-                                    }
+                            let started = if slotted { node.stats.received() } else { None };
+                            link.serving.fetch_add(1, Ordering::AcqRel);
+                            let responder = Responder {
+                                node: node.clone(),
+                                link: link.clone(),
+                                id: request.id,
+                                reply: request.reply,
+                                slotted,
+                                started,
+                                actor: "(a service)",
+                                answered: false,
+                            };
+                            match node.dispatch(link, &request, Payload::detach(&body, request.payload), responder) {
+                                Ok(Some(later)) => in_flight.push(later),
+                                Ok(None) => {}
+                                Err((responder, error)) => {
                                     node.refused(link, &request, &error);
-                                    if reply {
-                                        link.reply(id, Err(error));
-                                    } else if slotted {
-                                        credit_due += 1;
-                                    }
+                                    responder.answer(Err(error));
                                 }
                             }
                         }
@@ -737,21 +861,52 @@ async fn read_loop(
                 }
             },
         }
-        if credit_due >= CREDIT_BATCH || (credit_due > 0 && in_flight.is_empty()) {
-            link.credit(credit_due);
-            credit_due = 0;
+    }
+}
+
+/// A part of a frame that outlives the reader's turn (a request's payload
+/// on its way to the actor, a reply on its way to its caller).
+///
+/// A small one is copied out, inline, with no allocation: a slice would
+/// keep the whole read buffer shared, and the next read would then
+/// allocate a fresh buffer and copy what is left into it. A large one has
+/// its own allocation anyway and is shared, not copied.
+pub(crate) enum Payload {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Shared(Bytes),
+}
+
+/// Parts of frames up to this size are copied inline.
+const INLINE: usize = 62;
+
+impl Payload {
+    fn detach(body: &Bytes, part: &[u8]) -> Payload {
+        match u8::try_from(part.len()) {
+            Ok(len) if part.len() <= INLINE => {
+                let mut bytes = [0; INLINE];
+                bytes[..part.len()].copy_from_slice(part);
+                Payload::Inline { len, bytes }
+            }
+            _ => Payload::Shared(body.slice_ref(part)),
         }
     }
 }
 
-/// A request the reader finished.
-struct Done {
-    id: u64,
-    reply: bool,
-    slotted: bool,
-    counted: bool,
-    started: Option<std::time::Instant>,
-    result: Result<Vec<u8>, WireError>,
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Payload::Shared(bytes) => bytes,
+        }
+    }
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Payload({} bytes)", self.len())
+    }
 }
 
 /// After a large frame, moves what is left of the read buffer to a fresh
@@ -808,7 +963,7 @@ mod tests {
                         let mut waiters = Vec::new();
                         for _ in 0..CALLS {
                             match link.request("evilcluster.test", "t", 1, b"\xc0", true, None) {
-                                Ok(Some((_, waiter))) => waiters.push(waiter),
+                                Ok(Some(waiter)) => waiters.push(waiter),
                                 Ok(None) => unreachable!("a reply was asked for"),
                                 Err(LinkError::Closed(_)) => {}
                                 Err(other) => panic!("unexpected {other:?}"),
@@ -823,9 +978,11 @@ mod tests {
             std::thread::yield_now();
             link.close(format!("closed in round {round}"));
             for caller in callers {
-                for mut waiter in caller.join().unwrap() {
-                    match waiter.try_recv() {
-                        Ok(Err(Failure::Closed(_))) => {}
+                let waker = futures_util::task::noop_waker();
+                let mut cx = Context::from_waker(&waker);
+                for waiter in caller.join().unwrap() {
+                    match link.poll_reply(waiter, &mut cx) {
+                        Poll::Ready(Err(Failure::Closed(reason))) if reason == format!("closed in round {round}") => {}
                         other => panic!("round {round}: a caller was left with {other:?}"),
                     }
                 }
@@ -841,14 +998,14 @@ mod tests {
         let mut ids = Vec::new();
         for _ in 0..WINDOW {
             let admission = link.try_admit(100).expect("room in the window");
-            let (id, _) = link
+            let id = link
                 .request("user", "t", 1, b"\xc0", true, Some(admission))
                 .unwrap()
                 .unwrap();
             ids.push(id);
         }
         assert!(matches!(link.try_admit(100), Err(LinkError::Full)));
-        link.complete(ids[0], Ok(Bytes::new()));
+        link.complete(ids[0], Ok(Payload::Shared(Bytes::new())));
         let admission = link.try_admit(100).expect("a reply gives its place back");
         link.request("user", "t", 1, b"\xc0", false, Some(admission)).unwrap();
         assert!(matches!(link.try_admit(100), Err(LinkError::Full)));
@@ -861,7 +1018,7 @@ mod tests {
         // A caller that gave up keeps its place until the reply comes.
         link.cancel(ids[1]);
         assert_eq!(link.slots.available_permits(), 1);
-        link.complete(ids[1], Ok(Bytes::new()));
+        link.complete(ids[1], Ok(Payload::Shared(Bytes::new())));
         assert_eq!(link.slots.available_permits(), 2);
     }
 

@@ -28,8 +28,9 @@ use tracing::{debug, warn};
 use crate::node::directory::{Directory, Member, Pick};
 use crate::node::stats::Stats;
 use crate::Error;
-use connection::{Link, Side, DEFAULT_HANDSHAKE_TIMEOUT};
-use service::{Dispatch, Service};
+use connection::{Link, Payload, Responder, Side, DEFAULT_HANDSHAKE_TIMEOUT};
+use futures_util::future::BoxFuture;
+use service::{Hosted, Inbox, Service};
 use throttle::{clip, Throttle};
 
 /// One-way messages being passed on to another instance at once (see
@@ -92,7 +93,7 @@ pub(crate) struct Node {
     pub socket_dir: PathBuf,
     /// The master's path and socket (the master itself: its own).
     pub master: (String, String),
-    services: RwLock<FxHashMap<String, Arc<dyn Service>>>,
+    services: RwLock<FxHashMap<String, Hosted>>,
     links: Mutex<FxHashMap<String, Slot>>,
     /// The actix arbiter (thread) that carries this node's connections.
     arbiter: actix_rt::ArbiterHandle,
@@ -242,33 +243,73 @@ impl Node {
     }
 
     pub fn add_service(&self, name: &str, service: Arc<dyn Service>) {
+        self.host(name, Hosted::Service(service));
+    }
+
+    /// Routes requests for `name` into an actor's inbox.
+    pub fn add_actor(&self, name: &str, inbox: Arc<dyn Inbox>) {
+        self.host(name, Hosted::Actor(inbox));
+    }
+
+    fn host(&self, name: &str, hosted: Hosted) {
         self.services
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_owned(), service);
+            .insert(name.to_owned(), hosted);
     }
 
-    /// The service hosted under `name`, if any.
+    /// The runtime service hosted under `name`, if any.
     pub fn service(&self, name: &str) -> Option<Arc<dyn Service>> {
-        self.services
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
+        match self.services.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+            Some(Hosted::Service(service)) => Some(service.clone()),
+            _ => None,
+        }
     }
 
-    pub fn dispatch(&self, caller: &Arc<Link>, request: &Request<'_>) -> Result<Dispatch, WireError> {
+    /// Hands a request from `caller` to what this process hosts under its
+    /// name. `Ok(Some(future))`: a runtime service's answer, which the
+    /// connection drives; `Ok(None)`: taken (an actor answers it itself,
+    /// or nothing was to be answered). A refusal gives the responder back.
+    #[allow(clippy::type_complexity)]
+    pub fn dispatch(
+        &self,
+        caller: &Arc<Link>,
+        request: &Request<'_>,
+        payload: Payload,
+        mut responder: Responder,
+    ) -> Result<Option<BoxFuture<'static, ()>>, (Responder, WireError)> {
         if request.incarnation != self.identity.incarnation {
-            return Err(WireError::StaleIncarnation {
+            let stale = WireError::StaleIncarnation {
                 requested: request.incarnation,
                 current: self.identity.incarnation,
-            });
+            };
+            return Err((responder, stale));
         }
-        let services = self.services.read().unwrap_or_else(|e| e.into_inner());
-        let service = services.get(request.actor).ok_or_else(|| WireError::UnknownActor {
-            actor: request.actor.to_owned(),
-        })?;
-        service.dispatch(Some(caller), request.tag, request.payload, request.reply)
+        let hosted = self
+            .services
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(request.actor)
+            .cloned();
+        let service = match hosted {
+            None => {
+                let unknown = WireError::UnknownActor {
+                    actor: request.actor.to_owned(),
+                };
+                return Err((responder, unknown));
+            }
+            Some(Hosted::Actor(inbox)) => return inbox.deliver(request.tag, payload, responder).map(|()| None),
+            Some(Hosted::Service(service)) => service,
+        };
+        responder.for_actor("the runtime's service");
+        match service.dispatch(Some(caller), request.tag, &payload, request.reply) {
+            Err(error) => Err((responder, error)),
+            Ok(None) => {
+                responder.answer(Ok(Vec::new()));
+                Ok(None)
+            }
+            Ok(Some(answer)) => Ok(Some(Box::pin(async move { responder.answer(answer.await) }))),
+        }
     }
 
     /// A request this process refused before dispatching it. A one-way

@@ -4,11 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::node::connection::{Failure, Link, LinkError, ReplyWaiter};
+use crate::node::connection::{Failure, Link, LinkError, Payload, ReplyWaiter};
 use crate::SendError;
 
 /// The instant `timeout` from now, or a far one for a timeout too large to add.
@@ -88,7 +87,7 @@ pub(crate) async fn call(
     incarnation: u64,
     payload: &[u8],
     timeout: Duration,
-) -> Result<Bytes, SendError> {
+) -> Result<Payload, SendError> {
     let started = Instant::now();
     let deadline = deadline_after(timeout);
     let waiter = link
@@ -116,26 +115,34 @@ pub(crate) fn push(
 /// Waits for the reply to a queued request, until `deadline`.
 pub(crate) async fn wait(
     link: &Link,
-    (id, reply): ReplyWaiter,
+    id: ReplyWaiter,
     actor: &'static str,
     tag: &'static str,
     deadline: Instant,
     started: Instant,
-) -> Result<Bytes, SendError> {
+) -> Result<Payload, SendError> {
     let _cancel = Cancel { link, id };
+    let reply = std::future::poll_fn(|cx| link.poll_reply(id, cx));
     match tokio::time::timeout_at(deadline.into(), reply).await {
         Err(_) => Err(timed_out(actor, tag, started)),
-        Ok(Err(_)) => Err(SendError::Disconnected {
-            actor,
-            path: link.peer.path.clone(),
-            reason: "the connection closed before the reply arrived".to_owned(),
-        }),
-        Ok(Ok(Err(Failure::Closed(reason)))) => Err(SendError::Disconnected {
+        Ok(outcome) => outcome_to_result(link, actor, tag, outcome),
+    }
+}
+
+/// What a caller makes of a request's outcome.
+pub(crate) fn outcome_to_result(
+    link: &Link,
+    actor: &'static str,
+    tag: &'static str,
+    outcome: Result<Payload, Failure>,
+) -> Result<Payload, SendError> {
+    match outcome {
+        Ok(bytes) => Ok(bytes),
+        Err(Failure::Closed(reason)) => Err(SendError::Disconnected {
             actor,
             path: link.peer.path.clone(),
             reason,
         }),
-        Ok(Ok(Err(Failure::Wire(error)))) => Err(SendError::from_wire(actor, tag, error)),
-        Ok(Ok(Ok(bytes))) => Ok(bytes),
+        Err(Failure::Wire(error)) => Err(SendError::from_wire(actor, tag, error)),
     }
 }

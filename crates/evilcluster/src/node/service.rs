@@ -9,7 +9,7 @@ use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::node::connection::Link;
+use crate::node::connection::{Link, Payload, Responder};
 
 /// The outcome of dispatching one request to a local service.
 pub(crate) type Dispatch = Option<BoxFuture<'static, Result<Vec<u8>, WireError>>>;
@@ -27,6 +27,25 @@ pub(crate) trait Service: Send + Sync {
         payload: &[u8],
         reply: bool,
     ) -> Result<Dispatch, WireError>;
+}
+
+/// A user's actor, as the connections see it: requests go into its inbox
+/// whole, and the actor answers each from its own thread through the
+/// request's [`Responder`] — no envelope, channel or boxed future per
+/// message between the connection and the handler.
+pub(crate) trait Inbox: Send + Sync {
+    /// Queues one request for the actor, or gives the responder back with
+    /// the reason it was refused (the handler did not run).
+    fn deliver(&self, tag: &str, payload: Payload, responder: Responder) -> Result<(), (Responder, WireError)>;
+}
+
+/// What a process hosts under one name.
+#[derive(Clone)]
+pub(crate) enum Hosted {
+    /// One of the runtime's own services.
+    Service(Arc<dyn Service>),
+    /// A user's actor.
+    Actor(Arc<dyn Inbox>),
 }
 
 /// Refuses a request that speaks for another process than its connection

@@ -186,9 +186,9 @@ impl Child {
         }
         match worker.body {
             Body::Actor { name, host, .. } => {
-                let Hosted { service, stop, stopped } = host();
+                let Hosted { inbox, stop, stopped } = host();
                 let mut stopped = std::pin::pin!(stopped);
-                node.add_service(name, service);
+                node.add_actor(name, inbox);
                 let path = member.path.clone();
                 announce(&master, member).await?;
                 tokio::select! {

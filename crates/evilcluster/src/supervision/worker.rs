@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::fut::{wrap_future, ActorFutureExt};
-use actix::{ActorContext, AsyncContext};
+use actix::AsyncContext;
 use futures_util::future::LocalBoxFuture;
 use tokio::sync::oneshot;
 
-use crate::api::remote::{ActorService, RemoteActor};
-use crate::node::service::Service;
+use crate::api::remote::{ActorInbox, RemoteActor};
+use crate::node::service::Inbox;
 use crate::node::Config;
 use crate::supervision::policy::{AutoShutdown, Backoff, Intensity, Restart, Strategy};
 use crate::supervision::supervisor::ChildSpec;
@@ -25,7 +25,7 @@ pub(crate) type Host = Box<dyn FnOnce() -> Hosted>;
 
 /// A hosted actor, running.
 pub(crate) struct Hosted {
-    pub service: Arc<dyn Service>,
+    pub inbox: Arc<dyn Inbox>,
     /// Asks the actor to stop: it handles what its mailbox holds, then its
     /// `stopping` and `stopped` run (`stopping` may refuse).
     pub stop: oneshot::Sender<()>,
@@ -131,27 +131,30 @@ impl Worker {
         let host: Host = Box::new(move || {
             let (stop, stop_requested) = oneshot::channel::<()>();
             let (alive, stopped) = oneshot::channel::<()>();
-            let addr = A::create(move |ctx| {
+            let inbox = ActorInbox::<A>::new();
+            let drain = inbox.drain();
+            let stopper = inbox.clone();
+            A::create(move |ctx| {
                 ctx.set_mailbox_capacity(A::mailbox_capacity());
+                // Requests from other processes, handled in the actor's own
+                // context, with `&mut self`.
+                ctx.spawn(drain);
                 // Dropped with the actor's context, after `stopped` ran.
                 ctx.spawn(wrap_future(async move {
                     let _alive = alive;
                     std::future::pending::<()>().await
                 }));
-                ctx.spawn(
-                    wrap_future::<_, A>(stop_requested).map(|requested, _, ctx: &mut actix::Context<A>| {
-                        if requested.is_ok() {
-                            ctx.stop();
-                        }
-                    }),
-                );
+                // Asked to stop, the actor first handles the requests its
+                // inbox already holds (no new ones come: the process left the
+                // directory and refuses them), then stops.
+                ctx.spawn(wrap_future::<_, A>(stop_requested).map(move |requested, _, _| {
+                    if requested.is_ok() {
+                        stopper.stop_when_drained();
+                    }
+                }));
                 make()
             });
-            Hosted {
-                service: Arc::new(ActorService::new(addr)),
-                stop,
-                stopped,
-            }
+            Hosted { inbox, stop, stopped }
         });
         Worker {
             name: A::NAME.to_owned(),
