@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 
 use crate::api::remote::{RemoteActor, RemoteMessage, Routed};
 use crate::node::connection::{frame_size, Link, LinkError, ReplyWaiter};
+use crate::node::deadline::Deadline;
 use crate::node::directory::{Member, Pick};
 use crate::node::rpc::{deadline_after, deadline_from, link_error, timed_out, wait};
 use crate::node::{self, Node};
@@ -385,7 +386,7 @@ struct Sent<M> {
     started: Instant,
     deadline: Instant,
     /// Made when the reply did not come at the first poll.
-    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    timer: Option<Deadline>,
 }
 
 /// A queued request; dropping it before its reply was taken cancels it.
@@ -500,10 +501,8 @@ where
                 }
                 std::task::Poll::Pending => {
                     let deadline = sent.deadline;
-                    let timer = sent
-                        .timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
-                    std::task::ready!(timer.as_mut().poll(cx));
+                    let timer = sent.timer.get_or_insert_with(|| Deadline::new(deadline));
+                    std::task::ready!(timer.poll_expired(cx));
                     Err(timed_out(sent.target.actor, M::TAG, sent.started))
                 }
             };

@@ -472,12 +472,16 @@ impl Link {
         self.calls.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn complete(&self, id: u64, result: Result<Payload, WireError>) {
+    /// Hands a reply to its caller. Returns whether it frees a place in
+    /// the window: the reader gives places back in batches
+    /// ([`free_slots`](Self::free_slots)), not one lock per reply.
+    #[must_use]
+    fn complete(&self, id: u64, result: Result<Payload, WireError>) -> bool {
         let mut calls = self.lock_calls();
         let Some(pending) = calls.pending.get_mut(&id) else {
             drop(calls);
             debug!(peer = %self.peer.path, id, "reply for a request nobody waits for");
-            return;
+            return false;
         };
         let slotted = pending.slotted;
         let waker = match std::mem::replace(&mut pending.reply, Awaited::Arrived(result.map_err(Failure::Wire))) {
@@ -488,11 +492,16 @@ impl Link {
             }
         };
         drop(calls);
-        if slotted {
-            self.slots.add_permits(1);
-        }
         if let Some(waker) = waker {
             waker.wake();
+        }
+        slotted
+    }
+
+    /// Gives `count` places in the window back.
+    fn free_slots(&self, count: usize) {
+        if count > 0 {
+            self.slots.add_permits(count);
         }
     }
 
@@ -804,7 +813,13 @@ async fn read_loop(
     // Answers of the runtime's own services that are not ready at once;
     // actors answer from their own threads through their `Responder`s.
     let mut in_flight = FuturesUnordered::new();
+    // Places in the window that replies freed, given back once no complete
+    // frame is left to read (or enough of them gathered).
+    let mut freed = 0;
     loop {
+        if freed >= CREDIT_BATCH || (freed > 0 && !frame_buffered(frames.read_buffer())) {
+            link.free_slots(std::mem::take(&mut freed));
+        }
         let room = link.serving.load(Ordering::Acquire) < MAX_IN_FLIGHT;
         tokio::select! {
             biased;
@@ -826,7 +841,10 @@ async fn read_loop(
                                 warn!(peer = %clip(&link.peer.path), %error, "ignored a malformed frame");
                             }
                         }
-                        Ok(Frame::Reply(reply)) => link.complete(reply.id, reply.result.map(|p| Payload::detach(&body, p.0))),
+                        Ok(Frame::Reply(reply)) => {
+                            let result = reply.result.map(|p| Payload::detach(&body, p.0));
+                            freed += usize::from(link.complete(reply.id, result));
+                        }
                         Ok(Frame::Credit(credit)) => link.credited(credit.count),
                         Ok(Frame::GoAway) => link.peer_going_away(),
                         Ok(Frame::GoAwayAck) => link.quiet.store(true, Ordering::Release),
@@ -906,6 +924,15 @@ impl std::ops::Deref for Payload {
 impl std::fmt::Debug for Payload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Payload({} bytes)", self.len())
+    }
+}
+
+/// Whether the read buffer holds another whole frame (the codec's 4-byte
+/// big-endian length, then that many bytes).
+fn frame_buffered(buffer: &[u8]) -> bool {
+    match buffer.first_chunk::<4>() {
+        Some(length) => buffer.len() - 4 >= u32::from_be_bytes(*length) as usize,
+        None => false,
     }
 }
 
@@ -1005,7 +1032,8 @@ mod tests {
             ids.push(id);
         }
         assert!(matches!(link.try_admit(100), Err(LinkError::Full)));
-        link.complete(ids[0], Ok(Payload::Shared(Bytes::new())));
+        assert!(link.complete(ids[0], Ok(Payload::Shared(Bytes::new()))));
+        link.free_slots(1);
         let admission = link.try_admit(100).expect("a reply gives its place back");
         link.request("user", "t", 1, b"\xc0", false, Some(admission)).unwrap();
         assert!(matches!(link.try_admit(100), Err(LinkError::Full)));
@@ -1018,7 +1046,8 @@ mod tests {
         // A caller that gave up keeps its place until the reply comes.
         link.cancel(ids[1]);
         assert_eq!(link.slots.available_permits(), 1);
-        link.complete(ids[1], Ok(Payload::Shared(Bytes::new())));
+        assert!(link.complete(ids[1], Ok(Payload::Shared(Bytes::new()))));
+        link.free_slots(1);
         assert_eq!(link.slots.available_permits(), 2);
     }
 

@@ -6,6 +6,7 @@
 //! the wire crate and `error` only; the services above install themselves.
 
 pub(crate) mod connection;
+pub(crate) mod deadline;
 pub(crate) mod directory;
 pub(crate) mod rpc;
 pub(crate) mod service;
