@@ -256,40 +256,87 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Writes a request or a successful reply with `rmp`'s encoders directly,
-/// byte for byte what serde writes (see [`decode_traffic`] for the
-/// layout); `false` for other frames, which go through serde.
+/// Writes a request or a successful reply straight into `out`, byte for
+/// byte what serde writes (see [`decode_traffic`] for the layout; the
+/// tests and the fuzz target compare the two). `false` for other frames,
+/// which go through serde.
 fn encode_traffic(frame: &Frame<'_>, out: &mut Vec<u8>) -> bool {
-    use rmp::encode::{write_array_len, write_bin, write_bool, write_map_len, write_str, write_uint};
-    // Writing to a `Vec` cannot fail; the results say so only in type.
+    let fits = |len: usize| u32::try_from(len).is_ok();
     match frame {
-        Frame::Request(request) => {
-            let _ = write_map_len(out, 1);
-            let _ = write_str(out, "Request");
-            let _ = write_array_len(out, 6);
-            let _ = write_uint(out, request.id);
-            let _ = write_str(out, request.actor);
-            let _ = write_str(out, request.tag);
-            let _ = write_uint(out, request.incarnation);
-            let _ = write_bool(out, request.reply);
-            let _ = write_bin(out, request.payload);
+        Frame::Request(request)
+            if fits(request.payload.len()) && fits(request.actor.len()) && fits(request.tag.len()) =>
+        {
+            // {"Request": [
+            out.extend_from_slice(b"\x81\xa7Request\x96");
+            put_uint(out, request.id);
+            put_str(out, request.actor);
+            put_str(out, request.tag);
+            put_uint(out, request.incarnation);
+            out.push(if request.reply { 0xc3 } else { 0xc2 });
+            put_bin(out, request.payload);
             true
         }
         Frame::Reply(Reply {
             id,
             result: Ok(ReplyPayload(payload)),
-        }) => {
-            let _ = write_map_len(out, 1);
-            let _ = write_str(out, "Reply");
-            let _ = write_array_len(out, 2);
-            let _ = write_uint(out, *id);
-            let _ = write_map_len(out, 1);
-            let _ = write_str(out, "Ok");
-            let _ = write_bin(out, payload);
+        }) if fits(payload.len()) => {
+            // {"Reply": [id, {"Ok": payload}]}
+            out.extend_from_slice(b"\x81\xa5Reply\x92");
+            put_uint(out, *id);
+            out.extend_from_slice(b"\x81\xa2Ok");
+            put_bin(out, payload);
             true
         }
         _ => false,
     }
+}
+
+/// An unsigned integer in its shortest MessagePack form, as `rmp` writes it.
+fn put_uint(out: &mut Vec<u8>, value: u64) {
+    if value < 0x80 {
+        out.push(value as u8);
+    } else if let Ok(value) = u8::try_from(value) {
+        out.extend_from_slice(&[0xcc, value]);
+    } else if let Ok(value) = u16::try_from(value) {
+        out.push(0xcd);
+        out.extend_from_slice(&value.to_be_bytes());
+    } else if let Ok(value) = u32::try_from(value) {
+        out.push(0xce);
+        out.extend_from_slice(&value.to_be_bytes());
+    } else {
+        out.push(0xcf);
+        out.extend_from_slice(&value.to_be_bytes());
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, text: &str) {
+    let len = text.len();
+    if len < 32 {
+        out.push(0xa0 | len as u8);
+    } else if let Ok(len) = u8::try_from(len) {
+        out.extend_from_slice(&[0xd9, len]);
+    } else if let Ok(len) = u16::try_from(len) {
+        out.push(0xda);
+        out.extend_from_slice(&len.to_be_bytes());
+    } else {
+        out.push(0xdb);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+    }
+    out.extend_from_slice(text.as_bytes());
+}
+
+fn put_bin(out: &mut Vec<u8>, bytes: &[u8]) {
+    let len = bytes.len();
+    if let Ok(len) = u8::try_from(len) {
+        out.extend_from_slice(&[0xc4, len]);
+    } else if let Ok(len) = u16::try_from(len) {
+        out.push(0xc5);
+        out.extend_from_slice(&len.to_be_bytes());
+    } else {
+        out.push(0xc6);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+    }
+    out.extend_from_slice(bytes);
 }
 
 #[cfg(test)]
@@ -328,7 +375,7 @@ mod tests {
             }),
             Frame::Request(Request {
                 id: 0,
-                actor: "",
+                actor: "an.actor.whose.name.is.longer.than.thirty.one",
                 tag: "",
                 incarnation: 0,
                 reply: false,
