@@ -39,8 +39,11 @@ struct State {
     waiting: Slab<Waker>,
 }
 
+/// A batch a thread started lately, by its deadline.
+type Recent = Option<(Instant, Weak<Batch>)>;
+
 thread_local! {
-    static RECENT_BATCHES: std::cell::RefCell<[Option<(Instant, Weak<Batch>)>; RECENT]> = const {
+    static RECENT_BATCHES: std::cell::RefCell<[Recent; RECENT]> = const {
         std::cell::RefCell::new([const { None }; RECENT])
     };
 }
