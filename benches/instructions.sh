@@ -4,7 +4,7 @@
 # per cent shows. Each path runs twice (N1 and N2 messages); the difference
 # divided by N2-N1 removes start-up and warm-up.
 #
-#   bash benches/instructions.sh [path ...]   # default: pipelined round-trip do-send raw-pipelined
+#   bash benches/instructions.sh [path ...]   # default: every path
 #
 # "client" is the calling process (the master), "server" the busiest other
 # process (the echo worker, or the raw echo server for raw-pipelined).
@@ -42,7 +42,7 @@ totals() {
 }
 
 paths=("$@")
-[ ${#paths[@]} -gt 0 ] || paths=(pipelined round-trip do-send raw-pipelined)
+[ ${#paths[@]} -gt 0 ] || paths=(pipelined raw-pipelined round-trip raw-round-trip do-send)
 echo "instructions per message (callgrind; N1=$N1, N2=$N2)"
 printf '%-16s %14s %14s %14s\n' "path" "client/msg" "server/msg" "total/msg"
 for path in "${paths[@]}"; do
