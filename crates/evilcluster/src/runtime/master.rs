@@ -301,6 +301,6 @@ pub(super) fn install_services(node: &Arc<Node>) {
     );
     node.add_service(
         crate::registry::DIRECTORY,
-        Arc::new(crate::registry::DirectoryService(node.directory.clone())),
+        Arc::new(crate::registry::DirectoryService::new(node.directory.clone())),
     );
 }
