@@ -12,7 +12,8 @@
 //! - **ready**: from the `Cluster` start in the master to the whole tree
 //!   ready (`Cluster::start` returning), total and per process;
 //! - **PSS**: the proportional set size summed over every process of the
-//!   tree (`/proc/PID/smaps_rollup`: shared pages counted once);
+//!   tree (`/proc/PID/smaps_rollup`: shared pages counted once), per
+//!   process, and the master's and a (median) fork's own in KiB;
 //! - **propagation**: one fork SIGKILLed and restarted at once: from the
 //!   master's directory seeing the new process to every fork's directory
 //!   seeing it (polled with broadcasts: the figure is an upper bound, to
@@ -128,13 +129,15 @@ fn drive(sizes: &[String]) -> ExitCode {
         cpus()
     );
     println!(
-        "{:>5} {:>6} | {:>9} {:>8} | {:>9} {:>8} | {:>9} | {:>9} | {:>7} {:>7} {:>5} | {:>9} {:>8} | {:>11} {:>11}",
+        "{:>5} {:>6} | {:>9} {:>8} | {:>9} {:>8} {:>7} {:>7} | {:>9} | {:>9} | {:>7} {:>7} {:>5} | {:>9} {:>8} | {:>11} {:>11}",
         "N",
         "procs",
         "ready ms",
         "ms/proc",
         "PSS MiB",
         "KiB/proc",
+        "master",
+        "fork",
         "propag ms",
         "bcast us",
         "rr us",
@@ -184,6 +187,15 @@ fn one_size(n: u32) -> ExitCode {
         let procs = members.len(); // the master, the spawn and every fork
         let pids: Vec<u32> = members.iter().map(|m| m.pid).collect();
         let pss_kib: u64 = pids.iter().filter_map(|&pid| pss_kib(pid)).sum();
+        // One fork's own: what a member of the tree costs every process.
+        let mut fork_pss: Vec<u64> = members
+            .iter()
+            .filter(|m| m.fork.is_some())
+            .filter_map(|m| pss_kib(m.pid))
+            .collect();
+        fork_pss.sort_unstable();
+        let fork_pss = fork_pss.get(fork_pss.len() / 2).copied().unwrap_or(0);
+        let master_pss = pss_kib(std::process::id()).unwrap_or(0);
 
         // Connections to every fork first: the figures below are steady state.
         let tiny = evilcluster::addr_of::<Tiny>();
@@ -216,13 +228,15 @@ fn one_size(n: u32) -> ExitCode {
         let stop = stopping.elapsed();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         Ok::<String, String>(format!(
-            "{:>5} {:>6} | {:>9.1} {:>8.2} | {:>9.1} {:>8.0} | {:>9.1} | {:>9.1} | {:>7.1} {:>7.1} {:>5.2} | {:>9.1} {:>8.2} | {:>5}/{:<5} {:>5}/{:<5}\n",
+            "{:>5} {:>6} | {:>9.1} {:>8.2} | {:>9.1} {:>8.0} {:>7} {:>7} | {:>9.1} | {:>9.1} | {:>7.1} {:>7.1} {:>5.2} | {:>9.1} {:>8.2} | {:>5}/{:<5} {:>5}/{:<5}\n",
             n,
             procs,
             ms(ready),
             ms(ready) / procs as f64,
             pss_kib as f64 / 1024.0,
             pss_kib as f64 / procs as f64,
+            master_pss,
+            fork_pss,
             ms(propagation),
             broadcast_us,
             rr,

@@ -1,6 +1,5 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use evilcluster_wire::control::RoleKind;
 use rustc_hash::FxHashMap;
@@ -369,23 +368,6 @@ impl Directory {
                 std::future::pending::<()>().await;
             }
         }
-    }
-
-    /// Waits until `condition` holds for the members, or `timeout` passes.
-    pub async fn wait_for(&self, timeout: Duration, mut condition: impl FnMut(&[Arc<Member>]) -> bool) -> bool {
-        let mut changes = self.version.subscribe();
-        let wait = async {
-            loop {
-                changes.mark_unchanged();
-                if self.with_members(&mut condition) {
-                    return;
-                }
-                if changes.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        tokio::time::timeout(timeout, wait).await.is_ok()
     }
 }
 

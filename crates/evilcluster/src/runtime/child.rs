@@ -242,6 +242,7 @@ impl Child {
             socket_dir: self.env.socket_dir.clone(),
             cookie: self.cookie.clone(),
             listener: None,
+            replicas: true,
         }
     }
 }

@@ -96,6 +96,7 @@ impl Cluster {
             socket_dir: node.socket_dir.clone(),
             cookie: cookie.clone(),
             listener: None,
+            replicas: false,
         };
         actix_rt::spawn(crate::observe::control::track_restarts());
         let supervisor = supervisor::supervise(node.clone(), plan);
