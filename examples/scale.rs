@@ -22,6 +22,8 @@
 //!   fork, divided by the number of forks (µs per instance);
 //! - **rr / one**: 2,000 sequential requests through the worker's name
 //!   (round robin over the forks) against 2,000 to one fork: the ratio;
+//!   **cycle**: 2,000 to each fork in turn, picked by number: what changing
+//!   the receiving process costs without the round robin;
 //! - **stop**: `ClusterHandle::shutdown` (every process gone), total and
 //!   per process;
 //! - **fds** and **sockets** per process: open descriptors and those that
@@ -129,7 +131,7 @@ fn drive(sizes: &[String]) -> ExitCode {
         cpus()
     );
     println!(
-        "{:>5} {:>6} | {:>9} {:>8} | {:>9} {:>8} {:>7} {:>7} | {:>9} | {:>9} | {:>7} {:>7} {:>5} | {:>9} {:>8} | {:>11} {:>11}",
+        "{:>5} {:>6} | {:>9} {:>8} | {:>9} {:>8} {:>7} {:>7} | {:>9} | {:>9} | {:>7} {:>7} {:>5} {:>8} | {:>9} {:>8} | {:>11} {:>11}",
         "N",
         "procs",
         "ready ms",
@@ -143,6 +145,7 @@ fn drive(sizes: &[String]) -> ExitCode {
         "rr us",
         "one us",
         "rr/1",
+        "cycle us",
         "stop ms",
         "ms/proc",
         "fds m/max",
@@ -217,6 +220,7 @@ fn one_size(n: u32) -> ExitCode {
         let calls = 2000;
         let rr = time_calls(&tiny, calls).await?;
         let one = time_calls(&evilcluster::addr_of_fork::<Tiny>(1), calls).await?;
+        let cycle = time_cycle(n, calls).await?;
         let children: Vec<u32> = pids.iter().copied().filter(|&p| p != std::process::id()).collect();
         let fork_sockets = sockets_and_fds(&children);
         let master_fds = sockets_and_fds(&[std::process::id()]);
@@ -228,7 +232,7 @@ fn one_size(n: u32) -> ExitCode {
         let stop = stopping.elapsed();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         Ok::<String, String>(format!(
-            "{:>5} {:>6} | {:>9.1} {:>8.2} | {:>9.1} {:>8.0} {:>7} {:>7} | {:>9.1} | {:>9.1} | {:>7.1} {:>7.1} {:>5.2} | {:>9.1} {:>8.2} | {:>5}/{:<5} {:>5}/{:<5}\n",
+            "{:>5} {:>6} | {:>9.1} {:>8.2} | {:>9.1} {:>8.0} {:>7} {:>7} | {:>9.1} | {:>9.1} | {:>7.1} {:>7.1} {:>5.2} {:>8.1} | {:>9.1} {:>8.2} | {:>5}/{:<5} {:>5}/{:<5}\n",
             n,
             procs,
             ms(ready),
@@ -242,6 +246,7 @@ fn one_size(n: u32) -> ExitCode {
             rr,
             one,
             rr / one,
+            cycle,
             ms(stop),
             ms(stop) / procs as f64,
             master_fds.1,
@@ -270,6 +275,17 @@ async fn time_calls(addr: &evilcluster::RemoteAddr<Tiny>, calls: u32) -> Result<
     let at = Instant::now();
     for _ in 0..calls {
         addr.send(Ping).await.map_err(|e| e.to_string())?;
+    }
+    Ok(at.elapsed().as_secs_f64() * 1e6 / f64::from(calls))
+}
+
+/// Microseconds per sequential request, each to the next fork by number
+/// (what round robin does, picked by hand: the cost of changing process).
+async fn time_cycle(n: u32, calls: u32) -> Result<f64, String> {
+    let forks: Vec<_> = (1..=n).map(evilcluster::addr_of_fork::<Tiny>).collect();
+    let at = Instant::now();
+    for i in 0..calls {
+        forks[(i % n) as usize].send(Ping).await.map_err(|e| e.to_string())?;
     }
     Ok(at.elapsed().as_secs_f64() * 1e6 / f64::from(calls))
 }
