@@ -189,7 +189,7 @@ fn one_size(n: u32) -> ExitCode {
         let members = running.members();
         let procs = members.len(); // the master, the spawn and every fork
         let pids: Vec<u32> = members.iter().map(|m| m.pid).collect();
-        let pss_kib: u64 = pids.iter().filter_map(|&pid| pss_kib(pid)).sum();
+        let total_pss: u64 = pids.iter().filter_map(|&pid| pss_kib(pid)).sum();
         // One fork's own: what a member of the tree costs every process.
         let mut fork_pss: Vec<u64> = members
             .iter()
@@ -237,8 +237,8 @@ fn one_size(n: u32) -> ExitCode {
             procs,
             ms(ready),
             ms(ready) / procs as f64,
-            pss_kib as f64 / 1024.0,
-            pss_kib as f64 / procs as f64,
+            total_pss as f64 / 1024.0,
+            total_pss as f64 / procs as f64,
             master_pss,
             fork_pss,
             ms(propagation),
