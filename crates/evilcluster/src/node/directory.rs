@@ -150,8 +150,15 @@ impl Indexed {
         match change {
             Change::Ready => self.ready = true,
             Change::Joined(member) => {
-                self.remove(|m| m.path == member.path);
                 let member = Arc::new(member);
+                // A path always has the same place in the tree: whatever had
+                // it sits where the new one goes (no scan of the members).
+                let at = self.members.partition_point(|m| tree_order(m) < tree_order(&member));
+                if self.members.get(at).is_some_and(|m| m.path == member.path) {
+                    self.remove_at(at);
+                } else {
+                    self.remove(|m| m.path == member.path);
+                }
                 let at = self.members.partition_point(|m| tree_order(m) < tree_order(&member));
                 self.members.insert(at, member.clone());
                 if let (Some(actor), Some(_)) = (&member.actor, &member.socket) {
@@ -172,9 +179,12 @@ impl Indexed {
     }
 
     fn remove(&mut self, matches: impl Fn(&Member) -> bool) {
-        let Some(at) = self.members.iter().position(|m| matches(m)) else {
-            return;
-        };
+        if let Some(at) = self.members.iter().position(|m| matches(m)) {
+            self.remove_at(at);
+        }
+    }
+
+    fn remove_at(&mut self, at: usize) {
         let gone = self.members.remove(at);
         if let Some(actor) = &gone.actor {
             if let Some(entry) = self.by_actor.get_mut(actor) {
