@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 
 use crate::api::remote::RemoteMessage;
 use crate::node::connection::Link;
-use crate::node::directory::{Applied, Change, Delta, Directory, Member, Snapshot};
+use crate::node::directory::{Change, Delta, Directory, Member, Outcome, Snapshot};
 use crate::node::service::{check_identity, check_master, decode_payload, encode_reply, Dispatch, Service};
 use crate::node::Node;
 
@@ -85,7 +85,7 @@ impl Service for DirectoryService {
         match tag {
             DELTA_TAG => {
                 let delta: Delta = decode_payload(tag, payload)?;
-                if self.directory.apply_delta(delta) == Applied::Gap {
+                if self.directory.apply_delta(delta) == Outcome::Gap {
                     debug!(
                         version = self.directory.version(),
                         "the directory missed a change; asking again"

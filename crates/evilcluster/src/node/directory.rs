@@ -75,7 +75,7 @@ pub(crate) struct Delta {
 
 /// What [`Directory::apply_delta`] did with a delta.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Applied {
+pub(crate) enum Outcome {
     /// Applied: the directory is at the delta's version.
     Applied,
     /// Older than what the directory has: ignored.
@@ -197,9 +197,9 @@ impl Indexed {
     }
 
     /// Applies `delta` if it follows on from this version (see [`Delta`]).
-    fn delta(&mut self, delta: Delta) -> Applied {
+    fn delta(&mut self, delta: Delta) -> Outcome {
         if self.loaded && delta.version <= self.version {
-            return Applied::Stale;
+            return Outcome::Stale;
         }
         if !self.loaded || delta.base > self.version {
             self.ahead.retain(|d| d.version != delta.version);
@@ -208,13 +208,13 @@ impl Indexed {
                 self.ahead.remove(0);
             }
             self.ahead.push(delta);
-            return if self.loaded { Applied::Gap } else { Applied::Kept };
+            return if self.loaded { Outcome::Gap } else { Outcome::Kept };
         }
         self.version = delta.version;
         for change in delta.changes {
             self.change(change);
         }
-        Applied::Applied
+        Outcome::Applied
     }
 
     /// After a snapshot: applies the deltas kept aside that now follow on
@@ -267,13 +267,13 @@ impl Directory {
         true
     }
 
-    /// Applies a pushed delta (see [`Applied`]).
-    pub fn apply_delta(&self, delta: Delta) -> Applied {
+    /// Applies a pushed delta (see [`Outcome`]).
+    pub fn apply_delta(&self, delta: Delta) -> Outcome {
         let mut current = self.write();
         let applied = current.delta(delta);
         let version = current.version;
         drop(current);
-        if applied == Applied::Applied {
+        if applied == Outcome::Applied {
             self.version.send_replace(version);
         }
         applied
@@ -540,7 +540,7 @@ mod tests {
         for (version, change) in history.iter().enumerate() {
             assert_eq!(
                 by_deltas.apply_delta(delta(version as u64, vec![change.clone()])),
-                Applied::Applied
+                Outcome::Applied
             );
         }
         let by_snapshot = Directory::new();
@@ -557,7 +557,7 @@ mod tests {
             let from = split / 2;
             assert_eq!(
                 batched.apply_delta(delta(from as u64, history[from..].to_vec())),
-                Applied::Applied
+                Outcome::Applied
             );
             assert_eq!(
                 view(&batched),
@@ -573,13 +573,13 @@ mod tests {
         let directory = Directory::new();
         directory.apply(snapshot_after(&history[..2]));
         // Version 3 is lost: 3→4 cannot apply.
-        assert_eq!(directory.apply_delta(delta(3, vec![history[3].clone()])), Applied::Gap);
+        assert_eq!(directory.apply_delta(delta(3, vec![history[3].clone()])), Outcome::Gap);
         assert!(directory.gapped());
         assert_eq!(directory.version(), 2);
         // Stale pushes are ignored.
         assert_eq!(
             directory.apply_delta(delta(0, vec![history[0].clone()])),
-            Applied::Stale
+            Outcome::Stale
         );
         // The fresh snapshot the directory asks for (at 3), then what was kept aside (3→4).
         assert!(directory.apply(snapshot_after(&history[..3])));
@@ -595,8 +595,8 @@ mod tests {
         let history = history();
         let directory = Directory::new();
         // The subscription's reply (at 5) arrives after the pushes 4→6 and 6→8.
-        assert_eq!(directory.apply_delta(delta(4, history[4..6].to_vec())), Applied::Kept);
-        assert_eq!(directory.apply_delta(delta(6, history[6..].to_vec())), Applied::Kept);
+        assert_eq!(directory.apply_delta(delta(4, history[4..6].to_vec())), Outcome::Kept);
+        assert_eq!(directory.apply_delta(delta(6, history[6..].to_vec())), Outcome::Kept);
         assert!(!directory.gapped());
         assert!(directory.apply(snapshot_after(&history[..5])));
         assert!(!directory.gapped());
