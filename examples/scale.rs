@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example scale                  # every size, one table
 //! cargo run --release --example scale -- 8 32          # only these sizes
+//! cargo run --release --example scale -- --spawns      # N spawns (no forks) instead
 //! ```
 //!
 //! The driver runs each size in a fresh master process (this program again,
@@ -92,9 +93,37 @@ fn cluster(forks: u32) -> Cluster {
     )
 }
 
+/// N spawns of a task that waits (no forks): spawns start one at a time,
+/// each ready before the next, by design.
+fn spawns(n: u32) -> Cluster {
+    (1..=n).fold(
+        Cluster::new("scale").start_timeout(Duration::from_secs(60)),
+        |cluster, i| {
+            cluster.spawn(Worker::task(format!("t{i}"), || async {
+                std::future::pending::<()>().await;
+                Ok(())
+            }))
+        },
+    )
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
+        [one, n] if one == "--one-spawns" => {
+            let Ok(n) = n.parse::<u32>() else {
+                eprintln!("--one-spawns takes a number of spawns");
+                return ExitCode::from(2);
+            };
+            if !evilcluster::is_master() {
+                return match spawns(n).run() {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(_) => ExitCode::FAILURE,
+                };
+            }
+            one_spawns(n)
+        }
+        [flag, sizes @ ..] if flag == "--spawns" => drive(sizes, true),
         [one, n] if one == "--one" => {
             let Ok(n) = n.parse::<u32>() else {
                 eprintln!("--one takes a number of forks");
@@ -108,12 +137,12 @@ fn main() -> ExitCode {
             }
             one_size(n)
         }
-        sizes => drive(sizes),
+        sizes => drive(sizes, false),
     }
 }
 
 /// Runs each size in a master of its own, one after another; prints the table.
-fn drive(sizes: &[String]) -> ExitCode {
+fn drive(sizes: &[String], spawns: bool) -> ExitCode {
     let sizes: Vec<u32> = if sizes.is_empty() {
         SIZES.to_vec()
     } else {
@@ -126,35 +155,46 @@ fn drive(sizes: &[String]) -> ExitCode {
         }
     };
     let exe = std::env::current_exe().expect("this program's path");
-    println!(
-        "evilcluster scale: one spawn with N forks of a tiny actor (release build; CPUs: {})",
-        cpus()
-    );
-    println!(
-        "{:>5} {:>6} | {:>9} {:>8} | {:>9} {:>8} {:>7} {:>7} | {:>9} | {:>9} | {:>7} {:>7} {:>5} {:>8} | {:>9} {:>8} | {:>11} {:>11}",
-        "N",
-        "procs",
-        "ready ms",
-        "ms/proc",
-        "PSS MiB",
-        "KiB/proc",
-        "master",
-        "fork",
-        "propag ms",
-        "bcast us",
-        "rr us",
-        "one us",
-        "rr/1",
-        "cycle us",
-        "stop ms",
-        "ms/proc",
-        "fds m/max",
-        "socks m/max"
-    );
+    if spawns {
+        println!(
+            "evilcluster scale: N spawns of a waiting task, no forks (release build; CPUs: {})",
+            cpus()
+        );
+        println!(
+            "{:>5} {:>6} | {:>9} {:>8} | {:>9} {:>8} | {:>9} {:>8} | {:>11}",
+            "N", "procs", "ready ms", "ms/proc", "PSS MiB", "KiB/proc", "stop ms", "ms/proc", "fds m/max"
+        );
+    } else {
+        println!(
+            "evilcluster scale: one spawn with N forks of a tiny actor (release build; CPUs: {})",
+            cpus()
+        );
+        println!(
+            "{:>5} {:>6} | {:>9} {:>8} | {:>9} {:>8} {:>7} {:>7} | {:>9} | {:>9} | {:>7} {:>7} {:>5} {:>8} | {:>9} {:>8} | {:>11} {:>11}",
+            "N",
+            "procs",
+            "ready ms",
+            "ms/proc",
+            "PSS MiB",
+            "KiB/proc",
+            "master",
+            "fork",
+            "propag ms",
+            "bcast us",
+            "rr us",
+            "one us",
+            "rr/1",
+            "cycle us",
+            "stop ms",
+            "ms/proc",
+            "fds m/max",
+            "socks m/max"
+        );
+    }
     let mut code = ExitCode::SUCCESS;
     for n in sizes {
         let mut command = Command::new(&exe);
-        command.args(["--one", &n.to_string()]);
+        command.args([if spawns { "--one-spawns" } else { "--one" }, &n.to_string()]);
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "warn");
         }
@@ -253,6 +293,50 @@ fn one_size(n: u32) -> ExitCode {
             fork_sockets.1,
             master_fds.0,
             fork_sockets.0,
+        ))
+    });
+    match row {
+        Ok(row) => {
+            print!("{row}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("N={n}: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// N spawns, in the master: time to ready, PSS, stop, descriptors.
+fn one_spawns(n: u32) -> ExitCode {
+    let system = actix_rt::System::new();
+    let row = system.block_on(async move {
+        let began = Instant::now();
+        let handle = spawns(n).start().await.map_err(|e| e.to_string())?;
+        let ready = began.elapsed();
+        let members = handle.running().members();
+        let procs = members.len();
+        let pids: Vec<u32> = members.iter().map(|m| m.pid).collect();
+        let total_pss: u64 = pids.iter().filter_map(|&pid| pss_kib(pid)).sum();
+        let children: Vec<u32> = pids.iter().copied().filter(|&p| p != std::process::id()).collect();
+        let child_fds = sockets_and_fds(&children);
+        let master_fds = sockets_and_fds(&[std::process::id()]);
+        let stopping = Instant::now();
+        handle.shutdown().await.map_err(|e| e.to_string())?;
+        let stop = stopping.elapsed();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        Ok::<String, String>(format!(
+            "{:>5} {:>6} | {:>9.1} {:>8.2} | {:>9.1} {:>8.0} | {:>9.1} {:>8.2} | {:>5}/{:<5}\n",
+            n,
+            procs,
+            ms(ready),
+            ms(ready) / procs as f64,
+            total_pss as f64 / 1024.0,
+            total_pss as f64 / procs as f64,
+            ms(stop),
+            ms(stop) / procs as f64,
+            master_fds.1,
+            child_fds.1,
         ))
     });
     match row {
