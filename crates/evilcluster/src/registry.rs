@@ -470,3 +470,88 @@ impl Service for RegistryService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::directory::{Change, Delta};
+    use evilcluster_wire::control::RoleKind;
+
+    fn fork(number: u32) -> Member {
+        Member {
+            path: format!("app/w/{number}"),
+            role: RoleKind::Fork,
+            worker: "w".into(),
+            order: 1,
+            fork: Some(number),
+            pid: 100 + number,
+            incarnation: 1,
+            actor: Some("w".into()),
+            actor_type: None,
+            socket: Some(format!("/tmp/{number}.sock")),
+            restarts: 0,
+            listen: None,
+        }
+    }
+
+    fn push(service: &DirectoryService, tag: &str, body: &impl Serialize) {
+        let payload = rmp_serde::to_vec(body).unwrap();
+        assert!(service.dispatch(None, tag, &payload, false).unwrap().is_none());
+    }
+
+    /// A delta after a gap makes the directory service ask for a fresh
+    /// snapshot (here there is no master to ask: the attempt ends, and the
+    /// next snapshot pushed fills the gap).
+    #[test]
+    fn a_gap_in_pushed_deltas_asks_for_a_snapshot_and_a_snapshot_fills_it() {
+        actix_rt::System::new().block_on(async {
+            let directory = Arc::new(Directory::new());
+            let service = DirectoryService::new(directory.clone());
+            push(
+                &service,
+                SNAPSHOT_TAG,
+                &Snapshot {
+                    version: 1,
+                    members: vec![fork(1)],
+                    ready: false,
+                },
+            );
+            // 2 → 3 arrives, 1 → 2 never did.
+            push(
+                &service,
+                DELTA_TAG,
+                &Delta {
+                    base: 2,
+                    version: 3,
+                    changes: vec![Change::Joined(fork(3))],
+                },
+            );
+            assert!(directory.gapped());
+            assert!(
+                service.resyncing.load(Ordering::SeqCst),
+                "a fresh snapshot was asked for"
+            );
+            // The attempt ends (no master in this test) and may be made again.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while service.resyncing.load(Ordering::SeqCst) {
+                assert!(std::time::Instant::now() < deadline, "the resync attempt never ended");
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            assert_eq!(directory.version(), 1);
+            // The snapshot at 2, then the delta kept aside.
+            push(
+                &service,
+                SNAPSHOT_TAG,
+                &Snapshot {
+                    version: 2,
+                    members: vec![fork(1), fork(2)],
+                    ready: false,
+                },
+            );
+            assert!(!directory.gapped());
+            assert_eq!(directory.version(), 3);
+            let forks: Vec<_> = directory.members().iter().map(|m| m.fork).collect();
+            assert_eq!(forks, [Some(1), Some(2), Some(3)]);
+        });
+    }
+}
