@@ -16,8 +16,9 @@
 //!   tree (`/proc/PID/smaps_rollup`: shared pages counted once), per
 //!   process, and the master's and a (median) fork's own in KiB;
 //! - **propagation**: one fork SIGKILLed and restarted at once: from the
-//!   master's directory seeing the new process to every fork's directory
-//!   seeing it (polled with broadcasts: the figure is an upper bound, to
+//!   master's directory seeing the new process to one other fork's
+//!   directory seeing it (**prop1**, polled with single requests), and to
+//!   every fork's (**propN**, polled with broadcasts: an upper bound, to
 //!   within one broadcast);
 //! - **broadcast**: the median of 20 broadcasts of a tiny request to every
 //!   fork, divided by the number of forks (µs per instance);
@@ -170,7 +171,7 @@ fn drive(sizes: &[String], spawns: bool) -> ExitCode {
             cpus()
         );
         println!(
-            "{:>5} {:>6} | {:>9} {:>8} | {:>9} {:>8} {:>7} {:>7} | {:>9} | {:>9} | {:>7} {:>7} {:>5} {:>8} | {:>9} {:>8} | {:>11} {:>11}",
+            "{:>5} {:>6} | {:>9} {:>8} | {:>9} {:>8} {:>7} {:>7} | {:>8} {:>8} | {:>9} | {:>7} {:>7} {:>5} {:>8} | {:>9} {:>8} | {:>11} {:>11}",
             "N",
             "procs",
             "ready ms",
@@ -179,7 +180,8 @@ fn drive(sizes: &[String], spawns: bool) -> ExitCode {
             "KiB/proc",
             "master",
             "fork",
-            "propag ms",
+            "prop1 ms",
+            "propN ms",
             "bcast us",
             "rr us",
             "one us",
@@ -272,7 +274,7 @@ fn one_size(n: u32) -> ExitCode {
         let stop = stopping.elapsed();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         Ok::<String, String>(format!(
-            "{:>5} {:>6} | {:>9.1} {:>8.2} | {:>9.1} {:>8.0} {:>7} {:>7} | {:>9.1} | {:>9.1} | {:>7.1} {:>7.1} {:>5.2} {:>8.1} | {:>9.1} {:>8.2} | {:>5}/{:<5} {:>5}/{:<5}\n",
+            "{:>5} {:>6} | {:>9.1} {:>8.2} | {:>9.1} {:>8.0} {:>7} {:>7} | {:>8.2} {:>8.1} | {:>9.1} | {:>7.1} {:>7.1} {:>5.2} {:>8.1} | {:>9.1} {:>8.2} | {:>5}/{:<5} {:>5}/{:<5}\n",
             n,
             procs,
             ms(ready),
@@ -281,7 +283,8 @@ fn one_size(n: u32) -> ExitCode {
             total_pss as f64 / procs as f64,
             master_pss,
             fork_pss,
-            ms(propagation),
+            ms(propagation.0),
+            ms(propagation.1),
             broadcast_us,
             rr,
             one,
@@ -376,7 +379,7 @@ async fn time_cycle(n: u32, calls: u32) -> Result<f64, String> {
 
 /// SIGKILLs one fork; once the master's directory has its successor, how
 /// long until every fork's directory has it too.
-async fn propagation(running: &evilcluster::RunningCluster, n: u32) -> Result<Duration, String> {
+async fn propagation(running: &evilcluster::RunningCluster, n: u32) -> Result<(Duration, Duration), String> {
     let victim = n.div_ceil(2);
     let path = format!("scale/tiny/{victim}");
     let old = running
@@ -401,6 +404,24 @@ async fn propagation(running: &evilcluster::RunningCluster, n: u32) -> Result<Du
         tokio::time::sleep(Duration::from_micros(200)).await;
     };
     let seen_by_master = Instant::now();
+    // One chosen fork (the last, or the only one), asked again and again
+    // with single requests: a close figure for one process.
+    let witness = evilcluster::addr_of_fork::<Tiny>(if victim == n { 1 } else { n });
+    let one = loop {
+        if witness
+            .send(Sees {
+                path: path.clone(),
+                pid: new,
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            break seen_by_master.elapsed();
+        }
+        if Instant::now() > deadline {
+            return Err("the restarted fork was never seen by the witness".into());
+        }
+    };
     let tiny = evilcluster::addr_of::<Tiny>().timeout(Duration::from_secs(10));
     loop {
         let replies = tiny
@@ -410,7 +431,7 @@ async fn propagation(running: &evilcluster::RunningCluster, n: u32) -> Result<Du
             })
             .await;
         if replies.iter().all(|r| matches!(r.1, Ok(true))) {
-            return Ok(seen_by_master.elapsed());
+            return Ok((one, seen_by_master.elapsed()));
         }
         if Instant::now() > deadline {
             return Err("the restarted fork was never seen by every fork".into());
