@@ -611,6 +611,8 @@ async fn serve_until_signal(frontend: RemoteAddr<WebserverFrontend>) -> Result<(
 }
 
 fn main() -> ExitCode {
+    // In the master: how long the tree takes to be ready (issue 12's "Start").
+    let began = std::time::Instant::now();
     let serve = std::env::args().skip(1).any(|arg| arg == "--serve");
     // `--port N` to choose the port; by default any free one.
     let args: Vec<String> = std::env::args().collect();
@@ -646,7 +648,14 @@ fn main() -> ExitCode {
                     rounds: 25,
                 }),
         )
-        .run_with(move |_| demo(serve));
+        .run_with(move |cluster| {
+            println!(
+                "tree ready in {:.1} ms ({} processes)",
+                began.elapsed().as_secs_f64() * 1e3,
+                cluster.members().len()
+            );
+            demo(serve)
+        });
     match outcome {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(failure)) => {

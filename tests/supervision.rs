@@ -250,10 +250,11 @@ fn sigterm_to_the_master_stops_every_child_in_reverse_order_and_exits_zero() {
     let status = sup.fixture.wait();
     assert!(status.success(), "{status:?}: {:#?}", sup.fixture.seen);
     assert!(sup.fixture.seen.iter().any(|l| l == "stopped"));
-    assert_eq!(
-        sup.order("stop"),
-        ["sup/pool/2", "sup/pool/1", "sup/c", "sup/b", "sup/a"]
-    );
+    // The pool's forks (replicas) stop together, before their spawn; the
+    // spawns stop last declared first.
+    let mut stops = sup.order("stop");
+    stops[..2].sort();
+    assert_eq!(stops, ["sup/pool/1", "sup/pool/2", "sup/c", "sup/b", "sup/a"]);
     assert!(sup.fixture.seen.iter().any(|l| l == "event all-exited sup"));
     sup.nothing_left();
     let left = support::files_below(sup.fixture.tmp.path());
@@ -261,9 +262,10 @@ fn sigterm_to_the_master_stops_every_child_in_reverse_order_and_exits_zero() {
 }
 
 #[test]
-fn a_spawns_shutdown_budget_covers_its_forks_stopping_one_after_another() {
+fn a_spawns_forks_stop_together_each_within_its_own_timeout() {
     // Each fork takes 2 s to stop, under a 3 s shutdown timeout: the spawn
-    // stops them one after another (4 s), longer than one timeout.
+    // asks both at once, so both are stopping before either has stopped,
+    // and neither is killed.
     let mut sup = Sup::start(&["--pool", "2", "--slow-stop", "pool=2000", "--shutdown-ms", "3000"]);
     sup.event("ready sup/pool ");
     sup.fixture.signal(Signal::TERM);
@@ -274,11 +276,19 @@ fn a_spawns_shutdown_budget_covers_its_forks_stopping_one_after_another() {
         "{:#?}",
         sup.fixture.seen
     );
-    assert_eq!(sup.order("stopping"), ["sup/pool/2", "sup/pool/1"]);
+    let forks: Vec<(String, String)> = sup
+        .records()
+        .into_iter()
+        .filter(|(what, path)| (what == "stopping" || what == "stop") && path.starts_with("sup/pool/"))
+        .collect();
+    let whats: Vec<&str> = forks.iter().map(|(what, _)| what.as_str()).collect();
+    assert_eq!(whats, ["stopping", "stopping", "stop", "stop"], "{forks:?}");
     // Both forks stopped gracefully, then the rest in reverse order.
+    let mut stops = sup.order("stop");
+    stops[..2].sort();
     assert_eq!(
-        sup.order("stop"),
-        ["sup/pool/2", "sup/pool/1", "sup/c", "sup/b", "sup/a"],
+        stops,
+        ["sup/pool/1", "sup/pool/2", "sup/c", "sup/b", "sup/a"],
         "{:#?}",
         sup.fixture.seen
     );
@@ -628,4 +638,39 @@ fn workers_learn_when_the_cluster_is_ready_and_which_fork_is_last() {
         sup.count("cluster-ready", "sup/a") == 2
     });
     sup.quit();
+}
+
+#[test]
+fn a_workers_forks_start_together_each_with_its_own_number() {
+    let forks = 12;
+    let mut sup = Sup::start(&["--pool", &forks.to_string()]);
+    sup.event("ready sup/pool ");
+    let seen = sup.fixture.seen.clone();
+    let at = |what: &str, k: u32| -> Vec<usize> {
+        let prefix = format!("event {what} sup/pool/{k} ");
+        seen.iter()
+            .enumerate()
+            .filter(|(_, l)| l.starts_with(&prefix))
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let mut pids = Vec::new();
+    let (mut last_forked, mut first_ready) = (0, usize::MAX);
+    for k in 1..=forks {
+        let (forked, ready) = (at("forked", k), at("ready", k));
+        assert_eq!((forked.len(), ready.len()), (1, 1), "fork {k}: {seen:#?}");
+        last_forked = last_forked.max(forked[0]);
+        first_ready = first_ready.min(ready[0]);
+        pids.push(seen[ready[0]].split(' ').nth(3).expect("a pid").to_owned());
+        // Each process runs as its own fork number, once.
+        assert_eq!(sup.count("start", &format!("sup/pool/{k}")), 1);
+    }
+    // Launched together: every fork had been started before the first was ready.
+    assert!(last_forked < first_ready, "{seen:#?}");
+    pids.sort();
+    pids.dedup();
+    assert_eq!(pids.len(), forks as usize, "one process per fork");
+    sup.fixture.signal(Signal::TERM);
+    assert!(sup.fixture.wait().success());
+    sup.nothing_left();
 }

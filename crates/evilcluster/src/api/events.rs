@@ -168,13 +168,10 @@ pub async fn publish<E: Event>(to: To, event: &E) -> Result<(), PublishError> {
 /// In the master: delivers a publication to every process its route names.
 fn fan_out(node: &Arc<Node>, publication: Publication) {
     let cluster = &node.identity.cluster;
-    let members = node.directory.members();
-    let targets = members.iter().filter(|m| match &publication.to {
-        To::All => true,
-        To::Master => m.path == *cluster,
-        To::Worker(worker) => m.worker == *worker && m.path != *cluster,
-        To::Fork(worker, fork) => m.path == format!("{cluster}/{worker}/{fork}"),
-    });
+    let fork_path = match &publication.to {
+        To::Fork(worker, fork) => Some(format!("{cluster}/{worker}/{fork}")),
+        _ => None,
+    };
     let arrival = Arrival {
         tag: publication.tag,
         from: publication.from,
@@ -184,21 +181,37 @@ fn fan_out(node: &Arc<Node>, publication: Publication) {
         Ok(body) => body,
         Err(error) => return warn!(%error, "cannot encode an event"),
     };
-    for member in targets {
-        if member.path == *cluster {
-            deliver(
-                arrival.tag.as_str(),
-                &arrival.from,
-                Bytes::copy_from_slice(&arrival.payload),
-            );
-            continue;
-        }
-        match node.link_for(&member.path, member.incarnation) {
-            Some(link) => {
-                let _ = crate::node::rpc::push(&link, EVENTS, DELIVER_TAG, member.incarnation, &body);
+    // The members are looked at in place (no copy of the list per event);
+    // the connections are gathered first, and pushed to after the
+    // directory's lock is released.
+    let mut links = Vec::new();
+    let mut to_master = false;
+    node.directory.with_members(|members| {
+        for member in members.iter().filter(|m| match &publication.to {
+            To::All => true,
+            To::Master => m.path == *cluster,
+            To::Worker(worker) => m.worker == *worker && m.path != *cluster,
+            To::Fork(..) => Some(&m.path) == fork_path.as_ref(),
+        }) {
+            if member.path == *cluster {
+                to_master = true;
+                continue;
             }
-            None => debug!(path = %member.path, "event not delivered: no connection"),
+            match node.link_for(&member.path, member.incarnation) {
+                Some(link) => links.push((link, member.incarnation)),
+                None => debug!(path = %member.path, "event not delivered: no connection"),
+            }
         }
+    });
+    if to_master {
+        deliver(
+            arrival.tag.as_str(),
+            &arrival.from,
+            Bytes::copy_from_slice(&arrival.payload),
+        );
+    }
+    for (link, incarnation) in links {
+        let _ = crate::node::rpc::push(&link, EVENTS, DELIVER_TAG, incarnation, &body);
     }
 }
 

@@ -1,6 +1,5 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use evilcluster_wire::control::RoleKind;
 use rustc_hash::FxHashMap;
@@ -38,7 +37,8 @@ pub struct Member {
     pub listen: Option<String>,
 }
 
-/// The registry's state, as pushed to every process.
+/// The registry's state, as sent to a process when it subscribes (and
+/// again if it ever misses a [`Delta`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct Snapshot {
     pub version: u64,
@@ -48,26 +48,83 @@ pub(crate) struct Snapshot {
     pub ready: bool,
 }
 
-/// A snapshot indexed for lookups on the message path. Members sit behind
-/// `Arc`s so that a lookup clones a pointer, not six strings.
+/// One change of the registry's membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Change {
+    /// A process registered (or registered again: it replaces whatever had its path).
+    Joined(Member),
+    /// The process at `path` with `incarnation` left (a no-op for any other incarnation).
+    Left { path: String, incarnation: u64 },
+    /// The master has started the whole tree.
+    Ready,
+}
+
+/// The changes that took the registry from version `base` to `version`,
+/// pushed to every process instead of the whole membership.
+///
+/// Each change is an upsert by path, a removal of one incarnation, or the
+/// ready flag, so applying a batch again over a state that already holds a
+/// prefix of it gives the same result: a directory at any version from
+/// `base` to `version` may apply it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Delta {
+    pub base: u64,
+    pub version: u64,
+    pub changes: Vec<Change>,
+}
+
+/// What [`Directory::apply_delta`] did with a delta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Applied: the directory is at the delta's version.
+    Applied,
+    /// Older than what the directory has: ignored.
+    Stale,
+    /// Changes between the directory's version and the delta's base are
+    /// missing: kept aside; the caller should ask the registry for a fresh
+    /// snapshot, which fills the gap.
+    Gap,
+    /// No snapshot has arrived yet (the subscription's reply and the first
+    /// pushes can cross): kept aside until it does.
+    Kept,
+}
+
+/// At most this many deltas wait for a gap to be filled.
+const MAX_AHEAD: usize = 64;
+
+/// The members' order in the tree: the registry's and every directory's.
+fn tree_order(member: &Member) -> (u32, Option<u32>, &str) {
+    (member.order, member.fork, &member.path)
+}
+
+/// The local view, indexed for lookups on the message path and changed in
+/// place by deltas. Members sit behind `Arc`s so that a lookup clones a
+/// pointer, not six strings.
+#[derive(Default)]
 struct Indexed {
     version: u64,
+    /// A snapshot has arrived (deltas mean nothing before one).
+    loaded: bool,
     ready: bool,
+    /// In tree order.
     members: Vec<Arc<Member>>,
     by_actor: FxHashMap<String, ActorEntry>,
+    /// Deltas that arrived ahead of a gap, until a snapshot fills it.
+    ahead: Vec<Delta>,
 }
 
 struct ActorEntry {
-    /// Indexes into `snapshot.members`, forks in number order.
-    hosts: Vec<usize>,
+    /// The live instances that listen, forks in number order.
+    hosts: Vec<Arc<Member>>,
     next: AtomicUsize,
 }
 
 impl Indexed {
-    fn new(snapshot: Snapshot) -> Self {
-        let members: Vec<Arc<Member>> = snapshot.members.into_iter().map(Arc::new).collect();
+    fn load(&mut self, snapshot: Snapshot) {
+        let mut members: Vec<Arc<Member>> = snapshot.members.into_iter().map(Arc::new).collect();
+        members.sort_by(|a, b| tree_order(a).cmp(&tree_order(b)));
         let mut by_actor: FxHashMap<String, ActorEntry> = FxHashMap::default();
-        for (index, member) in members.iter().enumerate() {
+        for member in &members {
             if let (Some(actor), Some(_)) = (&member.actor, &member.socket) {
                 by_actor
                     .entry(actor.clone())
@@ -76,17 +133,97 @@ impl Indexed {
                         next: AtomicUsize::new(0),
                     })
                     .hosts
-                    .push(index);
+                    .push(member.clone());
             }
         }
         for entry in by_actor.values_mut() {
-            entry.hosts.sort_by_key(|&i| members[i].fork);
+            entry.hosts.sort_by_key(|m| m.fork);
         }
-        Indexed {
-            version: snapshot.version,
-            ready: snapshot.ready,
-            members,
-            by_actor,
+        self.version = snapshot.version;
+        self.loaded = true;
+        self.ready = snapshot.ready;
+        self.members = members;
+        self.by_actor = by_actor;
+    }
+
+    fn change(&mut self, change: Change) {
+        match change {
+            Change::Ready => self.ready = true,
+            Change::Joined(member) => {
+                let member = Arc::new(member);
+                // A path always has the same place in the tree: whatever had
+                // it sits where the new one goes (no scan of the members).
+                let at = self.members.partition_point(|m| tree_order(m) < tree_order(&member));
+                if self.members.get(at).is_some_and(|m| m.path == member.path) {
+                    self.remove_at(at);
+                } else {
+                    self.remove(|m| m.path == member.path);
+                }
+                let at = self.members.partition_point(|m| tree_order(m) < tree_order(&member));
+                self.members.insert(at, member.clone());
+                if let (Some(actor), Some(_)) = (&member.actor, &member.socket) {
+                    let hosts = &mut self
+                        .by_actor
+                        .entry(actor.clone())
+                        .or_insert_with(|| ActorEntry {
+                            hosts: Vec::new(),
+                            next: AtomicUsize::new(0),
+                        })
+                        .hosts;
+                    let at = hosts.partition_point(|m| m.fork <= member.fork);
+                    hosts.insert(at, member);
+                }
+            }
+            Change::Left { path, incarnation } => self.remove(|m| m.path == path && m.incarnation == incarnation),
+        }
+    }
+
+    fn remove(&mut self, matches: impl Fn(&Member) -> bool) {
+        if let Some(at) = self.members.iter().position(|m| matches(m)) {
+            self.remove_at(at);
+        }
+    }
+
+    fn remove_at(&mut self, at: usize) {
+        let gone = self.members.remove(at);
+        if let Some(actor) = &gone.actor {
+            if let Some(entry) = self.by_actor.get_mut(actor) {
+                entry.hosts.retain(|m| !Arc::ptr_eq(m, &gone));
+                if entry.hosts.is_empty() {
+                    self.by_actor.remove(actor);
+                }
+            }
+        }
+    }
+
+    /// Applies `delta` if it follows on from this version (see [`Delta`]).
+    fn delta(&mut self, delta: Delta) -> Outcome {
+        if self.loaded && delta.version <= self.version {
+            return Outcome::Stale;
+        }
+        if !self.loaded || delta.base > self.version {
+            self.ahead.retain(|d| d.version != delta.version);
+            if self.ahead.len() >= MAX_AHEAD {
+                // The snapshot this waits for fills the gap anyway.
+                self.ahead.remove(0);
+            }
+            self.ahead.push(delta);
+            return if self.loaded { Outcome::Gap } else { Outcome::Kept };
+        }
+        self.version = delta.version;
+        for change in delta.changes {
+            self.change(change);
+        }
+        Outcome::Applied
+    }
+
+    /// After a snapshot: applies the deltas kept aside that now follow on
+    /// (those still ahead of a gap stay aside).
+    fn catch_up(&mut self) {
+        let mut ahead = std::mem::take(&mut self.ahead);
+        ahead.sort_by_key(|d| d.base);
+        for delta in ahead {
+            self.delta(delta);
         }
     }
 }
@@ -102,30 +239,56 @@ pub(crate) enum Pick {
 
 /// This process's local view of the registry: lookups never leave the process.
 pub(crate) struct Directory {
-    current: RwLock<Arc<Indexed>>,
+    current: RwLock<Indexed>,
     version: watch::Sender<u64>,
 }
 
 impl Directory {
     pub fn new() -> Self {
         Directory {
-            current: RwLock::new(Arc::new(Indexed::new(Snapshot::default()))),
+            current: RwLock::new(Indexed::default()),
             version: watch::Sender::new(0),
         }
     }
 
-    /// Applies a pushed snapshot unless a newer one is already here (pushes
-    /// and replies can cross on the wire).
+    /// Applies a snapshot unless a newer state is already here (pushes and
+    /// replies can cross on the wire), then any deltas kept aside that
+    /// follow on from it. Returns whether it was applied.
     pub fn apply(&self, snapshot: Snapshot) -> bool {
-        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        if snapshot.version <= current.version && current.version != 0 {
+        let mut current = self.write();
+        if current.loaded && snapshot.version <= current.version && current.version != 0 {
             return false;
         }
-        let version = snapshot.version;
-        *current = Arc::new(Indexed::new(snapshot));
+        current.load(snapshot);
+        current.catch_up();
+        let version = current.version;
         drop(current);
         self.version.send_replace(version);
         true
+    }
+
+    /// Applies a pushed delta (see [`Outcome`]).
+    pub fn apply_delta(&self, delta: Delta) -> Outcome {
+        let mut current = self.write();
+        let applied = current.delta(delta);
+        let version = current.version;
+        drop(current);
+        if applied == Outcome::Applied {
+            self.version.send_replace(version);
+        }
+        applied
+    }
+
+    /// Whether deltas are kept aside for a gap no snapshot has filled:
+    /// the registry should be asked for a fresh one.
+    pub fn gapped(&self) -> bool {
+        let current = self.read();
+        current.loaded && !current.ahead.is_empty()
+    }
+
+    /// The version of the registry's state this directory holds.
+    pub fn version(&self) -> u64 {
+        self.read().version
     }
 
     /// Sees every change of the directory (its version).
@@ -152,12 +315,22 @@ impl Directory {
         }
     }
 
+    /// A copy of every member, in tree order.
     pub fn members(&self) -> Vec<Member> {
         self.read().members.iter().map(|m| Member::clone(m)).collect()
     }
 
-    fn read(&self) -> Arc<Indexed> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    /// Runs `f` over the members, in tree order, without copying them.
+    pub fn with_members<T>(&self, f: impl FnOnce(&[Arc<Member>]) -> T) -> T {
+        f(&self.read().members)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Indexed> {
+        self.current.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Indexed> {
+        self.current.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The instance of `actor` to send to now, if one is registered.
@@ -170,20 +343,26 @@ impl Directory {
     pub fn pick_where(&self, actor: &str, pick: Pick, accept: impl Fn(&Member) -> bool) -> Option<Arc<Member>> {
         let current = self.read();
         let entry = current.by_actor.get(actor)?;
-        let index = match pick {
+        let hosts = &entry.hosts;
+        match pick {
             Pick::Any => {
                 let turn = entry.next.fetch_add(1, Ordering::Relaxed);
-                let count = entry.hosts.len();
+                let count = hosts.len();
                 (0..count)
-                    .map(|step| entry.hosts[(turn + step) % count])
-                    .find(|&i| accept(&current.members[i]))?
+                    .map(|step| &hosts[(turn + step) % count])
+                    .find(|m| accept(m))
+                    .cloned()
             }
-            Pick::Fork(number) => *entry
-                .hosts
-                .iter()
-                .find(|&&i| current.members[i].fork == Some(number) && accept(&current.members[i]))?,
-        };
-        Some(current.members[index].clone())
+            Pick::Fork(number) => {
+                // Forks in number order: the one asked for is found by halving.
+                let at = hosts.partition_point(|m| m.fork < Some(number));
+                hosts[at..]
+                    .iter()
+                    .take_while(|m| m.fork == Some(number))
+                    .find(|m| accept(m))
+                    .cloned()
+            }
+        }
     }
 
     /// Waits until an instance of `actor` that `accept` takes is registered.
@@ -199,22 +378,6 @@ impl Directory {
                 std::future::pending::<()>().await;
             }
         }
-    }
-
-    /// Waits until `condition` holds for the members, or `timeout` passes.
-    pub async fn wait_for(&self, timeout: Duration, mut condition: impl FnMut(&[Arc<Member>]) -> bool) -> bool {
-        let mut changes = self.version.subscribe();
-        let wait = async {
-            loop {
-                if condition(&self.read().members) {
-                    return;
-                }
-                if changes.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        tokio::time::timeout(timeout, wait).await.is_ok()
     }
 }
 
@@ -300,5 +463,145 @@ mod tests {
             ready: false,
         }));
         assert_eq!(directory.members().len(), 1);
+    }
+
+    fn delta(base: u64, changes: Vec<Change>) -> Delta {
+        Delta {
+            base,
+            version: base + changes.len() as u64,
+            changes,
+        }
+    }
+
+    fn view(directory: &Directory) -> (u64, bool, Vec<Member>, Vec<Option<u32>>) {
+        let current = directory.read();
+        let hosts = current
+            .by_actor
+            .get("w")
+            .map(|e| e.hosts.iter().map(|m| m.fork).collect())
+            .unwrap_or_default();
+        (current.version, current.ready, directory.members(), hosts)
+    }
+
+    /// A history of joins, leaves, restarts (a path registered again with a
+    /// new incarnation) and the ready flag, one change per version.
+    fn history() -> Vec<Change> {
+        let mut restarted = fork(2);
+        restarted.incarnation = 2;
+        restarted.pid = 999;
+        vec![
+            Change::Joined(fork(3)),
+            Change::Joined(fork(1)),
+            Change::Joined(fork(2)),
+            Change::Left {
+                path: "app/w/1".into(),
+                incarnation: 1,
+            },
+            Change::Joined(restarted),
+            // An old incarnation leaving changes nothing.
+            Change::Left {
+                path: "app/w/2".into(),
+                incarnation: 1,
+            },
+            Change::Ready,
+            Change::Joined(fork(4)),
+        ]
+    }
+
+    /// The registry's own bookkeeping: the membership after `changes`.
+    fn snapshot_after(changes: &[Change]) -> Snapshot {
+        let mut members: Vec<Member> = Vec::new();
+        let mut ready = false;
+        for change in changes {
+            match change {
+                Change::Joined(m) => {
+                    members.retain(|x| x.path != m.path);
+                    members.push(m.clone());
+                }
+                Change::Left { path, incarnation } => {
+                    members.retain(|x| !(x.path == *path && x.incarnation == *incarnation))
+                }
+                Change::Ready => ready = true,
+            }
+        }
+        members.sort_by(|a, b| tree_order(a).cmp(&tree_order(b)));
+        Snapshot {
+            version: changes.len() as u64,
+            members,
+            ready,
+        }
+    }
+
+    #[test]
+    fn a_stream_of_deltas_gives_the_same_directory_as_a_snapshot() {
+        let history = history();
+        let by_deltas = Directory::new();
+        by_deltas.apply(Snapshot::default());
+        for (version, change) in history.iter().enumerate() {
+            assert_eq!(
+                by_deltas.apply_delta(delta(version as u64, vec![change.clone()])),
+                Outcome::Applied
+            );
+        }
+        let by_snapshot = Directory::new();
+        by_snapshot.apply(snapshot_after(&history));
+        assert_eq!(view(&by_deltas), view(&by_snapshot));
+        assert_eq!(view(&by_deltas).3, [Some(2), Some(3), Some(4)]);
+        assert_eq!(by_deltas.pick("w", Pick::Fork(2)).unwrap().incarnation, 2);
+
+        // Batched the way the registry pushes them, from every starting point.
+        for split in 0..history.len() {
+            let batched = Directory::new();
+            batched.apply(snapshot_after(&history[..split]));
+            // The batch starts earlier than the snapshot: it repeats changes.
+            let from = split / 2;
+            assert_eq!(
+                batched.apply_delta(delta(from as u64, history[from..].to_vec())),
+                Outcome::Applied
+            );
+            assert_eq!(
+                view(&batched),
+                view(&by_snapshot),
+                "snapshot at {split}, batch from {from}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_gap_in_versions_is_reported_and_a_snapshot_fills_it() {
+        let history = history();
+        let directory = Directory::new();
+        directory.apply(snapshot_after(&history[..2]));
+        // Version 3 is lost: 3→4 cannot apply.
+        assert_eq!(directory.apply_delta(delta(3, vec![history[3].clone()])), Outcome::Gap);
+        assert!(directory.gapped());
+        assert_eq!(directory.version(), 2);
+        // Stale pushes are ignored.
+        assert_eq!(
+            directory.apply_delta(delta(0, vec![history[0].clone()])),
+            Outcome::Stale
+        );
+        // The fresh snapshot the directory asks for (at 3), then what was kept aside (3→4).
+        assert!(directory.apply(snapshot_after(&history[..3])));
+        assert!(!directory.gapped());
+        assert_eq!(directory.version(), 4);
+        let expected = Directory::new();
+        expected.apply(snapshot_after(&history[..4]));
+        assert_eq!(view(&directory), view(&expected));
+    }
+
+    #[test]
+    fn deltas_before_the_first_snapshot_wait_for_it() {
+        let history = history();
+        let directory = Directory::new();
+        // The subscription's reply (at 5) arrives after the pushes 4→6 and 6→8.
+        assert_eq!(directory.apply_delta(delta(4, history[4..6].to_vec())), Outcome::Kept);
+        assert_eq!(directory.apply_delta(delta(6, history[6..].to_vec())), Outcome::Kept);
+        assert!(!directory.gapped());
+        assert!(directory.apply(snapshot_after(&history[..5])));
+        assert!(!directory.gapped());
+        let expected = Directory::new();
+        expected.apply(snapshot_after(&history));
+        assert_eq!(view(&directory), view(&expected));
     }
 }

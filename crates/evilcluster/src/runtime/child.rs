@@ -242,6 +242,7 @@ impl Child {
             socket_dir: self.env.socket_dir.clone(),
             cookie: self.cookie.clone(),
             listener: None,
+            replicas: true,
         }
     }
 }
@@ -323,20 +324,7 @@ async fn join(node: &Arc<Node>) -> Result<Arc<Link>> {
             source,
         })?;
     node.set_master_link(&link);
-    let subscribe = Subscribe {
-        path: node.identity.path.clone(),
-        incarnation: node.identity.incarnation,
-    };
-    let reply = call(
-        &link,
-        REGISTRY,
-        Subscribe::TAG,
-        link.peer.incarnation,
-        &encode(Subscribe::TAG, &subscribe)?,
-        node.config.call_timeout,
-    )
-    .await?;
-    let snapshot: Snapshot = decode(Subscribe::TAG, &reply)?;
+    let snapshot = crate::registry::subscribe(node, &link).await?;
     node.directory.apply(snapshot);
     Ok(link)
 }

@@ -96,6 +96,7 @@ impl Cluster {
             socket_dir: node.socket_dir.clone(),
             cookie: cookie.clone(),
             listener: None,
+            replicas: false,
         };
         actix_rt::spawn(crate::observe::control::track_restarts());
         let supervisor = supervisor::supervise(node.clone(), plan);
@@ -301,6 +302,6 @@ pub(super) fn install_services(node: &Arc<Node>) {
     );
     node.add_service(
         crate::registry::DIRECTORY,
-        Arc::new(crate::registry::DirectoryService(node.directory.clone())),
+        Arc::new(crate::registry::DirectoryService::new(node.directory.clone())),
     );
 }

@@ -15,7 +15,6 @@ use tracing::{error, info, warn};
 
 use crate::api::events::{publish, To};
 use crate::api::lifecycle::{ExitReason, Lifecycle};
-use crate::node::directory::Member;
 use crate::node::Node;
 use crate::supervision::policy::{AutoShutdown, Backoff, Intensity, Restart, RestartWindow, Strategy};
 use crate::supervision::process::{self, ChildProcess, Launch};
@@ -49,6 +48,11 @@ pub(crate) struct Plan {
     pub cookie: Cookie,
     /// Where children fetch their worker's shared listener.
     pub listener: Option<PathBuf>,
+    /// The children are replicas (a worker's forks): those due start
+    /// together, each waited for in parallel, and a shutdown stops them all
+    /// at once. Otherwise (the master's spawns) each starts only once the
+    /// one before it is ready, and they stop last first.
+    pub replicas: bool,
 }
 
 /// Why a supervisor gave up.
@@ -267,31 +271,69 @@ enum Started {
     ShutdownRequested(Option<oneshot::Sender<()>>),
 }
 
+/// How starting several children together ended.
+enum StartedAll {
+    /// Each child is ready, or failed to start (listed in index order).
+    Done(Vec<FailedStart>),
+    ShutdownRequested(Option<oneshot::Sender<()>>),
+}
+
+struct FailedStart {
+    index: usize,
+    pid: u32,
+    incarnation: u64,
+    reason: ExitReason,
+}
+
+/// A child launched and not known to be ready yet.
+struct Launched {
+    index: usize,
+    pid: u32,
+    incarnation: u64,
+    restarts: u32,
+    generation: u64,
+    deadline: Instant,
+    child: Supervised,
+}
+
 impl Supervisor {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         loop {
             let mut wake_at = None;
-            if let Some(index) = self.slots.iter().position(|s| matches!(s.state, State::Pending { .. })) {
-                let State::Pending { at } = self.slots[index].state else {
-                    unreachable!()
-                };
-                if at <= Instant::now() {
-                    match self.start(index, &mut commands).await {
-                        Started::Ready => {}
-                        Started::Failed {
-                            pid,
-                            incarnation,
-                            reason,
-                        } => {
-                            if !self.exited(index, pid, incarnation, reason, None).await {
-                                return;
+            let pending = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter_map(|(index, slot)| match slot.state {
+                    State::Pending { at } => Some((index, at)),
+                    _ => None,
+                });
+            // Spawns start one at a time, in order; replicas start together.
+            let pending: Vec<(usize, Instant)> = if self.plan.replicas {
+                pending.collect()
+            } else {
+                pending.take(1).collect()
+            };
+            if !pending.is_empty() {
+                let now = Instant::now();
+                let due: Vec<usize> = pending.iter().filter(|(_, at)| *at <= now).map(|(i, _)| *i).collect();
+                if !due.is_empty() {
+                    match self.start_all(&due, &mut commands).await {
+                        StartedAll::Done(failures) => {
+                            for failed in failures {
+                                if !self
+                                    .exited(failed.index, failed.pid, failed.incarnation, failed.reason, None)
+                                    .await
+                                {
+                                    return;
+                                }
                             }
                         }
-                        Started::ShutdownRequested(reply) => return self.stop(reply).await,
+                        StartedAll::ShutdownRequested(reply) => return self.stop(reply).await,
                     }
                     continue;
                 }
-                wake_at = Some(at);
+                wake_at = pending.iter().map(|(_, at)| *at).min();
             } else if matches!(*self.phase.borrow(), Phase::Starting) {
                 self.phase.send_replace(Phase::Running);
             }
@@ -333,6 +375,153 @@ impl Supervisor {
     /// Starts child `index` and waits until it is ready, exits, or its start
     /// timeout passes.
     async fn start(&mut self, index: usize, commands: &mut mpsc::UnboundedReceiver<Command>) -> Started {
+        match self.start_all(&[index], commands).await {
+            StartedAll::ShutdownRequested(reply) => Started::ShutdownRequested(reply),
+            StartedAll::Done(mut failures) => match failures.pop() {
+                None => Started::Ready,
+                Some(failed) => Started::Failed {
+                    pid: failed.pid,
+                    incarnation: failed.incarnation,
+                    reason: failed.reason,
+                },
+            },
+        }
+    }
+
+    /// Starts the children at `indexes` together and waits until each is
+    /// ready, has exited, or has passed its start timeout. One look at the
+    /// directory per change serves every child waited for.
+    async fn start_all(&mut self, indexes: &[usize], commands: &mut mpsc::UnboundedReceiver<Command>) -> StartedAll {
+        let mut failures = Vec::new();
+        let mut launched = Vec::with_capacity(indexes.len());
+        for &index in indexes {
+            match self.launch(index).await {
+                Ok(child) => launched.push(child),
+                Err(failed) => failures.push(failed),
+            }
+        }
+        // None: still waiting; Some(None): ready; Some(Some(why)): failed.
+        let mut outcome: Vec<Option<Option<ExitReason>>> = vec![None; launched.len()];
+        {
+            let waiting: rustc_hash::FxHashMap<&str, usize> = launched
+                .iter()
+                .enumerate()
+                .map(|(at, l)| (self.plan.children[l.index].path.as_str(), at))
+                .collect();
+            let mut changes = self.node.directory.changes();
+            let mut exits: futures_util::stream::FuturesUnordered<_> = launched
+                .iter()
+                .enumerate()
+                .map(|(at, l)| async move { (at, l.child.exited().await) })
+                .collect();
+            loop {
+                changes.mark_unchanged();
+                self.node.directory.with_members(|members| {
+                    for member in members {
+                        if let Some(&at) = waiting.get(member.path.as_str()) {
+                            if outcome[at].is_none() && member.incarnation == launched[at].incarnation {
+                                outcome[at] = Some(None);
+                            }
+                        }
+                    }
+                });
+                let now = Instant::now();
+                for (at, l) in launched.iter().enumerate() {
+                    if outcome[at].is_none() && l.deadline <= now {
+                        l.child.stop().await;
+                        let timeout = self.plan.children[l.index].start_timeout;
+                        outcome[at] = Some(Some(ExitReason::StartFailed(format!("not ready within {timeout:?}"))));
+                    }
+                }
+                let next_deadline = launched
+                    .iter()
+                    .zip(&outcome)
+                    .filter(|(_, o)| o.is_none())
+                    .map(|(l, _)| l.deadline)
+                    .min();
+                let Some(next_deadline) = next_deadline else { break };
+                tokio::select! {
+                    // The directory lives as long as the node: never an error.
+                    _ = changes.changed() => {}
+                    () = tokio::time::sleep_until(next_deadline) => {}
+                    Some((at, reason)) = futures_util::StreamExt::next(&mut exits) => {
+                        if outcome[at].is_none() {
+                            // A child that finished its work and exited 0
+                            // before its registration reached this supervisor
+                            // (a short task) did start: its exit is handled as
+                            // a normal one, so a Transient child is not restarted.
+                            outcome[at] = Some(if reason == ExitReason::Normal {
+                                None
+                            } else {
+                                Some(ExitReason::StartFailed(format!("exited before it was ready ({reason})")))
+                            });
+                        }
+                    }
+                    command = commands.recv() => {
+                        let reply = match command {
+                            Some(Command::Restart { reply, .. }) => {
+                                let _ = reply.send(Err("a child is starting; try again once the tree is up".into()));
+                                continue;
+                            }
+                            Some(Command::Shutdown(reply)) => Some(reply),
+                            None => None,
+                        };
+                        drop(exits);
+                        // Whatever was launched is stopped with the rest.
+                        for l in launched {
+                            self.slots[l.index].state = State::Running(Running {
+                                child: l.child,
+                                generation: l.generation,
+                                since: Instant::now(),
+                            });
+                        }
+                        return StartedAll::ShutdownRequested(reply);
+                    }
+                }
+            }
+        }
+        for (l, outcome) in launched.into_iter().zip(outcome) {
+            let path = self.plan.children[l.index].path.clone();
+            if let Some(Some(reason)) = outcome {
+                warn!(%path, pid = l.pid, "{reason}");
+                failures.push(FailedStart {
+                    index: l.index,
+                    pid: l.pid,
+                    incarnation: l.incarnation,
+                    reason,
+                });
+                continue;
+            }
+            self.slots[l.index].state = State::Running(Running {
+                child: l.child,
+                generation: l.generation,
+                since: Instant::now(),
+            });
+            self.announce(Lifecycle::Ready {
+                path: path.clone(),
+                pid: l.pid,
+                incarnation: l.incarnation,
+                restarts: l.restarts,
+            })
+            .await;
+            if l.restarts > 0 {
+                info!(%path, pid = l.pid, restarts = l.restarts, "restarted");
+                self.announce(Lifecycle::Restarted {
+                    path,
+                    pid: l.pid,
+                    incarnation: l.incarnation,
+                    restarts: l.restarts,
+                })
+                .await;
+            }
+        }
+        failures.sort_by_key(|f| f.index);
+        StartedAll::Done(failures)
+    }
+
+    /// Launches child `index` and starts watching it (not waiting for it
+    /// to be ready).
+    async fn launch(&mut self, index: usize) -> Result<Launched, FailedStart> {
         let spec = &self.plan.children[index];
         let incarnation = crate::supervision::process::random_incarnation();
         let restarts = self.slots[index].restarts;
@@ -351,14 +540,16 @@ impl Supervisor {
             Ok(child) => child,
             Err(error) => {
                 error!(path = %spec.path, "{error}");
-                return Started::Failed {
+                return Err(FailedStart {
+                    index,
                     pid: 0,
                     incarnation,
                     reason: ExitReason::StartFailed(error.to_string()),
-                };
+                });
             }
         };
         let pid = child.pid;
+        let deadline = Instant::now() + spec.start_timeout;
         info!(path = %spec.path, pid, "started");
         self.announce(match spec.role {
             Role::Fork { .. } => Lifecycle::Forked {
@@ -375,7 +566,7 @@ impl Supervisor {
         .await;
         let generation = self.next_generation;
         self.next_generation += 1;
-        let supervised = watch_child(child, spec.shutdown_timeout, self.plan.socket_dir.clone(), {
+        let child = watch_child(child, spec.shutdown_timeout, self.plan.socket_dir.clone(), {
             let exits = self.exits_tx.clone();
             move |reason| {
                 let _ = exits.send(ChildExit {
@@ -387,79 +578,15 @@ impl Supervisor {
                 });
             }
         });
-        let path = spec.path.clone();
-        let is_it = |m: &Arc<Member>| m.path == path && m.incarnation == incarnation;
-        let start_timeout = spec.start_timeout;
-        let ready = self
-            .node
-            .directory
-            .wait_for(start_timeout, |members| members.iter().any(is_it));
-        let mut ready = std::pin::pin!(ready);
-        let failure = loop {
-            tokio::select! {
-                ready = &mut ready => {
-                    if ready {
-                        break None;
-                    }
-                    supervised.stop().await;
-                    break Some(ExitReason::StartFailed(format!("not ready within {start_timeout:?}")));
-                }
-                reason = supervised.exited() => {
-                    // A child that finished its work and exited 0 before its
-                    // registration reached this supervisor (a short task) did
-                    // start: its exit is handled as a normal one, so a
-                    // Transient child is not restarted.
-                    if reason == ExitReason::Normal {
-                        break None;
-                    }
-                    break Some(ExitReason::StartFailed(format!("exited before it was ready ({reason})")));
-                }
-                command = commands.recv() => {
-                    let reply = match command {
-                        Some(Command::Restart { reply, .. }) => {
-                            let _ = reply.send(Err("a child is starting; try again once the tree is up".into()));
-                            continue;
-                        }
-                        Some(Command::Shutdown(reply)) => Some(reply),
-                        None => None,
-                    };
-                    self.slots[index].state = State::Running(Running { child: supervised, generation, since: Instant::now() });
-                    return Started::ShutdownRequested(reply);
-                }
-            }
-        };
-        if let Some(reason) = failure {
-            warn!(path = %spec.path, pid, "{reason}");
-            return Started::Failed {
-                pid,
-                incarnation,
-                reason,
-            };
-        }
-        self.slots[index].state = State::Running(Running {
-            child: supervised,
-            generation,
-            since: Instant::now(),
-        });
-        let path = spec.path.clone();
-        self.announce(Lifecycle::Ready {
-            path: path.clone(),
+        Ok(Launched {
+            index,
             pid,
             incarnation,
             restarts,
+            generation,
+            deadline,
+            child,
         })
-        .await;
-        if restarts > 0 {
-            info!(%path, pid, restarts, "restarted");
-            self.announce(Lifecycle::Restarted {
-                path,
-                pid,
-                incarnation,
-                restarts,
-            })
-            .await;
-        }
-        Started::Ready
     }
 
     /// Child `index` exited (or failed to start) on its own. Returns false
@@ -624,8 +751,28 @@ impl Supervisor {
         self.announce(event).await;
     }
 
-    /// Stops every running child, last declared first; nothing restarts.
+    /// Stops every running child, last declared first (replicas all at
+    /// once, each within its own shutdown timeout); nothing restarts.
     async fn stop_children(&mut self) {
+        if self.plan.replicas {
+            let running: Vec<(usize, Running)> = (0..self.slots.len())
+                .rev()
+                .filter_map(
+                    |index| match std::mem::replace(&mut self.slots[index].state, State::Down) {
+                        State::Running(running) => Some((index, running)),
+                        _ => None,
+                    },
+                )
+                .collect();
+            let reasons = futures_util::future::join_all(running.iter().map(|(_, running)| async move {
+                running.child.stop().await;
+                running.child.exited().await
+            }))
+            .await;
+            for ((index, running), reason) in running.into_iter().zip(reasons) {
+                self.stopped(index, &running, reason, "stopping every child").await;
+            }
+        }
         for index in (0..self.slots.len()).rev() {
             self.stop_child(index, "stopping every child").await;
             self.slots[index].state = State::Down;
@@ -635,15 +782,24 @@ impl Supervisor {
 
     /// Stops child `index` if it runs (gracefully, then killed after its
     /// shutdown timeout) and announces its exit; it is left down. Returns
-    /// whether it was running.
+    /// whether it was running (a child waiting to start stays so).
     async fn stop_child(&mut self, index: usize, why: &str) -> bool {
-        let State::Running(running) = std::mem::replace(&mut self.slots[index].state, State::Down) else {
+        if !matches!(self.slots[index].state, State::Running(_)) {
             return false;
+        }
+        let State::Running(running) = std::mem::replace(&mut self.slots[index].state, State::Down) else {
+            unreachable!("checked above")
         };
-        let path = self.plan.children[index].path.clone();
-        let pid = running.child.pid;
         running.child.stop().await;
         let reason = running.child.exited().await;
+        self.stopped(index, &running, reason, why).await;
+        true
+    }
+
+    /// Logs and announces that a child this supervisor stopped has exited.
+    async fn stopped(&self, index: usize, running: &Running, reason: ExitReason, why: &str) {
+        let path = self.plan.children[index].path.clone();
+        let pid = running.child.pid;
         match &reason {
             ExitReason::Normal => info!(%path, pid, "stopped ({why})"),
             reason => warn!(%path, pid, "stopped ({why}): {reason}"),
@@ -655,7 +811,6 @@ impl Supervisor {
             reason,
         })
         .await;
-        true
     }
 
     async fn stop(mut self, reply: Option<oneshot::Sender<()>>) {

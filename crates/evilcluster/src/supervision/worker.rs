@@ -108,9 +108,11 @@ impl Supervision {
 
     /// How long the process in `role` of a worker with `forks` forks may
     /// take to stop before its parent kills it. Budgets nest, as OTP gives a
-    /// supervisor `infinity`: a spawn with forks stops them one after
-    /// another, each within its own timeout, then itself, so its budget is
-    /// the sum; killing it sooner would kill its forks mid-stop.
+    /// supervisor `infinity`: a spawn with forks stops them (all at once on
+    /// shutdown, one after another for a one-for-all or rest-for-one
+    /// restart that may be under way), each within its own timeout, then
+    /// itself, so its budget is the sum; killing it sooner could kill its
+    /// forks mid-stop.
     pub fn shutdown_budget(&self, role: &Role, forks: u32, config: &Config) -> Duration {
         let own = self.shutdown_timeout(config);
         match role {
