@@ -1,0 +1,102 @@
+//! Requests from other hosts to the actor this process hosts: one NATS
+//! subscription per process, `….i.<incarnation>`, dispatched in arrival
+//! order into the same services as local requests, at most a window of
+//! them in flight.
+
+use std::sync::Arc;
+
+use evilcluster_wire::{Frame, Reply, ReplyPayload, WireError};
+use futures_util::StreamExt;
+use tokio::sync::Semaphore;
+
+use super::Mesh;
+use crate::node::Node;
+use crate::Error;
+
+/// Requests from other hosts in flight in this process at once; past it,
+/// the subscription is not read (NATS buffers, then drops as a slow
+/// consumer: NATS has no end-to-end backpressure).
+const WINDOW: usize = 4096;
+
+/// The subject of the process whose incarnation is `incarnation`.
+pub(crate) fn instance_subject(base: &str, incarnation: u64) -> String {
+    format!("{base}.i.{incarnation:016x}")
+}
+
+pub(super) async fn start(mesh: &Arc<Mesh>, node: &Arc<Node>) -> Result<(), Error> {
+    if node.socket.is_none() {
+        // Hosts nothing (a task, or a spawn supervising forks).
+        return Ok(());
+    }
+    let subject = instance_subject(&mesh.base, node.identity.incarnation);
+    let mut requests = mesh.client.subscribe(subject.clone()).await.map_err(|e| Error::Nats {
+        url: mesh.options.url.clone(),
+        reason: format!("cannot subscribe to {subject}: {e}"),
+    })?;
+    let mesh = mesh.clone();
+    let node = node.clone();
+    actix_rt::spawn(async move {
+        let window = Arc::new(Semaphore::new(WINDOW));
+        while let Some(message) = requests.next().await {
+            let Ok(permit) = window.clone().acquire_owned().await else { break };
+            let respond = |result: Result<ReplyPayload<'_>, WireError>| {
+                let reply_to = message.reply.clone()?;
+                Frame::Reply(Reply { id: 0, result }).encode().ok().map(|bytes| (reply_to, bytes))
+            };
+            let Ok(Frame::Request(request)) = Frame::decode(&message.payload) else {
+                continue;
+            };
+            let dispatched = if request.incarnation != node.identity.incarnation {
+                Err(WireError::StaleIncarnation {
+                    requested: request.incarnation,
+                    current: node.identity.incarnation,
+                })
+            } else {
+                match node.service(request.actor) {
+                    // Only actors are reachable from other hosts, never the
+                    // runtime's own services (named `evilcluster.…`).
+                    Some(service) if !request.actor.starts_with("evilcluster.") => {
+                        service.dispatch(None, request.tag, request.payload, request.reply)
+                    }
+                    _ => Err(WireError::UnknownActor {
+                        actor: crate::node::throttle::clip(request.actor).into_owned(),
+                    }),
+                }
+            };
+            match dispatched {
+                Ok(None) => drop(permit),
+                Ok(Some(handled)) => {
+                    let client = mesh.client.clone();
+                    let reply_to = message.reply.clone().filter(|_| request.reply);
+                    actix_rt::spawn(async move {
+                        let result = handled.await;
+                        drop(permit);
+                        let Some(reply_to) = reply_to else { return };
+                        let bytes = match &result {
+                            Ok(bytes) => Frame::Reply(Reply {
+                                id: 0,
+                                result: Ok(ReplyPayload(bytes)),
+                            })
+                            .encode(),
+                            Err(error) => Frame::Reply(Reply {
+                                id: 0,
+                                result: Err(error.clone()),
+                            })
+                            .encode(),
+                        };
+                        if let Ok(bytes) = bytes {
+                            let _ = client.publish(reply_to, bytes.into()).await;
+                        }
+                    });
+                }
+                Err(error) => {
+                    drop(permit);
+                    if let Some((reply_to, bytes)) = respond(Err(error)) {
+                        let _ = mesh.client.publish(reply_to, bytes.into()).await;
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
