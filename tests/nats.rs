@@ -209,3 +209,58 @@ fn clusters_of_other_names_never_mix() {
     let answer = ask(&mut b, "nodes");
     assert_eq!(answer, ["nodes b,a"], "{answer:?}");
 }
+
+#[test]
+fn events_and_broadcast_span_hosts() {
+    let Some(binary) = server_binary() else { return };
+    let server = Server::start(&binary, &[]);
+    let mut a = host(&server.url(), "a", Some(2), &[]);
+    let mut b = host(&server.url(), "b", Some(0), &[]);
+    let mut c = host(&server.url(), "c", None, &[]);
+    for h in [&mut a, &mut b, &mut c] {
+        h.expect_line("ready");
+    }
+    wait_nodes(&mut c, "c,a,b");
+    // A broadcast reaches every instance on every host, once.
+    let answer = ask(&mut c, "broadcast");
+    assert_eq!(
+        answer,
+        ["at a natsapp/echo/1", "at a natsapp/echo/2", "at b natsapp/echo"],
+        "{answer:?}"
+    );
+    // An event to everyone reaches every host's master (and its processes).
+    ask(&mut a, "publish all hello");
+    ask_until(&mut c, "pings", "c's master hears a's event", |answer| {
+        answer.iter().any(|l| l.contains("hello@a:natsapp"))
+    });
+    ask_until(&mut b, "pings", "b's master hears a's event", |answer| {
+        answer.iter().any(|l| l.contains("hello@a:natsapp"))
+    });
+    // An event to a worker reaches its instances on every host.
+    ask(&mut c, "publish echo w1");
+    ask_until(&mut c, "instance_pings", "every echo instance hears c's event", |answer| {
+        answer.len() == 3 && answer.iter().all(|l| l.starts_with("instance") && l.contains("w1@c:natsapp"))
+    });
+    // ...and not the masters.
+    let answer = ask(&mut b, "pings");
+    assert!(!answer.iter().any(|l| l.contains("w1")), "{answer:?}");
+}
+
+#[test]
+fn a_remote_instance_is_watched_and_seen_down_when_its_host_is_lost() {
+    let Some(binary) = server_binary() else { return };
+    let server = Server::start(&binary, &[]);
+    let mut a = host(&server.url(), "a", Some(2), &[]);
+    let mut c = host(&server.url(), "c", None, &[]);
+    a.expect_line("ready");
+    c.expect_line("ready");
+    wait_nodes(&mut c, "c,a");
+    c.command("watch");
+    c.expect_line("watch up a:natsapp/echo/");
+    c.expect_line("watch up a:natsapp/echo/");
+    a.signal(rustix::process::Signal::KILL);
+    let _ = a.wait();
+    let down = c.expect_line("watch down a:natsapp/echo/");
+    assert!(down.contains("node lost"), "{down}");
+    c.expect_line("watch down a:natsapp/echo/");
+}

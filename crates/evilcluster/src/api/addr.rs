@@ -181,6 +181,13 @@ impl<A: RemoteActor> RemoteAddr<A> {
         M::Result: DeserializeOwned + Send,
     {
         let now = Duration::ZERO;
+        #[cfg(feature = "nats")]
+        if let Some(mesh) = crate::nats::mesh() {
+            let remote = crate::nats::instances(&mesh, A::NAME);
+            if !remote.is_empty() {
+                return self.broadcast_across_hosts(&mesh, message, remote).await;
+            }
+        }
         match crate::node::directory::declared_forks(A::NAME) {
             Some(forks) if forks > 0 => {
                 let sends = (1..=forks).map(|fork| {
@@ -193,6 +200,43 @@ impl<A: RemoteActor> RemoteAddr<A> {
             }
             _ => vec![(None, self.resolve_timeout(now).send(message).await)],
         }
+    }
+
+    /// [`broadcast`](Self::broadcast) when other hosts run instances too:
+    /// this host's (as declared here, when it runs the worker) and every
+    /// other host's, each once.
+    #[cfg(feature = "nats")]
+    async fn broadcast_across_hosts<M, I>(
+        &self,
+        mesh: &crate::nats::Mesh,
+        message: M,
+        remote: Vec<(&'static str, Option<u32>)>,
+    ) -> Vec<(Option<u32>, Result<M::Result, SendError>)>
+    where
+        A: Routed<M, I>,
+        M: RemoteMessage + Clone,
+        M::Result: DeserializeOwned + Send,
+    {
+        let here = crate::nats::intern(&mesh.node_name);
+        let runs_here = crate::members().iter().any(|m| m.actor.as_deref() == Some(A::NAME));
+        let mut targets: Vec<(&'static str, Option<u32>)> = Vec::new();
+        if runs_here {
+            match crate::node::directory::declared_forks(A::NAME) {
+                Some(forks) if forks > 0 => targets.extend((1..=forks).map(|fork| (here, Some(fork)))),
+                _ => targets.push((here, None)),
+            }
+        }
+        targets.extend(remote);
+        let sends = targets.into_iter().map(|(node, fork)| {
+            let mut addr = self.resolve_timeout(Duration::ZERO);
+            addr.target.node = Some(node);
+            if let Some(fork) = fork {
+                addr.target.pick = Pick::Fork(fork);
+            }
+            let request = addr.send(message.clone());
+            async move { (fork, request.await) }
+        });
+        futures_util::future::join_all(sends).await
     }
 
     /// Sends `message` without waiting for a result. Returns once the message

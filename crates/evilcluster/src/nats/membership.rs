@@ -36,7 +36,6 @@ struct Beat {
 /// Another host, as the last heartbeat described it.
 pub(crate) struct Host {
     pub node: String,
-    pub host: u64,
     last: Instant,
     pub members: Vec<Arc<Member>>,
     /// Cancelled when the host is gone: calls in flight to it end at once.
@@ -113,7 +112,6 @@ impl View {
                     beat.host,
                     Host {
                         node: beat.node,
-                        host: beat.host,
                         last: Instant::now(),
                         members,
                         lost: CancellationToken::new(),

@@ -303,7 +303,6 @@ pub(crate) struct Mesh {
     /// `evilcluster.<cluster>.v<protocol>`.
     pub base: String,
     pub node_name: String,
-    pub cluster: String,
     pub options: NatsOptions,
     pub view: membership::View,
     state: Arc<State>,
@@ -371,7 +370,6 @@ pub(crate) async fn start(node: &Arc<Node>, master: bool, hooks: Hooks) -> Resul
         client,
         base,
         node_name,
-        cluster,
         view: membership::View::new(),
         options,
         state,
