@@ -42,8 +42,13 @@ fn a_call_crosses_hosts_and_prefers_a_local_instance() {
     a.expect_line("ready");
     b.expect_line("ready");
     // B runs no echo: its calls go to A's two forks, in turn.
-    let answer = ask_until(&mut b, "where 4", "b reaches a's forks", |answer| places(answer).len() == 4);
-    let paths: BTreeSet<String> = places(&answer).into_iter().map(|(node, path)| format!("{node} {path}")).collect();
+    let answer = ask_until(&mut b, "where 4", "b reaches a's forks", |answer| {
+        places(answer).len() == 4
+    });
+    let paths: BTreeSet<String> = places(&answer)
+        .into_iter()
+        .map(|(node, path)| format!("{node} {path}"))
+        .collect();
     assert_eq!(
         paths,
         BTreeSet::from(["a natsapp/echo/1".to_owned(), "a natsapp/echo/2".to_owned()]),
@@ -54,7 +59,11 @@ fn a_call_crosses_hosts_and_prefers_a_local_instance() {
     assert_eq!(nodes_seen(&answer), BTreeSet::from(["a".to_owned()]), "{answer:?}");
     // One fork, and one node, by name.
     let answer = ask(&mut b, "where_fork 2");
-    assert_eq!(places(&answer), [("a".to_owned(), "natsapp/echo/2".to_owned())], "{answer:?}");
+    assert_eq!(
+        places(&answer),
+        [("a".to_owned(), "natsapp/echo/2".to_owned())],
+        "{answer:?}"
+    );
     let answer = ask(&mut b, "where_node a");
     assert_eq!(nodes_seen(&answer), BTreeSet::from(["a".to_owned()]), "{answer:?}");
     // Order from one sender to one instance, across hosts.
@@ -62,7 +71,12 @@ fn a_call_crosses_hosts_and_prefers_a_local_instance() {
     assert_eq!(answer, ["seq 2000 true"], "{answer:?}");
     // A node that does not exist: a typed error after the resolve wait.
     let answer = ask(&mut b, "where_node nowhere");
-    assert!(answer.iter().any(|l| l.starts_with("err no live process hosts actor `echo`")), "{answer:?}");
+    assert!(
+        answer
+            .iter()
+            .any(|l| l.starts_with("err no live process hosts actor `echo`")),
+        "{answer:?}"
+    );
 }
 
 #[test]
@@ -109,6 +123,7 @@ fn a_lost_host_fails_calls_in_flight_at_once_and_leaves_the_directory() {
     // The call that went to A ends with a typed error well before its
     // 60 s deadline (the host timeout is 2 s); the other one is unharmed.
     let failed = c.expect_line("failed");
+    eprintln!("in-flight call to the lost host: {failed}");
     let elapsed: u64 = failed.split(' ').nth(1).unwrap().parse().unwrap();
     assert!(failed.contains("disconnected: "), "{failed}");
     assert!(failed.contains("node `a` lost"), "{failed}");
@@ -131,7 +146,9 @@ fn the_cluster_survives_a_nats_server_restart() {
     server.stop();
     server.restart();
     // Clients reconnect, heartbeats resume, calls resume.
-    ask_until(&mut b, "where 1", "b reaches a again", |answer| places(answer).len() == 1);
+    ask_until(&mut b, "where 1", "b reaches a again", |answer| {
+        places(answer).len() == 1
+    });
     let answer = ask(&mut b, "seq 500");
     assert_eq!(answer, ["seq 500 true"], "{answer:?}");
 }
@@ -163,9 +180,13 @@ fn a_three_server_nats_cluster_loses_one_server() {
     let mut b = host(&url_b, "b", None, &[]);
     a.expect_line("ready");
     b.expect_line("ready");
-    ask_until(&mut b, "where 1", "b reaches a through the NATS cluster", |answer| places(answer).len() == 1);
+    ask_until(&mut b, "where 1", "b reaches a through the NATS cluster", |answer| {
+        places(answer).len() == 1
+    });
     servers[0].stop();
-    ask_until(&mut b, "where 1", "b reaches a after server 0 died", |answer| places(answer).len() == 1);
+    ask_until(&mut b, "where 1", "b reaches a after server 0 died", |answer| {
+        places(answer).len() == 1
+    });
     let answer = ask(&mut b, "nodes");
     assert_eq!(answer, ["nodes b,a"], "{answer:?}");
 }
@@ -177,18 +198,25 @@ fn wrong_credentials_are_refused() {
     let good = server.url().replace("nats://", "nats://app:s3cret@");
     let mut a = host(&good, "a", Some(0), &[]);
     a.expect_line("ready");
-    let mut intruder = host(&server.url(), "x", None, &[
-        ("EVILCLUSTER_NATS_USER", "app"),
-        ("EVILCLUSTER_NATS_PASSWORD", "wrong"),
-    ]);
+    let mut intruder = host(
+        &server.url(),
+        "x",
+        None,
+        &[("EVILCLUSTER_NATS_USER", "app"), ("EVILCLUSTER_NATS_PASSWORD", "wrong")],
+    );
     let status = intruder.wait();
     assert!(!status.success());
     let errors = intruder.stderr_lines().join("\n");
     assert!(errors.contains("authorization violation"), "{errors}");
-    let mut b = host(&server.url(), "b", None, &[
-        ("EVILCLUSTER_NATS_USER", "app"),
-        ("EVILCLUSTER_NATS_PASSWORD", "s3cret"),
-    ]);
+    let mut b = host(
+        &server.url(),
+        "b",
+        None,
+        &[
+            ("EVILCLUSTER_NATS_USER", "app"),
+            ("EVILCLUSTER_NATS_PASSWORD", "s3cret"),
+        ],
+    );
     b.expect_line("ready");
     ask_until(&mut b, "where 1", "b reaches a", |answer| places(answer).len() == 1);
 }
@@ -238,9 +266,17 @@ fn events_and_broadcast_span_hosts() {
     });
     // An event to a worker reaches its instances on every host.
     ask(&mut c, "publish echo w1");
-    ask_until(&mut c, "instance_pings", "every echo instance hears c's event", |answer| {
-        answer.len() == 3 && answer.iter().all(|l| l.starts_with("instance") && l.contains("w1@c:natsapp"))
-    });
+    ask_until(
+        &mut c,
+        "instance_pings",
+        "every echo instance hears c's event",
+        |answer| {
+            answer.len() == 3
+                && answer
+                    .iter()
+                    .all(|l| l.starts_with("instance") && l.contains("w1@c:natsapp"))
+        },
+    );
     // ...and not the masters.
     let answer = ask(&mut b, "pings");
     assert!(!answer.iter().any(|l| l.contains("w1")), "{answer:?}");
@@ -263,4 +299,40 @@ fn a_remote_instance_is_watched_and_seen_down_when_its_host_is_lost() {
     let down = c.expect_line("watch down a:natsapp/echo/");
     assert!(down.contains("node lost"), "{down}");
     c.expect_line("watch down a:natsapp/echo/");
+}
+
+/// Hosts in separate network namespaces, each with a veth pair to the
+/// namespace that runs the NATS server: nothing but NATS connects them.
+/// Cutting one host's link is a host loss; restoring it, a return.
+#[test]
+fn hosts_in_separate_network_namespaces_see_a_cut_link_as_a_lost_host() {
+    let Some(binary) = server_binary() else { return };
+    let Some(netns) = support::nats::Netns::create(2) else { return };
+    let port = 4222;
+    let server_prefix = netns.exec(0);
+    let server_prefix: Vec<&str> = server_prefix.iter().map(String::as_str).collect();
+    let _server = Server::start_at(&binary, "0.0.0.0", port, &[], &server_prefix);
+    netns.wait_reachable(1, port);
+    netns.wait_reachable(2, port);
+    let (exec_a, exec_b) = (netns.exec(1), netns.exec(2));
+    let exec_a: Vec<&str> = exec_a.iter().map(String::as_str).collect();
+    let exec_b: Vec<&str> = exec_b.iter().map(String::as_str).collect();
+    let mut a = support::nats::host_via(&format!("nats://10.231.1.1:{port}"), "a", Some(1), &[], Some(&exec_a));
+    let mut b = support::nats::host_via(&format!("nats://10.231.2.1:{port}"), "b", None, &[], Some(&exec_b));
+    a.expect_line("ready");
+    b.expect_line("ready");
+    ask_until(&mut b, "where 2", "b reaches a through NATS", |answer| places(answer).len() == 2);
+    // A call in flight when the link goes down ends with the host's loss.
+    b.command("sleep 30000 60000");
+    b.expect_line("started");
+    std::thread::sleep(Duration::from_millis(300));
+    netns.link(1, false);
+    let failed = b.expect_line("failed");
+    assert!(failed.contains("node `a` lost"), "{failed}");
+    wait_nodes(&mut b, "b");
+    let answer = ask(&mut b, "where_node a");
+    assert!(answer.iter().any(|l| l.starts_with("err no live process")), "{answer:?}");
+    // The link comes back: A's client reconnects, and B sees it again.
+    netns.link(1, true);
+    ask_until(&mut b, "where 1", "b reaches a again", |answer| places(answer).len() == 1);
 }

@@ -104,7 +104,10 @@ impl Server {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("nats-server exited at start: {status}");
             }
-            assert!(Instant::now() < deadline, "nats-server did not listen within {DEADLINE:?}");
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen within {DEADLINE:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -175,7 +178,108 @@ pub fn ask_until(host: &mut Fixture, command: &str, what: &str, check: impl Fn(&
         if check(&answer) {
             return answer;
         }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}; last answer {answer:?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}; last answer {answer:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Network namespaces joined by veth pairs to one namespace that runs the
+/// NATS server, so that nothing but NATS connects the hosts. Removed when
+/// dropped (which removes their links too).
+pub struct Netns {
+    /// The server's namespace, then one per host.
+    pub names: Vec<String>,
+}
+
+/// Runs `ip` with `args`; `Err` with its words when it fails.
+pub fn ip(args: &[&str]) -> Result<(), String> {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim()))
+    }
+}
+
+impl Netns {
+    /// The server's namespace and `hosts` host namespaces; host `i` (from 1)
+    /// is 10.231.`i`.2 and reaches the server at 10.231.`i`.1. `None`
+    /// (after saying why) when namespaces cannot be made here; under CI
+    /// that fails the test instead.
+    pub fn create(hosts: usize) -> Option<Netns> {
+        let tag = std::process::id() % 100_000;
+        let mut netns = Netns { names: Vec::new() };
+        let made = (|| {
+            let server = format!("ecs{tag}");
+            ip(&["netns", "add", &server])?;
+            netns.names.push(server.clone());
+            ip(&["-n", &server, "link", "set", "lo", "up"])?;
+            for i in 1..=hosts {
+                let name = format!("ech{tag}n{i}");
+                ip(&["netns", "add", &name])?;
+                netns.names.push(name.clone());
+                ip(&["-n", &name, "link", "set", "lo", "up"])?;
+                let (outer, inner) = (format!("es{tag}n{i}"), format!("eh{tag}n{i}"));
+                ip(&["link", "add", &outer, "netns", &server, "type", "veth", "peer", "name", &inner, "netns", &name])?;
+                ip(&["-n", &server, "addr", "add", &format!("10.231.{i}.1/24"), "dev", &outer])?;
+                ip(&["-n", &server, "link", "set", &outer, "up"])?;
+                ip(&["-n", &name, "addr", "add", &format!("10.231.{i}.2/24"), "dev", &inner])?;
+                ip(&["-n", &name, "link", "set", &inner, "up"])?;
+            }
+            Ok::<(), String>(())
+        })();
+        match made {
+            Ok(()) => Some(netns),
+            Err(error) => {
+                if std::env::var_os("CI").is_some() {
+                    panic!("CI must run the network namespace test (as root, with iproute2): {error}");
+                }
+                eprintln!("SKIPPED: cannot make network namespaces here ({error}); the test needs root and iproute2");
+                None
+            }
+        }
+    }
+
+    /// `ip netns exec <namespace>`, as a command prefix.
+    pub fn exec(&self, index: usize) -> Vec<String> {
+        vec!["ip".into(), "netns".into(), "exec".into(), self.names[index].clone()]
+    }
+
+    /// Sets host `i`'s link down (`up` false) or up again.
+    pub fn link(&self, i: usize, up: bool) {
+        let tag = std::process::id() % 100_000;
+        let inner = format!("eh{tag}n{i}");
+        ip(&["-n", &self.names[i], "link", "set", &inner, if up { "up" } else { "down" }]).expect("set the link");
+    }
+
+    /// Waits until host `i` reaches TCP `port` on its server address.
+    pub fn wait_reachable(&self, i: usize, port: u16) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let probe = Command::new("ip")
+                .args(["netns", "exec", &self.names[i], "bash", "-c"])
+                .arg(format!("exec 3<>/dev/tcp/10.231.{i}.1/{port}"))
+                .stderr(Stdio::null())
+                .status();
+            if probe.is_ok_and(|s| s.success()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the NATS server in its namespace did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for name in self.names.iter().rev() {
+            let _ = ip(&["netns", "del", name]);
+        }
     }
 }

@@ -283,7 +283,9 @@ pub enum SendError {
     /// The actor runs only on other hosts, and this process cannot reach the
     /// cluster's NATS server(s) before the call's deadline: the message was
     /// not sent, and no handler ran.
-    #[error("cannot reach `{actor}` on another host: NATS at {url} is unreachable ({reason}); is nats-server running?")]
+    #[error(
+        "cannot reach `{actor}` on another host: NATS at {url} is unreachable ({reason}); is nats-server running?"
+    )]
     Unreachable {
         /// The actor's name.
         actor: &'static str,

@@ -168,9 +168,9 @@ pub use error::{Error, Result, SendError};
 pub use evilcluster_macros::RemoteMessage;
 pub use evilcluster_wire::control::{ProcessState, RoleKind};
 pub use listener::listener;
-pub use node::directory::Member;
 #[cfg(feature = "nats")]
 pub use nats::{nodes, NatsOptions, NODE_ENV, URL_ENV};
+pub use node::directory::Member;
 pub use observe::control::restart_worker;
 pub use runtime::{shutdown_signal, Cluster, ClusterHandle, RunningCluster};
 pub use supervision::policy::{AutoShutdown, Backoff, Intensity, Restart, Strategy};

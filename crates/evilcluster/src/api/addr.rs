@@ -610,7 +610,15 @@ where
     #[cfg(feature = "nats")]
     if let Some(mesh) = crate::nats::mesh() {
         if target.node.is_some_and(|n| n != mesh.node_name) {
-            return Box::pin(across_hosts::<M>(node, mesh, target, message, wait_for_room, started, deadline));
+            return Box::pin(across_hosts::<M>(
+                node,
+                mesh,
+                target,
+                message,
+                wait_for_room,
+                started,
+                deadline,
+            ));
         }
     }
     node.stats.sent();
@@ -628,7 +636,15 @@ where
         #[cfg(feature = "nats")]
         Route::Resolve if crate::nats::mesh().is_some() => {
             let mesh = crate::nats::mesh().expect("checked just above");
-            return Box::pin(across_hosts::<M>(node, mesh, target, message, wait_for_room, started, deadline));
+            return Box::pin(across_hosts::<M>(
+                node,
+                mesh,
+                target,
+                message,
+                wait_for_room,
+                started,
+                deadline,
+            ));
         }
         // Kept for the first attempt: picking again would skip an
         // instance of the round robin.
@@ -881,13 +897,16 @@ where
     M: RemoteMessage,
     M::Result: DeserializeOwned + Send,
 {
-    let payload = with_payload(&message, node.config.max_frame_length, |payload| payload.map(<[u8]>::to_vec))?;
+    let payload = with_payload(&message, node.config.max_frame_length, |payload| {
+        payload.map(<[u8]>::to_vec)
+    })?;
     let resolve_by = deadline.min(deadline_after(
         target.resolve_timeout.unwrap_or(node.config.resolve_timeout),
     ));
     let mut avoid: Vec<(String, u64)> = Vec::new();
     loop {
-        let resolved = crate::nats::resolve(&node, &mesh, target.actor, target.pick, target.node, &avoid, resolve_by).await;
+        let resolved =
+            crate::nats::resolve(&node, &mesh, target.actor, target.pick, target.node, &avoid, resolve_by).await;
         let to = match resolved {
             Some(crate::nats::Resolved::Remote(to)) => to,
             Some(crate::nats::Resolved::Local) => {
@@ -955,7 +974,9 @@ impl Target {
                 })
             }
         };
-        let payload = with_payload(&message, node.config.max_frame_length, |payload| payload.map(<[u8]>::to_vec))?;
+        let payload = with_payload(&message, node.config.max_frame_length, |payload| {
+            payload.map(<[u8]>::to_vec)
+        })?;
         crate::nats::call(&mesh, &to, self.actor, M::TAG, &payload, false, deadline, started)
             .await
             .map(drop)

@@ -338,7 +338,10 @@ pub fn lifecycle() -> Subscription<Lifecycle> {
 /// subscribers see them as `Ready` / `Exited` with paths `node:path`.
 #[cfg(feature = "nats")]
 pub(crate) fn other_host(node: &str, members: &[crate::Member], up: bool, reason: &str) {
-    for member in members.iter().filter(|m| m.actor.is_some() && m.role != crate::RoleKind::Master) {
+    for member in members
+        .iter()
+        .filter(|m| m.actor.is_some() && m.role != crate::RoleKind::Master)
+    {
         let path = format!("{node}:{}", member.path);
         let event = if up {
             Lifecycle::Ready {

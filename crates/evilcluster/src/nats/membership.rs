@@ -92,7 +92,11 @@ impl View {
             drop(hosts);
             info!(node = %gone.node, "host left the cluster");
             self.changed();
-            return Some((gone.node, gone.members.iter().map(|m| Member::clone(m)).collect(), false));
+            return Some((
+                gone.node,
+                gone.members.iter().map(|m| Member::clone(m)).collect(),
+                false,
+            ));
         }
         let members: Vec<Arc<Member>> = beat.members.into_iter().map(Arc::new).collect();
         match hosts.get_mut(&beat.host) {
@@ -107,7 +111,11 @@ impl View {
             }
             None => {
                 info!(node = %beat.node, "host joined the cluster");
-                let joined = (beat.node.clone(), members.iter().map(|m| Member::clone(m)).collect(), true);
+                let joined = (
+                    beat.node.clone(),
+                    members.iter().map(|m| Member::clone(m)).collect(),
+                    true,
+                );
                 hosts.insert(
                     beat.host,
                     Host {
@@ -174,7 +182,10 @@ pub(super) async fn start(mesh: &Arc<Mesh>, node: &Arc<Node>, master: bool) -> R
                     continue;
                 };
                 if beat.node == mesh.node_name {
-                    if master && beat.host != own_host && mesh.view.warned.swap(beat.host, Ordering::Relaxed) != beat.host {
+                    if master
+                        && beat.host != own_host
+                        && mesh.view.warned.swap(beat.host, Ordering::Relaxed) != beat.host
+                    {
                         warn!(node = %beat.node, "another host uses this host's node name; ignoring it (give each host its own EVILCLUSTER_NODE)");
                     }
                     continue;
@@ -269,4 +280,3 @@ pub(crate) fn remote_members() -> Vec<(String, Vec<Member>)> {
     hosts.sort_by(|a, b| a.0.cmp(&b.0));
     hosts
 }
-

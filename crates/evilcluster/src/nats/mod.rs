@@ -147,7 +147,11 @@ impl NatsOptions {
     }
 
     /// Presents this client certificate and key (PEM files) to the server.
-    pub fn client_certificate(mut self, cert: impl Into<std::path::PathBuf>, key: impl Into<std::path::PathBuf>) -> Self {
+    pub fn client_certificate(
+        mut self,
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Self {
         self.client_certificate = Some((cert.into(), key.into()));
         self
     }

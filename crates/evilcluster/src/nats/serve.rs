@@ -38,10 +38,15 @@ pub(super) async fn start(mesh: &Arc<Mesh>, node: &Arc<Node>) -> Result<(), Erro
     actix_rt::spawn(async move {
         let window = Arc::new(Semaphore::new(WINDOW));
         while let Some(message) = requests.next().await {
-            let Ok(permit) = window.clone().acquire_owned().await else { break };
+            let Ok(permit) = window.clone().acquire_owned().await else {
+                break;
+            };
             let respond = |result: Result<ReplyPayload<'_>, WireError>| {
                 let reply_to = message.reply.clone()?;
-                Frame::Reply(Reply { id: 0, result }).encode().ok().map(|bytes| (reply_to, bytes))
+                Frame::Reply(Reply { id: 0, result })
+                    .encode()
+                    .ok()
+                    .map(|bytes| (reply_to, bytes))
             };
             let Ok(Frame::Request(request)) = Frame::decode(&message.payload) else {
                 continue;
