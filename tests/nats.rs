@@ -307,7 +307,9 @@ fn a_remote_instance_is_watched_and_seen_down_when_its_host_is_lost() {
 #[test]
 fn hosts_in_separate_network_namespaces_see_a_cut_link_as_a_lost_host() {
     let Some(binary) = server_binary() else { return };
-    let Some(netns) = support::nats::Netns::create(2) else { return };
+    let Some(netns) = support::nats::Netns::create(2) else {
+        return;
+    };
     let port = 4222;
     let server_prefix = netns.exec(0);
     let server_prefix: Vec<&str> = server_prefix.iter().map(String::as_str).collect();
@@ -321,7 +323,9 @@ fn hosts_in_separate_network_namespaces_see_a_cut_link_as_a_lost_host() {
     let mut b = support::nats::host_via(&format!("nats://10.231.2.1:{port}"), "b", None, &[], Some(&exec_b));
     a.expect_line("ready");
     b.expect_line("ready");
-    ask_until(&mut b, "where 2", "b reaches a through NATS", |answer| places(answer).len() == 2);
+    ask_until(&mut b, "where 2", "b reaches a through NATS", |answer| {
+        places(answer).len() == 2
+    });
     // A call in flight when the link goes down ends with the host's loss.
     b.command("sleep 30000 60000");
     b.expect_line("started");
@@ -331,8 +335,47 @@ fn hosts_in_separate_network_namespaces_see_a_cut_link_as_a_lost_host() {
     assert!(failed.contains("node `a` lost"), "{failed}");
     wait_nodes(&mut b, "b");
     let answer = ask(&mut b, "where_node a");
-    assert!(answer.iter().any(|l| l.starts_with("err no live process")), "{answer:?}");
+    assert!(
+        answer.iter().any(|l| l.starts_with("err no live process")),
+        "{answer:?}"
+    );
     // The link comes back: A's client reconnects, and B sees it again.
     netns.link(1, true);
-    ask_until(&mut b, "where 1", "b reaches a again", |answer| places(answer).len() == 1);
+    ask_until(&mut b, "where 1", "b reaches a again", |answer| {
+        places(answer).len() == 1
+    });
+}
+
+/// Runs `evilcluster <args>` against the master of `host` (its TMPDIR).
+fn cli(host: &support::Fixture, args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cli-under-test"))
+        .args(args)
+        .env("TMPDIR", host.tmp.path())
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .expect("run the evilcluster command");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+#[test]
+fn ps_and_tree_show_every_hosts_tree() {
+    let Some(binary) = server_binary() else { return };
+    let server = Server::start(&binary, &[]);
+    let mut a = host(&server.url(), "a", Some(2), &[]);
+    let mut b = host(&server.url(), "b", None, &[]);
+    a.expect_line("ready");
+    b.expect_line("ready");
+    wait_nodes(&mut b, "b,a");
+    let tree = cli(&b, &["tree", "natsapp"]);
+    eprintln!("{tree}");
+    let a_master = format!("a:natsapp (master, pid {})", a.pid());
+    assert!(tree.contains(&a_master), "{tree}");
+    assert!(tree.contains("echo (spawn, pid"), "{tree}");
+    assert_eq!(tree.matches("(fork, pid").count(), 2, "{tree}");
+    assert!(tree.contains("Echo up"), "{tree}");
+    let ps = cli(&b, &["ps", "natsapp", "--json"]);
+    for path in ["\"a:natsapp/echo/1\"", "\"a:natsapp/echo/2\"", "\"natsapp\""] {
+        assert!(ps.contains(path), "{path} missing: {ps}");
+    }
 }

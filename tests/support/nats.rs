@@ -203,7 +203,11 @@ pub fn ip(args: &[&str]) -> Result<(), String> {
     if output.status.success() {
         Ok(())
     } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim()))
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
     }
 }
 
@@ -226,7 +230,9 @@ impl Netns {
                 netns.names.push(name.clone());
                 ip(&["-n", &name, "link", "set", "lo", "up"])?;
                 let (outer, inner) = (format!("es{tag}n{i}"), format!("eh{tag}n{i}"));
-                ip(&["link", "add", &outer, "netns", &server, "type", "veth", "peer", "name", &inner, "netns", &name])?;
+                ip(&[
+                    "link", "add", &outer, "netns", &server, "type", "veth", "peer", "name", &inner, "netns", &name,
+                ])?;
                 ip(&["-n", &server, "addr", "add", &format!("10.231.{i}.1/24"), "dev", &outer])?;
                 ip(&["-n", &server, "link", "set", &outer, "up"])?;
                 ip(&["-n", &name, "addr", "add", &format!("10.231.{i}.2/24"), "dev", &inner])?;
@@ -255,7 +261,15 @@ impl Netns {
     pub fn link(&self, i: usize, up: bool) {
         let tag = std::process::id() % 100_000;
         let inner = format!("eh{tag}n{i}");
-        ip(&["-n", &self.names[i], "link", "set", &inner, if up { "up" } else { "down" }]).expect("set the link");
+        ip(&[
+            "-n",
+            &self.names[i],
+            "link",
+            "set",
+            &inner,
+            if up { "up" } else { "down" },
+        ])
+        .expect("set the link");
     }
 
     /// Waits until host `i` reaches TCP `port` on its server address.
@@ -270,7 +284,10 @@ impl Netns {
             if probe.is_ok_and(|s| s.success()) {
                 return;
             }
-            assert!(Instant::now() < deadline, "the NATS server in its namespace did not listen");
+            assert!(
+                Instant::now() < deadline,
+                "the NATS server in its namespace did not listen"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

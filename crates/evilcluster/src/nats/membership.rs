@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -169,10 +168,7 @@ impl View {
 /// publishes its own host's.
 pub(super) async fn start(mesh: &Arc<Mesh>, node: &Arc<Node>, master: bool) -> Result<(), Error> {
     let subject = format!("{}.hb", mesh.base);
-    let mut beats = mesh.client.subscribe(subject.clone()).await.map_err(|e| Error::Nats {
-        url: mesh.options.url.clone(),
-        reason: format!("cannot subscribe to {subject}: {e}"),
-    })?;
+    let mut beats = super::Subscription::subscribe(mesh, subject.clone()).await?;
     let own_host = node.identity.incarnation;
     {
         let mesh = mesh.clone();

@@ -397,14 +397,9 @@ pub(crate) async fn start(node: &Arc<Node>, master: bool, hooks: Hooks) -> Resul
                 }
             }
         });
-        let subject = format!("{}.ev", mesh.base);
-        let mut incoming = mesh.client.subscribe(subject.clone()).await.map_err(|e| Error::Nats {
-            url: mesh.options.url.clone(),
-            reason: format!("cannot subscribe to {subject}: {e}"),
-        })?;
+        let mut incoming = Subscription::subscribe(&mesh, format!("{}.ev", mesh.base)).await?;
         let mesh_in = mesh.clone();
         actix_rt::spawn(async move {
-            use futures_util::StreamExt;
             while let Some(message) = incoming.next().await {
                 let Ok(envelope) = rmp_serde::from_slice::<EventEnvelope>(&message.payload) else {
                     continue;
@@ -467,5 +462,37 @@ struct EventEnvelope {
 pub(crate) fn publish_event(body: Vec<u8>) {
     if let Some(mesh) = mesh() {
         let _ = mesh.events.send(body);
+    }
+}
+
+/// A NATS subscription that may be dropped as the process's runtime shuts
+/// down: the client's own drop spawns a task (to unsubscribe), which panics
+/// without a runtime, so then it is left to the process's exit instead.
+pub(crate) struct Subscription(Option<async_nats::Subscriber>);
+
+impl Subscription {
+    pub(crate) async fn subscribe(mesh: &Mesh, subject: String) -> Result<Subscription, Error> {
+        mesh.client
+            .subscribe(subject.clone())
+            .await
+            .map(|s| Subscription(Some(s)))
+            .map_err(|e| Error::Nats {
+                url: mesh.options.url.clone(),
+                reason: format!("cannot subscribe to {subject}: {e}"),
+            })
+    }
+
+    /// The next message; `None` once the subscription ended.
+    pub(crate) async fn next(&mut self) -> Option<async_nats::Message> {
+        use futures_util::StreamExt;
+        self.0.as_mut()?.next().await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            std::mem::forget(self.0.take());
+        }
     }
 }

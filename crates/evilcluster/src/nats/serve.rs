@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use evilcluster_wire::{Frame, Reply, ReplyPayload, WireError};
-use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 
 use super::Mesh;
@@ -29,10 +28,7 @@ pub(super) async fn start(mesh: &Arc<Mesh>, node: &Arc<Node>) -> Result<(), Erro
         return Ok(());
     }
     let subject = instance_subject(&mesh.base, node.identity.incarnation);
-    let mut requests = mesh.client.subscribe(subject.clone()).await.map_err(|e| Error::Nats {
-        url: mesh.options.url.clone(),
-        reason: format!("cannot subscribe to {subject}: {e}"),
-    })?;
+    let mut requests = super::Subscription::subscribe(mesh, subject).await?;
     let mesh = mesh.clone();
     let node = node.clone();
     actix_rt::spawn(async move {
