@@ -30,7 +30,7 @@ fn nodes_seen(lines: &[String]) -> BTreeSet<String> {
 /// Waits until `host` sees exactly `nodes` (itself first).
 fn wait_nodes(host: &mut support::Fixture, nodes: &str) {
     let expected = format!("nodes {nodes}");
-    ask_until(host, "nodes", &expected, |answer| answer.iter().any(|l| *l == expected));
+    ask_until(host, "nodes", &expected, |answer| answer.contains(&expected));
 }
 
 #[test]

@@ -34,6 +34,7 @@ struct Target {
     timeout: Option<Duration>,
     resolve_timeout: Option<Duration>,
     /// Only the instances on this host (node name), across NATS.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
     node: Option<&'static str>,
 }
 

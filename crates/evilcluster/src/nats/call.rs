@@ -188,9 +188,17 @@ pub(crate) async fn call(
             .map_err(|e| unreachable(mesh, actor, e));
     }
     let request = async_nats::Request::new().payload(Bytes::from(bytes)).timeout(None);
+    let dropped = mesh.connection_dropped();
     let answer = tokio::select! {
         answer = mesh.client.send_request(subject, request) => answer,
         () = to.lost.cancelled() => return Err(lost()),
+        () = dropped.cancelled() => {
+            return Err(SendError::Disconnected {
+                actor,
+                path: to.place(),
+                reason: "this process lost its connection to NATS before the reply came".to_owned(),
+            })
+        }
         () = tokio::time::sleep_until(deadline.into()) => {
             return Err(SendError::Timeout { actor, tag, after: started.elapsed() })
         }

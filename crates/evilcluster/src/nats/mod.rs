@@ -291,11 +291,19 @@ fn options() -> Option<NatsOptions> {
 #[derive(Default)]
 struct State {
     connected: tokio::sync::watch::Sender<bool>,
+    /// Cancelled when the connection to NATS drops: the replies of calls in
+    /// flight on it cannot be counted on, so those calls end at once.
+    dropped: std::sync::Mutex<tokio_util::sync::CancellationToken>,
 }
 
 impl State {
     fn set_connected(&self, up: bool) {
         self.connected.send_replace(up);
+        if !up {
+            let mut dropped = self.dropped.lock().unwrap_or_else(|e| e.into_inner());
+            dropped.cancel();
+            *dropped = tokio_util::sync::CancellationToken::new();
+        }
     }
 }
 
@@ -328,6 +336,11 @@ impl Mesh {
     /// Whether the client is connected to a NATS server now.
     pub fn connected(&self) -> bool {
         *self.state.connected.borrow()
+    }
+
+    /// Cancelled when the current connection to NATS drops.
+    pub fn connection_dropped(&self) -> tokio_util::sync::CancellationToken {
+        self.state.dropped.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Waits until the client is connected, up to `deadline`.
