@@ -611,6 +611,7 @@ where
     #[cfg(feature = "nats")]
     if let Some(mesh) = crate::nats::mesh() {
         if target.node.is_some_and(|n| n != mesh.node_name) {
+            node.stats.sent();
             return Box::pin(across_hosts::<M>(
                 node,
                 mesh,
@@ -927,7 +928,6 @@ where
                 })
             }
         };
-        node.stats.sent();
         let outcome = crate::nats::call(&mesh, &to, target.actor, M::TAG, &payload, true, deadline, started).await;
         match outcome {
             Ok(reply) => return decode_reply(M::TAG, reply.as_deref().unwrap_or_default()),

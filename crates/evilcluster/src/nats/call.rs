@@ -159,7 +159,7 @@ pub(crate) async fn call(
         tag,
         detail: e.to_string(),
     })?;
-    let max = mesh.client.server_info().max_payload;
+    let max = mesh.max_payload;
     if max > 0 && bytes.len() > max {
         return Err(SendError::TooLarge {
             tag,

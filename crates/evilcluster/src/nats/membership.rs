@@ -49,11 +49,15 @@ pub(crate) struct View {
     pub(crate) next: AtomicUsize,
     /// Hosts sharing this host's node name already warned about.
     warned: AtomicU64,
+    /// How long calls in flight to a host that left cleanly may still end
+    /// with their reply.
+    grace: Duration,
 }
 
 impl View {
-    pub fn new() -> Self {
+    pub fn new(grace: Duration) -> Self {
         View {
+            grace,
             hosts: RwLock::new(FxHashMap::default()),
             version: watch::Sender::new(0),
             next: AtomicUsize::new(0),
@@ -87,7 +91,14 @@ impl View {
         let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
         if beat.leaving {
             let gone = hosts.remove(&beat.host)?;
-            gone.lost.cancel();
+            // No new calls go there; those in flight get the host's stop
+            // (it answers what it accepted) before they end as lost.
+            let lost = gone.lost.clone();
+            let grace = self.grace;
+            actix_rt::spawn(async move {
+                tokio::time::sleep(grace).await;
+                lost.cancel();
+            });
             drop(hosts);
             info!(node = %gone.node, "host left the cluster");
             self.changed();
@@ -275,4 +286,62 @@ pub(crate) fn remote_members() -> Vec<(String, Vec<Member>)> {
     });
     hosts.sort_by(|a, b| a.0.cmp(&b.0));
     hosts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use evilcluster_wire::control::RoleKind;
+
+    fn member(path: &str, incarnation: u64) -> Member {
+        Member {
+            path: path.into(),
+            role: RoleKind::Spawn,
+            worker: "w".into(),
+            order: 1,
+            fork: None,
+            pid: 1,
+            incarnation,
+            actor: Some("w".into()),
+            actor_type: None,
+            socket: Some("/tmp/s".into()),
+            restarts: 0,
+            listen: None,
+        }
+    }
+
+    fn beat(host: u64, leaving: bool, members: Vec<Member>) -> Beat {
+        Beat {
+            node: format!("n{host}"),
+            host,
+            leaving,
+            members,
+        }
+    }
+
+    #[test]
+    fn a_host_joins_changes_and_is_forgotten_after_its_silence() {
+        let view = View::new(Duration::from_secs(1));
+        let (node, members, up) = view.apply(beat(1, false, vec![member("app/w", 7)])).expect("joined");
+        assert_eq!((node.as_str(), members.len(), up), ("n1", 1, true));
+        // Same members again: no news.
+        assert!(view.apply(beat(1, false, vec![member("app/w", 7)])).is_none());
+        assert_eq!(view.nodes(), ["n1"]);
+        let lost = view.with_hosts(|hosts| hosts[&1].lost.clone());
+        assert!(view.expire(Duration::from_secs(60)).is_empty());
+        std::thread::sleep(Duration::from_millis(20));
+        let gone = view.expire(Duration::from_millis(10));
+        assert_eq!(gone.len(), 1);
+        assert!(lost.is_cancelled(), "calls in flight to a lost host end at once");
+        assert!(view.nodes().is_empty());
+    }
+
+    #[test]
+    fn a_refreshed_view_forgets_nobody() {
+        let view = View::new(Duration::from_secs(1));
+        view.apply(beat(2, false, vec![]));
+        std::thread::sleep(Duration::from_millis(20));
+        view.refresh();
+        assert!(view.expire(Duration::from_millis(15)).is_empty());
+    }
 }

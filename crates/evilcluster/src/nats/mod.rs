@@ -315,6 +315,9 @@ pub(crate) struct Mesh {
     /// `evilcluster.<cluster>.v<protocol>`.
     pub base: String,
     pub node_name: String,
+    /// The largest message the server takes (read once: servers of one
+    /// NATS cluster share it).
+    pub max_payload: usize,
     pub options: NatsOptions,
     pub view: membership::View,
     state: Arc<State>,
@@ -383,11 +386,14 @@ pub(crate) async fn start(node: &Arc<Node>, master: bool, hooks: Hooks) -> Resul
     state.set_connected(true);
     let base = format!("evilcluster.{cluster}.v{PROTOCOL}");
     let (events, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let max_payload = client.server_info().max_payload;
     let mesh = Arc::new(Mesh {
         client,
         base,
         node_name,
-        view: membership::View::new(),
+        max_payload,
+        // A host that leaves cleanly drains within its shutdown timeout.
+        view: membership::View::new(node.config.shutdown_timeout + options.host_timeout),
         options,
         state,
         leaving: Default::default(),
