@@ -273,9 +273,11 @@ impl Target {
         // The common case, with no clock read: the connection is up and has room.
         let first = self.route_now(&node);
         #[cfg(feature = "nats")]
-        if let Some(mesh) = crate::nats::mesh() {
-            if matches!(first, Route::Resolve) || self.node.is_some_and(|n| n != mesh.node_name) {
-                return self.one_way_across_hosts(node, mesh, message, wait_for_room).await;
+        if matches!(first, Route::Resolve) || self.node.is_some() {
+            if let Some(mesh) = crate::nats::mesh() {
+                if matches!(first, Route::Resolve) || self.node.is_some_and(|n| n != mesh.node_name) {
+                    return self.one_way_across_hosts(node, mesh, message, wait_for_room).await;
+                }
             }
         }
         if let Route::Ready(link, incarnation) = &first {
@@ -609,7 +611,7 @@ where
     let started = Instant::now();
     let deadline = deadline_from(started, target.timeout.unwrap_or(node.config.call_timeout));
     #[cfg(feature = "nats")]
-    if let Some(mesh) = crate::nats::mesh() {
+    if let Some(mesh) = target.node.and_then(|_| crate::nats::mesh()) {
         if target.node.is_some_and(|n| n != mesh.node_name) {
             node.stats.sent();
             return Box::pin(across_hosts::<M>(
