@@ -160,6 +160,19 @@ fn the_cluster_survives_a_nats_server_restart() {
     });
     let answer = ask(&mut b, "seq 500");
     assert_eq!(answer, ["seq 500 true"], "{answer:?}");
+    // A stream of one-way messages across another restart: some may be
+    // lost (at most once), none arrives twice or out of order.
+    b.command("seq_slowly 2000");
+    std::thread::sleep(Duration::from_millis(100));
+    server.stop();
+    server.restart();
+    let report = b.expect_line("seq_slowly");
+    eprintln!("one-way messages across a NATS restart: {report}");
+    let words: Vec<&str> = report.split(' ').collect();
+    let count: u64 = words[1].parse().unwrap();
+    assert!(count <= 2500, "{report}"); // 500 before, at most 2000 now
+    assert_eq!(words[2], "true", "duplicated or reordered: {report}");
+    b.expect_line("done");
 }
 
 #[test]
