@@ -230,6 +230,12 @@ fn wrong_credentials_are_refused() {
     assert!(!status.success());
     let errors = intruder.stderr_lines().join("\n");
     assert!(errors.contains("authorization violation"), "{errors}");
+    // No server there at all: the host does not start either.
+    let nowhere = format!("nats://127.0.0.1:{}", support::nats::free_port());
+    let mut lonely = host(&nowhere, "y", None, &[]);
+    assert!(!lonely.wait().success());
+    let errors = lonely.stderr_lines().join("\n");
+    assert!(errors.contains("Nats {"), "{errors}");
     let mut b = host(
         &server.url(),
         "b",
