@@ -31,6 +31,19 @@
 //! cargo run --release --example realapp -- --serve
 //! ```
 //!
+//! As two hosts joined through NATS (the README's "Beyond one machine";
+//! run `nats-server` first, and give each host its own node name):
+//!
+//! ```text
+//! EVILCLUSTER_NATS_URL=nats://127.0.0.1:4222 EVILCLUSTER_NODE=store \
+//!     cargo run --release --example realapp -- --only inMemoryDatastore
+//! EVILCLUSTER_NATS_URL=nats://127.0.0.1:4222 EVILCLUSTER_NODE=web \
+//!     cargo run --release --example realapp -- --without inMemoryDatastore
+//! ```
+//!
+//! The second host's api forks and task reach the datastore on the first
+//! through NATS; the demo runs on the second, the first serves until stopped.
+//!
 //! With `--serve` the cluster keeps running after the demo: browse
 //! `http://127.0.0.1:<port>/<user>`, or type a user name and Enter to request
 //! a page through the frontend actor; Ctrl-C (or SIGTERM) stops the whole tree
@@ -613,9 +626,28 @@ async fn serve_until_signal(frontend: RemoteAddr<WebserverFrontend>) -> Result<(
 fn main() -> ExitCode {
     // In the master: how long the tree takes to be ready (issue 12's "Start").
     let began = std::time::Instant::now();
-    let serve = std::env::args().skip(1).any(|arg| arg == "--serve");
+    let mut serve = std::env::args().skip(1).any(|arg| arg == "--serve");
     // `--port N` to choose the port; by default any free one.
     let args: Vec<String> = std::env::args().collect();
+    // As one of several hosts (with NATS): `--only w1,w2` runs only these
+    // workers here, `--without w1,w2` all but these.
+    let list = |flag: &str| {
+        args.iter()
+            .position(|arg| arg == flag)
+            .and_then(|at| args.get(at + 1))
+            .map(|names| names.split(',').map(str::to_owned).collect::<Vec<String>>())
+    };
+    let (only, without) = (list("--only"), list("--without"));
+    let off = |name: &str| {
+        only.as_ref().is_some_and(|only| !only.iter().any(|n| n == name))
+            || without
+                .as_ref()
+                .is_some_and(|without| without.iter().any(|n| n == name))
+    };
+    // A host without the frontend has no demo to play: it serves the
+    // other hosts until stopped.
+    let frontend_here = !off("webserverFrontend");
+    serve |= !frontend_here;
     let port = args
         .iter()
         .position(|arg| arg == "--port")
@@ -626,19 +658,24 @@ fn main() -> ExitCode {
             Worker::actor::<WebserverFrontend>()
                 .forks(2)
                 .listen(format!("127.0.0.1:{port}"))
-                .options(FrontendOptions { site: "MyApp" }),
+                .options(FrontendOptions { site: "MyApp" })
+                .disable(off("webserverFrontend")),
         )
-        .spawn(Worker::actor::<WebserverApi>().forks(2))
-        .spawn(Worker::actor::<InMemoryDatastore>().options(DatastoreOptions {
-            capacity: 64,
-            profiles: vec![
-                ("alice", "Alice Liddell, admin"),
-                ("bob", "Bob Builder, editor"),
-                ("carol", "Carol Danvers, reader"),
-                ("dave", "Dave Lister, reader"),
-                ("eve", "Eve Moneypenny, auditor"),
-            ],
-        }))
+        .spawn(Worker::actor::<WebserverApi>().forks(2).disable(off("webserverApi")))
+        .spawn(
+            Worker::actor::<InMemoryDatastore>()
+                .disable(off("inMemoryDatastore"))
+                .options(DatastoreOptions {
+                    capacity: 64,
+                    profiles: vec![
+                        ("alice", "Alice Liddell, admin"),
+                        ("bob", "Bob Builder, editor"),
+                        ("carol", "Carol Danvers, reader"),
+                        ("dave", "Dave Lister, reader"),
+                        ("eve", "Eve Moneypenny, auditor"),
+                    ],
+                }),
+        )
         // Its job ends: restarted only if it fails.
         .spawn(
             Worker::task("backgroundTaskManager", background)
@@ -646,7 +683,8 @@ fn main() -> ExitCode {
                 .options(TaskOptions {
                     interval_ms: 200,
                     rounds: 25,
-                }),
+                })
+                .disable(off("backgroundTaskManager")),
         )
         .run_with(move |cluster| {
             println!(
@@ -654,7 +692,14 @@ fn main() -> ExitCode {
                 began.elapsed().as_secs_f64() * 1e3,
                 cluster.members().len()
             );
-            demo(serve)
+            async move {
+                if frontend_here {
+                    demo(serve).await
+                } else {
+                    println!("serving this host's workers to the other hosts; Ctrl-C stops");
+                    std::future::pending().await
+                }
+            }
         });
     match outcome {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -156,7 +156,9 @@ async fn profile_only(only: &str, cluster: ClusterClient, mut raw: RawClient) ->
             "round-trip" => cluster.round_trips(batch).await?,
             "raw-round-trip" => raw.round_trips(batch).await?,
             "do-send" => cluster.do_send(batch).await?,
-            other => panic!("TRANSPORT_COMPARE_ONLY={other}: one of pipelined, raw-pipelined, round-trip, raw-round-trip, do-send"),
+            other => panic!(
+                "TRANSPORT_COMPARE_ONLY={other}: one of pipelined, raw-pipelined, round-trip, raw-round-trip, do-send"
+            ),
         };
         count += batch;
         if exact.is_some() || start.elapsed() >= Duration::from_secs(5) {

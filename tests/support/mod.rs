@@ -1,6 +1,7 @@
 //! Runs the fixture cluster as real processes and reads what its master prints.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod sup;
 pub mod wire;
 

@@ -91,6 +91,16 @@ pub enum Error {
         /// The error the task returned, as text.
         reason: String,
     },
+    /// The cluster uses NATS (`Cluster::nats` or `EVILCLUSTER_NATS_URL`) and
+    /// this process could not join it: the server is down or unreachable,
+    /// or refused the credentials.
+    #[error("cannot join the cluster through NATS at {url}: {reason} (is nats-server running there, and are the credentials right?)")]
+    Nats {
+        /// The server(s) tried.
+        url: String,
+        /// Why it failed.
+        reason: String,
+    },
     /// SIGINT, SIGTERM or a control client's stop request reached the master before `run_with`'s function finished;
     /// the cluster was shut down cleanly.
     #[error("interrupted by a shutdown signal; the cluster was stopped")]
@@ -115,7 +125,7 @@ impl Error {
 ///   [`Full`](Self::Full), [`MailboxClosed`](Self::MailboxClosed),
 ///   [`UnknownActor`](Self::UnknownActor), [`UnknownMessage`](Self::UnknownMessage),
 ///   [`Encode`](Self::Encode), [`Decode`](Self::Decode), [`TooLarge`](Self::TooLarge),
-///   [`Rejected`](Self::Rejected);
+///   [`Rejected`](Self::Rejected), [`Unreachable`](Self::Unreachable);
 /// - **the handler may have run** (its effects may have happened; only the
 ///   answer is missing): [`Disconnected`](Self::Disconnected),
 ///   [`Timeout`](Self::Timeout), [`Stopped`](Self::Stopped);
@@ -269,6 +279,20 @@ pub enum SendError {
         tag: &'static str,
         /// The decoder's words.
         detail: String,
+    },
+    /// The actor runs only on other hosts, and this process cannot reach the
+    /// cluster's NATS server(s) before the call's deadline: the message was
+    /// not sent, and no handler ran.
+    #[error(
+        "cannot reach `{actor}` on another host: NATS at {url} is unreachable ({reason}); is nats-server running?"
+    )]
+    Unreachable {
+        /// The actor's name.
+        actor: &'static str,
+        /// The NATS server(s).
+        url: String,
+        /// What happened.
+        reason: String,
     },
     /// The receiving process refused the request for another reason.
     #[error("`{actor}` refused `{tag}`: {reason}")]

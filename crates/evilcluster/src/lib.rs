@@ -86,6 +86,8 @@ mod api; // 6. what users call
 mod error;
 #[cfg(unix)]
 mod listener;
+#[cfg(feature = "nats")]
+mod nats; // beyond one machine: hosts joined through NATS (between node and api)
 mod node; // 2. this process, its connections, the one internal request path
 mod observe; // the control endpoint, live status, the tree
 #[cfg(unix)]
@@ -166,6 +168,8 @@ pub use error::{Error, Result, SendError};
 pub use evilcluster_macros::RemoteMessage;
 pub use evilcluster_wire::control::{ProcessState, RoleKind};
 pub use listener::listener;
+#[cfg(feature = "nats")]
+pub use nats::{nodes, NatsOptions, NODE_ENV, URL_ENV};
 pub use node::directory::Member;
 pub use observe::control::restart_worker;
 pub use runtime::{shutdown_signal, Cluster, ClusterHandle, RunningCluster};
@@ -184,6 +188,13 @@ pub use evilcluster_wire as wire;
 /// (empty outside a running cluster).
 pub fn members() -> Vec<Member> {
     node::current().map(|node| node.directory.members()).unwrap_or_default()
+}
+
+/// The live processes of the other hosts of the cluster, by node name
+/// (empty without NATS): what their masters' last heartbeats said.
+#[cfg(feature = "nats")]
+pub fn remote_members() -> Vec<(String, Vec<Member>)> {
+    nats::remote_members()
 }
 
 /// Everything a typical evilcluster program needs, actix's actor API included.

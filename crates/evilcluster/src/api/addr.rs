@@ -34,6 +34,9 @@ struct Target {
     pick: Pick,
     timeout: Option<Duration>,
     resolve_timeout: Option<Duration>,
+    /// Only the instances on this host (node name), across NATS.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    node: Option<&'static str>,
 }
 
 impl<A> Clone for RemoteAddr<A> {
@@ -75,6 +78,7 @@ pub fn addr_of<A: RemoteActor>() -> RemoteAddr<A> {
             pick: Pick::Any,
             timeout: None,
             resolve_timeout: None,
+            node: None,
         },
         actor: PhantomData,
     }
@@ -106,6 +110,16 @@ impl<A: RemoteActor> RemoteAddr<A> {
     /// [`SendError::NotDeclared`].
     pub fn resolve_timeout(mut self, timeout: Duration) -> Self {
         self.target.resolve_timeout = Some(timeout);
+        self
+    }
+
+    /// Only the instances running on the host named `node` (its
+    /// [`NatsOptions::node`](crate::NatsOptions::node) name; this host's own
+    /// name means local instances only). Sends wait for one there as for an
+    /// unregistered name.
+    #[cfg(feature = "nats")]
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.target.node = Some(crate::nats::intern(node));
         self
     }
 
@@ -169,6 +183,13 @@ impl<A: RemoteActor> RemoteAddr<A> {
         M::Result: DeserializeOwned + Send,
     {
         let now = Duration::ZERO;
+        #[cfg(feature = "nats")]
+        if let Some(mesh) = crate::nats::mesh() {
+            let remote = crate::nats::instances(&mesh, A::NAME);
+            if !remote.is_empty() {
+                return self.broadcast_across_hosts(&mesh, message, remote).await;
+            }
+        }
         match crate::node::directory::declared_forks(A::NAME) {
             Some(forks) if forks > 0 => {
                 let sends = (1..=forks).map(|fork| {
@@ -181,6 +202,43 @@ impl<A: RemoteActor> RemoteAddr<A> {
             }
             _ => vec![(None, self.resolve_timeout(now).send(message).await)],
         }
+    }
+
+    /// [`broadcast`](Self::broadcast) when other hosts run instances too:
+    /// this host's (as declared here, when it runs the worker) and every
+    /// other host's, each once.
+    #[cfg(feature = "nats")]
+    async fn broadcast_across_hosts<M, I>(
+        &self,
+        mesh: &crate::nats::Mesh,
+        message: M,
+        remote: Vec<(&'static str, Option<u32>)>,
+    ) -> Vec<(Option<u32>, Result<M::Result, SendError>)>
+    where
+        A: Routed<M, I>,
+        M: RemoteMessage + Clone,
+        M::Result: DeserializeOwned + Send,
+    {
+        let here = crate::nats::intern(&mesh.node_name);
+        let runs_here = crate::members().iter().any(|m| m.actor.as_deref() == Some(A::NAME));
+        let mut targets: Vec<(&'static str, Option<u32>)> = Vec::new();
+        if runs_here {
+            match crate::node::directory::declared_forks(A::NAME) {
+                Some(forks) if forks > 0 => targets.extend((1..=forks).map(|fork| (here, Some(fork)))),
+                _ => targets.push((here, None)),
+            }
+        }
+        targets.extend(remote);
+        let sends = targets.into_iter().map(|(node, fork)| {
+            let mut addr = self.resolve_timeout(Duration::ZERO);
+            addr.target.node = Some(node);
+            if let Some(fork) = fork {
+                addr.target.pick = Pick::Fork(fork);
+            }
+            let request = addr.send(message.clone());
+            async move { (fork, request.await) }
+        });
+        futures_util::future::join_all(sends).await
     }
 
     /// Sends `message` without waiting for a result. Returns once the message
@@ -215,6 +273,14 @@ impl Target {
         node.stats.sent();
         // The common case, with no clock read: the connection is up and has room.
         let first = self.route_now(&node);
+        #[cfg(feature = "nats")]
+        if matches!(first, Route::Resolve) || self.node.is_some() {
+            if let Some(mesh) = crate::nats::mesh() {
+                if matches!(first, Route::Resolve) || self.node.is_some_and(|n| n != mesh.node_name) {
+                    return self.one_way_across_hosts(node, mesh, message, wait_for_room).await;
+                }
+            }
+        }
         if let Route::Ready(link, incarnation) = &first {
             match try_queue(link, self.actor, *incarnation, &message, false) {
                 Ok(Some(_)) => return Ok(()),
@@ -633,6 +699,21 @@ where
     // One clock read: the call's start, and its deadline from it.
     let started = Instant::now();
     let deadline = deadline_from(started, target.timeout.unwrap_or(node.config.call_timeout));
+    #[cfg(feature = "nats")]
+    if let Some(mesh) = target.node.and_then(|_| crate::nats::mesh()) {
+        if target.node.is_some_and(|n| n != mesh.node_name) {
+            node.stats.sent();
+            return SendState::Running(Box::pin(across_hosts::<M>(
+                node,
+                mesh,
+                target,
+                message,
+                wait_for_room,
+                started,
+                deadline,
+            )));
+        }
+    }
     node.stats.sent();
     // Queued now when there is room, so that the order of sends is the
     // order of the calls; otherwise once the name resolves and there is room.
@@ -653,6 +734,20 @@ where
             Ok(None) => (None, Some(Route::Ready(link, incarnation))),
             Err(error) => (Some((link, incarnation, Err(error))), None),
         },
+        // No instance on this host: another host may have one.
+        #[cfg(feature = "nats")]
+        Route::Resolve if crate::nats::mesh().is_some() => {
+            let mesh = crate::nats::mesh().expect("checked just above");
+            return SendState::Running(Box::pin(across_hosts::<M>(
+                node,
+                mesh,
+                target,
+                message,
+                wait_for_room,
+                started,
+                deadline,
+            )));
+        }
         // Kept for the first attempt: picking again would skip an
         // instance of the round robin.
         pending => (None, Some(pending)),
@@ -930,4 +1025,106 @@ fn decode_reply<T: DeserializeOwned>(tag: &'static str, bytes: &[u8]) -> Result<
         tag,
         detail: e.to_string(),
     })
+}
+
+/// A send with no instance on this host (or aimed at another host's): waits
+/// for an instance here (then sends locally, as usual) or on another host
+/// (then through NATS), and sends again elsewhere when that is safe.
+#[cfg(feature = "nats")]
+async fn across_hosts<M>(
+    node: Arc<Node>,
+    mesh: Arc<crate::nats::Mesh>,
+    target: Target,
+    message: M,
+    wait_for_room: bool,
+    started: Instant,
+    deadline: Instant,
+) -> Result<M::Result, SendError>
+where
+    M: RemoteMessage,
+    M::Result: DeserializeOwned + Send,
+{
+    let payload = with_payload(&message, node.config.max_frame_length, |payload| {
+        payload.map(<[u8]>::to_vec)
+    })?;
+    let resolve_by = deadline.min(deadline_after(
+        target.resolve_timeout.unwrap_or(node.config.resolve_timeout),
+    ));
+    let mut avoid: Vec<(String, u64)> = Vec::new();
+    loop {
+        let resolved =
+            crate::nats::resolve(&node, &mesh, target.actor, target.pick, target.node, &avoid, resolve_by).await;
+        let to = match resolved {
+            Some(crate::nats::Resolved::Remote(to)) => to,
+            Some(crate::nats::Resolved::Local) => {
+                let mut local = target;
+                local.timeout = Some(deadline.saturating_duration_since(Instant::now()));
+                local.node = None;
+                return SendRequest::new(local, message, wait_for_room).await;
+            }
+            None => {
+                return Err(SendError::NotRegistered {
+                    actor: target.actor,
+                    fork: match target.pick {
+                        Pick::Fork(number) => Some(number),
+                        Pick::Any => None,
+                    },
+                    waited: started.elapsed(),
+                })
+            }
+        };
+        let outcome = crate::nats::call(&mesh, &to, target.actor, M::TAG, &payload, true, deadline, started).await;
+        match outcome {
+            Ok(reply) => return decode_reply(M::TAG, reply.as_deref().unwrap_or_default()),
+            Err(error) if Instant::now() < deadline && retry_elsewhere::<M>(&error) => {
+                tracing::debug!(actor = target.actor, tag = M::TAG, path = %to.place(), %error, "sending again to another instance");
+                avoid.push((to.path.clone(), to.incarnation));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+#[cfg(feature = "nats")]
+impl Target {
+    /// [`one_way`](Self::one_way) with no instance on this host.
+    async fn one_way_across_hosts<M: RemoteMessage>(
+        &self,
+        node: Arc<Node>,
+        mesh: Arc<crate::nats::Mesh>,
+        message: M,
+        wait_for_room: bool,
+    ) -> Result<(), SendError> {
+        let started = Instant::now();
+        let deadline = self.deadline(&node);
+        let resolve_by = deadline.min(deadline_after(
+            self.resolve_timeout.unwrap_or(node.config.resolve_timeout),
+        ));
+        let resolved = crate::nats::resolve(&node, &mesh, self.actor, self.pick, self.node, &[], resolve_by).await;
+        let to = match resolved {
+            Some(crate::nats::Resolved::Remote(to)) => to,
+            Some(crate::nats::Resolved::Local) => {
+                let mut local = *self;
+                local.node = None;
+                local.timeout = Some(deadline.saturating_duration_since(Instant::now()));
+                return Box::pin(local.one_way(message, wait_for_room)).await;
+            }
+            None => {
+                return Err(SendError::NotRegistered {
+                    actor: self.actor,
+                    fork: match self.pick {
+                        Pick::Fork(number) => Some(number),
+                        Pick::Any => None,
+                    },
+                    waited: started.elapsed(),
+                })
+            }
+        };
+        let payload = with_payload(&message, node.config.max_frame_length, |payload| {
+            payload.map(<[u8]>::to_vec)
+        })?;
+        crate::nats::call(&mesh, &to, self.actor, M::TAG, &payload, false, deadline, started)
+            .await
+            .map(drop)
+    }
 }

@@ -165,8 +165,51 @@ pub async fn publish<E: Event>(to: To, event: &E) -> Result<(), PublishError> {
     Ok(())
 }
 
-/// In the master: delivers a publication to every process its route names.
+/// In the master: delivers a publication to every process its route names
+/// (and, when the cluster spans hosts, to the other hosts' masters).
 fn fan_out(node: &Arc<Node>, publication: Publication) {
+    #[cfg(feature = "nats")]
+    if publication.to != To::Master {
+        if let Ok(body) = rmp_serde::to_vec(&publication) {
+            crate::nats::publish_event(body);
+        }
+    }
+    fan_out_here(node, publication);
+}
+
+/// In the master: an event published on another host (`node`), for the
+/// processes of this one. A lifecycle event's path becomes `node:path`.
+#[cfg(feature = "nats")]
+pub(crate) fn from_other_host(node_name: &str, body: &[u8]) {
+    let Some(node) = node::current().filter(|node| node.hosts_registry()) else {
+        return;
+    };
+    let Ok(mut publication) = rmp_serde::from_slice::<Publication>(body) else {
+        return;
+    };
+    publication.from = format!("{node_name}:{}", publication.from);
+    if publication.tag == <crate::Lifecycle as Event>::TAG {
+        if let Ok(mut event) = rmp_serde::from_slice::<crate::Lifecycle>(&publication.payload) {
+            event.qualify(node_name);
+            match rmp_serde::to_vec(&event) {
+                Ok(payload) => publication.payload = payload,
+                Err(_) => return,
+            }
+        }
+    }
+    fan_out_here(&node, publication);
+}
+
+/// Hands `event` to this process's own subscribers only.
+#[cfg(feature = "nats")]
+pub(crate) fn deliver_here<E: Event>(event: &E) {
+    if let (Some(node), Ok(payload)) = (node::current(), rmp_serde::to_vec(event)) {
+        deliver(E::TAG, &node.identity.path, Bytes::from(payload));
+    }
+}
+
+/// In the master: delivers a publication to every process of this host its route names.
+fn fan_out_here(node: &Arc<Node>, publication: Publication) {
     let cluster = &node.identity.cluster;
     let fork_path = match &publication.to {
         To::Fork(worker, fork) => Some(format!("{cluster}/{worker}/{fork}")),

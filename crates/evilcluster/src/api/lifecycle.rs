@@ -49,6 +49,10 @@ pub enum ExitReason {
         /// Why, as the child said it.
         message: String,
     },
+    /// It ran on another host, which left the cluster or was lost (its
+    /// heartbeats stopped, or NATS cut it off): whether the process itself
+    /// still runs is unknown here.
+    NodeLost(String),
 }
 
 impl ExitReason {
@@ -106,6 +110,7 @@ impl fmt::Display for ExitReason {
             },
             ExitReason::StartFailed(why) => write!(f, "failed to start: {why}"),
             ExitReason::Failed { code, message } => write!(f, "exit code {code}: {message}"),
+            ExitReason::NodeLost(why) => write!(f, "{why}"),
         }
     }
 }
@@ -266,6 +271,24 @@ impl Lifecycle {
     }
 }
 
+#[cfg(feature = "nats")]
+impl Lifecycle {
+    /// Prefixes the path with the host it happened on (`node:path`).
+    pub(crate) fn qualify(&mut self, node: &str) {
+        let path = match self {
+            Lifecycle::Spawned { path, .. }
+            | Lifecycle::Forked { path, .. }
+            | Lifecycle::Ready { path, .. }
+            | Lifecycle::Exited { path, .. }
+            | Lifecycle::Restarting { path, .. }
+            | Lifecycle::Restarted { path, .. }
+            | Lifecycle::StaysDown { path, .. } => path,
+            Lifecycle::AllExited { supervisor } | Lifecycle::GaveUp { supervisor, .. } => supervisor,
+        };
+        *path = format!("{node}:{path}");
+    }
+}
+
 impl Event for Lifecycle {
     const TAG: &'static str = "evilcluster.lifecycle";
 }
@@ -308,4 +331,33 @@ pub async fn cluster_ready() -> Result<(), crate::SendError> {
 /// ```
 pub fn lifecycle() -> Subscription<Lifecycle> {
     subscribe::<Lifecycle>()
+}
+
+/// In every process: another host's members appeared (`up`) or are gone,
+/// as this process's view of the other hosts says; its lifecycle
+/// subscribers see them as `Ready` / `Exited` with paths `node:path`.
+#[cfg(feature = "nats")]
+pub(crate) fn other_host(node: &str, members: &[crate::Member], up: bool, reason: &str) {
+    for member in members
+        .iter()
+        .filter(|m| m.actor.is_some() && m.role != crate::RoleKind::Master)
+    {
+        let path = format!("{node}:{}", member.path);
+        let event = if up {
+            Lifecycle::Ready {
+                path,
+                pid: member.pid,
+                incarnation: member.incarnation,
+                restarts: member.restarts,
+            }
+        } else {
+            Lifecycle::Exited {
+                path,
+                pid: member.pid,
+                incarnation: member.incarnation,
+                reason: ExitReason::NodeLost(format!("{reason}: node `{node}`")),
+            }
+        };
+        crate::api::events::deliver_here(&event);
+    }
 }

@@ -81,6 +81,14 @@ pub fn watch<A: RemoteActor>() -> Watch {
             watch.came_up(member.path, member.pid, member.incarnation);
         }
     }
+    #[cfg(feature = "nats")]
+    for (node, members) in crate::remote_members() {
+        for member in members {
+            if member.actor.as_deref() == Some(A::NAME) && member.role != crate::RoleKind::Master {
+                watch.came_up(format!("{node}:{}", member.path), member.pid, member.incarnation);
+            }
+        }
+    }
     watch
 }
 
@@ -104,6 +112,14 @@ impl Watch {
         let mut parts = path.split('/').skip(1);
         if parts.next()? != self.actor {
             return None;
+        }
+        if path.contains(':') {
+            // On another host (`node:path`), whatever this host declares.
+            return match (parts.next(), parts.next()) {
+                (None, _) => Some(None),
+                (Some(fork), None) => fork.parse().ok().map(Some),
+                _ => None,
+            };
         }
         if self.forks.is_none() {
             self.forks = declared_forks(self.actor);

@@ -622,23 +622,50 @@ impl Link {
     }
 }
 
-/// Answers one request from a connection's peer, from whichever thread
-/// handles it: replies, or gives a one-way message's place in the window
-/// back, and counts the request as done. Every request the reader takes
-/// in gets one; dropping it unanswered answers that the actor stopped.
+/// Answers one request, from whichever thread handles it: replies, or
+/// gives a one-way message's place in the window back, and counts the
+/// request as done. Every request taken in gets one; dropping it unanswered
+/// answers that the actor stopped.
 pub(crate) struct Responder {
-    node: Arc<Node>,
-    link: Arc<Link>,
-    id: u64,
+    to: AnswerTo,
     reply: bool,
-    slotted: bool,
-    started: Option<std::time::Instant>,
     /// For the answer of a responder dropped unanswered.
     actor: &'static str,
     answered: bool,
 }
 
+/// Where a [`Responder`]'s answer goes.
+enum AnswerTo {
+    /// The peer of a connection, as a reply frame (or a credit).
+    Peer {
+        node: Arc<Node>,
+        link: Arc<Link>,
+        id: u64,
+        slotted: bool,
+        started: Option<std::time::Instant>,
+    },
+    /// A task of this process that relays it (a request from another host).
+    Channel(Option<tokio::sync::oneshot::Sender<Result<Vec<u8>, WireError>>>),
+}
+
+/// What a [`Responder::channel`] hands its answer to.
+pub(crate) type Answered = tokio::sync::oneshot::Receiver<Result<Vec<u8>, WireError>>;
+
 impl Responder {
+    /// A responder whose answer (or its absence) is received from the
+    /// returned channel rather than sent to a connection's peer.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub fn channel(reply: bool) -> (Responder, Answered) {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let responder = Responder {
+            to: AnswerTo::Channel(Some(sender)),
+            reply,
+            actor: "(a service)",
+            answered: false,
+        };
+        (responder, receiver)
+    }
+
     /// Whether the caller waits for a reply (a one-way message's result is
     /// not encoded).
     pub fn wants_reply(&self) -> bool {
@@ -657,13 +684,27 @@ impl Responder {
 
     fn finish(&mut self, result: Result<Vec<u8>, WireError>) {
         self.answered = true;
-        let link = &*self.link;
-        if self.slotted {
-            self.node.stats.handled(self.started, result.is_err());
+        let (node, link, id, slotted, started) = match &mut self.to {
+            AnswerTo::Peer {
+                node,
+                link,
+                id,
+                slotted,
+                started,
+            } => (node, &**link, *id, *slotted, *started),
+            AnswerTo::Channel(sender) => {
+                if let Some(sender) = sender.take() {
+                    let _ = sender.send(result);
+                }
+                return;
+            }
+        };
+        if slotted {
+            node.stats.handled(started, result.is_err());
         }
         if self.reply {
-            link.reply(self.id, result);
-        } else if self.slotted {
+            link.reply(id, result);
+        } else if slotted {
             let due = link.credit_due.fetch_add(1, Ordering::AcqRel) + 1;
             if due >= CREDIT_BATCH {
                 link.flush_credit();
@@ -854,12 +895,14 @@ async fn read_loop(
                             let started = if slotted { node.stats.received() } else { None };
                             link.serving.fetch_add(1, Ordering::AcqRel);
                             let responder = Responder {
-                                node: node.clone(),
-                                link: link.clone(),
-                                id: request.id,
+                                to: AnswerTo::Peer {
+                                    node: node.clone(),
+                                    link: link.clone(),
+                                    id: request.id,
+                                    slotted,
+                                    started,
+                                },
                                 reply: request.reply,
-                                slotted,
-                                started,
                                 actor: "(a service)",
                                 answered: false,
                             };
@@ -898,7 +941,8 @@ pub(crate) enum Payload {
 const INLINE: usize = 62;
 
 impl Payload {
-    fn detach(body: &Bytes, part: &[u8]) -> Payload {
+    /// `part` of `body`, for as long as it is needed.
+    pub(crate) fn detach(body: &Bytes, part: &[u8]) -> Payload {
         match u8::try_from(part.len()) {
             Ok(len) if part.len() <= INLINE => {
                 let mut bytes = [0; INLINE];

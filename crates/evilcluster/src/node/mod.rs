@@ -259,6 +259,16 @@ impl Node {
             .insert(name.to_owned(), hosted);
     }
 
+    /// What this process hosts under `name`, if anything.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub(crate) fn hosted(&self, name: &str) -> Option<Hosted> {
+        self.services
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
     /// The runtime service hosted under `name`, if any.
     pub fn service(&self, name: &str) -> Option<Arc<dyn Service>> {
         match self.services.read().unwrap_or_else(|e| e.into_inner()).get(name) {

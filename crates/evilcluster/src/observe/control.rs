@@ -211,8 +211,42 @@ async fn status(node: &Arc<Node>, cluster: String, declared: &[Declared]) -> Sta
         }
     }))
     .await;
-    let processes = rows.into_iter().zip(counters).map(|(row, c)| row.status(c)).collect();
+    #[allow(unused_mut)]
+    let mut processes: Vec<ProcessStatus> = rows.into_iter().zip(counters).map(|(row, c)| row.status(c)).collect();
+    #[cfg(feature = "nats")]
+    processes.extend(other_hosts());
     Status { cluster, processes }
+}
+
+/// The other hosts' processes (when the cluster spans hosts through NATS),
+/// each host's tree below its master, with paths `node:path`: as their
+/// last heartbeats described them (no counters: those stay on each host).
+#[cfg(feature = "nats")]
+fn other_hosts() -> Vec<ProcessStatus> {
+    let mut processes = Vec::new();
+    for (node, mut members) in crate::nats::remote_members() {
+        members.sort_by_key(|m| (m.role != RoleKind::Master, m.order, m.fork));
+        for member in members {
+            let hosts = member.role != RoleKind::Master;
+            processes.push(ProcessStatus {
+                path: format!("{node}:{}", member.path),
+                role: member.role,
+                state: ProcessState::Up,
+                pid: Some(member.pid),
+                actor: member.actor.clone().filter(|_| hosts),
+                actor_type: member.actor_type.clone().filter(|_| hosts),
+                uptime_ms: None,
+                restarts: member.restarts,
+                messages_in: 0,
+                messages_out: 0,
+                errors: 0,
+                rss_bytes: None,
+                pss_bytes: None,
+                latency_us: Vec::new(),
+            });
+        }
+    }
+    processes
 }
 
 /// The declared processes as the directory knows them, without counters:

@@ -107,6 +107,8 @@ impl Child {
             master: (self.cluster.clone(), self.env.master_socket.clone()),
         })?;
         install_services(&node);
+        #[cfg(feature = "nats")]
+        crate::nats::start(&node, false, NATS_HOOKS).await?;
         let outcome = self
             .serve(&node, worker, socket, hosted, supervises_forks, &mut stop_requests)
             .await;

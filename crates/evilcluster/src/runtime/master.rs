@@ -40,6 +40,8 @@ impl Cluster {
             Box::new(move |link| registry.do_send(PeerGone { link }))
         });
         node.add_service(REGISTRY, Arc::new(RegistryService(registry.clone())));
+        #[cfg(feature = "nats")]
+        crate::nats::start(&node, true, NATS_HOOKS).await?;
         let _ = registry
             .send(Register {
                 owner: None,
@@ -244,6 +246,9 @@ impl ClusterHandle {
         if let Some(logger) = self.tree_logger.take() {
             logger.abort();
         }
+        // Other hosts stop sending here first.
+        #[cfg(feature = "nats")]
+        crate::nats::leave().await;
         self.supervisor.shutdown().await;
         self.node.stop();
         if let Some(run_dir) = self.run_dir.take() {

@@ -167,6 +167,17 @@ impl Cluster {
         self
     }
 
+    /// Joins the hosts that run this cluster (same name) through NATS at
+    /// `options` (a URL, or [`NatsOptions`](crate::NatsOptions) with
+    /// credentials, TLS and the node name). Without it, the
+    /// `EVILCLUSTER_NATS_URL` environment variable does the same. Local
+    /// traffic stays on local sockets; see the README's "Beyond one machine".
+    #[cfg(feature = "nats")]
+    pub fn nats(self, options: impl Into<crate::NatsOptions>) -> Self {
+        crate::nats::configure(options.into());
+        self
+    }
+
     fn validate(&self) -> Result<()> {
         if self.name.is_empty() || self.name.contains('/') {
             return Err(Error::Declaration(format!(
@@ -309,6 +320,13 @@ impl Cluster {
         self.start_unless(std::future::pending()).await
     }
 }
+
+/// What the cross-host layer tells the API about other hosts.
+#[cfg(feature = "nats")]
+const NATS_HOOKS: crate::nats::Hooks = crate::nats::Hooks {
+    event: crate::api::events::from_other_host,
+    members: crate::api::lifecycle::other_host,
+};
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
