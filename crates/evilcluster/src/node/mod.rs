@@ -281,7 +281,8 @@ impl Node {
     /// name. `Ok(Some(future))`: a runtime service's answer, which the
     /// connection drives; `Ok(None)`: taken (an actor answers it itself,
     /// or nothing was to be answered). A refusal gives the responder back.
-    #[allow(clippy::type_complexity)]
+    // The responder comes back by value (see `Inbox::deliver`).
+    #[allow(clippy::type_complexity, clippy::result_large_err)]
     pub fn dispatch(
         &self,
         caller: &Arc<Link>,

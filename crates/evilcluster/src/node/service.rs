@@ -36,6 +36,9 @@ pub(crate) trait Service: Send + Sync {
 pub(crate) trait Inbox: Send + Sync {
     /// Queues one request for the actor, or gives the responder back with
     /// the reason it was refused (the handler did not run).
+    // The responder comes back by value: it is moved, not boxed, on the
+    // path every request takes.
+    #[allow(clippy::result_large_err)]
     fn deliver(&self, tag: &str, payload: Payload, responder: Responder) -> Result<(), (Responder, WireError)>;
 }
 
