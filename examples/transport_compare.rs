@@ -106,7 +106,10 @@ impl Sections {
                 small: list.split(',').any(|s| s.trim() == "small"),
                 large: list.split(',').any(|s| s.trim() == "large"),
             },
-            Err(_) => Sections { small: true, large: true },
+            Err(_) => Sections {
+                small: true,
+                large: true,
+            },
         }
     }
 }
@@ -223,7 +226,11 @@ fn print_large(samples: &Samples) {
         } else {
             format!("{} KiB", size >> 10)
         };
-        let target = if size == 1 << 20 { ">= 1 GB/s, >= 0.5x raw" } else { ">= 0.5x raw" };
+        let target = if size == 1 << 20 {
+            ">= 1 GB/s, >= 0.5x raw"
+        } else {
+            ">= 0.5x raw"
+        };
         println!(
             "{label:<10} {raw:>14.2} {cluster:>14.2} {:>7.2}x {:>14.0}   {target}",
             cluster / raw,
