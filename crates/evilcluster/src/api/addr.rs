@@ -788,12 +788,12 @@ fn with_payload<M: RemoteMessage, T>(
         static PAYLOAD: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(256));
     }
     PAYLOAD.with(|buffer| {
-        let mut fresh = Vec::new();
+        let mut fresh;
         let mut borrowed = buffer.try_borrow_mut();
         let payload = match borrowed.as_deref_mut() {
             Ok(buffer) if size < LARGE_PAYLOAD => buffer,
             _ => {
-                fresh.reserve_exact(size.min(limit));
+                fresh = crate::node::connection::large_buffer(size.min(limit));
                 &mut fresh
             }
         };

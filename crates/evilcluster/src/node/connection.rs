@@ -681,6 +681,59 @@ fn with_scratch<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
     })
 }
 
+thread_local! {
+    /// A large payload's buffer, written and kept for the next large
+    /// payload encoded on this thread: its pages are already there, where a
+    /// fresh buffer would fault each one in. Dropped by the writer that kept
+    /// it once [`KEEP_SPARE`] passed without a large write.
+    static SPARE: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+}
+
+/// How long a written large payload's buffer is kept for the next one.
+const KEEP_SPARE: Duration = Duration::from_millis(200);
+
+/// An empty buffer for encoding a payload of `size` bytes: the spare one of
+/// this thread if it is large enough, else a fresh one of exactly `size`.
+pub(crate) fn large_buffer(size: usize) -> Vec<u8> {
+    let spare = SPARE.with(|spare| spare.borrow_mut().take_if(|buffer| buffer.capacity() >= size));
+    match spare {
+        Some(mut buffer) => {
+            buffer.clear();
+            buffer
+        }
+        None => Vec::with_capacity(size),
+    }
+}
+
+/// Keeps a written payload's buffer as this thread's spare (when nothing
+/// else holds it). Whether this thread has a spare now.
+fn recycle(written: Bytes) -> bool {
+    debug_assert!(written.is_empty(), "only written chunks are recycled");
+    if written.is_unique() {
+        // Fully written, so nothing is copied: the allocation comes back.
+        let buffer = Vec::from(written);
+        if buffer.capacity() >= LARGE_PAYLOAD {
+            SPARE.with(|spare| *spare.borrow_mut() = Some(buffer));
+        }
+    }
+    SPARE.with(|spare| spare.borrow().is_some())
+}
+
+fn drop_spare() {
+    // Not while the thread's locals are being destroyed: nothing to give back then.
+    let _ = SPARE.try_with(|spare| spare.borrow_mut().take());
+}
+
+/// Drops this thread's spare buffer when a writer ends (a connection that
+/// closes must not leave one behind).
+struct DropSpare;
+
+impl Drop for DropSpare {
+    fn drop(&mut self) {
+        drop_spare();
+    }
+}
+
 /// Gives back a scratch buffer that one large message made large.
 pub(crate) fn shrink(buffer: &mut Vec<u8>) {
     if buffer.capacity() > KEEP_BUFFER {
@@ -693,6 +746,8 @@ pub(crate) fn shrink(buffer: &mut Vec<u8>) {
 async fn write_loop(link: Arc<Link>, mut io: WriteHalf) {
     let mut batch = BytesMut::with_capacity(WRITE_BUFFER);
     let mut chunks = VecDeque::new();
+    let mut spare = false;
+    let _drop_spare = DropSpare;
     loop {
         let budgeted = {
             let mut outbox = link.outbox.lock().unwrap_or_else(|e| e.into_inner());
@@ -701,14 +756,24 @@ async fn write_loop(link: Arc<Link>, mut io: WriteHalf) {
             std::mem::take(&mut outbox.budgeted)
         };
         if batch.is_empty() && chunks.is_empty() {
-            link.queued.notified().await;
+            if spare {
+                tokio::select! {
+                    () = link.queued.notified() => {}
+                    () = tokio::time::sleep(KEEP_SPARE) => {
+                        drop_spare();
+                        spare = false;
+                    }
+                }
+            } else {
+                link.queued.notified().await;
+            }
             continue;
         }
         let bytes = batch.len() + chunks.iter().map(Bytes::len).sum::<usize>();
         let written = if chunks.is_empty() {
             io.write_all(&batch).await
         } else {
-            write_chunks(&mut io, &mut chunks, &batch).await
+            write_chunks(&mut io, &mut chunks, &batch, &mut spare).await
         };
         if let Err(error) = written {
             link.close(format!("write failed: {error}"));
@@ -728,7 +793,14 @@ async fn write_loop(link: Arc<Link>, mut io: WriteHalf) {
 /// Writes `chunks`, then `tail`, with vectored writes: a large payload goes
 /// to the kernel from the buffer it was encoded into. Empties `chunks` (so
 /// a large payload's memory is given back as soon as it is written).
-async fn write_chunks(io: &mut WriteHalf, chunks: &mut VecDeque<Bytes>, mut tail: &[u8]) -> std::io::Result<()> {
+/// A large payload's buffer, once written, is kept as this thread's spare
+/// (`spare` says whether one is kept).
+async fn write_chunks(
+    io: &mut WriteHalf,
+    chunks: &mut VecDeque<Bytes>,
+    mut tail: &[u8],
+    spare: &mut bool,
+) -> std::io::Result<()> {
     loop {
         while chunks.front().is_some_and(Bytes::is_empty) {
             chunks.pop_front();
@@ -753,7 +825,9 @@ async fn write_chunks(io: &mut WriteHalf, chunks: &mut VecDeque<Bytes>, mut tail
                     front.advance(step);
                     written -= step;
                     if front.is_empty() {
-                        chunks.pop_front();
+                        if let Some(written) = chunks.pop_front() {
+                            *spare = recycle(written);
+                        }
                     }
                 }
                 None => {
@@ -1054,7 +1128,7 @@ mod tests {
         runtime.block_on(async {
             let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
             let (_, mut write) = ours.into_split();
-            let writer = tokio::spawn(async move { write_chunks(&mut write, &mut chunks, &frames).await });
+            let writer = tokio::spawn(async move { write_chunks(&mut write, &mut chunks, &frames, &mut false).await });
             let mut reader = FramedRead::new(theirs, codec(1 << 20));
             for expected in &sent {
                 let body = reader.next().await.unwrap().unwrap();
@@ -1070,6 +1144,38 @@ mod tests {
             }
             writer.await.unwrap().unwrap();
         });
+    }
+
+    /// A large payload's buffer, once written, is the next large payload's
+    /// (no fresh pages), and a writer that ends drops it.
+    #[cfg(unix)]
+    #[test]
+    fn a_written_large_buffer_is_reused_then_given_back() {
+        let payload = vec![7u8; 2 * LARGE_PAYLOAD];
+        let address = payload.as_ptr();
+        let mut chunks = VecDeque::from([Bytes::from(payload)]);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (kept, _theirs) = runtime.block_on(async {
+            let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+            let (_, mut write) = ours.into_split();
+            let mut kept = false;
+            write_chunks(&mut write, &mut chunks, b"tail", &mut kept).await.unwrap();
+            (kept, theirs)
+        });
+        assert!(kept && chunks.is_empty());
+        let reused = large_buffer(LARGE_PAYLOAD);
+        assert_eq!(reused.as_ptr(), address, "the written buffer is reused");
+        assert!(reused.is_empty() && reused.capacity() >= 2 * LARGE_PAYLOAD);
+        assert!(!recycle(Bytes::new()), "taken: no spare left");
+        SPARE.with(|spare| *spare.borrow_mut() = Some(reused));
+        drop(DropSpare);
+        assert!(
+            SPARE.with(|spare| spare.borrow().is_none()),
+            "a writer that ends drops the spare"
+        );
     }
 
     #[test]

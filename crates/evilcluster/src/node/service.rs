@@ -71,7 +71,8 @@ pub(crate) fn decode_payload<T: DeserializeOwned>(tag: &str, payload: &[u8]) -> 
 
 /// Encodes a handler's result for its reply, or says why it did not encode.
 /// Measured first (a pass that only counts), so the buffer is allocated
-/// once, at its size: a large result is not copied as the buffer grows.
+/// once, at its size (or is the thread's spare large buffer): a large
+/// result is not copied as the buffer grows.
 pub(crate) fn encode_reply<T: Serialize>(tag: &str, value: &T) -> Result<Vec<u8>, WireError> {
     let error = |e: rmp_serde::encode::Error| WireError::Encode {
         tag: tag.to_owned(),
@@ -79,7 +80,11 @@ pub(crate) fn encode_reply<T: Serialize>(tag: &str, value: &T) -> Result<Vec<u8>
     };
     let mut counted = Counted(0);
     rmp_serde::encode::write(&mut counted, value).map_err(error)?;
-    let mut out = Vec::with_capacity(counted.0);
+    let mut out = if counted.0 >= crate::node::connection::LARGE_PAYLOAD {
+        crate::node::connection::large_buffer(counted.0)
+    } else {
+        Vec::with_capacity(counted.0)
+    };
     rmp_serde::encode::write(&mut out, value).map_err(error)?;
     Ok(out)
 }
