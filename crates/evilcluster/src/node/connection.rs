@@ -685,7 +685,7 @@ thread_local! {
     /// A large payload's buffer, written and kept for the next large
     /// payload encoded on this thread: its pages are already there, where a
     /// fresh buffer would fault each one in. Dropped by the writer that kept
-    /// it once [`KEEP_SPARE`] passed without a large write.
+    /// it once [`KEEP_SPARE`] passed since its last large write.
     static SPARE: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
 }
 
@@ -746,7 +746,8 @@ pub(crate) fn shrink(buffer: &mut Vec<u8>) {
 async fn write_loop(link: Arc<Link>, mut io: WriteHalf) {
     let mut batch = BytesMut::with_capacity(WRITE_BUFFER);
     let mut chunks = VecDeque::new();
-    let mut spare = false;
+    // Until when this thread's spare large buffer is kept (see `SPARE`).
+    let mut spare_until: Option<tokio::time::Instant> = None;
     let _drop_spare = DropSpare;
     loop {
         let budgeted = {
@@ -756,24 +757,24 @@ async fn write_loop(link: Arc<Link>, mut io: WriteHalf) {
             std::mem::take(&mut outbox.budgeted)
         };
         if batch.is_empty() && chunks.is_empty() {
-            if spare {
-                tokio::select! {
+            match spare_until {
+                Some(until) => tokio::select! {
                     () = link.queued.notified() => {}
-                    () = tokio::time::sleep(KEEP_SPARE) => {
+                    () = tokio::time::sleep_until(until) => {
                         drop_spare();
-                        spare = false;
+                        spare_until = None;
                     }
-                }
-            } else {
-                link.queued.notified().await;
+                },
+                None => link.queued.notified().await,
             }
             continue;
         }
         let bytes = batch.len() + chunks.iter().map(Bytes::len).sum::<usize>();
+        let mut kept = false;
         let written = if chunks.is_empty() {
             io.write_all(&batch).await
         } else {
-            write_chunks(&mut io, &mut chunks, &batch, &mut spare).await
+            write_chunks(&mut io, &mut chunks, &batch, &mut kept).await
         };
         if let Err(error) = written {
             link.close(format!("write failed: {error}"));
@@ -782,6 +783,14 @@ async fn write_loop(link: Arc<Link>, mut io: WriteHalf) {
         }
         link.unwritten.fetch_sub(bytes, Ordering::AcqRel);
         link.room.add_permits(budgeted);
+        // Kept for a while after the last large write, even while small
+        // frames keep the writer busy.
+        if kept {
+            spare_until = Some(tokio::time::Instant::now() + KEEP_SPARE);
+        } else if spare_until.is_some_and(|until| tokio::time::Instant::now() >= until) {
+            drop_spare();
+            spare_until = None;
+        }
         if batch.capacity() > KEEP_BUFFER {
             batch = BytesMut::with_capacity(WRITE_BUFFER);
         } else {
