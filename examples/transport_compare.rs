@@ -90,6 +90,8 @@ struct Samples {
     /// Per size in [`LARGE`]: GB/s each way.
     raw_large: [Vec<f64>; LARGE.len()],
     cluster_large: [Vec<f64>; LARGE.len()],
+    /// The same with `SharedBytes` instead of `ByteBuf`.
+    shared_large: [Vec<f64>; LARGE.len()],
 }
 
 /// Which parts to run (`TRANSPORT_COMPARE_SECTIONS`: `small`, `large`, or both).
@@ -197,6 +199,7 @@ async fn measure_large(raw: &mut RawClient, cluster: &ClusterClient, samples: &m
     for &size in &LARGE {
         raw.blobs(size, 4).await?;
         cluster.blobs(size, 4).await?;
+        cluster.shared_blobs(size, 4).await?;
     }
     for _ in 0..ROUNDS {
         for (i, &size) in LARGE.iter().enumerate() {
@@ -204,6 +207,7 @@ async fn measure_large(raw: &mut RawClient, cluster: &ClusterClient, samples: &m
             let gigabytes = (size as u64 * n) as f64 / 1e9;
             samples.raw_large[i].push(gigabytes / raw.blobs(size, n).await?.as_secs_f64());
             samples.cluster_large[i].push(gigabytes / cluster.blobs(size, n).await?.as_secs_f64());
+            samples.shared_large[i].push(gigabytes / cluster.shared_blobs(size, n).await?.as_secs_f64());
         }
     }
     Ok(())
@@ -214,13 +218,15 @@ fn print_large(samples: &Samples) {
         "large payloads: sequential echoes, request and reply of the same size (median of {ROUNDS} rounds; {} MiB each way per size and round)",
         LARGE_BYTES >> 20
     );
+    println!("(ec: a ByteBuf, copied where it is received; shared: SharedBytes, a slice of the received frame)");
     println!(
-        "{:<10} {:>14} {:>14} {:>8} {:>14}   target",
-        "size", "raw GB/s", "ec GB/s", "ec/raw", "ec us/echo"
+        "{:<10} {:>10} {:>10} {:>8} {:>11} {:>10} {:>10} {:>11}   target",
+        "size", "raw GB/s", "ec GB/s", "ec/raw", "ec us/echo", "shared", "shared/raw", "shared us"
     );
     for (i, &size) in LARGE.iter().enumerate() {
         let raw = median(&samples.raw_large[i]);
         let cluster = median(&samples.cluster_large[i]);
+        let shared = median(&samples.shared_large[i]);
         let label = if size >= 1 << 20 {
             format!("{} MiB", size >> 20)
         } else {
@@ -232,9 +238,11 @@ fn print_large(samples: &Samples) {
             ">= 0.5x raw"
         };
         println!(
-            "{label:<10} {raw:>14.2} {cluster:>14.2} {:>7.2}x {:>14.0}   {target}",
+            "{label:<10} {raw:>10.2} {cluster:>10.2} {:>7.2}x {:>11.0} {shared:>10.2} {:>9.2}x {:>11.0}   {target}",
             cluster / raw,
             size as f64 / (cluster * 1e9) * 1e6,
+            shared / raw,
+            size as f64 / (shared * 1e9) * 1e6,
         );
     }
     println!(
@@ -243,12 +251,14 @@ fn print_large(samples: &Samples) {
             .iter()
             .enumerate()
             .map(|(i, &size)| format!(
-                "{} KiB raw {:.2}-{:.2} ec {:.2}-{:.2}",
+                "{} KiB raw {:.2}-{:.2} ec {:.2}-{:.2} shared {:.2}-{:.2}",
                 size >> 10,
                 min(&samples.raw_large[i]),
                 max(&samples.raw_large[i]),
                 min(&samples.cluster_large[i]),
-                max(&samples.cluster_large[i])
+                max(&samples.cluster_large[i]),
+                min(&samples.shared_large[i]),
+                max(&samples.shared_large[i])
             ))
             .collect::<Vec<_>>()
             .join("; ")

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, Context, Handler, Message, MessageResult};
 use bytes::{Bytes, BytesMut};
-use evilcluster::{addr_of, Cluster, RemoteActor, RemoteAddr, RemoteMessage, SendError, Worker};
+use evilcluster::{addr_of, Cluster, RemoteActor, RemoteAddr, RemoteMessage, SendError, SharedBytes, Worker};
 use evilcluster_wire::{codec, Frame, Request, DEFAULT_MAX_FRAME_LENGTH};
 use futures_util::stream::{self, StreamExt};
 use futures_util::{FutureExt, SinkExt};
@@ -89,11 +89,18 @@ pub struct Total;
 #[rtype(result = "serde_bytes::ByteBuf")]
 pub struct Blob(pub serde_bytes::ByteBuf);
 
+/// [`Blob`] with [`SharedBytes`]: received bytes are slices of the frame
+/// they came in, not copies.
+#[derive(Debug, Clone, Message, Serialize, Deserialize)]
+#[rtype(result = "SharedBytes")]
+pub struct SharedBlob(pub SharedBytes);
+
 evilcluster::remote_messages! {
     Ping => "bench.ping",
     Count => "bench.count",
     Total => "bench.total",
     Blob => "bench.blob",
+    SharedBlob => "bench.shared_blob",
 }
 
 impl Handler<Ping> for Echo {
@@ -117,6 +124,13 @@ impl Handler<Blob> for Echo {
     }
 }
 
+impl Handler<SharedBlob> for Echo {
+    type Result = MessageResult<SharedBlob>;
+    fn handle(&mut self, SharedBlob(bytes): SharedBlob, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(bytes)
+    }
+}
+
 impl Handler<Total> for Echo {
     type Result = MessageResult<Total>;
     fn handle(&mut self, _: Total, _: &mut Context<Self>) -> Self::Result {
@@ -126,7 +140,7 @@ impl Handler<Total> for Echo {
 
 impl RemoteActor for Echo {
     const NAME: &'static str = "bench.echo";
-    type Messages = evilcluster::messages![Ping, Count, Total, Blob];
+    type Messages = evilcluster::messages![Ping, Count, Total, Blob, SharedBlob];
 }
 
 /// The benchmark's cluster: one worker process hosting [`Echo`]. Every
@@ -254,6 +268,18 @@ impl ClusterClient {
         let start = Instant::now();
         for i in 0..n {
             let back = self.echo.send(Blob(blob(i, size))).await?;
+            check_blob(&back, i, size)?;
+        }
+        Ok(start.elapsed())
+    }
+
+    /// [`blobs`](Self::blobs) with [`SharedBlob`]: no copy where the bytes
+    /// are received.
+    pub async fn shared_blobs(&self, size: usize, n: u64) -> Result<Duration, BenchError> {
+        let start = Instant::now();
+        for i in 0..n {
+            let blob = SharedBytes::from(blob(i, size).into_vec());
+            let back = self.echo.send(SharedBlob(blob)).await?;
             check_blob(&back, i, size)?;
         }
         Ok(start.elapsed())

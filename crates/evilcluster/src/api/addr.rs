@@ -824,8 +824,9 @@ fn with_payload<M: RemoteMessage, T>(
     })
 }
 
-fn decode_reply<T: DeserializeOwned>(tag: &'static str, bytes: &[u8]) -> Result<T, SendError> {
-    rmp_serde::from_slice(bytes).map_err(|e| SendError::ReplyDecode {
+/// Decodes a reply; bytes in it may be slices of the received frame.
+fn decode_reply<T: DeserializeOwned>(tag: &'static str, bytes: &bytes::Bytes) -> Result<T, SendError> {
+    crate::node::connection::decoding(bytes, || rmp_serde::from_slice(bytes)).map_err(|e| SendError::ReplyDecode {
         tag,
         detail: e.to_string(),
     })

@@ -734,6 +734,39 @@ impl Drop for DropSpare {
     }
 }
 
+thread_local! {
+    /// The received frame being decoded on this thread, so that bytes in
+    /// it decode as slices of it instead of copies (`SharedBytes`).
+    static DECODING: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (which decodes from `frame`) with `frame` as the frame being
+/// decoded on this thread.
+pub(crate) fn decoding<T>(frame: &Bytes, f: impl FnOnce() -> T) -> T {
+    /// Puts back what was there, even if `f` panics.
+    struct Restore(Option<Bytes>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            let _ = DECODING.try_with(|decoding| *decoding.borrow_mut() = previous);
+        }
+    }
+    let _restore = Restore(DECODING.with(|decoding| decoding.replace(Some(frame.clone()))));
+    f()
+}
+
+/// `bytes` as a slice of the frame being decoded on this thread, when
+/// they lie in it (no copy); `None` otherwise.
+pub(crate) fn frame_slice(bytes: &[u8]) -> Option<Bytes> {
+    DECODING.with(|decoding| {
+        let decoding = decoding.borrow();
+        let frame = decoding.as_ref()?;
+        let inside = frame.as_ptr_range();
+        let within = inside.start <= bytes.as_ptr() && bytes.as_ptr_range().end <= inside.end;
+        within.then(|| frame.slice_ref(bytes))
+    })
+}
+
 /// Gives back a scratch buffer that one large message made large.
 pub(crate) fn shrink(buffer: &mut Vec<u8>) {
     if buffer.capacity() > KEEP_BUFFER {
@@ -913,7 +946,8 @@ async fn read_loop(
                             // The runtime's own traffic is not the actors' work.
                             let counted = slotted;
                             let started = if counted { node.stats.received() } else { None };
-                            match node.dispatch(link, &request) {
+                            // Bytes in the message may be slices of `body`.
+                            match decoding(&body, || node.dispatch(link, &request)) {
                                 Ok(None) => {
                                     if slotted && !reply {
                                         credit_due += 1;
