@@ -740,9 +740,16 @@ thread_local! {
     static DECODING: RefCell<Option<Bytes>> = const { RefCell::new(None) };
 }
 
+/// Frames shorter than this are decoded without sharing: copying their few
+/// bytes costs less than setting the frame aside for slicing.
+const SHARE_FROM: usize = 4096;
+
 /// Runs `f` (which decodes from `frame`) with `frame` as the frame being
-/// decoded on this thread.
+/// decoded on this thread, when it is large enough to be worth slicing.
 pub(crate) fn decoding<T>(frame: &Bytes, f: impl FnOnce() -> T) -> T {
+    if frame.len() < SHARE_FROM {
+        return f();
+    }
     /// Puts back what was there, even if `f` panics.
     struct Restore(Option<Bytes>);
     impl Drop for Restore {
