@@ -5,6 +5,9 @@
 //!   (throughput per message).
 //! - `do_send/evilcluster`: `do_send`s, then one `send` once they are all
 //!   handled (throughput per message).
+//! - `large_echo/{raw,evilcluster}/{256 KiB,1 MiB,4 MiB}`: sequential echoes
+//!   whose request and reply both carry that many bytes (throughput in
+//!   bytes each way).
 //!
 //! This binary is also the cluster's worker and the raw echo server: both
 //! are it, started again (see `evilcluster_suite::bench`). Both clients run
@@ -116,6 +119,28 @@ fn benchmarks(c: &mut Criterion, actix: Actix<'_>, raw: &SharedRaw, echo: Cluste
             as_task(async move { echo.pipelined(n, WINDOW).await.expect("evilcluster pipelined sends") })
         })
     });
+    group.finish();
+
+    let mut group = c.benchmark_group("large_echo");
+    group.sample_size(10);
+    for size in [256usize << 10, 1 << 20, 4 << 20] {
+        group.throughput(Throughput::Bytes(size as u64));
+        let label = if size >= 1 << 20 {
+            format!("{} MiB", size >> 20)
+        } else {
+            format!("{} KiB", size >> 10)
+        };
+        group.bench_function(format!("raw/{label}"), |b| {
+            b.to_async(actix).iter_custom(|n| {
+                let raw = raw.clone();
+                as_task(async move { raw.lock().await.blobs(size, n).await.expect("raw large echoes") })
+            })
+        });
+        group.bench_function(format!("evilcluster/{label}"), |b| {
+            b.to_async(actix)
+                .iter_custom(|n| as_task(async move { echo.blobs(size, n).await.expect("evilcluster large echoes") }))
+        });
+    }
     group.finish();
 
     let mut group = c.benchmark_group("do_send");

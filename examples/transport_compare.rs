@@ -7,7 +7,14 @@
 //!
 //! - round trip: 20,000 sequential echoes, each awaited before the next;
 //! - pipelined: 200,000 echoes with up to 1,024 in flight;
-//! - do_send: 200,000 `do_send`s, then one `send` to wait for all of them.
+//! - do_send: 200,000 `do_send`s, then one `send` to wait for all of them;
+//! - large payloads: sequential echoes of 16 KiB, 256 KiB, 1 MiB and 4 MiB
+//!   (the request carries the bytes and so does the reply), against the raw
+//!   socket echoing frames of the same size.
+//!
+//! Beside the round trip it prints a blocking C `socketpair` ping-pong of
+//! the same length (built with `cc` when there is one): the floor under any
+//! runtime. `TRANSPORT_COMPARE_SECTIONS=small` or `=large` runs one half.
 //!
 //! The table shows the median of 5 rounds. Both clients run on the master's
 //! actix runtime thread, where the runtime's connection tasks live.
@@ -34,13 +41,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use evilcluster::Cluster;
-use evilcluster_suite::bench::{self, BenchError, ClusterClient, RawClient, RawEchoServer};
+use evilcluster_suite::bench::{self, BenchError, CSocketpair, ClusterClient, RawClient, RawEchoServer};
 
 const ROUNDS: usize = 5;
 const ROUND_TRIPS: u64 = 20_000;
 const PIPELINED: u64 = 200_000;
 const DO_SENDS: u64 = 200_000;
 const WINDOW: usize = 1024;
+/// Large payload sizes, and the bytes each way per size and round.
+const LARGE: [usize; 4] = [16 << 10, 256 << 10, 1 << 20, 4 << 20];
+const LARGE_BYTES: usize = 64 << 20;
 
 /// The targets.
 const ROUND_TRIP_TARGET: f64 = 1.25;
@@ -76,9 +86,45 @@ struct Samples {
     raw_pipelined: Vec<f64>,
     cluster_pipelined: Vec<f64>,
     cluster_do_send: Vec<f64>,
+    c_round_trip: Vec<f64>,
+    /// Per size in [`LARGE`]: GB/s each way.
+    raw_large: [Vec<f64>; LARGE.len()],
+    cluster_large: [Vec<f64>; LARGE.len()],
+    /// The same with `SharedBytes` instead of `ByteBuf`.
+    shared_large: [Vec<f64>; LARGE.len()],
+}
+
+/// Which parts to run (`TRANSPORT_COMPARE_SECTIONS`: `small`, `large`, or both).
+#[derive(Clone, Copy)]
+struct Sections {
+    small: bool,
+    large: bool,
+}
+
+impl Sections {
+    fn from_env() -> Self {
+        match std::env::var("TRANSPORT_COMPARE_SECTIONS") {
+            Ok(list) => Sections {
+                small: list.split(',').any(|s| s.trim() == "small"),
+                large: list.split(',').any(|s| s.trim() == "large"),
+            },
+            Err(_) => Sections {
+                small: true,
+                large: true,
+            },
+        }
+    }
 }
 
 fn compare(cluster: Cluster) -> Result<(), Box<dyn Error>> {
+    let sections = Sections::from_env();
+    let c_program = match CSocketpair::build() {
+        Ok(program) => Some(program),
+        Err(error) => {
+            eprintln!("transport_compare: no C socketpair figure ({error})");
+            None
+        }
+    };
     let raw_server = RawEchoServer::start()?;
     let system = actix_rt::System::new();
     let handle = system.block_on(cluster.start())?;
@@ -89,7 +135,7 @@ fn compare(cluster: Cluster) -> Result<(), Box<dyn Error>> {
         // root future costs an eventfd write per wake-up, which would be
         // charged to whichever side runs there.
         tokio::select! {
-            samples = actix_rt::spawn(measure(raw)) => Ok(samples??),
+            samples = actix_rt::spawn(measure(raw, sections, c_program)) => Ok(samples??),
             _ = evilcluster::shutdown_signal() => Err("interrupted".into()),
         }
     });
@@ -98,12 +144,17 @@ fn compare(cluster: Cluster) -> Result<(), Box<dyn Error>> {
     system.block_on(handle.shutdown())?;
     let samples = measured?;
     if std::env::var_os("TRANSPORT_COMPARE_ONLY").is_none() {
-        print_table(&samples);
+        if sections.small {
+            print_table(&samples);
+        }
+        if sections.large {
+            print_large(&samples);
+        }
     }
     Ok(())
 }
 
-async fn measure(mut raw: RawClient) -> Result<Samples, BenchError> {
+async fn measure(mut raw: RawClient, sections: Sections, c: Option<CSocketpair>) -> Result<Samples, BenchError> {
     let cluster = ClusterClient::new();
     cluster.warm_up().await?;
     // For profiling one path alone: `TRANSPORT_COMPARE_ONLY=pipelined perf record ...`.
@@ -111,17 +162,28 @@ async fn measure(mut raw: RawClient) -> Result<Samples, BenchError> {
         profile_only(&only, cluster, raw).await?;
         return Ok(Samples::default());
     }
+    let mut samples = Samples::default();
+    if sections.large {
+        measure_large(&mut raw, &cluster, &mut samples).await?;
+    }
+    if !sections.small {
+        return Ok(samples);
+    }
     raw.round_trips(2_000).await?;
     cluster.round_trips(2_000).await?;
     raw.pipelined(20_000, WINDOW).await?;
     cluster.pipelined(20_000, WINDOW).await?;
     cluster.do_send(20_000).await?;
 
-    let mut samples = Samples::default();
     for _ in 0..ROUNDS {
         samples
             .raw_round_trip
             .push(micros_each(raw.round_trips(ROUND_TRIPS).await?, ROUND_TRIPS));
+        if let Some(c) = &c {
+            // Blocking, on purpose: nothing else is being measured.
+            let each = c.round_trip(ROUND_TRIPS, bench::raw_frame_len())?;
+            samples.c_round_trip.push(each.as_secs_f64() * 1e6);
+        }
         samples
             .cluster_round_trip
             .push(micros_each(cluster.round_trips(ROUND_TRIPS).await?, ROUND_TRIPS));
@@ -167,6 +229,78 @@ async fn profile_only(only: &str, cluster: ClusterClient, mut raw: RawClient) ->
     }
     eprintln!("{only}: {} per second", thousands(per_second(start.elapsed(), count)));
     Ok(())
+}
+
+/// Sequential echoes of each size in [`LARGE`], raw and evilcluster in
+/// turn, [`ROUNDS`] times.
+async fn measure_large(raw: &mut RawClient, cluster: &ClusterClient, samples: &mut Samples) -> Result<(), BenchError> {
+    for &size in &LARGE {
+        raw.blobs(size, 4).await?;
+        cluster.blobs(size, 4).await?;
+        cluster.shared_blobs(size, 4).await?;
+    }
+    for _ in 0..ROUNDS {
+        for (i, &size) in LARGE.iter().enumerate() {
+            let n = (LARGE_BYTES / size) as u64;
+            let gigabytes = (size as u64 * n) as f64 / 1e9;
+            samples.raw_large[i].push(gigabytes / raw.blobs(size, n).await?.as_secs_f64());
+            samples.cluster_large[i].push(gigabytes / cluster.blobs(size, n).await?.as_secs_f64());
+            samples.shared_large[i].push(gigabytes / cluster.shared_blobs(size, n).await?.as_secs_f64());
+        }
+    }
+    Ok(())
+}
+
+fn print_large(samples: &Samples) {
+    println!(
+        "large payloads: sequential echoes, request and reply of the same size (median of {ROUNDS} rounds; {} MiB each way per size and round)",
+        LARGE_BYTES >> 20
+    );
+    println!("(ec: a ByteBuf, copied where it is received; shared: SharedBytes, a slice of the received frame)");
+    println!(
+        "{:<10} {:>10} {:>10} {:>8} {:>11} {:>10} {:>10} {:>11}   target",
+        "size", "raw GB/s", "ec GB/s", "ec/raw", "ec us/echo", "shared", "shared/raw", "shared us"
+    );
+    for (i, &size) in LARGE.iter().enumerate() {
+        let raw = median(&samples.raw_large[i]);
+        let cluster = median(&samples.cluster_large[i]);
+        let shared = median(&samples.shared_large[i]);
+        let label = if size >= 1 << 20 {
+            format!("{} MiB", size >> 20)
+        } else {
+            format!("{} KiB", size >> 10)
+        };
+        let target = if size == 1 << 20 {
+            ">= 1 GB/s, >= 0.5x raw"
+        } else {
+            ">= 0.5x raw"
+        };
+        println!(
+            "{label:<10} {raw:>10.2} {cluster:>10.2} {:>7.2}x {:>11.0} {shared:>10.2} {:>9.2}x {:>11.0}   {target}",
+            cluster / raw,
+            size as f64 / (cluster * 1e9) * 1e6,
+            shared / raw,
+            size as f64 / (shared * 1e9) * 1e6,
+        );
+    }
+    println!(
+        "spread (min-max GB/s): {}",
+        LARGE
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| format!(
+                "{} KiB raw {:.2}-{:.2} ec {:.2}-{:.2} shared {:.2}-{:.2}",
+                size >> 10,
+                min(&samples.raw_large[i]),
+                max(&samples.raw_large[i]),
+                min(&samples.cluster_large[i]),
+                max(&samples.cluster_large[i]),
+                min(&samples.shared_large[i]),
+                max(&samples.shared_large[i])
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
 }
 
 fn micros_each(elapsed: Duration, n: u64) -> f64 {
@@ -224,6 +358,15 @@ fn print_table(samples: &Samples) {
         cluster_rt,
         cluster_rt / raw_rt
     );
+    if !samples.c_round_trip.is_empty() {
+        println!(
+            "{:<28} {:>12.2} {:>12} {:>9.2}x   (C socketpair ping-pong, blocking, same length)",
+            "C round trip (us)",
+            median(&samples.c_round_trip),
+            "-",
+            cluster_rt / median(&samples.c_round_trip)
+        );
+    }
     println!(
         "{:<28} {:>12} {:>12} {:>9.2}x   >= {}",
         format!("pipelined (msg/s, w={WINDOW})"),

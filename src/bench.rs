@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, Context, Handler, Message, MessageResult};
 use bytes::{Bytes, BytesMut};
-use evilcluster::{addr_of, Cluster, RemoteActor, RemoteAddr, RemoteMessage, SendError, Worker};
+use evilcluster::{addr_of, Cluster, RemoteActor, RemoteAddr, RemoteMessage, SendError, SharedBytes, Worker};
 use evilcluster_wire::{codec, Frame, Request, DEFAULT_MAX_FRAME_LENGTH};
 use futures_util::stream::{self, StreamExt};
 use futures_util::{FutureExt, SinkExt};
@@ -57,7 +57,8 @@ const READ_BUFFER: usize = 64 * 1024;
 
 // ------------------------------------------------------------------ the actor
 
-/// The benchmarked actor: echoes [`Ping`], sums [`Count`], reports [`Total`].
+/// The benchmarked actor: echoes [`Ping`] and [`Blob`], sums [`Count`],
+/// reports [`Total`].
 #[derive(Debug, Default)]
 pub struct Echo {
     total: u64,
@@ -82,10 +83,24 @@ pub struct Count(pub u64);
 #[rtype(result = "u64")]
 pub struct Total;
 
+/// Asks [`Echo`] to send its bytes back: a large request with an equally
+/// large reply.
+#[derive(Debug, Clone, Message, Serialize, Deserialize)]
+#[rtype(result = "serde_bytes::ByteBuf")]
+pub struct Blob(pub serde_bytes::ByteBuf);
+
+/// [`Blob`] with [`SharedBytes`]: received bytes are slices of the frame
+/// they came in, not copies.
+#[derive(Debug, Clone, Message, Serialize, Deserialize)]
+#[rtype(result = "SharedBytes")]
+pub struct SharedBlob(pub SharedBytes);
+
 evilcluster::remote_messages! {
     Ping => "bench.ping",
     Count => "bench.count",
     Total => "bench.total",
+    Blob => "bench.blob",
+    SharedBlob => "bench.shared_blob",
 }
 
 impl Handler<Ping> for Echo {
@@ -102,6 +117,20 @@ impl Handler<Count> for Echo {
     }
 }
 
+impl Handler<Blob> for Echo {
+    type Result = MessageResult<Blob>;
+    fn handle(&mut self, Blob(bytes): Blob, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(bytes)
+    }
+}
+
+impl Handler<SharedBlob> for Echo {
+    type Result = MessageResult<SharedBlob>;
+    fn handle(&mut self, SharedBlob(bytes): SharedBlob, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(bytes)
+    }
+}
+
 impl Handler<Total> for Echo {
     type Result = MessageResult<Total>;
     fn handle(&mut self, _: Total, _: &mut Context<Self>) -> Self::Result {
@@ -111,7 +140,7 @@ impl Handler<Total> for Echo {
 
 impl RemoteActor for Echo {
     const NAME: &'static str = "bench.echo";
-    type Messages = evilcluster::messages![Ping, Count, Total];
+    type Messages = evilcluster::messages![Ping, Count, Total, Blob, SharedBlob];
 }
 
 /// The benchmark's cluster: one worker process hosting [`Echo`]. Every
@@ -228,6 +257,30 @@ impl ClusterClient {
             .buffer_unordered(window.max(1));
         while let Some((i, reply)) = replies.next().await {
             expect(i, reply?)?;
+        }
+        Ok(start.elapsed())
+    }
+
+    /// `n` sequential echoes of a [`Blob`] of `size` bytes (the request
+    /// carries `size` bytes, and so does the reply). Making each message
+    /// is timed, as [`RawClient::blobs`] times making each frame.
+    pub async fn blobs(&self, size: usize, n: u64) -> Result<Duration, BenchError> {
+        let start = Instant::now();
+        for i in 0..n {
+            let back = self.echo.send(Blob(blob(i, size))).await?;
+            check_blob(&back, i, size)?;
+        }
+        Ok(start.elapsed())
+    }
+
+    /// [`blobs`](Self::blobs) with [`SharedBlob`]: no copy where the bytes
+    /// are received.
+    pub async fn shared_blobs(&self, size: usize, n: u64) -> Result<Duration, BenchError> {
+        let start = Instant::now();
+        for i in 0..n {
+            let blob = SharedBytes::from(blob(i, size).into_vec());
+            let back = self.echo.send(SharedBlob(blob)).await?;
+            check_blob(&back, i, size)?;
         }
         Ok(start.elapsed())
     }
@@ -381,6 +434,16 @@ impl RawClient {
         Ok(start.elapsed())
     }
 
+    /// `n` sequential echoes of a frame of `size` bytes.
+    pub async fn blobs(&mut self, size: usize, n: u64) -> Result<Duration, BenchError> {
+        let start = Instant::now();
+        for i in 0..n {
+            self.writer.send(raw_frame(i, size)).await?;
+            check_echo(&mut self.reader, i, size).await?;
+        }
+        Ok(start.elapsed())
+    }
+
     /// `n` echoes with up to `window` in flight: frames are written in
     /// batches (one flush whenever the window is full or nothing is left to
     /// send) while replies are read concurrently.
@@ -424,6 +487,24 @@ fn raw_frame(seq: u64, len: usize) -> Bytes {
     body.freeze()
 }
 
+/// A [`Blob`]'s bytes: `seq` (little endian), then zeros up to `len`.
+fn blob(seq: u64, len: usize) -> serde_bytes::ByteBuf {
+    let mut bytes = vec![0; len.max(8)];
+    bytes[..8].copy_from_slice(&seq.to_le_bytes());
+    serde_bytes::ByteBuf::from(bytes)
+}
+
+fn check_blob(bytes: &[u8], seq: u64, len: usize) -> Result<(), BenchError> {
+    let got = bytes
+        .get(..8)
+        .map_or(u64::MAX, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    expect(seq, got)?;
+    if bytes.len() != len.max(8) {
+        return Err(BenchError::Io(io::Error::other("echoed blob of the wrong length")));
+    }
+    Ok(())
+}
+
 /// Reads the next echoed frame and checks it is [`raw_frame`]`(seq, len)`'s.
 async fn check_echo(
     reader: &mut FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
@@ -439,6 +520,116 @@ async fn check_echo(
         return Err(BenchError::Io(io::Error::other("echoed frame of the wrong length")));
     }
     Ok(())
+}
+
+// ------------------------------------------------------------------ the C floor
+
+/// A blocking ping-pong over a `socketpair` between two processes, in C:
+/// the floor under any runtime (no event loop, no framing).
+const C_SOCKETPAIR: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Reads or writes exactly len bytes; non-zero on end of file or error. */
+static int whole(int fd, char *buf, size_t len, int writing) {
+    while (len > 0) {
+        ssize_t n = writing ? write(fd, buf, len) : read(fd, buf, len);
+        if (n <= 0) return 1;
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 3) return 2;
+    long n = atol(argv[1]);
+    size_t len = (size_t)atol(argv[2]);
+    char *buf = calloc(len, 1);
+    int sv[2];
+    if (buf == NULL || socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) return 1;
+    pid_t child = fork();
+    if (child < 0) return 1;
+    if (child == 0) {
+        close(sv[0]);
+        for (;;) {
+            if (whole(sv[1], buf, len, 0) || whole(sv[1], buf, len, 1)) _exit(0);
+        }
+    }
+    close(sv[1]);
+    for (long i = 0; i < n / 10; i++) {
+        if (whole(sv[0], buf, len, 1) || whole(sv[0], buf, len, 0)) return 1;
+    }
+    struct timespec start, end;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (long i = 0; i < n; i++) {
+        if (whole(sv[0], buf, len, 1) || whole(sv[0], buf, len, 0)) return 1;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    close(sv[0]);
+    waitpid(child, NULL, 0);
+    double ns = (end.tv_sec - start.tv_sec) * 1e9 + (end.tv_nsec - start.tv_nsec);
+    printf("%.1f\n", ns / (double)n);
+    return 0;
+}
+"#;
+
+/// A C socketpair ping-pong, built with the system's C compiler (`cc`, or
+/// `$CC`) and run as two processes of its own.
+pub struct CSocketpair {
+    program: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl fmt::Debug for CSocketpair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CSocketpair").field("program", &self.program).finish()
+    }
+}
+
+impl CSocketpair {
+    /// Builds the program; an error when there is no working C compiler.
+    pub fn build() -> io::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("evilcluster-bench-c-").tempdir()?;
+        let source = dir.path().join("socketpair.c");
+        let program = dir.path().join("socketpair");
+        std::fs::write(&source, C_SOCKETPAIR)?;
+        let compiler = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
+        let status = Command::new(compiler)
+            .args(["-O2", "-o"])
+            .arg(&program)
+            .arg(&source)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status()?;
+        if !status.success() {
+            return Err(io::Error::other(format!("the C compiler failed ({status})")));
+        }
+        Ok(CSocketpair { program, _dir: dir })
+    }
+
+    /// The mean round trip of `n` ping-pongs of `len` bytes each way.
+    /// Blocking: it waits for the program.
+    pub fn round_trip(&self, n: u64, len: usize) -> io::Result<Duration> {
+        let output = Command::new(&self.program)
+            .arg(n.to_string())
+            .arg(len.to_string())
+            .stdin(Stdio::null())
+            .output()?;
+        if !output.status.success() {
+            return Err(io::Error::other(format!("the C ping-pong failed ({})", output.status)));
+        }
+        let nanos: f64 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| io::Error::other("the C ping-pong printed no number"))?;
+        Ok(Duration::from_secs_f64(nanos / 1e9))
+    }
 }
 
 // ------------------------------------------------------------------ the server process

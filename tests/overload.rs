@@ -90,6 +90,13 @@ fn memory_returns_after_a_large_round_trip_and_a_refused_send() {
 }
 
 #[test]
+fn large_messages_around_every_threshold_come_back_whole_and_in_order() {
+    let result = run(&["large_order"]);
+    assert_eq!(result["echoed"], 10, "{result:?}");
+    assert_eq!(result["in_order"], 1, "{result:?}");
+}
+
+#[test]
 fn undeclared_actors_fail_at_once_and_deadlines_cover_resolving() {
     let result = run(&["addressing"]);
     assert!(result["undeclared_ms"] < 1_000, "{result:?}");

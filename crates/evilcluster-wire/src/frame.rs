@@ -108,6 +108,62 @@ impl<'a> Frame<'a> {
         rmp_serde::encode::write(out, self)
     }
 
+    /// Encodes the frame body into `out` except the payload's own bytes,
+    /// and returns them: `out` followed by the returned bytes is exactly
+    /// what [`encode_into`](Self::encode_into) writes. A payload comes last
+    /// in every frame that has one (a request's, a successful reply's), so
+    /// a sender can hand a large payload to the socket as it is instead of
+    /// copying it into the frame. Frames without a payload are written
+    /// whole and return no bytes.
+    pub fn encode_head_into(&self, out: &mut Vec<u8>) -> Result<&'a [u8], rmp_serde::encode::Error> {
+        let (frame, payload) = match self {
+            Frame::Request(request) => (
+                Frame::Request(Request {
+                    payload: &[],
+                    ..request.clone()
+                }),
+                request.payload,
+            ),
+            Frame::Reply(Reply {
+                id,
+                result: Ok(ReplyPayload(payload)),
+            }) => (
+                Frame::Reply(Reply {
+                    id: *id,
+                    result: Ok(ReplyPayload(&[])),
+                }),
+                *payload,
+            ),
+            other => {
+                other.encode_into(out)?;
+                return Ok(&[]);
+            }
+        };
+        frame.encode_into(out)?;
+        // The empty payload was written last, as an empty MessagePack bin
+        // (`c4 00`): put the header of the real length in its place.
+        let empty_bin = out.len().checked_sub(2).filter(|&at| out[at..] == [0xc4, 0x00]);
+        let Some(at) = empty_bin else {
+            return Err(rmp_serde::encode::Error::Syntax(
+                "a frame's payload is not its last field".into(),
+            ));
+        };
+        out.truncate(at);
+        let len = payload.len();
+        if let Ok(len) = u8::try_from(len) {
+            out.extend_from_slice(&[0xc4, len]);
+        } else if let Ok(len) = u16::try_from(len) {
+            out.push(0xc5);
+            out.extend_from_slice(&len.to_be_bytes());
+        } else if let Ok(len) = u32::try_from(len) {
+            out.push(0xc6);
+            out.extend_from_slice(&len.to_be_bytes());
+        } else {
+            return Err(rmp_serde::encode::Error::Syntax("a payload over 4 GiB".into()));
+        }
+        Ok(payload)
+    }
+
     fn encoded_len_hint(&self) -> usize {
         32 + match self {
             Frame::Request(r) => r.actor.len() + r.tag.len() + r.payload.len(),
@@ -412,6 +468,38 @@ mod tests {
         bad[at] = 0xff;
         assert_eq!(decode_traffic(&bad), None);
         assert!(Frame::decode(&bad).is_err());
+    }
+
+    /// The head and the payload, one after the other, are the frame.
+    #[test]
+    fn a_head_and_its_payload_are_the_whole_frame() {
+        for len in [0usize, 1, 255, 256, 65_535, 65_536, 300_000] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let frames = [
+                Frame::Request(Request {
+                    id: u64::MAX - len as u64,
+                    actor: "some.actor",
+                    tag: "some.tag",
+                    incarnation: 7,
+                    reply: len % 2 == 0,
+                    payload: &payload,
+                }),
+                Frame::Reply(Reply {
+                    id: len as u64,
+                    result: Ok(ReplyPayload(&payload)),
+                }),
+            ];
+            for frame in frames {
+                let mut head = Vec::new();
+                let rest = frame.encode_head_into(&mut head).unwrap();
+                assert_eq!(rest, &payload[..]);
+                head.extend_from_slice(rest);
+                assert_eq!(head, frame.encode().unwrap(), "{len} bytes");
+            }
+        }
+        let mut whole = Vec::new();
+        assert!(Frame::GoAway.encode_head_into(&mut whole).unwrap().is_empty());
+        assert_eq!(whole, Frame::GoAway.encode().unwrap());
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub mod fuzzing;
 pub mod handshake;
 mod tree;
 
-pub use codec::{codec, DEFAULT_MAX_FRAME_LENGTH};
+pub use codec::{codec, frame_header, DEFAULT_MAX_FRAME_LENGTH};
 pub use error::{DecodeError, HandshakeError, WireError};
 pub use frame::{Credit, Frame, Reply, ReplyPayload, Request, PROTOCOL_VERSION};
 pub use handshake::{Cookie, Identity};

@@ -138,6 +138,7 @@ pub use api::remote::{
     Contains, Here, MessageList, RemoteActor, RemoteMessage, Routed, Routes, There, DEFAULT_MAILBOX_CAPACITY,
 };
 pub use api::role::{fork_number, is_fork, is_last_fork, is_master, is_spawn, path, role, try_role, Role};
+pub use api::shared_bytes::SharedBytes;
 pub use api::watch::{watch, Watch, Watched};
 pub use error::{Error, Result, SendError};
 /// Derives [`RemoteMessage`](trait@RemoteMessage) with the message's stable

@@ -9,7 +9,7 @@ use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 
 use crate::api::remote::{RemoteActor, RemoteMessage, Routed};
-use crate::node::connection::{frame_size, Link, LinkError, ReplyWaiter};
+use crate::node::connection::{frame_size, Link, LinkError, Outgoing, Payload, ReplyWaiter, LARGE_PAYLOAD};
 use crate::node::deadline::Deadline;
 use crate::node::directory::{Member, Pick};
 use crate::node::rpc::{deadline_after, deadline_from, link_error, timed_out, wait};
@@ -874,7 +874,12 @@ fn retry_elsewhere<M: RemoteMessage>(error: &SendError) -> bool {
 }
 
 /// Encodes `message` and queues it if the connection has room now.
-/// `Ok(None)`: no room (nothing queued; the caller waits for room).
+/// `Ok(None)`: no room (nothing was encoded; the caller waits for room).
+///
+/// The message's size is measured first, without encoding it (a pass that
+/// only counts bytes): an oversized message is refused before anything is
+/// encoded, and room is taken for the exact size, so a message is encoded
+/// once, when it is queued, however long it waited.
 #[allow(clippy::type_complexity)]
 fn try_queue<M: RemoteMessage>(
     link: &Link,
@@ -883,14 +888,14 @@ fn try_queue<M: RemoteMessage>(
     message: &M,
     reply: bool,
 ) -> Result<Option<Option<ReplyWaiter>>, SendError> {
-    with_payload(message, link.max_frame, |payload| {
-        let payload = payload?;
-        let admission = match link.try_admit(frame_size(actor, M::TAG, payload.len())) {
-            Ok(admission) => admission,
-            Err(LinkError::Full) => return Ok(None),
-            Err(error) => return Err(link_error(link, actor, M::TAG, error)),
-        };
-        link.request(actor, M::TAG, incarnation, payload, reply, Some(admission))
+    let size = payload_size(message, link.max_frame)?;
+    let admission = match link.try_admit(frame_size(actor, M::TAG, size)) {
+        Ok(admission) => admission,
+        Err(LinkError::Full) => return Ok(None),
+        Err(error) => return Err(link_error(link, actor, M::TAG, error)),
+    };
+    with_payload(message, size, link.max_frame, |payload| {
+        link.request_payload(actor, M::TAG, incarnation, payload?, reply, Some(admission))
             .map(Some)
             .map_err(|error| link_error(link, actor, M::TAG, error))
     })
@@ -900,9 +905,9 @@ fn try_queue<M: RemoteMessage>(
 /// (or failing with [`SendError::Full`] when told not to wait). Takes the
 /// message and gives it back, for a caller that may send it again.
 ///
-/// A caller that has to wait first waits for a place in the window holding
-/// only its message, not an encoding of it: a crowd of callers waiting on a
-/// slow receiver costs what their messages cost.
+/// A caller that has to wait holds only its message, not an encoding of
+/// it (a crowd of callers waiting on a slow receiver costs what their
+/// messages cost), and encodes it once it has room.
 async fn queue<M: RemoteMessage>(
     link: &Link,
     actor: &'static str,
@@ -925,35 +930,21 @@ async fn queue<M: RemoteMessage>(
         Err(error) => return (message, Err(error)),
     }
     let started = Instant::now();
-    let slot = match tokio::time::timeout_at(deadline.into(), link.slot()).await {
-        Err(_) => return (message, Err(timed_out(actor, M::TAG, started))),
-        Ok(Err(error)) => return (message, Err(link_error(link, actor, M::TAG, error))),
-        Ok(Ok(slot)) => slot,
-    };
-    // A place is ours: encode now, and queue at once if the bytes fit.
-    let prepared = with_payload(&message, link.max_frame, |payload| {
-        let payload = payload?;
-        match slot.try_room(frame_size(actor, M::TAG, payload.len())) {
-            Ok(admission) => link
-                .request(actor, M::TAG, incarnation, payload, reply, Some(admission))
-                .map(Ok)
-                .map_err(|error| link_error(link, actor, M::TAG, error)),
-            Err(slot) => Ok(Err((payload.to_vec(), slot))),
-        }
-    });
-    let (payload, slot) = match prepared {
-        Ok(Ok(queued)) => return (message, Ok(queued)),
-        Ok(Err(waiting)) => waiting,
+    // Measured again (it only counts): the message may be another one's
+    // after a retry, and this keeps no encoding while waiting.
+    let size = match payload_size(&message, link.max_frame) {
+        Ok(size) => size,
         Err(error) => return (message, Err(error)),
     };
-    let outcome =
-        match tokio::time::timeout_at(deadline.into(), slot.room(frame_size(actor, M::TAG, payload.len()))).await {
-            Err(_) => Err(timed_out(actor, M::TAG, started)),
-            Ok(Err(error)) => Err(link_error(link, actor, M::TAG, error)),
-            Ok(Ok(admission)) => link
-                .request(actor, M::TAG, incarnation, &payload, reply, Some(admission))
-                .map_err(|error| link_error(link, actor, M::TAG, error)),
-        };
+    let admission = match tokio::time::timeout_at(deadline.into(), link.admit(frame_size(actor, M::TAG, size))).await {
+        Err(_) => return (message, Err(timed_out(actor, M::TAG, started))),
+        Ok(Err(error)) => return (message, Err(link_error(link, actor, M::TAG, error))),
+        Ok(Ok(admission)) => admission,
+    };
+    let outcome = with_payload(&message, size, link.max_frame, |payload| {
+        link.request_payload(actor, M::TAG, incarnation, payload?, reply, Some(admission))
+            .map_err(|error| link_error(link, actor, M::TAG, error))
+    });
     (message, outcome)
 }
 
@@ -980,19 +971,69 @@ impl std::io::Write for Capped<'_> {
     }
 }
 
+/// A `Write` that only counts, up to a limit: measures a message's
+/// encoding without making it (a byte string is one write, counted at once).
+struct Counter {
+    len: usize,
+    limit: usize,
+}
+
+impl std::io::Write for Counter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.len += bytes.len();
+        if self.len > self.limit {
+            return Err(std::io::Error::other("over the maximum frame length"));
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The size of `message`'s encoding, measured without making it:
+/// [`SendError::TooLarge`] past `limit`, before a byte is encoded.
+fn payload_size<M: RemoteMessage>(message: &M, limit: usize) -> Result<usize, SendError> {
+    let mut counter = Counter { len: 0, limit };
+    match rmp_serde::encode::write(&mut counter, message) {
+        Ok(()) => Ok(counter.len),
+        Err(_) if counter.len > limit => Err(SendError::TooLarge {
+            tag: M::TAG,
+            size: counter.len,
+            max: limit,
+        }),
+        Err(e) => Err(SendError::Encode {
+            tag: M::TAG,
+            detail: e.to_string(),
+        }),
+    }
+}
+
 /// Encodes `message` (at most `limit` bytes) into this thread's payload
 /// buffer and hands it to `f`: no allocation per message once the buffer
-/// has grown, and a buffer grown by one large message is given back.
-fn with_payload<M: RemoteMessage, T>(message: &M, limit: usize, f: impl FnOnce(Result<&[u8], SendError>) -> T) -> T {
+/// has grown. A large message (`size`, as [`payload_size`] measured it) is
+/// encoded into a buffer of its own, of exactly its size, and handed over
+/// as it is: the connection writes it from there, and its memory goes back
+/// once it is written.
+fn with_payload<M: RemoteMessage, T>(
+    message: &M,
+    size: usize,
+    limit: usize,
+    f: impl FnOnce(Result<Outgoing<'_>, SendError>) -> T,
+) -> T {
     thread_local! {
         static PAYLOAD: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(256));
     }
     PAYLOAD.with(|buffer| {
-        let mut fresh = Vec::new();
+        let mut fresh;
         let mut borrowed = buffer.try_borrow_mut();
         let payload = match borrowed.as_deref_mut() {
-            Ok(buffer) => buffer,
-            Err(_) => &mut fresh,
+            Ok(buffer) if size < LARGE_PAYLOAD => buffer,
+            _ => {
+                fresh = crate::node::connection::large_buffer(size.min(limit));
+                &mut fresh
+            }
         };
         payload.clear();
         let mut capped = Capped {
@@ -1003,7 +1044,8 @@ fn with_payload<M: RemoteMessage, T>(message: &M, limit: usize, f: impl FnOnce(R
         let encoded = rmp_serde::encode::write(&mut capped, message);
         let overflowed = capped.overflowed;
         let result = match encoded {
-            Ok(()) => f(Ok(payload)),
+            Ok(()) if payload.len() >= LARGE_PAYLOAD => f(Ok(Outgoing::Shared(std::mem::take(payload).into()))),
+            Ok(()) => f(Ok(Outgoing::Borrowed(payload))),
             // The size is at least what was written when the limit was hit.
             Err(_) if overflowed => f(Err(SendError::TooLarge {
                 tag: M::TAG,
@@ -1020,11 +1062,21 @@ fn with_payload<M: RemoteMessage, T>(message: &M, limit: usize, f: impl FnOnce(R
     })
 }
 
-fn decode_reply<T: DeserializeOwned>(tag: &'static str, bytes: &[u8]) -> Result<T, SendError> {
-    rmp_serde::from_slice(bytes).map_err(|e| SendError::ReplyDecode {
-        tag,
-        detail: e.to_string(),
-    })
+/// Decodes a reply; bytes in it may be slices of the received frame.
+fn decode_reply<T: DeserializeOwned>(tag: &'static str, reply: &Payload) -> Result<T, SendError> {
+    reply
+        .decode(|bytes| rmp_serde::from_slice(bytes))
+        .map_err(|e| SendError::ReplyDecode {
+            tag,
+            detail: e.to_string(),
+        })
+}
+
+/// `message` encoded on its own, for a transport that takes its bytes.
+#[cfg(feature = "nats")]
+fn encoded<M: RemoteMessage>(message: &M, limit: usize) -> Result<Vec<u8>, SendError> {
+    let size = payload_size(message, limit)?;
+    with_payload(message, size, limit, |payload| payload.map(|p| p.as_slice().to_vec()))
 }
 
 /// A send with no instance on this host (or aimed at another host's): waits
@@ -1044,9 +1096,7 @@ where
     M: RemoteMessage,
     M::Result: DeserializeOwned + Send,
 {
-    let payload = with_payload(&message, node.config.max_frame_length, |payload| {
-        payload.map(<[u8]>::to_vec)
-    })?;
+    let payload = encoded(&message, node.config.max_frame_length)?;
     let resolve_by = deadline.min(deadline_after(
         target.resolve_timeout.unwrap_or(node.config.resolve_timeout),
     ));
@@ -1075,7 +1125,7 @@ where
         };
         let outcome = crate::nats::call(&mesh, &to, target.actor, M::TAG, &payload, true, deadline, started).await;
         match outcome {
-            Ok(reply) => return decode_reply(M::TAG, reply.as_deref().unwrap_or_default()),
+            Ok(reply) => return decode_reply(M::TAG, &Payload::Shared(reply.unwrap_or_default())),
             Err(error) if Instant::now() < deadline && retry_elsewhere::<M>(&error) => {
                 tracing::debug!(actor = target.actor, tag = M::TAG, path = %to.place(), %error, "sending again to another instance");
                 avoid.push((to.path.clone(), to.incarnation));
@@ -1120,9 +1170,7 @@ impl Target {
                 })
             }
         };
-        let payload = with_payload(&message, node.config.max_frame_length, |payload| {
-            payload.map(<[u8]>::to_vec)
-        })?;
+        let payload = encoded(&message, node.config.max_frame_length)?;
         crate::nats::call(&mesh, &to, self.actor, M::TAG, &payload, false, deadline, started)
             .await
             .map(drop)

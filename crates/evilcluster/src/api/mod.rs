@@ -10,4 +10,5 @@ pub(crate) mod events;
 pub(crate) mod lifecycle;
 pub(crate) mod remote;
 pub(crate) mod role;
+pub(crate) mod shared_bytes;
 pub(crate) mod watch;

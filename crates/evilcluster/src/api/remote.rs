@@ -257,7 +257,7 @@ pub const DEFAULT_MAILBOX_CAPACITY: usize = 1 << 20;
 
 /// Handles one remote request inside the actor: decodes it, runs the
 /// actor's `Handler` with `&mut self`, and answers through the responder.
-type HandleFn<A> = fn(&mut A, &mut <A as Actor>::Context, &[u8], Responder);
+type HandleFn<A> = fn(&mut A, &mut <A as Actor>::Context, &Payload, Responder);
 
 /// The messages a [`RemoteActor`] answers, filled in from its
 /// [`Messages`](RemoteActor::Messages) list.
@@ -294,13 +294,13 @@ impl<A: RemoteActor> Routes<A> {
     }
 }
 
-fn handle_remote<A, M>(act: &mut A, ctx: &mut Context<A>, payload: &[u8], responder: Responder)
+fn handle_remote<A, M>(act: &mut A, ctx: &mut Context<A>, payload: &Payload, responder: Responder)
 where
     A: RemoteActor + Handler<M>,
     M: RemoteMessage,
     M::Result: Serialize + Send,
 {
-    let message: M = match decode_payload(M::TAG, payload) {
+    let message: M = match payload.decode(|bytes| decode_payload(M::TAG, bytes)) {
         Ok(message) => message,
         Err(error) => return responder.answer(Err(error)),
     };

@@ -2,21 +2,25 @@
 //! them and multiplexed by request id. Either side may send requests.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use evilcluster_wire::handshake::{self, NONCE_LEN};
-use evilcluster_wire::{codec, Credit, Frame, HandshakeError, Identity, Reply, ReplyPayload, Request, WireError};
+use evilcluster_wire::{
+    codec, frame_header, Credit, Frame, HandshakeError, Identity, Reply, ReplyPayload, Request, WireError,
+};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use interprocess::local_socket::tokio::Stream;
 use rustc_hash::FxHashMap;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, Semaphore};
-use tokio_util::codec::{Encoder, Framed, FramedRead, LengthDelimitedCodec};
+use tokio_util::codec::{Framed, FramedRead, LengthDelimitedCodec};
 use tracing::{debug, warn};
 
 use crate::node::throttle::clip;
@@ -47,6 +51,29 @@ const WRITE_BUFFER: usize = 64 * 1024;
 /// A buffer that grew past this for one large message is given back to
 /// the allocator afterwards rather than kept for the process's lifetime.
 pub(crate) const KEEP_BUFFER: usize = 256 * 1024;
+/// A payload this large is not copied into the outbox: when its encoder
+/// hands it over as [`Bytes`], the writer gives it to the kernel from
+/// there, in one vectored write with the frames around it.
+pub(crate) const LARGE_PAYLOAD: usize = 64 * 1024;
+/// Buffers handed to one vectored write at most (Linux's `IOV_MAX` is 1,024).
+const MAX_SLICES: usize = 64;
+
+/// A message's encoded bytes, as a caller hands them to a connection.
+pub(crate) enum Outgoing<'a> {
+    /// Copied into the outbox (small, or not the caller's to give).
+    Borrowed(&'a [u8]),
+    /// Handed over; written from where it is when it is large.
+    Shared(Bytes),
+}
+
+impl Outgoing<'_> {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Outgoing::Borrowed(bytes) => bytes,
+            Outgoing::Shared(bytes) => bytes,
+        }
+    }
+}
 
 /// The size a request frame of `payload` bytes will have, near enough to
 /// refuse an oversized one, and to reserve its room, before building it.
@@ -118,13 +145,18 @@ pub(crate) enum LinkError {
     Closed(String),
 }
 
-/// Frames waiting for the writer task, already length-prefixed by the codec.
+/// Frames waiting for the writer task, already length-prefixed as the
+/// codec would ([`frame_header`]).
 ///
 /// Callers append under the lock, in call order — which is what keeps one
 /// sender's messages in order — and the writer takes the whole buffer at
 /// once: a burst of frames costs one write and no allocation per frame.
+/// A large payload is not copied in: the bytes queued before it and the
+/// payload itself go to `chunks`, and the writer writes `chunks` then
+/// `frames` in one vectored write.
 struct Outbox {
-    codec: LengthDelimitedCodec,
+    /// Written before `frames`, in this order.
+    chunks: VecDeque<Bytes>,
     frames: BytesMut,
     /// Bytes of the frames here that hold room in the byte budget.
     budgeted: usize,
@@ -243,7 +275,7 @@ impl Link {
             peer,
             max_frame,
             outbox: Mutex::new(Outbox {
-                codec: codec(max_frame),
+                chunks: VecDeque::new(),
                 frames: BytesMut::with_capacity(WRITE_BUFFER),
                 budgeted: 0,
             }),
@@ -351,21 +383,37 @@ impl Link {
         reply: bool,
         admission: Option<Admission<'_>>,
     ) -> Result<Option<ReplyWaiter>, LinkError> {
+        self.request_payload(actor, tag, incarnation, Outgoing::Borrowed(payload), reply, admission)
+    }
+
+    /// [`request`](Self::request), with a payload the caller may hand
+    /// over: a large one is written from where it is, never copied.
+    pub fn request_payload(
+        &self,
+        actor: &str,
+        tag: &str,
+        incarnation: u64,
+        payload: Outgoing<'_>,
+        reply: bool,
+        admission: Option<Admission<'_>>,
+    ) -> Result<Option<ReplyWaiter>, LinkError> {
         let slotted = admission.is_some();
         debug_assert_eq!(slotted, takes_slot(actor), "user messages take a place in the window");
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = Frame::Request(Request {
-            id,
-            actor,
-            tag,
-            incarnation,
-            reply,
-            payload,
-        });
-        with_scratch(|body| {
-            frame.encode_into(body).expect("a request frame always encodes");
-            if body.len() > self.max_frame {
-                return Err(LinkError::TooLarge { size: body.len() });
+        with_scratch(|head| {
+            let frame = Frame::Request(Request {
+                id,
+                actor,
+                tag,
+                incarnation,
+                reply,
+                payload: payload.as_slice(),
+            });
+            let rest = frame.encode_head_into(head).expect("a request frame always encodes");
+            let size = head.len() + rest.len();
+            drop(frame);
+            if size > self.max_frame {
+                return Err(LinkError::TooLarge { size });
             }
             // Checked and queued under the lock that `close` and a peer's
             // `GoAway` take: a request is either refused (and its admission,
@@ -397,22 +445,32 @@ impl Link {
             if slotted && !reply {
                 self.uncredited.fetch_add(1, Ordering::AcqRel);
             }
-            self.queue(body, budgeted);
+            self.queue(head, payload, budgeted);
             Ok(waiter)
         })
     }
 
-    /// Appends one frame body to the outbox.
-    fn queue(&self, body: &[u8], budgeted: usize) {
+    /// Appends one frame to the outbox: its `head` (the body up to the
+    /// payload, see [`Frame::encode_head_into`]) and its payload.
+    fn queue(&self, head: &[u8], payload: Outgoing<'_>, budgeted: usize) {
+        let len = head.len() + payload.as_slice().len();
+        let header = frame_header(u32::try_from(len).expect("frames are checked against the maximum length first"));
         let was_empty = {
             let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
-            let Outbox { codec, frames, .. } = &mut *outbox;
-            let was_empty = frames.is_empty();
-            let before = frames.len();
-            codec
-                .encode(body, frames)
-                .expect("frames are checked against the maximum length first");
-            self.unwritten.fetch_add(frames.len() - before, Ordering::AcqRel);
+            let Outbox { chunks, frames, .. } = &mut *outbox;
+            let was_empty = frames.is_empty() && chunks.is_empty();
+            frames.extend_from_slice(&header);
+            frames.extend_from_slice(head);
+            match payload {
+                Outgoing::Shared(payload) if payload.len() >= LARGE_PAYLOAD => {
+                    // What was queued before, this frame's head, then its
+                    // payload as it is; later frames go on after it.
+                    chunks.push_back(frames.split().freeze());
+                    chunks.push_back(payload);
+                }
+                payload => frames.extend_from_slice(payload.as_slice()),
+            }
+            self.unwritten.fetch_add(header.len() + len, Ordering::AcqRel);
             outbox.budgeted += budgeted;
             was_empty
         };
@@ -520,30 +578,40 @@ impl Link {
     }
 
     fn reply(&self, id: u64, result: Result<Vec<u8>, WireError>) {
-        let encode = |body: &mut Vec<u8>, result: Result<&[u8], WireError>| {
-            body.clear();
-            Frame::Reply(Reply {
-                id,
-                result: result.map(ReplyPayload),
-            })
-            .encode_into(body)
-            .expect("a reply frame always encodes")
-        };
-        with_scratch(|body| {
-            encode(body, result.as_deref().map_err(Clone::clone));
-            if body.len() > self.max_frame {
-                let size = body.len();
-                warn!(peer = %self.peer.path, size, "reply over the maximum frame length; sending an error instead");
-                let too_large = WireError::ReplyTooLarge {
-                    size,
-                    max: self.max_frame,
-                };
-                encode(body, Err(too_large));
-            }
+        with_scratch(|head| {
+            let size = {
+                let frame = Frame::Reply(Reply {
+                    id,
+                    result: result.as_deref().map(ReplyPayload).map_err(Clone::clone),
+                });
+                let rest = frame.encode_head_into(head).expect("a reply frame always encodes");
+                head.len() + rest.len()
+            };
             // Replies take no room from the budget: they must never wait
             // behind requests (two processes calling each other would
             // deadlock), and the window already bounds them.
-            self.queue(body, 0);
+            if size <= self.max_frame {
+                let payload = match result {
+                    // Handed over as it is: a large one is not copied again.
+                    Ok(payload) if payload.len() >= LARGE_PAYLOAD => Outgoing::Shared(Bytes::from(payload)),
+                    Ok(payload) => return self.queue(head, Outgoing::Borrowed(&payload), 0),
+                    Err(_) => Outgoing::Borrowed(&[]),
+                };
+                return self.queue(head, payload, 0);
+            }
+            warn!(peer = %self.peer.path, size, "reply over the maximum frame length; sending an error instead");
+            let too_large = WireError::ReplyTooLarge {
+                size,
+                max: self.max_frame,
+            };
+            head.clear();
+            Frame::Reply(Reply {
+                id,
+                result: Err(too_large),
+            })
+            .encode_into(head)
+            .expect("a reply frame always encodes");
+            self.queue(head, Outgoing::Borrowed(&[]), 0);
         })
     }
 
@@ -581,7 +649,7 @@ impl Link {
     fn queue_frame(&self, frame: &Frame<'_>) {
         with_scratch(|body| {
             frame.encode_into(body).expect("a control frame always encodes");
-            self.queue(body, 0);
+            self.queue(body, Outgoing::Borrowed(&[]), 0);
         })
     }
 
@@ -805,6 +873,99 @@ fn with_scratch<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
     })
 }
 
+thread_local! {
+    /// A large payload's buffer, written and kept for the next large
+    /// payload encoded on this thread: its pages are already there, where a
+    /// fresh buffer would fault each one in. Dropped by the writer that kept
+    /// it once [`KEEP_SPARE`] passed since its last large write.
+    static SPARE: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+}
+
+/// How long a written large payload's buffer is kept for the next one.
+const KEEP_SPARE: Duration = Duration::from_millis(200);
+
+/// An empty buffer for encoding a payload of `size` bytes: the spare one of
+/// this thread if it is large enough, else a fresh one of exactly `size`.
+pub(crate) fn large_buffer(size: usize) -> Vec<u8> {
+    let spare = SPARE.with(|spare| spare.borrow_mut().take_if(|buffer| buffer.capacity() >= size));
+    match spare {
+        Some(mut buffer) => {
+            buffer.clear();
+            buffer
+        }
+        None => Vec::with_capacity(size),
+    }
+}
+
+/// Keeps a written payload's buffer as this thread's spare (when nothing
+/// else holds it). Whether this thread has a spare now.
+fn recycle(written: Bytes) -> bool {
+    debug_assert!(written.is_empty(), "only written chunks are recycled");
+    if written.is_unique() {
+        // Fully written, so nothing is copied: the allocation comes back.
+        let buffer = Vec::from(written);
+        if buffer.capacity() >= LARGE_PAYLOAD {
+            SPARE.with(|spare| *spare.borrow_mut() = Some(buffer));
+        }
+    }
+    SPARE.with(|spare| spare.borrow().is_some())
+}
+
+fn drop_spare() {
+    // Not while the thread's locals are being destroyed: nothing to give back then.
+    let _ = SPARE.try_with(|spare| spare.borrow_mut().take());
+}
+
+/// Drops this thread's spare buffer when a writer ends (a connection that
+/// closes must not leave one behind).
+struct DropSpare;
+
+impl Drop for DropSpare {
+    fn drop(&mut self) {
+        drop_spare();
+    }
+}
+
+thread_local! {
+    /// The received frame being decoded on this thread, so that bytes in
+    /// it decode as slices of it instead of copies (`SharedBytes`).
+    static DECODING: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+}
+
+/// Frames shorter than this are decoded without sharing: copying their few
+/// bytes costs less than setting the frame aside for slicing.
+const SHARE_FROM: usize = 4096;
+
+/// Runs `f` (which decodes from `frame`) with `frame` as the frame being
+/// decoded on this thread, when it is large enough to be worth slicing.
+pub(crate) fn decoding<T>(frame: &Bytes, f: impl FnOnce() -> T) -> T {
+    if frame.len() < SHARE_FROM {
+        return f();
+    }
+    /// Puts back what was there, even if `f` panics.
+    struct Restore(Option<Bytes>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            let _ = DECODING.try_with(|decoding| *decoding.borrow_mut() = previous);
+        }
+    }
+    let _restore = Restore(DECODING.with(|decoding| decoding.replace(Some(frame.clone()))));
+    f()
+}
+
+/// `bytes` as a slice of the frame being decoded on this thread, when
+/// they lie in it (no copy); `None` otherwise.
+pub(crate) fn frame_slice(bytes: &[u8]) -> Option<Bytes> {
+    DECODING.with(|decoding| {
+        let decoding = decoding.borrow();
+        let frame = decoding.as_ref()?;
+        let inside = frame.as_ptr_range();
+        let within = inside.start <= bytes.as_ptr() && bytes.as_ptr_range().end <= inside.end;
+        within.then(|| frame.slice_ref(bytes))
+    })
+}
+
 /// Gives back a scratch buffer that one large message made large.
 pub(crate) fn shrink(buffer: &mut Vec<u8>) {
     if buffer.capacity() > KEEP_BUFFER {
@@ -816,27 +977,105 @@ pub(crate) fn shrink(buffer: &mut Vec<u8>) {
 /// batch's bytes back to the budget once the kernel has them.
 async fn write_loop(link: Arc<Link>, mut io: WriteHalf) {
     let mut batch = BytesMut::with_capacity(WRITE_BUFFER);
+    let mut chunks = VecDeque::new();
+    // Until when this thread's spare large buffer is kept (see `SPARE`).
+    let mut spare_until: Option<tokio::time::Instant> = None;
+    let _drop_spare = DropSpare;
     loop {
         let budgeted = {
             let mut outbox = link.outbox.lock().unwrap_or_else(|e| e.into_inner());
             std::mem::swap(&mut outbox.frames, &mut batch);
+            std::mem::swap(&mut outbox.chunks, &mut chunks);
             std::mem::take(&mut outbox.budgeted)
         };
-        if batch.is_empty() {
-            link.queued.notified().await;
+        if batch.is_empty() && chunks.is_empty() {
+            match spare_until {
+                Some(until) => tokio::select! {
+                    () = link.queued.notified() => {}
+                    () = tokio::time::sleep_until(until) => {
+                        drop_spare();
+                        spare_until = None;
+                    }
+                },
+                None => link.queued.notified().await,
+            }
             continue;
         }
-        if let Err(error) = io.write_all(&batch).await {
+        let bytes = batch.len() + chunks.iter().map(Bytes::len).sum::<usize>();
+        let mut kept = false;
+        let written = if chunks.is_empty() {
+            io.write_all(&batch).await
+        } else {
+            write_chunks(&mut io, &mut chunks, &batch, &mut kept).await
+        };
+        if let Err(error) = written {
             link.close(format!("write failed: {error}"));
             link.unwritten.store(0, Ordering::Release);
             return;
         }
-        link.unwritten.fetch_sub(batch.len(), Ordering::AcqRel);
+        link.unwritten.fetch_sub(bytes, Ordering::AcqRel);
         link.room.add_permits(budgeted);
+        // Kept for a while after the last large write, even while small
+        // frames keep the writer busy.
+        if kept {
+            spare_until = Some(tokio::time::Instant::now() + KEEP_SPARE);
+        } else if spare_until.is_some_and(|until| tokio::time::Instant::now() >= until) {
+            drop_spare();
+            spare_until = None;
+        }
         if batch.capacity() > KEEP_BUFFER {
             batch = BytesMut::with_capacity(WRITE_BUFFER);
         } else {
             batch.clear();
+        }
+    }
+}
+
+/// Writes `chunks`, then `tail`, with vectored writes: a large payload goes
+/// to the kernel from the buffer it was encoded into. Empties `chunks` (so
+/// a large payload's memory is given back as soon as it is written).
+/// A large payload's buffer, once written, is kept as this thread's spare
+/// (`spare` says whether one is kept).
+async fn write_chunks(
+    io: &mut WriteHalf,
+    chunks: &mut VecDeque<Bytes>,
+    mut tail: &[u8],
+    spare: &mut bool,
+) -> std::io::Result<()> {
+    loop {
+        while chunks.front().is_some_and(Bytes::is_empty) {
+            chunks.pop_front();
+        }
+        if chunks.is_empty() {
+            return io.write_all(tail).await;
+        }
+        let mut written = {
+            let mut slices: Vec<IoSlice<'_>> = chunks.iter().take(MAX_SLICES).map(|c| IoSlice::new(c)).collect();
+            if chunks.len() < MAX_SLICES && !tail.is_empty() {
+                slices.push(IoSlice::new(tail));
+            }
+            io.write_vectored(&slices).await?
+        };
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            match chunks.front_mut() {
+                Some(front) => {
+                    let step = written.min(front.len());
+                    front.advance(step);
+                    written -= step;
+                    if front.is_empty() {
+                        if let Some(written) = chunks.pop_front() {
+                            *spare = recycle(written);
+                        }
+                    }
+                }
+                None => {
+                    tail = &tail[written..];
+                    written = 0;
+                }
+            }
         }
     }
 }
@@ -857,6 +1096,12 @@ async fn read_loop(
     // Places in the window that replies freed, given back once no complete
     // frame is left to read (or enough of them gathered).
     let mut freed = 0;
+    // A read buffer grown for a large frame is kept while large frames keep
+    // coming (the next one reuses it: no fresh pages to fault in), and given
+    // back once none came for `KEEP_LARGE_READ_BUFFER`.
+    let give_back = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(give_back);
+    let mut holding_large = false;
     loop {
         if freed >= CREDIT_BATCH || (freed > 0 && !frame_buffered(frames.read_buffer())) {
             link.free_slots(std::mem::take(&mut freed));
@@ -864,6 +1109,10 @@ async fn read_loop(
         let room = link.serving.load(Ordering::Acquire) < MAX_IN_FLIGHT;
         tokio::select! {
             biased;
+            () = &mut give_back, if holding_large => {
+                holding_large = false;
+                release_read_buffer(&mut frames);
+            }
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
             () = link.served.notified(), if !room => {}
             frame = frames.next(), if room => match frame {
@@ -917,7 +1166,10 @@ async fn read_loop(
                         }
                     }
                     if large {
-                        release_read_buffer(&mut frames);
+                        holding_large = true;
+                        give_back
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + KEEP_LARGE_READ_BUFFER);
                     }
                 }
             },
@@ -954,6 +1206,17 @@ impl Payload {
     }
 }
 
+impl Payload {
+    /// Runs `decode` on these bytes; bytes in a large one decode as slices
+    /// of it rather than copies (`SharedBytes`).
+    pub(crate) fn decode<T>(&self, decode: impl FnOnce(&[u8]) -> T) -> T {
+        match self {
+            Payload::Inline { .. } => decode(self),
+            Payload::Shared(frame) => decoding(frame, || decode(frame)),
+        }
+    }
+}
+
 impl std::ops::Deref for Payload {
     type Target = [u8];
 
@@ -980,9 +1243,12 @@ fn frame_buffered(buffer: &[u8]) -> bool {
     }
 }
 
-/// After a large frame, moves what is left of the read buffer to a fresh
-/// small one: the old allocation, sized for that frame, would otherwise
-/// stay with the connection for its lifetime.
+/// How long a read buffer grown for a large frame is kept for the next one.
+const KEEP_LARGE_READ_BUFFER: Duration = Duration::from_millis(200);
+
+/// After large frames, moves what is left of the read buffer to a fresh
+/// small one: the old allocation, sized for the largest of them, would
+/// otherwise stay with the connection for its lifetime.
 fn release_read_buffer(frames: &mut FramedRead<ReadHalf, LengthDelimitedCodec>) {
     let buffer = frames.read_buffer_mut();
     let mut fresh = BytesMut::with_capacity(READ_BUFFER.max(buffer.len()));
@@ -1107,6 +1373,99 @@ mod tests {
         assert!(link.unwritten.load(Ordering::Acquire) > 5000);
         // A frame larger than the whole budget waits for all of it.
         assert_eq!(link.budget_share(1 << 30), 1000);
+    }
+
+    /// A large payload is written from where it was encoded, between the
+    /// frames queued before and after it: the reader sees every frame
+    /// whole, in the order queued, and the byte count is exact.
+    #[cfg(unix)]
+    #[test]
+    fn large_payloads_are_written_in_order_between_small_frames() {
+        let link = detached(usize::MAX);
+        let large: Vec<u8> = (0..3 * LARGE_PAYLOAD + 5).map(|i| (i % 251) as u8).collect();
+        let sent: Vec<Vec<u8>> = vec![
+            b"\x01".to_vec(),
+            large.clone(),
+            b"\x02".to_vec(),
+            large.clone(),
+            b"\x03".to_vec(),
+        ];
+        for (i, payload) in sent.iter().enumerate() {
+            let payload = if i % 2 == 1 {
+                Outgoing::Shared(Bytes::from(payload.clone()))
+            } else {
+                Outgoing::Borrowed(payload)
+            };
+            link.request_payload("evilcluster.test", "t", 1, payload, false, None)
+                .unwrap();
+        }
+        link.reply(9, Ok(large.clone()));
+        let queued = link.unwritten.load(Ordering::Acquire);
+        let (mut chunks, frames) = {
+            let mut outbox = link.outbox.lock().unwrap();
+            (std::mem::take(&mut outbox.chunks), std::mem::take(&mut outbox.frames))
+        };
+        assert_eq!(
+            chunks.len(),
+            6,
+            "both large requests and the large reply are chunks of their own"
+        );
+        assert_eq!(queued, chunks.iter().map(Bytes::len).sum::<usize>() + frames.len());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+            let (_, mut write) = ours.into_split();
+            let writer = tokio::spawn(async move { write_chunks(&mut write, &mut chunks, &frames, &mut false).await });
+            let mut reader = FramedRead::new(theirs, codec(1 << 20));
+            for expected in &sent {
+                let body = reader.next().await.unwrap().unwrap();
+                match Frame::decode(&body).unwrap() {
+                    Frame::Request(request) => assert_eq!(request.payload, &expected[..]),
+                    other => panic!("{other:?}"),
+                }
+            }
+            let body = reader.next().await.unwrap().unwrap();
+            match Frame::decode(&body).unwrap() {
+                Frame::Reply(reply) => assert_eq!(reply.result.unwrap().0, &large[..]),
+                other => panic!("{other:?}"),
+            }
+            writer.await.unwrap().unwrap();
+        });
+    }
+
+    /// A large payload's buffer, once written, is the next large payload's
+    /// (no fresh pages), and a writer that ends drops it.
+    #[cfg(unix)]
+    #[test]
+    fn a_written_large_buffer_is_reused_then_given_back() {
+        let payload = vec![7u8; 2 * LARGE_PAYLOAD];
+        let address = payload.as_ptr();
+        let mut chunks = VecDeque::from([Bytes::from(payload)]);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (kept, _theirs) = runtime.block_on(async {
+            let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+            let (_, mut write) = ours.into_split();
+            let mut kept = false;
+            write_chunks(&mut write, &mut chunks, b"tail", &mut kept).await.unwrap();
+            (kept, theirs)
+        });
+        assert!(kept && chunks.is_empty());
+        let reused = large_buffer(LARGE_PAYLOAD);
+        assert_eq!(reused.as_ptr(), address, "the written buffer is reused");
+        assert!(reused.is_empty() && reused.capacity() >= 2 * LARGE_PAYLOAD);
+        assert!(!recycle(Bytes::new()), "taken: no spare left");
+        SPARE.with(|spare| *spare.borrow_mut() = Some(reused));
+        drop(DropSpare);
+        assert!(
+            SPARE.with(|spare| spare.borrow().is_none()),
+            "a writer that ends drops the spare"
+        );
     }
 
     #[test]

@@ -92,9 +92,35 @@ pub(crate) fn decode_payload<T: DeserializeOwned>(tag: &str, payload: &[u8]) -> 
 }
 
 /// Encodes a handler's result for its reply, or says why it did not encode.
+/// Measured first (a pass that only counts), so the buffer is allocated
+/// once, at its size (or is the thread's spare large buffer): a large
+/// result is not copied as the buffer grows.
 pub(crate) fn encode_reply<T: Serialize>(tag: &str, value: &T) -> Result<Vec<u8>, WireError> {
-    rmp_serde::to_vec(value).map_err(|e| WireError::Encode {
+    let error = |e: rmp_serde::encode::Error| WireError::Encode {
         tag: tag.to_owned(),
         detail: e.to_string(),
-    })
+    };
+    let mut counted = Counted(0);
+    rmp_serde::encode::write(&mut counted, value).map_err(error)?;
+    let mut out = if counted.0 >= crate::node::connection::LARGE_PAYLOAD {
+        crate::node::connection::large_buffer(counted.0)
+    } else {
+        Vec::with_capacity(counted.0)
+    };
+    rmp_serde::encode::write(&mut out, value).map_err(error)?;
+    Ok(out)
+}
+
+/// A `Write` that only counts the bytes written to it.
+struct Counted(usize);
+
+impl std::io::Write for Counted {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 += bytes.len();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
