@@ -888,6 +888,21 @@ fn try_queue<M: RemoteMessage>(
     message: &M,
     reply: bool,
 ) -> Result<Option<Option<ReplyWaiter>>, SendError> {
+    // Most messages are small: encoded once, into this thread's buffer,
+    // and measured by that.
+    let small = with_small_payload(message, link.max_frame, |payload| {
+        let admission = match link.try_admit(frame_size(actor, M::TAG, payload.len())) {
+            Ok(admission) => admission,
+            Err(LinkError::Full) => return Ok(None),
+            Err(error) => return Err(link_error(link, actor, M::TAG, error)),
+        };
+        link.request(actor, M::TAG, incarnation, payload, reply, Some(admission))
+            .map(Some)
+            .map_err(|error| link_error(link, actor, M::TAG, error))
+    });
+    if let Some(queued) = small {
+        return queued;
+    }
     let size = payload_size(message, link.max_frame)?;
     let admission = match link.try_admit(frame_size(actor, M::TAG, size)) {
         Ok(admission) => admission,
@@ -1022,9 +1037,6 @@ fn with_payload<M: RemoteMessage, T>(
     limit: usize,
     f: impl FnOnce(Result<Outgoing<'_>, SendError>) -> T,
 ) -> T {
-    thread_local! {
-        static PAYLOAD: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(256));
-    }
     PAYLOAD.with(|buffer| {
         let mut fresh;
         let mut borrowed = buffer.try_borrow_mut();
@@ -1059,6 +1071,42 @@ fn with_payload<M: RemoteMessage, T>(
         };
         crate::node::connection::shrink(payload);
         result
+    })
+}
+
+thread_local! {
+    /// Where this thread encodes the messages it sends (one at a time).
+    static PAYLOAD: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(256));
+}
+
+/// Runs `f` on `message` encoded into this thread's buffer when it is
+/// small (under [`LARGE_PAYLOAD`] and `limit`); `None`, without calling
+/// `f`, when it is not (a large one is measured first, then encoded into a
+/// buffer of its own: see [`with_payload`]).
+fn with_small_payload<M: RemoteMessage, T>(
+    message: &M,
+    limit: usize,
+    f: impl FnOnce(&[u8]) -> Result<T, SendError>,
+) -> Option<Result<T, SendError>> {
+    PAYLOAD.with(|buffer| {
+        let mut buffer = buffer.try_borrow_mut().ok()?;
+        buffer.clear();
+        let mut capped = Capped {
+            out: &mut buffer,
+            limit: limit.min(LARGE_PAYLOAD - 1),
+            overflowed: false,
+        };
+        let encoded = rmp_serde::encode::write(&mut capped, message);
+        if capped.overflowed {
+            return None;
+        }
+        Some(match encoded {
+            Ok(()) => f(&buffer),
+            Err(e) => Err(SendError::Encode {
+                tag: M::TAG,
+                detail: e.to_string(),
+            }),
+        })
     })
 }
 

@@ -92,14 +92,25 @@ pub(crate) fn decode_payload<T: DeserializeOwned>(tag: &str, payload: &[u8]) -> 
 }
 
 /// Encodes a handler's result for its reply, or says why it did not encode.
-/// Measured first (a pass that only counts), so the buffer is allocated
-/// once, at its size (or is the thread's spare large buffer): a large
-/// result is not copied as the buffer grows.
+/// A large result is measured first (a pass that only counts), so its
+/// buffer is allocated once, at its size (or is the thread's spare large
+/// buffer), and is not copied as it grows.
 pub(crate) fn encode_reply<T: Serialize>(tag: &str, value: &T) -> Result<Vec<u8>, WireError> {
     let error = |e: rmp_serde::encode::Error| WireError::Encode {
         tag: tag.to_owned(),
         detail: e.to_string(),
     };
+    // Most results are small: encoded at once, and only a large one is
+    // measured first (the small attempt stops at `LARGE_PAYLOAD`).
+    let mut small = SmallOnly {
+        out: Vec::with_capacity(64),
+        large: false,
+    };
+    match rmp_serde::encode::write(&mut small, value) {
+        Ok(()) => return Ok(small.out),
+        Err(e) if !small.large => return Err(error(e)),
+        Err(_) => drop(small),
+    }
     let mut counted = Counted(0);
     rmp_serde::encode::write(&mut counted, value).map_err(error)?;
     let mut out = if counted.0 >= crate::node::connection::LARGE_PAYLOAD {
@@ -109,6 +120,28 @@ pub(crate) fn encode_reply<T: Serialize>(tag: &str, value: &T) -> Result<Vec<u8>
     };
     rmp_serde::encode::write(&mut out, value).map_err(error)?;
     Ok(out)
+}
+
+/// A `Write` into a buffer that refuses to grow to
+/// [`LARGE_PAYLOAD`](crate::node::connection::LARGE_PAYLOAD), and says so.
+struct SmallOnly {
+    out: Vec<u8>,
+    large: bool,
+}
+
+impl std::io::Write for SmallOnly {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + bytes.len() >= crate::node::connection::LARGE_PAYLOAD {
+            self.large = true;
+            return Err(std::io::Error::other("a large payload"));
+        }
+        self.out.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A `Write` that only counts the bytes written to it.
