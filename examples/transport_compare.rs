@@ -52,9 +52,10 @@ const WINDOW: usize = 1024;
 const LARGE: [usize; 4] = [16 << 10, 256 << 10, 1 << 20, 4 << 20];
 const LARGE_BYTES: usize = 64 << 20;
 
-/// The issue's targets.
-const ROUND_TRIP_TARGET: f64 = 1.25;
-const PIPELINED_TARGET: f64 = 1_000_000.0;
+/// Issue 12's targets.
+const ROUND_TRIP_TARGET: f64 = 1.1;
+const PIPELINED_TARGET: f64 = 1_500_000.0;
+const PIPELINED_RATIO_TARGET: f64 = 0.35;
 
 fn main() -> ExitCode {
     // The raw echo server is this executable started again: check first.
@@ -118,9 +119,13 @@ impl Sections {
 
 fn compare(cluster: Cluster) -> Result<(), Box<dyn Error>> {
     let sections = Sections::from_env();
-    let c_program = match CSocketpair::build() {
-        Ok(program) => Some(program),
-        Err(error) => {
+    // Only the small-message table prints the C figure (and a profile of
+    // one path must not see a compiler run).
+    let wanted = sections.small && std::env::var_os("TRANSPORT_COMPARE_ONLY").is_none();
+    let c_program = match wanted.then(CSocketpair::build) {
+        None => None,
+        Some(Ok(program)) => Some(program),
+        Some(Err(error)) => {
             eprintln!("transport_compare: no C socketpair figure ({error})");
             None
         }
@@ -368,7 +373,7 @@ fn print_table(samples: &Samples) {
         );
     }
     println!(
-        "{:<28} {:>12} {:>12} {:>9.2}x   >= {}",
+        "{:<28} {:>12} {:>12} {:>9.2}x   >= {}, >= {PIPELINED_RATIO_TARGET:.2}x raw",
         format!("pipelined (msg/s, w={WINDOW})"),
         thousands(raw_pipe),
         thousands(cluster_pipe),
