@@ -12,8 +12,9 @@ use crate::node::connection::frame_slice;
 
 /// Bytes in a message (or a reply) that are not copied when it arrives:
 /// they decode as a slice of the received frame, which stays in memory as
-/// long as they do (in a frame under 4 KiB they are copied: that is cheaper). Use it for large payloads; `serde_bytes::ByteBuf`
-/// copies them into an allocation of its own.
+/// long as they do (in a frame under 4 KiB they are copied: that is
+/// cheaper). Use it for large payloads; `serde_bytes::ByteBuf` copies them
+/// into an allocation of its own.
 ///
 /// On the wire it is a MessagePack byte string, exactly like a `ByteBuf`
 /// or `#[serde(with = "serde_bytes")] Vec<u8>`: the two are interchangeable
