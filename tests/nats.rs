@@ -8,7 +8,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use support::nats::{ask, ask_until, host, server_binary, Server};
 
@@ -117,7 +116,8 @@ fn a_lost_host_fails_calls_in_flight_at_once_and_leaves_the_directory() {
     c.expect_line("started");
     c.command("sleep 30000 60000");
     c.expect_line("started");
-    std::thread::sleep(Duration::from_millis(300)); // let both calls reach their handlers
+    // The call to A reached its handler.
+    a.expect_containing("handling sleep on a");
     a.signal(rustix::process::Signal::KILL);
     let _ = a.wait();
     // The call that went to A ends with a typed error well before its
@@ -163,7 +163,7 @@ fn the_cluster_survives_a_nats_server_restart() {
     // A stream of one-way messages across another restart: some may be
     // lost (at most once), none arrives twice or out of order.
     b.command("seq_slowly 2000");
-    std::thread::sleep(Duration::from_millis(100));
+    b.expect_line("seq_slowly under way");
     server.stop();
     server.restart();
     let report = b.expect_line("seq_slowly");
@@ -356,7 +356,7 @@ fn hosts_in_separate_network_namespaces_see_a_cut_link_as_a_lost_host() {
     // A call in flight when the link goes down ends with the host's loss.
     b.command("sleep 30000 60000");
     b.expect_line("started");
-    std::thread::sleep(Duration::from_millis(300));
+    a.expect_containing("handling sleep on a");
     netns.link(1, false);
     let failed = b.expect_line("failed");
     assert!(failed.contains("node `a` lost"), "{failed}");

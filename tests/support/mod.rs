@@ -117,6 +117,17 @@ impl Fixture {
     /// Waits for a line starting with `prefix`; panics with everything seen
     /// if the master ends or the deadline passes first.
     pub fn expect_line(&mut self, prefix: &str) -> String {
+        self.expect_matching(prefix, |line| line.starts_with(prefix))
+    }
+
+    /// Waits for a line containing `needle` (a child's relayed output, after
+    /// its `path[pid] | ` prefix), like [`expect_line`](Self::expect_line).
+    #[allow(dead_code)] // not every test binary that shares this module uses it
+    pub fn expect_containing(&mut self, needle: &str) -> String {
+        self.expect_matching(needle, |line| line.contains(needle))
+    }
+
+    fn expect_matching(&mut self, prefix: &str, matches: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + DEADLINE;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -126,7 +137,7 @@ impl Fixture {
                     if line.starts_with("FAIL") {
                         panic!("fixture failed: {line}\nall output: {:#?}", self.seen);
                     }
-                    if line.starts_with(prefix) {
+                    if matches(&line) {
                         return line;
                     }
                 }

@@ -973,12 +973,18 @@ struct Capped<'a> {
 
 impl std::io::Write for Capped<'_> {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.write_all(bytes).map(|()| bytes.len())
+    }
+
+    // What the encoder calls: one check and one copy, no loop.
+    #[inline]
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         if self.out.len() + bytes.len() > self.limit {
             self.overflowed = true;
-            return Err(std::io::Error::other("over the maximum frame length"));
+            return Err(std::io::ErrorKind::FileTooLarge.into());
         }
         self.out.extend_from_slice(bytes);
-        Ok(bytes.len())
+        Ok(())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

@@ -409,12 +409,21 @@ impl Link {
                 reply,
                 payload: payload.as_slice(),
             });
-            let rest = frame.encode_head_into(head).expect("a request frame always encodes");
-            let size = head.len() + rest.len();
+            // A large payload handed over stays where it is: only the head
+            // is encoded here. Anything else is encoded whole, in one pass.
+            let large = matches!(&payload, Outgoing::Shared(bytes) if bytes.len() >= LARGE_PAYLOAD);
+            let size = if large {
+                let rest = frame.encode_head_into(head).expect("a request frame always encodes");
+                head.len() + rest.len()
+            } else {
+                frame.encode_into(head).expect("a request frame always encodes");
+                head.len()
+            };
             drop(frame);
             if size > self.max_frame {
                 return Err(LinkError::TooLarge { size });
             }
+            let payload = if large { payload } else { Outgoing::Borrowed(&[]) };
             // Checked and queued under the lock that `close` and a peer's
             // `GoAway` take: a request is either refused (and its admission,
             // dropped, gives its room back), or queued before the close fails
@@ -579,13 +588,19 @@ impl Link {
 
     fn reply(&self, id: u64, result: Result<Vec<u8>, WireError>) {
         with_scratch(|head| {
+            let large = matches!(&result, Ok(payload) if payload.len() >= LARGE_PAYLOAD);
             let size = {
                 let frame = Frame::Reply(Reply {
                     id,
                     result: result.as_deref().map(ReplyPayload).map_err(Clone::clone),
                 });
-                let rest = frame.encode_head_into(head).expect("a reply frame always encodes");
-                head.len() + rest.len()
+                if large {
+                    let rest = frame.encode_head_into(head).expect("a reply frame always encodes");
+                    head.len() + rest.len()
+                } else {
+                    frame.encode_into(head).expect("a reply frame always encodes");
+                    head.len()
+                }
             };
             // Replies take no room from the budget: they must never wait
             // behind requests (two processes calling each other would
@@ -593,9 +608,8 @@ impl Link {
             if size <= self.max_frame {
                 let payload = match result {
                     // Handed over as it is: a large one is not copied again.
-                    Ok(payload) if payload.len() >= LARGE_PAYLOAD => Outgoing::Shared(Bytes::from(payload)),
-                    Ok(payload) => return self.queue(head, Outgoing::Borrowed(&payload), 0),
-                    Err(_) => Outgoing::Borrowed(&[]),
+                    Ok(payload) if large => Outgoing::Shared(Bytes::from(payload)),
+                    _ => Outgoing::Borrowed(&[]),
                 };
                 return self.queue(head, payload, 0);
             }

@@ -9,7 +9,7 @@
 //! wakers of the calls still waiting. A deadline fires at most a
 //! millisecond late (it is rounded up, never down).
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -39,8 +39,11 @@ struct State {
     waiting: Slab<Waker>,
 }
 
-/// A batch a thread started lately, by its deadline.
-type Recent = Option<(Instant, Weak<Batch>)>;
+/// A batch a thread started lately, by its deadline. Held (not only
+/// referred to) so that calls made one after another, each done before the
+/// next starts, share it too: without a caller it would be dropped, and
+/// its timer stopped, between any two of them.
+type Recent = Option<(Instant, Arc<Batch>)>;
 
 thread_local! {
     static RECENT_BATCHES: std::cell::RefCell<[Recent; RECENT]> = const {
@@ -55,9 +58,8 @@ impl Deadline {
         let at = round_up(at);
         let joined = RECENT_BATCHES.with(|recent| {
             let mut recent = recent.borrow_mut();
-            let known = recent.iter().flatten().find(|(batch_at, _)| *batch_at == at);
-            if let Some(batch) = known.and_then(|(_, batch)| batch.upgrade()) {
-                return batch;
+            if let Some((_, batch)) = recent.iter().flatten().find(|(batch_at, _)| *batch_at == at) {
+                return batch.clone();
             }
             let batch = Batch::start(at);
             // Replace an empty place, or the earliest deadline: deadlines
@@ -67,7 +69,7 @@ impl Deadline {
                 .enumerate()
                 .min_by_key(|(_, known)| known.as_ref().map(|(batch_at, _)| *batch_at))
                 .map_or(0, |(index, _)| index);
-            recent[oldest] = Some((at, Arc::downgrade(&batch)));
+            recent[oldest] = Some((at, batch.clone()));
             batch
         });
         Deadline {
@@ -218,7 +220,17 @@ mod tests {
             let batch = Arc::downgrade(&deadline.batch);
             assert_eq!(batch.upgrade().unwrap().lock().waiting.len(), 1);
             drop(deadline);
-            assert!(batch.upgrade().is_none(), "the batch outlived its last call");
+            assert_eq!(batch.upgrade().unwrap().lock().waiting.len(), 0, "its waker is gone");
+            // The next call with that deadline, made after the first ended,
+            // shares its batch (one timer per millisecond, not per call).
+            let again = Deadline::new(at);
+            assert!(std::ptr::eq(Arc::as_ptr(&again.batch), batch.as_ptr()));
+            drop(again);
+            // Batches of later deadlines take its place: it is dropped.
+            for later in 1..=RECENT as u64 {
+                drop(Deadline::new(at + Duration::from_millis(later)));
+            }
+            assert!(batch.upgrade().is_none(), "the batch outlived its place");
         });
     }
 
