@@ -609,7 +609,12 @@ impl Link {
                 let payload = match result {
                     // Handed over as it is: a large one is not copied again.
                     Ok(payload) if large => Outgoing::Shared(Bytes::from(payload)),
-                    _ => Outgoing::Borrowed(&[]),
+                    // Copied into the frame: its buffer serves the next reply.
+                    Ok(payload) => {
+                        recycle_small(payload);
+                        Outgoing::Borrowed(&[])
+                    }
+                    Err(_) => Outgoing::Borrowed(&[]),
                 };
                 return self.queue(head, payload, 0);
             }
@@ -885,6 +890,34 @@ fn with_scratch<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
         }
         Err(_) => f(&mut Vec::new()),
     })
+}
+
+thread_local! {
+    /// A small reply's buffer, copied into its frame and kept for the next
+    /// small reply encoded on this thread (one allocation fewer per reply).
+    static SMALL: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Small replies are encoded into buffers of about this size.
+const SMALL_BUFFER: usize = 256;
+
+/// An empty buffer for a small reply: this thread's spare one, if any.
+pub(crate) fn small_buffer() -> Vec<u8> {
+    let spare = SMALL.try_with(|small| small.take()).unwrap_or_default();
+    if spare.capacity() == 0 {
+        Vec::with_capacity(SMALL_BUFFER)
+    } else {
+        spare
+    }
+}
+
+/// Keeps a small reply's buffer, once copied, for the next one (not one
+/// that grew large: its memory goes back).
+fn recycle_small(mut buffer: Vec<u8>) {
+    if buffer.capacity() <= 4 * SMALL_BUFFER {
+        buffer.clear();
+        let _ = SMALL.try_with(|small| small.replace(buffer));
+    }
 }
 
 thread_local! {

@@ -43,7 +43,17 @@ struct State {
 /// referred to) so that calls made one after another, each done before the
 /// next starts, share it too: without a caller it would be dropped, and
 /// its timer stopped, between any two of them.
-type Recent = Option<(Instant, Arc<Batch>)>;
+///
+/// Kept with the span of deadlines it takes, `(at - GRAIN, at]`, so that a
+/// call finds its batch without rounding its deadline first.
+type Recent = Option<(Span, Arc<Batch>)>;
+
+/// The deadlines that round up to one batch's: after `after`, up to `at`.
+#[derive(Clone, Copy)]
+struct Span {
+    after: Instant,
+    at: Instant,
+}
 
 thread_local! {
     static RECENT_BATCHES: std::cell::RefCell<[Recent; RECENT]> = const {
@@ -55,21 +65,26 @@ impl Deadline {
     /// A deadline at `at` (rounded up to the grain). Must be called inside a
     /// tokio runtime with timers, as `tokio::time::sleep` must.
     pub fn new(at: Instant) -> Deadline {
-        let at = round_up(at);
         let joined = RECENT_BATCHES.with(|recent| {
             let mut recent = recent.borrow_mut();
-            if let Some((_, batch)) = recent.iter().flatten().find(|(batch_at, _)| *batch_at == at) {
+            let known = recent
+                .iter()
+                .flatten()
+                .find(|(span, _)| span.after < at && at <= span.at);
+            if let Some((_, batch)) = known {
                 return batch.clone();
             }
+            let at = round_up(at);
             let batch = Batch::start(at);
             // Replace an empty place, or the earliest deadline: deadlines
             // mostly move forward.
             let oldest = recent
                 .iter()
                 .enumerate()
-                .min_by_key(|(_, known)| known.as_ref().map(|(batch_at, _)| *batch_at))
+                .min_by_key(|(_, known)| known.as_ref().map(|(span, _)| span.at))
                 .map_or(0, |(index, _)| index);
-            recent[oldest] = Some((at, batch.clone()));
+            let after = at.checked_sub(GRAIN).unwrap_or(at);
+            recent[oldest] = Some((Span { after, at }, batch.clone()));
             batch
         });
         Deadline {

@@ -103,7 +103,7 @@ pub(crate) fn encode_reply<T: Serialize>(tag: &str, value: &T) -> Result<Vec<u8>
     // Most results are small: encoded at once, and only a large one is
     // measured first (the small attempt stops at `LARGE_PAYLOAD`).
     let mut small = SmallOnly {
-        out: Vec::with_capacity(64),
+        out: crate::node::connection::small_buffer(),
         large: false,
     };
     match rmp_serde::encode::write(&mut small, value) {
