@@ -1,6 +1,6 @@
 //! Cross-host messaging through NATS against bare `async-nats`
 //! request/reply between the same two processes, in the same run (not a
-//! test: `cargo bench --bench nats`). Starts a `nats-server` on a free
+//! test: `cargo bench --features nats --bench nats`). Starts a `nats-server` on a free
 //! loopback port and two hosts of the `nats-fixture` cluster: `a` runs the
 //! `echo` actor (which also answers bare NATS requests), `b` runs none, so
 //! `b`'s master reaches `echo` through NATS. The local-socket figures are

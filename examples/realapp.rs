@@ -36,9 +36,9 @@
 //!
 //! ```text
 //! EVILCLUSTER_NATS_URL=nats://127.0.0.1:4222 EVILCLUSTER_NODE=store \
-//!     cargo run --release --example realapp -- --only inMemoryDatastore
+//!     cargo run --release --features nats --example realapp -- --only inMemoryDatastore
 //! EVILCLUSTER_NATS_URL=nats://127.0.0.1:4222 EVILCLUSTER_NODE=web \
-//!     cargo run --release --example realapp -- --without inMemoryDatastore
+//!     cargo run --release --features nats --example realapp -- --without inMemoryDatastore
 //! ```
 //!
 //! The second host's api forks and task reach the datastore on the first

@@ -11,6 +11,8 @@ impl Cluster {
         if let Some(env) = ChildEnv::from_env()? {
             return Err(Error::NotMaster(env.role.to_string()));
         }
+        #[cfg(not(feature = "nats"))]
+        refuse_nats_without_feature(std::env::var_os("EVILCLUSTER_NATS_URL"))?;
         publish_options(None, &self.workers);
         raise_descriptor_limit();
         let run_dir = RunDir::claim(&self.name)?;
@@ -309,4 +311,35 @@ pub(super) fn install_services(node: &Arc<Node>) {
         crate::registry::DIRECTORY,
         Arc::new(crate::registry::DirectoryService::new(node.directory.clone())),
     );
+}
+
+/// A program asked to join other hosts (`EVILCLUSTER_NATS_URL`) by a build
+/// that cannot would run alone, and the other hosts would never see it:
+/// it does not start.
+#[cfg(not(feature = "nats"))]
+fn refuse_nats_without_feature(url: Option<std::ffi::OsString>) -> Result<()> {
+    match url {
+        Some(url) if !url.is_empty() => Err(Error::Environment(
+            "EVILCLUSTER_NATS_URL is set, but this program was built without evilcluster's `nats` feature, \
+             so it cannot join other hosts: build it with the feature (`--features nats`), or unset the variable"
+                .to_owned(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(all(test, not(feature = "nats")))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nats_url_needs_the_nats_feature() {
+        let refused = refuse_nats_without_feature(Some("nats://127.0.0.1:4222".into())).unwrap_err();
+        assert!(
+            matches!(&refused, Error::Environment(why) if why.contains("`nats` feature")),
+            "{refused}"
+        );
+        assert!(refuse_nats_without_feature(None).is_ok());
+        assert!(refuse_nats_without_feature(Some("".into())).is_ok());
+    }
 }
