@@ -17,7 +17,6 @@ use evilcluster_wire::{
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use interprocess::local_socket::tokio::Stream;
-use rustc_hash::FxHashMap;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::codec::{Framed, FramedRead, LengthDelimitedCodec};
@@ -121,11 +120,60 @@ enum Awaited {
     Abandoned,
 }
 
+/// The requests waiting for their replies, by id. An id is a slot of a
+/// slab (its low 32 bits) and the request's sequence number on the
+/// connection (its high 32 bits): finding a request is an index, not a
+/// hash, and a late reply for a slot that a newer request took since finds
+/// another id there and is ignored.
+#[derive(Default)]
+struct PendingTable {
+    slots: slab::Slab<(u64, Pending)>,
+}
+
+impl PendingTable {
+    /// The id the next [`insert`](Self::insert) takes, for request number
+    /// `sequence`.
+    fn next_id(&self, sequence: u64) -> u64 {
+        let slot = u32::try_from(self.slots.vacant_key()).expect("fewer than 2^32 requests wait on one connection");
+        (sequence << 32) | u64::from(slot)
+    }
+
+    /// Adds the request whose id [`next_id`](Self::next_id) just gave.
+    fn insert(&mut self, id: u64, pending: Pending) {
+        let slot = self.slots.insert((id, pending));
+        debug_assert_eq!(slot, slot_of(id), "inserted where next_id said");
+    }
+
+    fn get_mut(&mut self, id: u64) -> Option<&mut Pending> {
+        match self.slots.get_mut(slot_of(id)) {
+            Some((stored, pending)) if *stored == id => Some(pending),
+            _ => None,
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Pending> {
+        self.get_mut(id)?;
+        Some(self.slots.remove(slot_of(id)).1)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&Pending) -> bool) {
+        self.slots.retain(|_, (_, pending)| keep(pending));
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Pending> {
+        self.slots.iter_mut().map(|(_, (_, pending))| pending)
+    }
+}
+
+fn slot_of(id: u64) -> usize {
+    (id & u64::from(u32::MAX)) as usize
+}
+
 /// The requests waiting on a connection, and whether it is closed: one
 /// lock, so that a request is either admitted before the connection
 /// closes (and then failed by the close) or refused — never left waiting.
 struct Calls {
-    pending: FxHashMap<u64, Pending>,
+    pending: PendingTable,
     closed: Option<String>,
     /// The peer is stopping ([`Frame::GoAway`]): no new requests to it.
     gone_away: bool,
@@ -281,7 +329,7 @@ impl Link {
             }),
             queued: Notify::new(),
             calls: Mutex::new(Calls {
-                pending: FxHashMap::default(),
+                pending: PendingTable::default(),
                 closed: None,
                 gone_away: false,
             }),
@@ -399,8 +447,19 @@ impl Link {
     ) -> Result<Option<ReplyWaiter>, LinkError> {
         let slotted = admission.is_some();
         debug_assert_eq!(slotted, takes_slot(actor), "user messages take a place in the window");
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let sequence = self.next_id.fetch_add(1, Ordering::Relaxed);
         with_scratch(|head| {
+            // Encoded, checked and queued under the lock that `close` and a
+            // peer's `GoAway` take: a request is either refused (and its
+            // admission, dropped, gives its room back), or queued before the
+            // close fails it / before the `GoAwayAck` that promises the peer
+            // nothing more. Its id is its place in the table of pending calls.
+            let mut calls = self.lock_calls();
+            let id = if reply {
+                calls.pending.next_id(sequence)
+            } else {
+                sequence
+            };
             let frame = Frame::Request(Request {
                 id,
                 actor,
@@ -424,11 +483,6 @@ impl Link {
                 return Err(LinkError::TooLarge { size });
             }
             let payload = if large { payload } else { Outgoing::Borrowed(&[]) };
-            // Checked and queued under the lock that `close` and a peer's
-            // `GoAway` take: a request is either refused (and its admission,
-            // dropped, gives its room back), or queued before the close fails
-            // it / before the `GoAwayAck` that promises the peer nothing more.
-            let mut calls = self.lock_calls();
             match &calls.closed {
                 Some(reason) => return Err(LinkError::Closed(reason.clone())),
                 None if calls.gone_away && slotted => return Err(LinkError::GoingAway),
@@ -492,7 +546,7 @@ impl Link {
     /// ended); until then, `cx` is woken when it does.
     pub fn poll_reply(&self, id: u64, cx: &mut Context<'_>) -> Poll<Outcome> {
         let mut calls = self.lock_calls();
-        let Some(pending) = calls.pending.get_mut(&id) else {
+        let Some(pending) = calls.pending.get_mut(id) else {
             // Taken or cancelled already: a caller polled after it ended.
             return Poll::Ready(Err(Failure::Closed("the request has ended".to_owned())));
         };
@@ -508,7 +562,7 @@ impl Link {
                 let Some(Pending {
                     reply: Awaited::Arrived(outcome),
                     ..
-                }) = calls.pending.remove(&id)
+                }) = calls.pending.remove(id)
                 else {
                     unreachable!("matched just above")
                 };
@@ -522,14 +576,14 @@ impl Link {
     /// window stays taken until the reply comes: the peer is still on it.
     pub fn cancel(&self, id: u64) {
         let mut calls = self.lock_calls();
-        match calls.pending.get_mut(&id) {
+        match calls.pending.get_mut(id) {
             Some(pending) if pending.slotted && matches!(pending.reply, Awaited::Waiting(_)) => {
                 // Keep the entry, without its caller: the late reply gives
                 // the place back (at most a window of these per peer).
                 pending.reply = Awaited::Abandoned;
             }
             Some(_) => {
-                calls.pending.remove(&id);
+                calls.pending.remove(id);
             }
             None => {}
         }
@@ -545,7 +599,7 @@ impl Link {
     #[must_use]
     fn complete(&self, id: u64, result: Result<Payload, WireError>) -> bool {
         let mut calls = self.lock_calls();
-        let Some(pending) = calls.pending.get_mut(&id) else {
+        let Some(pending) = calls.pending.get_mut(id) else {
             drop(calls);
             debug!(peer = %self.peer.path, id, "reply for a request nobody waits for");
             return false;
@@ -554,7 +608,7 @@ impl Link {
         let waker = match std::mem::replace(&mut pending.reply, Awaited::Arrived(result.map_err(Failure::Wire))) {
             Awaited::Waiting(waker) => waker,
             Awaited::Abandoned | Awaited::Arrived(_) => {
-                calls.pending.remove(&id);
+                calls.pending.remove(id);
                 None
             }
         };
@@ -686,7 +740,7 @@ impl Link {
             // arrived stay for their callers.
             calls
                 .pending
-                .retain(|_, pending| !matches!(pending.reply, Awaited::Abandoned));
+                .retain(|pending| !matches!(pending.reply, Awaited::Abandoned));
             calls
                 .pending
                 .values_mut()
@@ -1318,6 +1372,33 @@ pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reply for a request whose slot a newer request took finds the
+    /// newer id there, and is ignored; ids index the table directly.
+    #[test]
+    fn a_stale_id_never_reaches_a_newer_request() {
+        let waiting = || Pending {
+            reply: Awaited::Waiting(None),
+            slotted: false,
+        };
+        let mut table = PendingTable::default();
+        let first = table.next_id(7);
+        table.insert(first, waiting());
+        assert_eq!(slot_of(first), 0);
+        assert!(table.remove(first).is_some());
+        let second = table.next_id(8);
+        table.insert(second, waiting());
+        assert_eq!(slot_of(second), slot_of(first), "the slot is reused");
+        assert_ne!(first, second);
+        assert!(table.get_mut(first).is_none(), "the old id is gone");
+        assert!(table.remove(first).is_none());
+        assert!(table.get_mut(second).is_some());
+        let third = table.next_id(9);
+        table.insert(third, waiting());
+        assert_eq!(slot_of(third), 1);
+        table.retain(|_| false);
+        assert!(table.get_mut(second).is_none() && table.get_mut(third).is_none());
+    }
 
     fn detached(budget: usize) -> Link {
         let peer = Identity {
