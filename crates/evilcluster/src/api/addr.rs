@@ -322,7 +322,7 @@ impl Target {
     fn route_now(&self, node: &Node) -> Route {
         match node.directory.pick(self.actor, self.pick) {
             None => Route::Resolve,
-            Some(member) => match node.open_link(&member) {
+            Some(member) => match node.open_link_to(&member) {
                 Some(link) => Route::Ready(link, member.incarnation),
                 None => Route::Connect(member),
             },

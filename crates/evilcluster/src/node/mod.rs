@@ -133,6 +133,21 @@ pub(crate) struct NodeSpec {
     pub master: (String, String),
 }
 
+/// Members a thread sent to lately, with their connections.
+const RECENT_LINK_COUNT: usize = 8;
+
+/// Held weakly: a member that left, or a connection that closed, is not
+/// kept alive by a thread that once sent to it.
+#[derive(Default)]
+struct RecentLinks {
+    slots: [Option<(std::sync::Weak<Member>, std::sync::Weak<Link>)>; RECENT_LINK_COUNT],
+    next: usize,
+}
+
+thread_local! {
+    static RECENT_LINKS: std::cell::RefCell<RecentLinks> = std::cell::RefCell::new(RecentLinks::default());
+}
+
 impl Node {
     /// Creates this process's node and, if it hosts anything, binds its socket.
     /// Must run inside the runtime that will carry its connections.
@@ -479,6 +494,36 @@ impl Node {
     /// The open connection to `member`'s process, if there is one already.
     pub fn open_link(&self, member: &Member) -> Option<Arc<Link>> {
         self.link_for(&member.path, member.incarnation)
+    }
+
+    /// [`open_link`](Self::open_link) for a member as the directory holds
+    /// it, remembered by this thread for the next call to the same member:
+    /// a pointer comparison instead of a lock and a lookup by path. A
+    /// member is one incarnation, and its connection is the one it had
+    /// until that connection closes, so the remembered one serves while it
+    /// is open.
+    pub fn open_link_to(&self, member: &Arc<Member>) -> Option<Arc<Link>> {
+        let remembered = RECENT_LINKS.with(|recent| {
+            let recent = recent.borrow();
+            recent
+                .slots
+                .iter()
+                .flatten()
+                .find(|(known, _)| std::ptr::eq(known.as_ptr(), Arc::as_ptr(member)))
+                .and_then(|(_, link)| link.upgrade())
+                .filter(|link| !link.is_closed())
+        });
+        if remembered.is_some() {
+            return remembered;
+        }
+        let link = self.open_link(member)?;
+        RECENT_LINKS.with(|recent| {
+            let mut recent = recent.borrow_mut();
+            let at = recent.next;
+            recent.slots[at] = Some((Arc::downgrade(member), Arc::downgrade(&link)));
+            recent.next = (at + 1) % RECENT_LINK_COUNT;
+        });
+        Some(link)
     }
 
     /// Adopts a connection a peer opened, so traffic back to it reuses it.
