@@ -32,6 +32,21 @@ fn wait_nodes(host: &mut support::Fixture, nodes: &str) {
     ask_until(host, "nodes", &expected, |answer| answer.contains(&expected));
 }
 
+/// Hosts `a` and `b` with `echo_forks` forks of the echo actor each, and
+/// `c` without one, all ready, and `c` seeing the other two.
+fn three_hosts(server: &Server, echo_forks: Option<u32>) -> [support::Fixture; 3] {
+    let mut hosts = [
+        host(&server.url(), "a", echo_forks, &[]),
+        host(&server.url(), "b", echo_forks, &[]),
+        host(&server.url(), "c", None, &[]),
+    ];
+    for h in &mut hosts {
+        h.expect_line("ready");
+    }
+    wait_nodes(&mut hosts[2], "c,a,b");
+    hosts
+}
+
 #[test]
 fn a_call_crosses_hosts_and_prefers_a_local_instance() {
     let Some(binary) = server_binary() else { return };
@@ -82,13 +97,7 @@ fn a_call_crosses_hosts_and_prefers_a_local_instance() {
 fn calls_are_balanced_across_hosts() {
     let Some(binary) = server_binary() else { return };
     let server = Server::start(&binary, &[]);
-    let mut a = host(&server.url(), "a", Some(0), &[]);
-    let mut b = host(&server.url(), "b", Some(0), &[]);
-    let mut c = host(&server.url(), "c", None, &[]);
-    for h in [&mut a, &mut b, &mut c] {
-        h.expect_line("ready");
-    }
-    wait_nodes(&mut c, "c,a,b");
+    let [_a, mut b, mut c] = three_hosts(&server, Some(0));
     let answer = ask_until(&mut c, "where 10", "c reaches a and b", |answer| {
         nodes_seen(answer) == BTreeSet::from(["a".to_owned(), "b".to_owned()])
     });
@@ -102,13 +111,7 @@ fn calls_are_balanced_across_hosts() {
 fn a_lost_host_fails_calls_in_flight_at_once_and_leaves_the_directory() {
     let Some(binary) = server_binary() else { return };
     let server = Server::start(&binary, &[]);
-    let mut a = host(&server.url(), "a", Some(0), &[]);
-    let mut b = host(&server.url(), "b", Some(0), &[]);
-    let mut c = host(&server.url(), "c", None, &[]);
-    for h in [&mut a, &mut b, &mut c] {
-        h.expect_line("ready");
-    }
-    wait_nodes(&mut c, "c,a,b");
+    let [mut a, _b, mut c] = three_hosts(&server, Some(0));
     // A call that would take 30 s, to whichever host; then that host dies.
     let started = ask(&mut c, "where_node a");
     assert_eq!(nodes_seen(&started), BTreeSet::from(["a".to_owned()]));

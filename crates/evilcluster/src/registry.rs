@@ -475,23 +475,9 @@ impl Service for RegistryService {
 mod tests {
     use super::*;
     use crate::node::directory::{Change, Delta};
-    use evilcluster_wire::control::RoleKind;
 
     fn fork(number: u32) -> Member {
-        Member {
-            path: format!("app/w/{number}"),
-            role: RoleKind::Fork,
-            worker: "w".into(),
-            order: 1,
-            fork: Some(number),
-            pid: 100 + number,
-            incarnation: 1,
-            actor: Some("w".into()),
-            actor_type: None,
-            socket: Some(format!("/tmp/{number}.sock")),
-            restarts: 0,
-            listen: None,
-        }
+        crate::node::directory::test_fork(number)
     }
 
     fn push(service: &DirectoryService, tag: &str, body: &impl Serialize) {

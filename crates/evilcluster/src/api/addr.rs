@@ -699,25 +699,36 @@ where
     // One clock read: the call's start, and its deadline from it.
     let started = Instant::now();
     let deadline = deadline_from(started, target.timeout.unwrap_or(node.config.call_timeout));
-    #[cfg(feature = "nats")]
-    if let Some(mesh) = target.node.and_then(|_| crate::nats::mesh()) {
-        if target.node.is_some_and(|n| n != mesh.node_name) {
-            node.stats.sent();
-            return SendState::Running(Box::pin(across_hosts::<M>(
-                node,
-                mesh,
-                target,
-                message,
-                wait_for_room,
-                started,
-                deadline,
-            )));
-        }
-    }
     node.stats.sent();
+    // Aimed at another host's instances: only NATS reaches them.
+    #[cfg(feature = "nats")]
+    let named_elsewhere = target
+        .node
+        .and_then(|named| crate::nats::mesh().filter(|mesh| named != mesh.node_name));
+    #[cfg(feature = "nats")]
+    let route = match named_elsewhere {
+        Some(_) => Route::Resolve,
+        None => target.route_now(&node),
+    };
+    #[cfg(not(feature = "nats"))]
+    let route = target.route_now(&node);
+    // No instance on this host (the NATS layer is looked up only then):
+    // another host may have one.
+    #[cfg(feature = "nats")]
+    if let Some(mesh) = named_elsewhere.or_else(|| matches!(route, Route::Resolve).then(crate::nats::mesh).flatten()) {
+        return SendState::Running(Box::pin(across_hosts::<M>(
+            node,
+            mesh,
+            target,
+            message,
+            wait_for_room,
+            started,
+            deadline,
+        )));
+    }
     // Queued now when there is room, so that the order of sends is the
     // order of the calls; otherwise once the name resolves and there is room.
-    let (first, route) = match target.route_now(&node) {
+    let (first, route) = match route {
         Route::Ready(link, incarnation) => match try_queue::<M>(&link, target.actor, incarnation, &message, true) {
             Ok(Some(waiter)) => {
                 let id = waiter.expect("a reply was asked for");
@@ -734,20 +745,6 @@ where
             Ok(None) => (None, Some(Route::Ready(link, incarnation))),
             Err(error) => (Some((link, incarnation, Err(error))), None),
         },
-        // No instance on this host: another host may have one.
-        #[cfg(feature = "nats")]
-        Route::Resolve if crate::nats::mesh().is_some() => {
-            let mesh = crate::nats::mesh().expect("checked just above");
-            return SendState::Running(Box::pin(across_hosts::<M>(
-                node,
-                mesh,
-                target,
-                message,
-                wait_for_room,
-                started,
-                deadline,
-            )));
-        }
         // Kept for the first attempt: picking again would skip an
         // instance of the round robin.
         pending => (None, Some(pending)),

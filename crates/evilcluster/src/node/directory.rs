@@ -411,25 +411,32 @@ pub(crate) fn declared_forks(worker: &str) -> Option<u32> {
         .map(|(_, forks)| *forks)
 }
 
+/// Fork `number` of worker `w` in app `app`, for the tests of the
+/// directory and of the registry that feeds it.
+#[cfg(test)]
+pub(crate) fn test_fork(number: u32) -> Member {
+    Member {
+        path: format!("app/w/{number}"),
+        role: RoleKind::Fork,
+        worker: "w".into(),
+        order: 1,
+        fork: Some(number),
+        pid: 100 + number,
+        incarnation: 1,
+        actor: Some("w".into()),
+        actor_type: None,
+        socket: Some(format!("/tmp/{number}.sock")),
+        restarts: 0,
+        listen: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn fork(number: u32) -> Member {
-        Member {
-            path: format!("app/w/{number}"),
-            role: RoleKind::Fork,
-            worker: "w".into(),
-            order: 1,
-            fork: Some(number),
-            pid: 100 + number,
-            incarnation: 1,
-            actor: Some("w".into()),
-            actor_type: None,
-            socket: Some(format!("/tmp/{number}.sock")),
-            restarts: 0,
-            listen: None,
-        }
+        test_fork(number)
     }
 
     #[test]
