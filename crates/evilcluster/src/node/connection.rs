@@ -1256,7 +1256,7 @@ async fn read_loop(
                                 actor: "(a service)",
                                 answered: false,
                             };
-                            match node.dispatch(link, &request, Payload::detach(&body, request.payload), responder) {
+                            match node.dispatch(Some(link), &request, Payload::detach(&body, request.payload), responder) {
                                 Ok(Some(later)) => in_flight.push(later),
                                 Ok(None) => {}
                                 Err((responder, error)) => {

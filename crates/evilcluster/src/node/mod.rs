@@ -274,16 +274,6 @@ impl Node {
             .insert(name.to_owned(), hosted);
     }
 
-    /// What this process hosts under `name`, if anything.
-    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
-    pub(crate) fn hosted(&self, name: &str) -> Option<Hosted> {
-        self.services
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
-    }
-
     /// The runtime service hosted under `name`, if any.
     pub fn service(&self, name: &str) -> Option<Arc<dyn Service>> {
         match self.services.read().unwrap_or_else(|e| e.into_inner()).get(name) {
@@ -292,15 +282,16 @@ impl Node {
         }
     }
 
-    /// Hands a request from `caller` to what this process hosts under its
+    /// Hands a request from `caller` (`None`: not from a connection, e.g.
+    /// from another host through NATS) to what this process hosts under its
     /// name. `Ok(Some(future))`: a runtime service's answer, which the
-    /// connection drives; `Ok(None)`: taken (an actor answers it itself,
-    /// or nothing was to be answered). A refusal gives the responder back.
+    /// caller drives; `Ok(None)`: taken (an actor answers it itself, or
+    /// nothing was to be answered). A refusal gives the responder back.
     // The responder comes back by value (see `Inbox::deliver`).
     #[allow(clippy::type_complexity, clippy::result_large_err)]
     pub fn dispatch(
         &self,
-        caller: &Arc<Link>,
+        caller: Option<&Arc<Link>>,
         request: &Request<'_>,
         payload: Payload,
         mut responder: Responder,
@@ -329,7 +320,7 @@ impl Node {
             Some(Hosted::Service(service)) => service,
         };
         responder.for_actor("the runtime's service");
-        match service.dispatch(Some(caller), request.tag, &payload, request.reply) {
+        match service.dispatch(caller, request.tag, &payload, request.reply) {
             Err(error) => Err((responder, error)),
             Ok(None) => {
                 responder.answer(Ok(Vec::new()));
