@@ -13,6 +13,7 @@ use crate::node::connection::{frame_size, Link, LinkError, Outgoing, Payload, Re
 use crate::node::deadline::Deadline;
 use crate::node::directory::{Member, Pick};
 use crate::node::rpc::{deadline_after, deadline_from, link_error, timed_out, wait};
+use crate::node::service::{Capped, Counter};
 use crate::node::{self, Node};
 use crate::SendError;
 
@@ -958,56 +959,6 @@ async fn queue<M: RemoteMessage>(
             .map_err(|error| link_error(link, actor, M::TAG, error))
     });
     (message, outcome)
-}
-
-/// A `Write` that refuses to grow past a limit, so that an oversized
-/// message is refused while it is being encoded, not after.
-struct Capped<'a> {
-    out: &'a mut Vec<u8>,
-    limit: usize,
-    overflowed: bool,
-}
-
-impl std::io::Write for Capped<'_> {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.write_all(bytes).map(|()| bytes.len())
-    }
-
-    // What the encoder calls: one check and one copy, no loop.
-    #[inline]
-    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        if self.out.len() + bytes.len() > self.limit {
-            self.overflowed = true;
-            return Err(std::io::ErrorKind::FileTooLarge.into());
-        }
-        self.out.extend_from_slice(bytes);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// A `Write` that only counts, up to a limit: measures a message's
-/// encoding without making it (a byte string is one write, counted at once).
-struct Counter {
-    len: usize,
-    limit: usize,
-}
-
-impl std::io::Write for Counter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.len += bytes.len();
-        if self.len > self.limit {
-            return Err(std::io::Error::other("over the maximum frame length"));
-        }
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// The size of `message`'s encoding, measured without making it:

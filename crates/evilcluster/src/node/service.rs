@@ -9,7 +9,7 @@ use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::node::connection::{Link, Payload, Responder};
+use crate::node::connection::{Link, Payload, Responder, LARGE_PAYLOAD};
 
 /// The outcome of dispatching one request to a local service.
 pub(crate) type Dispatch = Option<BoxFuture<'static, Result<Vec<u8>, WireError>>>;
@@ -102,34 +102,37 @@ pub(crate) fn encode_reply<T: Serialize>(tag: &str, value: &T) -> Result<Vec<u8>
     };
     // Most results are small: encoded at once, and only a large one is
     // measured first (the small attempt stops at `LARGE_PAYLOAD`).
-    let mut small = SmallOnly {
-        out: crate::node::connection::small_buffer(),
-        large: false,
+    let mut out = crate::node::connection::small_buffer();
+    let mut small = Capped {
+        out: &mut out,
+        limit: LARGE_PAYLOAD - 1,
+        overflowed: false,
     };
     match rmp_serde::encode::write(&mut small, value) {
-        Ok(()) => return Ok(small.out),
-        Err(e) if !small.large => return Err(error(e)),
-        Err(_) => drop(small),
+        Ok(()) => return Ok(out),
+        Err(e) if !small.overflowed => return Err(error(e)),
+        Err(_) => {}
     }
-    let mut counted = Counted(0);
-    rmp_serde::encode::write(&mut counted, value).map_err(error)?;
-    let mut out = if counted.0 >= crate::node::connection::LARGE_PAYLOAD {
-        crate::node::connection::large_buffer(counted.0)
-    } else {
-        Vec::with_capacity(counted.0)
+    let mut counted = Counter {
+        len: 0,
+        limit: usize::MAX,
     };
+    rmp_serde::encode::write(&mut counted, value).map_err(error)?;
+    let mut out = crate::node::connection::large_buffer(counted.len);
     rmp_serde::encode::write(&mut out, value).map_err(error)?;
     Ok(out)
 }
 
-/// A `Write` into a buffer that refuses to grow to
-/// [`LARGE_PAYLOAD`](crate::node::connection::LARGE_PAYLOAD), and says so.
-struct SmallOnly {
-    out: Vec<u8>,
-    large: bool,
+/// A `Write` that refuses to grow past a limit, so that an oversized
+/// message is refused while it is being encoded, not after.
+pub(crate) struct Capped<'a> {
+    pub out: &'a mut Vec<u8>,
+    pub limit: usize,
+    /// The limit was hit (rather than the encoder failing).
+    pub overflowed: bool,
 }
 
-impl std::io::Write for SmallOnly {
+impl std::io::Write for Capped<'_> {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         self.write_all(bytes).map(|()| bytes.len())
     }
@@ -137,8 +140,8 @@ impl std::io::Write for SmallOnly {
     // What the encoder calls: one check and one copy, no loop.
     #[inline]
     fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        if self.out.len() + bytes.len() >= crate::node::connection::LARGE_PAYLOAD {
-            self.large = true;
+        if self.out.len() + bytes.len() > self.limit {
+            self.overflowed = true;
             return Err(std::io::ErrorKind::FileTooLarge.into());
         }
         self.out.extend_from_slice(bytes);
@@ -150,12 +153,19 @@ impl std::io::Write for SmallOnly {
     }
 }
 
-/// A `Write` that only counts the bytes written to it.
-struct Counted(usize);
+/// A `Write` that only counts, up to a limit: measures a message's
+/// encoding without making it (a byte string is one write, counted at once).
+pub(crate) struct Counter {
+    pub len: usize,
+    pub limit: usize,
+}
 
-impl std::io::Write for Counted {
+impl std::io::Write for Counter {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0 += bytes.len();
+        self.len += bytes.len();
+        if self.len > self.limit {
+            return Err(std::io::Error::other("over the maximum frame length"));
+        }
         Ok(bytes.len())
     }
 
