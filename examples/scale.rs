@@ -111,35 +111,27 @@ fn spawns(n: u32) -> Cluster {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
-        [one, n] if one == "--one-spawns" => {
-            let Ok(n) = n.parse::<u32>() else {
-                eprintln!("--one-spawns takes a number of spawns");
-                return ExitCode::from(2);
-            };
-            if !evilcluster::is_master() {
-                return match spawns(n).run() {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(_) => ExitCode::FAILURE,
-                };
-            }
-            one_spawns(n)
-        }
+        [one, n] if one == "--one-spawns" => one_run(n, "a number of spawns", spawns, one_spawns),
         [flag, sizes @ ..] if flag == "--spawns" => drive(sizes, true),
-        [one, n] if one == "--one" => {
-            let Ok(n) = n.parse::<u32>() else {
-                eprintln!("--one takes a number of forks");
-                return ExitCode::from(2);
-            };
-            if !evilcluster::is_master() {
-                return match cluster(n).run() {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(_) => ExitCode::FAILURE,
-                };
-            }
-            one_size(n)
-        }
+        [one, n] if one == "--one" => one_run(n, "a number of forks", cluster, one_size),
         sizes => drive(sizes, false),
     }
+}
+
+/// One size, in a fresh master (`measure`) and in the processes it starts
+/// (`declare(n).run()`).
+fn one_run(n: &str, takes: &str, declare: fn(u32) -> Cluster, measure: fn(u32) -> ExitCode) -> ExitCode {
+    let Ok(n) = n.parse::<u32>() else {
+        eprintln!("{takes} was expected, not {n:?}");
+        return ExitCode::from(2);
+    };
+    if !evilcluster::is_master() {
+        return match declare(n).run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
+    measure(n)
 }
 
 /// Runs each size in a master of its own, one after another; prints the table.
