@@ -6,7 +6,8 @@
 //! `evilcluster_suite::bench`). Each round measures, in turn:
 //!
 //! - round trip: 20,000 sequential echoes, each awaited before the next;
-//! - pipelined: 200,000 echoes with up to 1,024 in flight;
+//! - pipelined: 200,000 echoes with up to 1,024 in flight, as one future
+//!   per call (`buffer_unordered`) and as one `send_all` stream;
 //! - do_send: 200,000 `do_send`s, then one `send` to wait for all of them;
 //! - large payloads: sequential echoes of 16 KiB, 256 KiB, 1 MiB and 4 MiB
 //!   (the request carries the bytes and so does the reply), against the raw
@@ -86,6 +87,7 @@ struct Samples {
     cluster_round_trip: Vec<f64>,
     raw_pipelined: Vec<f64>,
     cluster_pipelined: Vec<f64>,
+    cluster_send_all: Vec<f64>,
     cluster_do_send: Vec<f64>,
     c_round_trip: Vec<f64>,
     /// Per size in [`LARGE`]: GB/s each way.
@@ -178,6 +180,7 @@ async fn measure(mut raw: RawClient, sections: Sections, c: Option<CSocketpair>)
     cluster.round_trips(2_000).await?;
     raw.pipelined(20_000, WINDOW).await?;
     cluster.pipelined(20_000, WINDOW).await?;
+    cluster.pipelined_send_all(20_000, WINDOW).await?;
     cluster.do_send(20_000).await?;
 
     for _ in 0..ROUNDS {
@@ -198,6 +201,10 @@ async fn measure(mut raw: RawClient, sections: Sections, c: Option<CSocketpair>)
         samples
             .cluster_pipelined
             .push(per_second(cluster.pipelined(PIPELINED, WINDOW).await?, PIPELINED));
+        samples.cluster_send_all.push(per_second(
+            cluster.pipelined_send_all(PIPELINED, WINDOW).await?,
+            PIPELINED,
+        ));
         samples
             .cluster_do_send
             .push(per_second(cluster.do_send(DO_SENDS).await?, DO_SENDS));
@@ -219,12 +226,13 @@ async fn profile_only(only: &str, cluster: ClusterClient, mut raw: RawClient) ->
     loop {
         match only {
             "pipelined" => cluster.pipelined(batch, WINDOW).await?,
+            "send-all" => cluster.pipelined_send_all(batch, WINDOW).await?,
             "raw-pipelined" => raw.pipelined(batch, WINDOW).await?,
             "round-trip" => cluster.round_trips(batch).await?,
             "raw-round-trip" => raw.round_trips(batch).await?,
             "do-send" => cluster.do_send(batch).await?,
             other => panic!(
-                "TRANSPORT_COMPARE_ONLY={other}: one of pipelined, raw-pipelined, round-trip, raw-round-trip, do-send"
+                "TRANSPORT_COMPARE_ONLY={other}: one of pipelined, send-all, raw-pipelined, round-trip, raw-round-trip, do-send"
             ),
         };
         count += batch;
@@ -345,6 +353,7 @@ fn print_table(samples: &Samples) {
     let cluster_rt = median(&samples.cluster_round_trip);
     let raw_pipe = median(&samples.raw_pipelined);
     let cluster_pipe = median(&samples.cluster_pipelined);
+    let send_all = median(&samples.cluster_send_all);
     let do_send = median(&samples.cluster_do_send);
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
 
@@ -380,10 +389,18 @@ fn print_table(samples: &Samples) {
         cluster_pipe / raw_pipe,
         thousands(PIPELINED_TARGET)
     );
+    println!(
+        "{:<28} {:>12} {:>12} {:>9.2}x   >= {}, >= {PIPELINED_RATIO_TARGET:.2}x raw",
+        format!("  one send_all (msg/s)"),
+        thousands(raw_pipe),
+        thousands(send_all),
+        send_all / raw_pipe,
+        thousands(PIPELINED_TARGET)
+    );
     println!("{:<28} {:>12} {:>12}", "do_send (msg/s)", "-", thousands(do_send));
     println!(
         "spread over rounds (min-max): round trip raw {:.2}-{:.2} us, evilcluster {:.2}-{:.2} us; \
-         pipelined raw {}-{}, evilcluster {}-{} msg/s; do_send {}-{} msg/s",
+         pipelined raw {}-{}, evilcluster {}-{} msg/s, send_all {}-{} msg/s; do_send {}-{} msg/s",
         min(&samples.raw_round_trip),
         max(&samples.raw_round_trip),
         min(&samples.cluster_round_trip),
@@ -392,6 +409,8 @@ fn print_table(samples: &Samples) {
         thousands(max(&samples.raw_pipelined)),
         thousands(min(&samples.cluster_pipelined)),
         thousands(max(&samples.cluster_pipelined)),
+        thousands(min(&samples.cluster_send_all)),
+        thousands(max(&samples.cluster_send_all)),
         thousands(min(&samples.cluster_do_send)),
         thousands(max(&samples.cluster_do_send)),
     );

@@ -261,6 +261,22 @@ impl ClusterClient {
         Ok(start.elapsed())
     }
 
+    /// `n` echoes through one [`send_all`](evilcluster::RemoteAddr::send_all)
+    /// with up to `window` in flight: the same traffic as
+    /// [`pipelined`](Self::pipelined), without a future per call.
+    pub async fn pipelined_send_all(&self, n: u64, window: usize) -> Result<Duration, BenchError> {
+        let start = Instant::now();
+        let mut replies = self.echo.send_all((0..n).map(Ping), window);
+        let mut i = 0;
+        while let Some(reply) = replies.next().await {
+            expect(i, reply?)?;
+            i += 1;
+        }
+        // As many replies as requests.
+        expect(n, i)?;
+        Ok(start.elapsed())
+    }
+
     /// `n` sequential echoes of a [`Blob`] of `size` bytes (the request
     /// carries `size` bytes, and so does the reply). Making each message
     /// is timed, as [`RawClient::blobs`] times making each frame.

@@ -1,3 +1,4 @@
+use bytes::BufMut;
 use serde::{Deserialize, Serialize};
 
 use crate::{DecodeError, WireError};
@@ -94,8 +95,9 @@ impl<'a> Frame<'a> {
         Ok(out)
     }
 
-    /// Encodes the frame body into `out`, after what it already holds.
-    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), rmp_serde::encode::Error> {
+    /// Encodes the frame body into `out` (a `Vec<u8>`, a `BytesMut`...),
+    /// after what it already holds.
+    pub fn encode_into<B: BufMut>(&self, out: &mut B) -> Result<(), rmp_serde::encode::Error> {
         if !encode_traffic(self, out) {
             self.encode_general_into(out)?;
         }
@@ -104,8 +106,8 @@ impl<'a> Frame<'a> {
 
     /// Encodes any frame through serde; [`encode_into`](Self::encode_into)
     /// writes the same bytes, faster for the frames of the actors' traffic.
-    pub fn encode_general_into(&self, out: &mut Vec<u8>) -> Result<(), rmp_serde::encode::Error> {
-        rmp_serde::encode::write(out, self)
+    pub fn encode_general_into<B: BufMut>(&self, out: &mut B) -> Result<(), rmp_serde::encode::Error> {
+        rmp_serde::encode::write(&mut out.writer(), self)
     }
 
     /// Encodes the frame body into `out` except the payload's own bytes,
@@ -316,19 +318,19 @@ impl<'a> Cursor<'a> {
 /// byte what serde writes (see [`decode_traffic`] for the layout; the
 /// tests and the fuzz target compare the two). `false` for other frames,
 /// which go through serde.
-fn encode_traffic(frame: &Frame<'_>, out: &mut Vec<u8>) -> bool {
+fn encode_traffic<B: BufMut>(frame: &Frame<'_>, out: &mut B) -> bool {
     let fits = |len: usize| u32::try_from(len).is_ok();
     match frame {
         Frame::Request(request)
             if fits(request.payload.len()) && fits(request.actor.len()) && fits(request.tag.len()) =>
         {
             // {"Request": [
-            out.extend_from_slice(b"\x81\xa7Request\x96");
+            out.put_slice(b"\x81\xa7Request\x96");
             put_uint(out, request.id);
             put_str(out, request.actor);
             put_str(out, request.tag);
             put_uint(out, request.incarnation);
-            out.push(if request.reply { 0xc3 } else { 0xc2 });
+            out.put_u8(if request.reply { 0xc3 } else { 0xc2 });
             put_bin(out, request.payload);
             true
         }
@@ -337,9 +339,9 @@ fn encode_traffic(frame: &Frame<'_>, out: &mut Vec<u8>) -> bool {
             result: Ok(ReplyPayload(payload)),
         }) if fits(payload.len()) => {
             // {"Reply": [id, {"Ok": payload}]}
-            out.extend_from_slice(b"\x81\xa5Reply\x92");
+            out.put_slice(b"\x81\xa5Reply\x92");
             put_uint(out, *id);
-            out.extend_from_slice(b"\x81\xa2Ok");
+            out.put_slice(b"\x81\xa2Ok");
             put_bin(out, payload);
             true
         }
@@ -348,51 +350,51 @@ fn encode_traffic(frame: &Frame<'_>, out: &mut Vec<u8>) -> bool {
 }
 
 /// An unsigned integer in its shortest MessagePack form, as `rmp` writes it.
-fn put_uint(out: &mut Vec<u8>, value: u64) {
+fn put_uint<B: BufMut>(out: &mut B, value: u64) {
     if value < 0x80 {
-        out.push(value as u8);
+        out.put_u8(value as u8);
     } else if let Ok(value) = u8::try_from(value) {
-        out.extend_from_slice(&[0xcc, value]);
+        out.put_slice(&[0xcc, value]);
     } else if let Ok(value) = u16::try_from(value) {
-        out.push(0xcd);
-        out.extend_from_slice(&value.to_be_bytes());
+        out.put_u8(0xcd);
+        out.put_u16(value);
     } else if let Ok(value) = u32::try_from(value) {
-        out.push(0xce);
-        out.extend_from_slice(&value.to_be_bytes());
+        out.put_u8(0xce);
+        out.put_u32(value);
     } else {
-        out.push(0xcf);
-        out.extend_from_slice(&value.to_be_bytes());
+        out.put_u8(0xcf);
+        out.put_u64(value);
     }
 }
 
-fn put_str(out: &mut Vec<u8>, text: &str) {
+fn put_str<B: BufMut>(out: &mut B, text: &str) {
     let len = text.len();
     if len < 32 {
-        out.push(0xa0 | len as u8);
+        out.put_u8(0xa0 | len as u8);
     } else if let Ok(len) = u8::try_from(len) {
-        out.extend_from_slice(&[0xd9, len]);
+        out.put_slice(&[0xd9, len]);
     } else if let Ok(len) = u16::try_from(len) {
-        out.push(0xda);
-        out.extend_from_slice(&len.to_be_bytes());
+        out.put_u8(0xda);
+        out.put_u16(len);
     } else {
-        out.push(0xdb);
-        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.put_u8(0xdb);
+        out.put_u32(len as u32);
     }
-    out.extend_from_slice(text.as_bytes());
+    out.put_slice(text.as_bytes());
 }
 
-fn put_bin(out: &mut Vec<u8>, bytes: &[u8]) {
+fn put_bin<B: BufMut>(out: &mut B, bytes: &[u8]) {
     let len = bytes.len();
     if let Ok(len) = u8::try_from(len) {
-        out.extend_from_slice(&[0xc4, len]);
+        out.put_slice(&[0xc4, len]);
     } else if let Ok(len) = u16::try_from(len) {
-        out.push(0xc5);
-        out.extend_from_slice(&len.to_be_bytes());
+        out.put_u8(0xc5);
+        out.put_u16(len);
     } else {
-        out.push(0xc6);
-        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.put_u8(0xc6);
+        out.put_u32(len as u32);
     }
-    out.extend_from_slice(bytes);
+    out.put_slice(bytes);
 }
 
 #[cfg(test)]

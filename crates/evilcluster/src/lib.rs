@@ -134,6 +134,7 @@ mod output {
 pub use api::addr::{addr_of, addr_of_fork, RemoteAddr, RemoteRecipient, SendRequest};
 pub use api::events::{publish, subscribe, Delivery, Event, PublishError, Subscription, To};
 pub use api::lifecycle::{cluster_ready, lifecycle, ExitReason, Lifecycle, PANIC_EXIT_CODE};
+pub use api::pipeline::SendAll;
 pub use api::remote::{
     Contains, Here, MessageList, RemoteActor, RemoteMessage, Routed, Routes, There, DEFAULT_MAILBOX_CAPACITY,
 };

@@ -8,6 +8,7 @@
 pub(crate) mod addr;
 pub(crate) mod events;
 pub(crate) mod lifecycle;
+pub(crate) mod pipeline;
 pub(crate) mod remote;
 pub(crate) mod role;
 pub(crate) mod shared_bytes;

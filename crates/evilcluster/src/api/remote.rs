@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use actix::dev::MessageResponse;
 use actix::fut::ActorFuture;
-use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message};
+use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, MessageResult};
 use futures_util::task::AtomicWaker;
 
 use crate::node::connection::{Payload, Responder};
@@ -190,6 +190,7 @@ impl<A: Actor> MessageList<A> for () {
 impl<A, M, Rest> MessageList<A> for (M, Rest)
 where
     A: RemoteActor + Handler<M>,
+    <A as Handler<M>>::Result: 'static,
     A::Context: ToEnvelope<A, M>,
     M: RemoteMessage,
     M::Result: Serialize + Send,
@@ -278,6 +279,7 @@ impl<A: RemoteActor> Routes<A> {
     pub(crate) fn handle<M>(&mut self) -> &mut Self
     where
         A: Handler<M>,
+        <A as Handler<M>>::Result: 'static,
         A::Context: ToEnvelope<A, M>,
         M: RemoteMessage,
         M::Result: Serialize + Send,
@@ -297,6 +299,7 @@ impl<A: RemoteActor> Routes<A> {
 fn handle_remote<A, M>(act: &mut A, ctx: &mut Context<A>, payload: &Payload, responder: Responder)
 where
     A: RemoteActor + Handler<M>,
+    <A as Handler<M>>::Result: 'static,
     M: RemoteMessage,
     M::Result: Serialize + Send,
 {
@@ -304,10 +307,6 @@ where
         Ok(message) => message,
         Err(error) => return responder.answer(Err(error)),
     };
-    // A one-way message's result is not sent, but it is waited for all
-    // the same: its place in the window is given back once it is handled.
-    let (done, mut result) = tokio::sync::oneshot::channel();
-    <A as Handler<M>>::handle(act, message, ctx).handle(ctx, Some(done));
     let answer = |responder: Responder, result: M::Result| {
         let reply = if responder.wants_reply() {
             encode_reply(M::TAG, &result)
@@ -316,6 +315,24 @@ where
         };
         responder.answer(reply);
     };
+    let response = <A as Handler<M>>::handle(act, message, ctx);
+    // A handler that returns its result as it is (or in a
+    // `MessageResult`), as most do, is answered at once: its
+    // `MessageResponse` would only pass the value through a oneshot
+    // channel, allocated per message.
+    let mut response = Some(response);
+    let any: &mut dyn std::any::Any = &mut response;
+    if let Some(value) = any.downcast_mut::<Option<M::Result>>().and_then(Option::take) {
+        return answer(responder, value);
+    }
+    if let Some(MessageResult(value)) = any.downcast_mut::<Option<MessageResult<M>>>().and_then(Option::take) {
+        return answer(responder, value);
+    }
+    let response = response.expect("taken only when answered above");
+    // A one-way message's result is not sent, but it is waited for all
+    // the same: its place in the window is given back once it is handled.
+    let (done, mut result) = tokio::sync::oneshot::channel();
+    response.handle(ctx, Some(done));
     match result.try_recv() {
         Ok(value) => answer(responder, value),
         // An asynchronous handler: answered when it finishes, even after

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use evilcluster_wire::handshake::{self, NONCE_LEN};
 use evilcluster_wire::{
     codec, frame_header, Credit, Frame, HandshakeError, Identity, Reply, ReplyPayload, Request, WireError,
@@ -448,69 +448,76 @@ impl Link {
         let slotted = admission.is_some();
         debug_assert_eq!(slotted, takes_slot(actor), "user messages take a place in the window");
         let sequence = self.next_id.fetch_add(1, Ordering::Relaxed);
-        with_scratch(|head| {
-            // Encoded, checked and queued under the lock that `close` and a
-            // peer's `GoAway` take: a request is either refused (and its
-            // admission, dropped, gives its room back), or queued before the
-            // close fails it / before the `GoAwayAck` that promises the peer
-            // nothing more. Its id is its place in the table of pending calls.
-            let mut calls = self.lock_calls();
-            let id = if reply {
-                calls.pending.next_id(sequence)
-            } else {
-                sequence
-            };
-            let frame = Frame::Request(Request {
-                id,
-                actor,
-                tag,
-                incarnation,
-                reply,
-                payload: payload.as_slice(),
-            });
+        // Encoded, checked and queued under the lock that `close` and a
+        // peer's `GoAway` take: a request is either refused (and its
+        // admission, dropped, gives its room back), or queued before the
+        // close fails it / before the `GoAwayAck` that promises the peer
+        // nothing more. Its id is its place in the table of pending calls.
+        let mut calls = self.lock_calls();
+        let id = if reply {
+            calls.pending.next_id(sequence)
+        } else {
+            sequence
+        };
+        match &calls.closed {
+            Some(reason) => return Err(LinkError::Closed(reason.clone())),
+            None if calls.gone_away && slotted => return Err(LinkError::GoingAway),
+            None => {}
+        }
+        let request = Request {
+            id,
+            actor,
+            tag,
+            incarnation,
+            reply,
+            payload: &[],
+        };
+        let budgeted = admission.as_ref().map_or(0, |admission| admission.bytes as usize);
+        match payload {
             // A large payload handed over stays where it is: only the head
-            // is encoded here. Anything else is encoded whole, in one pass.
-            let large = matches!(&payload, Outgoing::Shared(bytes) if bytes.len() >= LARGE_PAYLOAD);
-            let size = if large {
-                let rest = frame.encode_head_into(head).expect("a request frame always encodes");
-                head.len() + rest.len()
-            } else {
-                frame.encode_into(head).expect("a request frame always encodes");
-                head.len()
-            };
-            drop(frame);
-            if size > self.max_frame {
-                return Err(LinkError::TooLarge { size });
-            }
-            let payload = if large { payload } else { Outgoing::Borrowed(&[]) };
-            match &calls.closed {
-                Some(reason) => return Err(LinkError::Closed(reason.clone())),
-                None if calls.gone_away && slotted => return Err(LinkError::GoingAway),
-                None => {}
-            }
-            let budgeted = match admission {
-                Some(mut admission) => {
-                    admission.used = true;
-                    admission.bytes as usize
+            // is encoded here.
+            Outgoing::Shared(payload) if payload.len() >= LARGE_PAYLOAD => with_scratch(|head| {
+                let rest = Frame::Request(Request {
+                    payload: &payload,
+                    ..request.clone()
+                })
+                .encode_head_into(head)
+                .expect("a request frame always encodes");
+                let size = head.len() + rest.len();
+                if size > self.max_frame {
+                    return Err(LinkError::TooLarge { size });
                 }
-                None => 0,
-            };
-            let waiter = reply.then(|| {
-                calls.pending.insert(
-                    id,
-                    Pending {
-                        reply: Awaited::Waiting(None),
-                        slotted,
-                    },
-                );
-                id
-            });
-            if slotted && !reply {
-                self.uncredited.fetch_add(1, Ordering::AcqRel);
+                self.queue(head, Outgoing::Shared(payload), budgeted);
+                Ok(())
+            })?,
+            // Anything else is encoded whole, in one pass, straight into
+            // the outbox.
+            payload => {
+                let frame = Frame::Request(Request {
+                    payload: payload.as_slice(),
+                    ..request
+                });
+                self.queue_frame(&frame, budgeted, self.max_frame)
+                    .map_err(|size| LinkError::TooLarge { size })?;
             }
-            self.queue(head, payload, budgeted);
-            Ok(waiter)
-        })
+        }
+        if let Some(mut admission) = admission {
+            admission.used = true;
+        }
+        let waiter = reply.then(|| {
+            calls.pending.insert(
+                id,
+                Pending {
+                    reply: Awaited::Waiting(None),
+                    slotted,
+                },
+            );
+            id
+        });
+        if slotted && !reply {
+            self.uncredited.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(waiter)
     }
 
     /// Appends one frame to the outbox: its `head` (the body up to the
@@ -540,6 +547,36 @@ impl Link {
         if was_empty {
             self.queued.notify_one();
         }
+    }
+
+    /// Encodes `frame` straight into the outbox, after its length: a small
+    /// frame is written once, where the writer takes it from. Queues
+    /// nothing, and gives the frame's size, when it is over `max` bytes.
+    fn queue_frame(&self, frame: &Frame<'_>, budgeted: usize, max: usize) -> Result<(), usize> {
+        let was_empty = {
+            let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+            let Outbox { chunks, frames, .. } = &mut *outbox;
+            let was_empty = frames.is_empty() && chunks.is_empty();
+            let start = frames.len();
+            frames.put_slice(&frame_header(0));
+            frame.encode_into(frames).expect("a frame always encodes");
+            let len = frames.len() - start - 4;
+            let header = match u32::try_from(len) {
+                Ok(header) if len <= max => frame_header(header),
+                _ => {
+                    frames.truncate(start);
+                    return Err(len);
+                }
+            };
+            frames[start..start + 4].copy_from_slice(&header);
+            self.unwritten.fetch_add(4 + len, Ordering::AcqRel);
+            outbox.budgeted += budgeted;
+            was_empty
+        };
+        if was_empty {
+            self.queued.notify_one();
+        }
+        Ok(())
     }
 
     /// The reply to request `id`, once it arrived (or the connection
@@ -641,58 +678,59 @@ impl Link {
     }
 
     fn reply(&self, id: u64, result: Result<Vec<u8>, WireError>) {
-        with_scratch(|head| {
-            let large = matches!(&result, Ok(payload) if payload.len() >= LARGE_PAYLOAD);
-            let size = {
+        // Replies take no room from the budget: they must never wait
+        // behind requests (two processes calling each other would
+        // deadlock), and the window already bounds them.
+        let size = match result {
+            // Handed over as it is: a large one is not copied again.
+            Ok(payload) if payload.len() >= LARGE_PAYLOAD => with_scratch(|head| {
                 let frame = Frame::Reply(Reply {
                     id,
-                    result: result.as_deref().map(ReplyPayload).map_err(Clone::clone),
+                    result: Ok(ReplyPayload(&payload)),
                 });
-                if large {
-                    let rest = frame.encode_head_into(head).expect("a reply frame always encodes");
-                    head.len() + rest.len()
-                } else {
-                    frame.encode_into(head).expect("a reply frame always encodes");
-                    head.len()
+                let rest = frame.encode_head_into(head).expect("a reply frame always encodes");
+                let size = head.len() + rest.len();
+                if size > self.max_frame {
+                    return Err(size);
                 }
-            };
-            // Replies take no room from the budget: they must never wait
-            // behind requests (two processes calling each other would
-            // deadlock), and the window already bounds them.
-            if size <= self.max_frame {
-                let payload = match result {
-                    // Handed over as it is: a large one is not copied again.
-                    Ok(payload) if large => Outgoing::Shared(Bytes::from(payload)),
-                    // Copied into the frame: its buffer serves the next reply.
-                    Ok(payload) => {
-                        recycle_small(payload);
-                        Outgoing::Borrowed(&[])
-                    }
-                    Err(_) => Outgoing::Borrowed(&[]),
-                };
-                return self.queue(head, payload, 0);
+                self.queue(head, Outgoing::Shared(Bytes::from(payload)), 0);
+                Ok(())
+            }),
+            // Encoded into the outbox; its buffer serves the next reply.
+            Ok(payload) => {
+                let frame = Frame::Reply(Reply {
+                    id,
+                    result: Ok(ReplyPayload(&payload)),
+                });
+                let queued = self.queue_frame(&frame, 0, self.max_frame);
+                recycle_small(payload);
+                queued
             }
+            Err(error) => {
+                let frame = Frame::Reply(Reply { id, result: Err(error) });
+                self.queue_frame(&frame, 0, self.max_frame)
+            }
+        };
+        if let Err(size) = size {
             warn!(peer = %self.peer.path, size, "reply over the maximum frame length; sending an error instead");
             let too_large = WireError::ReplyTooLarge {
                 size,
                 max: self.max_frame,
             };
-            head.clear();
-            Frame::Reply(Reply {
+            let frame = Frame::Reply(Reply {
                 id,
                 result: Err(too_large),
-            })
-            .encode_into(head)
-            .expect("a reply frame always encodes");
-            self.queue(head, Outgoing::Borrowed(&[]), 0);
-        })
+            });
+            self.queue_frame(&frame, 0, usize::MAX)
+                .expect("nothing is over usize::MAX bytes");
+        }
     }
 
     /// Gives the places of finished one-way messages back to the peer.
     fn flush_credit(&self) {
         let count = self.credit_due.swap(0, Ordering::AcqRel);
         if count > 0 && !self.is_closed() {
-            self.queue_frame(&Frame::Credit(Credit { count: count as u32 }));
+            self.queue_control(&Frame::Credit(Credit { count: count as u32 }));
         }
     }
 
@@ -702,7 +740,7 @@ impl Link {
         if self.asked_to_go.swap(true, Ordering::AcqRel) || self.is_closed() {
             return;
         }
-        self.queue_frame(&Frame::GoAway);
+        self.queue_control(&Frame::GoAway);
     }
 
     /// Whether the peer can send nothing more here but replies and credits
@@ -716,14 +754,14 @@ impl Link {
     fn peer_going_away(&self) {
         let mut calls = self.lock_calls();
         calls.gone_away = true;
-        self.queue_frame(&Frame::GoAwayAck);
+        self.queue_control(&Frame::GoAwayAck);
     }
 
-    fn queue_frame(&self, frame: &Frame<'_>) {
-        with_scratch(|body| {
-            frame.encode_into(body).expect("a control frame always encodes");
-            self.queue(body, Outgoing::Borrowed(&[]), 0);
-        })
+    /// Queues one of the runtime's few-byte control frames.
+    fn queue_control(&self, frame: &Frame<'_>) {
+        // A few bytes: not held to the frame limit.
+        self.queue_frame(frame, 0, usize::MAX)
+            .expect("nothing is over usize::MAX bytes");
     }
 
     /// Marks the link dead and fails every request waiting on it: their
@@ -1208,72 +1246,85 @@ async fn read_loop(
             link.free_slots(std::mem::take(&mut freed));
         }
         let room = link.serving.load(Ordering::Acquire) < MAX_IN_FLIGHT;
-        tokio::select! {
-            biased;
-            () = &mut give_back, if holding_large => {
-                holding_large = false;
-                release_read_buffer(&mut frames);
+        let next = if room && frame_buffered(frames.read_buffer()) {
+            // Already read: taken without the select's bookkeeping, which
+            // costs as much as handling a small frame. The other branches
+            // get their turn when the buffer runs dry, after at most one
+            // buffer's worth of frames.
+            futures_util::FutureExt::now_or_never(frames.next())
+        } else {
+            tokio::select! {
+                biased;
+                () = &mut give_back, if holding_large => {
+                    holding_large = false;
+                    release_read_buffer(&mut frames);
+                    None
+                }
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => None,
+                () = link.served.notified(), if !room => None,
+                frame = frames.next(), if room => Some(frame),
             }
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-            () = link.served.notified(), if !room => {}
-            frame = frames.next(), if room => match frame {
-                None => return "closed by the peer".to_owned(),
-                Some(Err(error)) if is_disconnect(&error) => return format!("connection lost: {error}"),
-                Some(Err(error)) => {
-                    warn!(peer = %clip(&link.peer.path), %error, "dropping the connection: unreadable frame");
-                    return format!("unreadable frame: {error}");
-                }
-                Some(Ok(body)) => {
-                    let large = body.len() > KEEP_BUFFER;
-                    let body = body.freeze();
-                    match Frame::decode(&body) {
-                        Err(error) => {
-                            if link.warn_allowed() {
-                                warn!(peer = %clip(&link.peer.path), %error, "ignored a malformed frame");
-                            }
+        };
+        let Some(frame) = next else {
+            continue;
+        };
+        match frame {
+            None => return "closed by the peer".to_owned(),
+            Some(Err(error)) if is_disconnect(&error) => return format!("connection lost: {error}"),
+            Some(Err(error)) => {
+                warn!(peer = %clip(&link.peer.path), %error, "dropping the connection: unreadable frame");
+                return format!("unreadable frame: {error}");
+            }
+            Some(Ok(body)) => {
+                let large = body.len() > KEEP_BUFFER;
+                let body = body.freeze();
+                match Frame::decode(&body) {
+                    Err(error) => {
+                        if link.warn_allowed() {
+                            warn!(peer = %clip(&link.peer.path), %error, "ignored a malformed frame");
                         }
-                        Ok(Frame::Reply(reply)) => {
-                            let result = reply.result.map(|p| Payload::detach(&body, p.0));
-                            freed += usize::from(link.complete(reply.id, result));
-                        }
-                        Ok(Frame::Credit(credit)) => link.credited(credit.count),
-                        Ok(Frame::GoAway) => link.peer_going_away(),
-                        Ok(Frame::GoAwayAck) => link.quiet.store(true, Ordering::Release),
-                        Ok(Frame::Request(request)) => {
-                            let slotted = takes_slot(request.actor);
-                            // The runtime's own traffic is not the actors' work.
-                            let started = if slotted { node.stats.received() } else { None };
-                            link.serving.fetch_add(1, Ordering::AcqRel);
-                            let responder = Responder {
-                                to: AnswerTo::Peer {
-                                    node: node.clone(),
-                                    link: link.clone(),
-                                    id: request.id,
-                                    slotted,
-                                    started,
-                                },
-                                reply: request.reply,
-                                actor: "(a service)",
-                                answered: false,
-                            };
-                            match node.dispatch(Some(link), &request, Payload::detach(&body, request.payload), responder) {
-                                Ok(Some(later)) => in_flight.push(later),
-                                Ok(None) => {}
-                                Err((responder, error)) => {
-                                    node.refused(link, &request, &error);
-                                    responder.answer(Err(error));
-                                }
+                    }
+                    Ok(Frame::Reply(reply)) => {
+                        let result = reply.result.map(|p| Payload::detach(&body, p.0));
+                        freed += usize::from(link.complete(reply.id, result));
+                    }
+                    Ok(Frame::Credit(credit)) => link.credited(credit.count),
+                    Ok(Frame::GoAway) => link.peer_going_away(),
+                    Ok(Frame::GoAwayAck) => link.quiet.store(true, Ordering::Release),
+                    Ok(Frame::Request(request)) => {
+                        let slotted = takes_slot(request.actor);
+                        // The runtime's own traffic is not the actors' work.
+                        let started = if slotted { node.stats.received() } else { None };
+                        link.serving.fetch_add(1, Ordering::AcqRel);
+                        let responder = Responder {
+                            to: AnswerTo::Peer {
+                                node: node.clone(),
+                                link: link.clone(),
+                                id: request.id,
+                                slotted,
+                                started,
+                            },
+                            reply: request.reply,
+                            actor: "(a service)",
+                            answered: false,
+                        };
+                        match node.dispatch(Some(link), &request, Payload::detach(&body, request.payload), responder) {
+                            Ok(Some(later)) => in_flight.push(later),
+                            Ok(None) => {}
+                            Err((responder, error)) => {
+                                node.refused(link, &request, &error);
+                                responder.answer(Err(error));
                             }
                         }
                     }
-                    if large {
-                        holding_large = true;
-                        give_back
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + KEEP_LARGE_READ_BUFFER);
-                    }
                 }
-            },
+                if large {
+                    holding_large = true;
+                    give_back
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + KEEP_LARGE_READ_BUFFER);
+                }
+            }
         }
     }
 }
