@@ -22,7 +22,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::codec::{Framed, FramedRead};
 use tracing::{debug, warn};
 
-use crate::node::frame_reader::FrameDecoder;
+use crate::node::frame_reader::{FrameDecoder, OWN_BUFFER_FROM};
 use crate::node::throttle::clip;
 use crate::node::transport::{self, ReadHalf, WriteHalf};
 use crate::node::Node;
@@ -1221,7 +1221,9 @@ async fn read_loop(node: &Arc<Node>, link: &Arc<Link>, mut frames: FramedRead<Re
                     return format!("unreadable frame: {error}");
                 }
                 Some(Ok(body)) => {
-                    let large = body.len() > KEEP_BUFFER || frames.decoder().holds_spare();
+                    // Large frames only: small ones flowing meanwhile must not keep a
+                    // large buffer alive.
+                    let large = body.len() >= OWN_BUFFER_FROM;
                     match Frame::decode(&body) {
                         Err(error) => {
                             if link.warn_allowed() {

@@ -59,6 +59,7 @@ impl FrameDecoder {
     }
 
     /// Whether a large frame's buffer is kept for the next one.
+    #[cfg(test)]
     pub(crate) fn holds_spare(&self) -> bool {
         self.spare.is_some()
     }
