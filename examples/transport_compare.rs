@@ -215,12 +215,19 @@ async fn measure(mut raw: RawClient, sections: Sections, c: Option<CSocketpair>)
 /// Runs one path alone and prints its rate, so that a profiler sees
 /// nothing else: for about five seconds, or for exactly
 /// `TRANSPORT_COMPARE_COUNT` messages (for instruction counts, see
-/// `benches/instructions.sh`).
+/// `benches/instructions.sh`). The large-payload paths (`blobs`,
+/// `shared-blobs`, `raw-blobs`) echo `TRANSPORT_COMPARE_SIZE` bytes
+/// (1 MiB unless told), a batch being 64 of them.
 async fn profile_only(only: &str, cluster: ClusterClient, mut raw: RawClient) -> Result<(), BenchError> {
     let exact: Option<u64> = std::env::var("TRANSPORT_COMPARE_COUNT")
         .ok()
         .and_then(|n| n.parse().ok());
-    let batch = exact.unwrap_or(PIPELINED);
+    let size: usize = std::env::var("TRANSPORT_COMPARE_SIZE")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1 << 20);
+    let large = only.ends_with("blobs");
+    let batch = exact.unwrap_or(if large { 64 } else { PIPELINED });
     let start = std::time::Instant::now();
     let mut count = 0u64;
     loop {
@@ -231,8 +238,12 @@ async fn profile_only(only: &str, cluster: ClusterClient, mut raw: RawClient) ->
             "round-trip" => cluster.round_trips(batch).await?,
             "raw-round-trip" => raw.round_trips(batch).await?,
             "do-send" => cluster.do_send(batch).await?,
+            "blobs" => cluster.blobs(size, batch).await?,
+            "shared-blobs" => cluster.shared_blobs(size, batch).await?,
+            "raw-blobs" => raw.blobs(size, batch).await?,
             other => panic!(
-                "TRANSPORT_COMPARE_ONLY={other}: one of pipelined, send-all, raw-pipelined, round-trip, raw-round-trip, do-send"
+                "TRANSPORT_COMPARE_ONLY={other}: one of pipelined, send-all, raw-pipelined, round-trip, raw-round-trip, \
+                 do-send, blobs, shared-blobs, raw-blobs"
             ),
         };
         count += batch;
@@ -240,7 +251,12 @@ async fn profile_only(only: &str, cluster: ClusterClient, mut raw: RawClient) ->
             break;
         }
     }
-    eprintln!("{only}: {} per second", thousands(per_second(start.elapsed(), count)));
+    if large {
+        let gigabytes = (size as u64 * count) as f64 / 1e9;
+        eprintln!("{only}: {:.2} GB/s each way", gigabytes / start.elapsed().as_secs_f64());
+    } else {
+        eprintln!("{only}: {} per second", thousands(per_second(start.elapsed(), count)));
+    }
     Ok(())
 }
 

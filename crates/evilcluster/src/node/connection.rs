@@ -19,9 +19,10 @@ use futures_util::StreamExt;
 use interprocess::local_socket::tokio::Stream;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, Semaphore};
-use tokio_util::codec::{Framed, FramedRead, LengthDelimitedCodec};
+use tokio_util::codec::{Framed, FramedRead};
 use tracing::{debug, warn};
 
+use crate::node::frame_reader::{FrameDecoder, OWN_BUFFER_FROM};
 use crate::node::throttle::clip;
 use crate::node::transport::{self, ReadHalf, WriteHalf};
 use crate::node::Node;
@@ -934,7 +935,7 @@ pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Re
 
     let parts = framed.into_parts();
     let (read_half, write_half) = transport::split(parts.io);
-    let mut reader = FramedRead::with_capacity(read_half, codec(max_frame), READ_BUFFER);
+    let mut reader = FramedRead::with_capacity(read_half, FrameDecoder::new(codec(max_frame)), READ_BUFFER);
     reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
 
     let link = Arc::new(Link::new(peer, max_frame, node.config.outbox_budget));
@@ -1224,20 +1225,16 @@ async fn write_chunks(
 /// It keeps reading while the actors work: the peer's window bounds what
 /// it may have in flight here, so replies to this process's own requests
 /// are never stuck behind requests it has no room for.
-async fn read_loop(
-    node: &Arc<Node>,
-    link: &Arc<Link>,
-    mut frames: FramedRead<ReadHalf, LengthDelimitedCodec>,
-) -> String {
+async fn read_loop(node: &Arc<Node>, link: &Arc<Link>, mut frames: FramedRead<ReadHalf, FrameDecoder>) -> String {
     // Answers of the runtime's own services that are not ready at once;
     // actors answer from their own threads through their `Responder`s.
     let mut in_flight = FuturesUnordered::new();
     // Places in the window that replies freed, given back once no complete
     // frame is left to read (or enough of them gathered).
     let mut freed = 0;
-    // A read buffer grown for a large frame is kept while large frames keep
-    // coming (the next one reuses it: no fresh pages to fault in), and given
-    // back once none came for `KEEP_LARGE_READ_BUFFER`.
+    // A large frame's buffer (see `FrameDecoder`) is kept while large
+    // frames keep coming (the next one reuses it: no fresh pages to fault
+    // in), and given back once none came for `KEEP_LARGE_READ_BUFFER`.
     let give_back = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(give_back);
     let mut holding_large = false;
@@ -1246,12 +1243,19 @@ async fn read_loop(
             link.free_slots(std::mem::take(&mut freed));
         }
         let room = link.serving.load(Ordering::Acquire) < MAX_IN_FLIGHT;
-        let next = if room && frame_buffered(frames.read_buffer()) {
-            // Already read: taken without the select's bookkeeping, which
-            // costs as much as handling a small frame. The other branches
-            // get their turn when the buffer runs dry, after at most one
-            // buffer's worth of frames.
+        // A frame already read is taken without the select's bookkeeping,
+        // which costs as much as handling a small frame; the other branches
+        // get their turn when the buffer runs dry, after at most one
+        // buffer's worth of frames. (The check reads a length at the
+        // buffer's start, which is not one in the middle of a frame: the
+        // select then waits for the rest, as always.)
+        let ready = if room && frame_buffered(frames.read_buffer()) {
             futures_util::FutureExt::now_or_never(frames.next())
+        } else {
+            None
+        };
+        let next = if ready.is_some() {
+            ready
         } else {
             tokio::select! {
                 biased;
@@ -1276,8 +1280,9 @@ async fn read_loop(
                 return format!("unreadable frame: {error}");
             }
             Some(Ok(body)) => {
-                let large = body.len() > KEEP_BUFFER;
-                let body = body.freeze();
+                // Large frames only: small ones flowing meanwhile must not
+                // keep a large buffer alive.
+                let large = body.len() >= OWN_BUFFER_FROM;
                 match Frame::decode(&body) {
                     Err(error) => {
                         if link.warn_allowed() {
@@ -1398,10 +1403,12 @@ fn frame_buffered(buffer: &[u8]) -> bool {
 /// How long a read buffer grown for a large frame is kept for the next one.
 const KEEP_LARGE_READ_BUFFER: Duration = Duration::from_millis(200);
 
-/// After large frames, moves what is left of the read buffer to a fresh
-/// small one: the old allocation, sized for the largest of them, would
-/// otherwise stay with the connection for its lifetime.
-fn release_read_buffer(frames: &mut FramedRead<ReadHalf, LengthDelimitedCodec>) {
+/// After large frames, gives their kept buffer back, and moves what is
+/// left of the read buffer to a fresh small one: an allocation sized for
+/// the largest of them would otherwise stay with the connection for its
+/// lifetime.
+fn release_read_buffer(frames: &mut FramedRead<ReadHalf, FrameDecoder>) {
+    frames.decoder_mut().release();
     let buffer = frames.read_buffer_mut();
     let mut fresh = BytesMut::with_capacity(READ_BUFFER.max(buffer.len()));
     fresh.extend_from_slice(buffer);

@@ -8,6 +8,7 @@
 pub(crate) mod connection;
 pub(crate) mod deadline;
 pub(crate) mod directory;
+pub(crate) mod frame_reader;
 pub(crate) mod rpc;
 pub(crate) mod service;
 pub(crate) mod stats;
