@@ -45,6 +45,11 @@ fn a_hundred_thousand_requests_all_get_their_own_reply() {
 }
 
 #[test]
+fn send_all_pipelines_calls_and_yields_their_results_in_order() {
+    scenario_passes("send_all");
+}
+
+#[test]
 fn a_request_in_flight_to_a_dying_process_fails_with_disconnected() {
     scenario_passes("disconnect");
 }

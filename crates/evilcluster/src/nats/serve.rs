@@ -35,6 +35,7 @@ pub(super) async fn start(mesh: &Arc<Mesh>, node: &Arc<Node>) -> Result<(), Erro
     let node = node.clone();
     actix_rt::spawn(async move {
         let window = Arc::new(Semaphore::new(WINDOW));
+        let mut hosted = crate::node::HostedCache::default();
         while let Some(message) = requests.next().await {
             let Ok(permit) = window.clone().acquire_owned().await else {
                 break;
@@ -48,7 +49,7 @@ pub(super) async fn start(mesh: &Arc<Mesh>, node: &Arc<Node>) -> Result<(), Erro
             let dispatched = if takes_slot(request.actor) {
                 let (responder, answered) = Responder::channel(request.reply);
                 let payload = Payload::detach(&message.payload, request.payload);
-                node.dispatch(None, &request, payload, responder)
+                node.dispatch(None, &request, payload, responder, &mut hosted)
                     .map(|later| (later, answered))
                     .map_err(|(_unanswered, error)| error)
             } else {

@@ -25,7 +25,7 @@ use tracing::{debug, warn};
 use crate::node::frame_reader::{FrameDecoder, OWN_BUFFER_FROM};
 use crate::node::throttle::clip;
 use crate::node::transport::{self, ReadHalf, WriteHalf};
-use crate::node::Node;
+use crate::node::{HostedCache, Node};
 
 /// Names of the runtime's own services start with this.
 const SYSTEM_PREFIX: &str = "evilcluster.";
@@ -1229,6 +1229,7 @@ async fn read_loop(node: &Arc<Node>, link: &Arc<Link>, mut frames: FramedRead<Re
     // Answers of the runtime's own services that are not ready at once;
     // actors answer from their own threads through their `Responder`s.
     let mut in_flight = FuturesUnordered::new();
+    let mut hosted = HostedCache::default();
     // Places in the window that replies freed, given back once no complete
     // frame is left to read (or enough of them gathered).
     let mut freed = 0;
@@ -1313,7 +1314,13 @@ async fn read_loop(node: &Arc<Node>, link: &Arc<Link>, mut frames: FramedRead<Re
                             actor: "(a service)",
                             answered: false,
                         };
-                        match node.dispatch(Some(link), &request, Payload::detach(&body, request.payload), responder) {
+                        match node.dispatch(
+                            Some(link),
+                            &request,
+                            Payload::detach(&body, request.payload),
+                            responder,
+                            &mut hosted,
+                        ) {
                             Ok(Some(later)) => in_flight.push(later),
                             Ok(None) => {}
                             Err((responder, error)) => {

@@ -16,7 +16,7 @@ pub(crate) mod throttle;
 pub(crate) mod transport;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use std::time::Duration;
@@ -32,6 +32,7 @@ use crate::node::stats::Stats;
 use crate::Error;
 use connection::{Link, Payload, Responder, Side, DEFAULT_HANDSHAKE_TIMEOUT};
 use futures_util::future::BoxFuture;
+pub(crate) use service::HostedCache;
 use service::{Hosted, Inbox, Service};
 use throttle::{clip, Throttle};
 
@@ -96,6 +97,9 @@ pub(crate) struct Node {
     /// The master's path and socket (the master itself: its own).
     pub master: (String, String),
     services: RwLock<FxHashMap<String, Hosted>>,
+    /// Changed with every change of `services` (under its write lock), so
+    /// that a connection's [`HostedCache`] knows it is stale.
+    services_changed: AtomicU64,
     links: Mutex<FxHashMap<String, Slot>>,
     /// The actix arbiter (thread) that carries this node's connections.
     arbiter: actix_rt::ArbiterHandle,
@@ -170,6 +174,7 @@ impl Node {
             socket_dir: spec.socket_dir,
             master: spec.master,
             services: RwLock::new(FxHashMap::default()),
+            services_changed: AtomicU64::new(0),
             links: Mutex::new(FxHashMap::default()),
             arbiter: actix_rt::Arbiter::current(),
             accept_task: Mutex::new(None),
@@ -210,7 +215,9 @@ impl Node {
 
     /// Stops routing requests to `name`: they are refused as unknown.
     pub fn remove_service(&self, name: &str) {
-        self.services.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+        let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
+        services.remove(name);
+        self.services_changed.fetch_add(1, Ordering::AcqRel);
     }
 
     fn open_links(&self) -> Vec<Arc<Link>> {
@@ -269,10 +276,9 @@ impl Node {
     }
 
     fn host(&self, name: &str, hosted: Hosted) {
-        self.services
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_owned(), hosted);
+        let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
+        services.insert(name.to_owned(), hosted);
+        self.services_changed.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The runtime service hosted under `name`, if any.
@@ -296,6 +302,7 @@ impl Node {
         request: &Request<'_>,
         payload: Payload,
         mut responder: Responder,
+        cache: &mut HostedCache,
     ) -> Result<Option<BoxFuture<'static, ()>>, (Responder, WireError)> {
         if request.incarnation != self.identity.incarnation {
             let stale = WireError::StaleIncarnation {
@@ -304,21 +311,26 @@ impl Node {
             };
             return Err((responder, stale));
         }
-        let hosted = self
-            .services
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(request.actor)
-            .cloned();
-        let service = match hosted {
-            None => {
+        let generation = self.services_changed.load(Ordering::Acquire);
+        if cache.get(generation, request.actor).is_none() {
+            let hosted = self
+                .services
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(request.actor)
+                .cloned();
+            let Some(hosted) = hosted else {
                 let unknown = WireError::UnknownActor {
                     actor: request.actor.to_owned(),
                 };
                 return Err((responder, unknown));
-            }
+            };
+            cache.put(generation, request.actor, hosted);
+        }
+        let service = match cache.get(generation, request.actor) {
             Some(Hosted::Actor(inbox)) => return inbox.deliver(request.tag, payload, responder).map(|()| None),
-            Some(Hosted::Service(service)) => service,
+            Some(Hosted::Service(service)) => service.clone(),
+            None => unreachable!("cached just above"),
         };
         responder.for_actor("the runtime's service");
         match service.dispatch(caller, request.tag, &payload, request.reply) {

@@ -51,6 +51,35 @@ pub(crate) enum Hosted {
     Actor(Arc<dyn Inbox>),
 }
 
+/// The last name a connection's requests were for, and what it resolved
+/// to: consecutive requests for the same actor (the usual traffic) skip
+/// the shared table's lock and lookup. Stale as soon as anything is hosted
+/// or removed (see [`Node::dispatch`](crate::node::Node::dispatch)).
+#[derive(Default)]
+pub(crate) struct HostedCache(Option<(u64, String, Hosted)>);
+
+impl HostedCache {
+    /// What `actor` resolved to while the table was at `generation`.
+    pub(crate) fn get(&self, generation: u64, actor: &str) -> Option<&Hosted> {
+        match &self.0 {
+            Some((at, name, hosted)) if *at == generation && name == actor => Some(hosted),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn put(&mut self, generation: u64, actor: &str, hosted: Hosted) {
+        match &mut self.0 {
+            Some((at, name, cached)) => {
+                *at = generation;
+                name.clear();
+                name.push_str(actor);
+                *cached = hosted;
+            }
+            None => self.0 = Some((generation, actor.to_owned(), hosted)),
+        }
+    }
+}
+
 /// Refuses a request that speaks for another process than its connection
 /// authenticated as.
 pub(crate) fn check_identity(
@@ -171,5 +200,38 @@ impl std::io::Write for Counter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nothing;
+
+    impl Service for Nothing {
+        fn dispatch(&self, _: Option<&Arc<Link>>, _: &str, _: &[u8], _: bool) -> Result<Dispatch, WireError> {
+            Ok(None)
+        }
+    }
+
+    fn hosted() -> Hosted {
+        Hosted::Service(Arc::new(Nothing))
+    }
+
+    #[test]
+    fn a_cached_name_is_found_only_at_its_generation() {
+        let mut cache = HostedCache::default();
+        assert!(cache.get(0, "store").is_none());
+        cache.put(3, "store", hosted());
+        assert!(cache.get(3, "store").is_some());
+        // Anything hosted or removed since: looked up again.
+        assert!(cache.get(4, "store").is_none());
+        // Another name: looked up.
+        assert!(cache.get(3, "stor").is_none());
+        assert!(cache.get(3, "store2").is_none());
+        cache.put(4, "echo", hosted());
+        assert!(cache.get(4, "echo").is_some());
+        assert!(cache.get(4, "store").is_none());
     }
 }
