@@ -290,6 +290,10 @@ fn a_child_crashing_on_every_start_backs_off_then_the_master_gives_up() {
     // a was started and stopped cleanly; nothing is left.
     assert_eq!(sup.count("start", "sup/a"), 1);
     assert_eq!(sup.count("stop", "sup/a"), 1);
+    // c's process, launched early each time with b's, was never let go: it
+    // neither started its actor nor was announced.
+    assert_eq!(sup.count("start", "sup/c"), 0);
+    assert!(!seen.iter().any(|l| l.starts_with("event spawned sup/c ")), "{seen:#?}");
     sup.nothing_left();
 }
 
