@@ -305,6 +305,8 @@ struct Launched {
     generation: u64,
     deadline: Instant,
     child: Supervised,
+    /// Let go ([`Supervisor::release`]).
+    released: bool,
     /// It had exited before it was let go: whatever its exit code, it did
     /// not start.
     exited_unreleased: bool,
@@ -425,7 +427,15 @@ impl Supervisor {
         let mut launched = Vec::with_capacity(indexes.len());
         for &index in indexes {
             match self.launch(index).await {
-                Ok(child) => launched.push(child),
+                Ok(mut child) => {
+                    // The first spawn's turn is now: it goes on booting
+                    // while the others are launched (each launch holds this
+                    // thread until the new process has exec'd).
+                    if launched.is_empty() && !self.plan.replicas && self.gate_open() {
+                        self.release(&mut child).await;
+                    }
+                    launched.push(child);
+                }
                 Err(failed) => {
                     failures.push(failed);
                     // The ones after it wait for it to be started again.
@@ -457,7 +467,9 @@ impl Supervisor {
         let launch_failure = failures.pop();
         let mut queue = launched.into_iter();
         while let Some(mut next) = queue.next() {
-            self.release(&mut next).await;
+            if !next.released {
+                self.release(&mut next).await;
+            }
             match self.wait_ready(vec![next], commands).await {
                 Waited::Done(done) if done.is_empty() => {}
                 Waited::Done(done) => {
@@ -471,6 +483,11 @@ impl Supervisor {
             }
         }
         StartedAll::Done(launch_failure.into_iter().collect())
+    }
+
+    /// Whether the plan's gate is open now.
+    fn gate_open(&self) -> bool {
+        self.plan.gate.as_ref().is_none_or(|gate| *gate.borrow())
     }
 
     /// Waits until the plan's gate is open. Some(reply): a shutdown was
@@ -505,6 +522,7 @@ impl Supervisor {
     /// be ready within its start timeout.
     async fn release(&self, l: &mut Launched) {
         let spec = &self.plan.children[l.index];
+        l.released = true;
         l.exited_unreleased = l.child.has_exited();
         l.child.release();
         l.deadline = Instant::now() + spec.start_timeout;
@@ -708,6 +726,7 @@ impl Supervisor {
             generation,
             deadline,
             child,
+            released: false,
             exited_unreleased: false,
         })
     }
