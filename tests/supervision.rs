@@ -49,6 +49,57 @@ fn rest_for_one_restarts_the_child_and_those_declared_after_it() {
     sup.quit();
 }
 
+#[test]
+fn spawns_start_in_declaration_order_each_once_the_one_before_is_ready() {
+    // The master launches every spawn's process at once, and a spawn its
+    // forks, so that their start-ups overlap; each is held until its turn.
+    // `a` and `c` take 300 ms to create their actors: any process let go
+    // early (b, c, or the pool's forks) would start its actor before them.
+    let mut sup = Sup::start(&["--pool", "2", "--slow-start", "a=300,c=300"]);
+    // The last event of the start; every earlier one is printed before it.
+    sup.event("ready sup/pool ");
+    let events: Vec<String> = sup
+        .fixture
+        .seen
+        .iter()
+        .filter_map(|line| line.strip_prefix("event "))
+        .map(|event| event.split(' ').take(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    let at = |event: &str| {
+        let found: Vec<usize> = (0..events.len()).filter(|&i| events[i] == event).collect();
+        assert_eq!(found.len(), 1, "{event} once: {events:#?}");
+        found[0]
+    };
+    // Each spawn is started (Spawned) only once the one before it is ready,
+    // and is ready before the next: the events say so in this order.
+    let spawns = ["sup/a", "sup/b", "sup/c", "sup/pool"];
+    for pair in spawns.windows(2) {
+        assert!(
+            at(&format!("ready {}", pair[0])) < at(&format!("spawned {}", pair[1])),
+            "{events:#?}"
+        );
+    }
+    for spawn in spawns {
+        assert!(
+            at(&format!("spawned {spawn}")) < at(&format!("ready {spawn}")),
+            "{events:#?}"
+        );
+    }
+    for fork in ["sup/pool/1", "sup/pool/2"] {
+        assert!(at("spawned sup/pool") < at(&format!("forked {fork}")), "{events:#?}");
+        assert!(
+            at(&format!("forked {fork}")) < at(&format!("ready {fork}")),
+            "{events:#?}"
+        );
+        assert!(at(&format!("ready {fork}")) < at("ready sup/pool"), "{events:#?}");
+    }
+    // And the actors themselves started in that order, across processes.
+    let mut starts = sup.order("start");
+    starts[3..].sort();
+    assert_eq!(starts, ["sup/a", "sup/b", "sup/c", "sup/pool/1", "sup/pool/2"]);
+    sup.quit();
+}
+
 const RESTART_TYPES: [&str; 2] = ["--restart", "a=permanent,b=transient,c=temporary"];
 
 #[test]
@@ -239,6 +290,10 @@ fn a_child_crashing_on_every_start_backs_off_then_the_master_gives_up() {
     // a was started and stopped cleanly; nothing is left.
     assert_eq!(sup.count("start", "sup/a"), 1);
     assert_eq!(sup.count("stop", "sup/a"), 1);
+    // c's process, launched early each time with b's, was never let go: it
+    // neither started its actor nor was announced.
+    assert_eq!(sup.count("start", "sup/c"), 0);
+    assert!(!seen.iter().any(|l| l.starts_with("event spawned sup/c ")), "{seen:#?}");
     sup.nothing_left();
 }
 

@@ -43,7 +43,8 @@ impl Cluster {
         let budget = worker
             .supervision
             .shutdown_budget(&env.role, worker.forks, &self.config);
-        let (cookie, stop_requests) = crate::supervision::process::attach_to_parent(&env, budget.saturating_mul(2))?;
+        let (cookie, gate, stop_requests) =
+            crate::supervision::process::attach_to_parent(&env, budget.saturating_mul(2))?;
         publish_options(Some(&name), &self.workers);
         record_panics(env.socket_dir.clone());
         let worker = self.workers.swap_remove(index);
@@ -65,7 +66,7 @@ impl Cluster {
             cookie,
             order: index as u32 + 1,
         };
-        actix_rt::System::new().block_on(child.run(worker, stop_requests))
+        actix_rt::System::new().block_on(child.run(worker, gate, stop_requests))
     }
 }
 
@@ -79,9 +80,13 @@ struct Child {
 }
 
 impl Child {
-    async fn run(self, worker: Worker, mut stop_requests: mpsc::UnboundedReceiver<StopReason>) -> Result<()> {
-        let supervises_forks = matches!(self.env.role, Role::Spawn { .. }) && worker.forks > 0;
-        let hosted = match (&worker.body, supervises_forks) {
+    async fn run(
+        self,
+        worker: Worker,
+        gate: Gate,
+        mut stop_requests: mpsc::UnboundedReceiver<StopReason>,
+    ) -> Result<()> {
+        let hosted = match (&worker.body, self.supervises_forks(&worker)) {
             (Body::Actor { name, type_name, .. }, false) => Some((*name, *type_name)),
             _ => None,
         };
@@ -110,7 +115,7 @@ impl Child {
         #[cfg(feature = "nats")]
         crate::nats::start(&node, false, NATS_HOOKS).await?;
         let outcome = self
-            .serve(&node, worker, socket, hosted, supervises_forks, &mut stop_requests)
+            .serve(&node, worker, socket, hosted, gate, &mut stop_requests)
             .await;
         // Replies to requests handled, and messages sent just before the
         // end (a task's last do_send), leave before the process does.
@@ -125,10 +130,10 @@ impl Child {
         worker: Worker,
         socket: Option<String>,
         hosted: Option<(&'static str, &'static str)>,
-        supervises_forks: bool,
+        mut gate: Gate,
         stop_requests: &mut mpsc::UnboundedReceiver<StopReason>,
     ) -> Result<()> {
-        let master = join(node).await?;
+        let supervises_forks = self.supervises_forks(&worker);
         // The worker's shared listener ([`Worker::listen`]): a spawn binds
         // it (and serves it to its forks), a fork fetches it from its spawn.
         let shared = match &worker.listen {
@@ -142,6 +147,26 @@ impl Child {
                 }),
             )?),
             None => None,
+        };
+        // A spawn launches its forks at once: they boot and join the master
+        // while it does, then wait until it is let go itself.
+        let forks = supervises_forks.then(|| {
+            let (open, gate) = watch::channel(false);
+            let mut plan = self.fork_plan(&worker);
+            plan.listener = shared.as_ref().and_then(|s| s.handoff.as_ref()).map(|h| h.path.clone());
+            plan.gate = Some(gate);
+            let forks = supervisor::supervise(node.clone(), plan);
+            node.add_service(SUPERVISOR, Arc::new(SupervisorService(forks.restarter())));
+            (forks, open)
+        });
+        let master = match join_then_wait_turn(node, &mut gate, stop_requests).await {
+            Ok(Some(master)) => master,
+            stopped_or_failed => {
+                if let Some((forks, _)) = &forks {
+                    forks.shutdown().await;
+                }
+                return stopped_or_failed.map(|_| ());
+            }
         };
         let member = Member {
             path: self.env.path.clone(),
@@ -160,11 +185,9 @@ impl Child {
             restarts: self.env.restarts,
             listen: shared.as_ref().map(|s| s.address.clone()),
         };
-        if supervises_forks {
-            let mut plan = self.fork_plan(&worker);
-            plan.listener = shared.as_ref().and_then(|s| s.handoff.as_ref()).map(|h| h.path.clone());
-            let forks = supervisor::supervise(node.clone(), plan);
-            node.add_service(SUPERVISOR, Arc::new(SupervisorService(forks.restarter())));
+        if let Some((forks, open)) = forks {
+            // The forks start their actors now, together.
+            open.send_replace(true);
             let work = async {
                 forks.started().await?;
                 announce(&master, member).await?;
@@ -218,6 +241,12 @@ impl Child {
         }
     }
 
+    /// Whether this process is a spawn with forks: it supervises them and
+    /// hosts nothing itself.
+    fn supervises_forks(&self, worker: &Worker) -> bool {
+        matches!(self.env.role, Role::Spawn { .. }) && worker.forks > 0
+    }
+
     /// How this spawn supervises its forks.
     fn fork_plan(&self, worker: &Worker) -> Plan {
         let supervision = &worker.supervision;
@@ -245,6 +274,7 @@ impl Child {
             cookie: self.cookie.clone(),
             listener: None,
             replicas: true,
+            gate: None,
         }
     }
 }
@@ -329,6 +359,22 @@ async fn join(node: &Arc<Node>) -> Result<Arc<Link>> {
     let snapshot = crate::registry::subscribe(node, &link).await?;
     node.directory.apply(snapshot);
     Ok(link)
+}
+
+/// Joins the master, then waits for this child's turn in the start order
+/// (its [`Gate`]): the spawn declared before it is ready. None: told to stop
+/// first.
+async fn join_then_wait_turn(
+    node: &Arc<Node>,
+    gate: &mut Gate,
+    stop_requests: &mut mpsc::UnboundedReceiver<StopReason>,
+) -> Result<Option<Arc<Link>>> {
+    let master = join(node).await?;
+    debug!("joined; waiting for its turn");
+    tokio::select! {
+        () = gate.opened() => Ok(Some(master)),
+        () = wait_for_stop(node, stop_requests) => Ok(None),
+    }
 }
 
 async fn announce(master: &Link, member: Member) -> Result<()> {

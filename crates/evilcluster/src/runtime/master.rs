@@ -101,6 +101,8 @@ impl Cluster {
             cookie: cookie.clone(),
             listener: None,
             replicas: false,
+            // The master's turn is now.
+            gate: None,
         };
         actix_rt::spawn(crate::observe::control::track_restarts());
         let supervisor = supervisor::supervise(node.clone(), plan);

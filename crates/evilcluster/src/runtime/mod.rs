@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use evilcluster_wire::control::CONTROL;
 use evilcluster_wire::{Cookie, Identity};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, error, error_span, info, warn};
 
 use crate::api::remote::RemoteMessage;
@@ -32,7 +32,7 @@ use crate::observe::tree::Declared;
 use crate::registry::{Announce, Leave, MarkReady, PeerGone, Register, Registry, RegistryService, REGISTRY};
 use crate::runtime::rundir::RunDir;
 use crate::supervision::policy::{AutoShutdown, Intensity, Restart, Strategy};
-use crate::supervision::process::StopReason;
+use crate::supervision::process::{Gate, StopReason};
 use crate::supervision::supervisor::{self, Plan, SupervisorHandle};
 use crate::supervision::worker::{publish_options, Body, Hosted, Worker};
 use crate::{Error, Result, Role};

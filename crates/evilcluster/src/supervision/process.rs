@@ -3,8 +3,10 @@
 //! A child is this same executable started again, with the user's own
 //! arguments and `EVILCLUSTER_*` variables saying what it is. Its standard
 //! input is a pipe from the parent (the control pipe): the first line carries
-//! the cluster cookie, so the secret never sits in the environment, and end
-//! of file means the parent is gone or wants it to stop.
+//! the cluster cookie, so the secret never sits in the environment; a
+//! [`GO`] line later lets the child start its actor or task (its turn in the
+//! start order, see [`Gate`]); end of file means the parent is gone or wants
+//! it to stop.
 
 use std::io::BufRead;
 use std::process::{ExitStatus, Stdio};
@@ -13,7 +15,7 @@ use std::time::Duration;
 use evilcluster_wire::Cookie;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
 use crate::api::role::{env, ChildEnv};
@@ -131,7 +133,19 @@ pub(crate) async fn launch(launch: Launch<'_>) -> Result<ChildProcess, Error> {
     })
 }
 
+/// The control pipe's line that opens a child's [`Gate`].
+const GO: &str = "go";
+
 impl ChildProcess {
+    /// Lets the child start its actor or task: opens its [`Gate`]. A child
+    /// already gone is no error here: its exit tells the supervisor why.
+    pub async fn release(&mut self) {
+        let Some(control) = self.control.as_mut() else { return };
+        if let Err(error) = control.write_all(format!("{GO}\n").as_bytes()).await {
+            warn!(path = %self.path, %error, "could not release the child");
+        }
+    }
+
     /// Waits for the child to exit on its own.
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         let status = self.child.wait().await;
@@ -170,13 +184,32 @@ pub(crate) enum StopReason {
     ControlClosed,
 }
 
+/// Where a child waits for its turn: its process is up, joined to the
+/// master and ready to go, but its actor or task does not start (nor
+/// register, nor start its forks' actors) until its parent says [`GO`] on the
+/// control pipe. The master starts every spawn's process at once and lets
+/// each through once the one declared before it is ready, so spawns become
+/// ready in declaration order while their start-ups overlap.
+pub(crate) struct Gate(watch::Receiver<bool>);
+
+impl Gate {
+    /// Resolves once the parent has let this child go; never, if the
+    /// control pipe ends first (the child is then told to stop instead).
+    pub async fn opened(&mut self) {
+        if self.0.wait_for(|open| *open).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// A child's first steps: die with the parent, and read the cookie.
 ///
-/// Returns the cookie and a channel that yields once the control pipe closes.
+/// Returns the cookie, the child's [`Gate`], and a channel that yields once
+/// the control pipe closes.
 pub(crate) fn attach_to_parent(
     env: &ChildEnv,
     grace: Duration,
-) -> Result<(Cookie, mpsc::UnboundedReceiver<StopReason>), Error> {
+) -> Result<(Cookie, Gate, mpsc::UnboundedReceiver<StopReason>), Error> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
         rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
@@ -200,12 +233,22 @@ pub(crate) fn attach_to_parent(
         .map_err(|_| Error::Environment("the control pipe did not start with a cookie".into()))?;
     drop(input);
     let (stop, stopped) = mpsc::unbounded_channel();
+    let (open, gate) = watch::channel(false);
     std::thread::Builder::new()
         .name("evilcluster-control".into())
         .spawn(move || {
-            // Nothing else is ever written: reading returns at end of file.
-            let mut sink = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut sink);
+            // After the cookie, only `go` is ever written; reading ends at
+            // end of file. (Stdin is buffered once for the process: a `go`
+            // that came with the cookie is read here.)
+            for line in std::io::stdin().lock().lines() {
+                match line {
+                    Ok(line) if line == GO => {
+                        open.send_replace(true);
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
             let _ = stop.send(StopReason::ControlClosed);
             // The graceful path has `grace` to finish; after that, go anyway
             // rather than outlive the parent.
@@ -214,7 +257,7 @@ pub(crate) fn attach_to_parent(
             std::process::exit(1);
         })
         .map_err(|e| Error::io("cannot start the control thread", e))?;
-    Ok((Cookie::new(cookie), stopped))
+    Ok((Cookie::new(cookie), Gate(gate), stopped))
 }
 
 pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use evilcluster_wire::Cookie;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::api::events::{publish, To};
 use crate::api::lifecycle::{ExitReason, Lifecycle};
@@ -53,6 +53,10 @@ pub(crate) struct Plan {
     /// at once. Otherwise (the master's spawns) each starts only once the
     /// one before it is ready, and they stop last first.
     pub replicas: bool,
+    /// Until this turns true, children are launched (their processes boot
+    /// and join) but none is let go: a spawn's forks wait for the spawn's
+    /// own turn ([`Gate`](crate::supervision::process::Gate)). None: open.
+    pub gate: Option<watch::Receiver<bool>>,
 }
 
 /// Why a supervisor gave up.
@@ -271,6 +275,13 @@ enum Started {
     ShutdownRequested(Option<oneshot::Sender<()>>),
 }
 
+/// How waiting for released children to be ready ended.
+enum Waited {
+    /// Each is ready (and running), or failed to start (listed here).
+    Done(Vec<FailedStart>),
+    ShutdownRequested(Option<oneshot::Sender<()>>),
+}
+
 /// How starting several children together ended.
 enum StartedAll {
     /// Each child is ready, or failed to start (listed in index order).
@@ -294,6 +305,11 @@ struct Launched {
     generation: u64,
     deadline: Instant,
     child: Supervised,
+    /// Let go ([`Supervisor::release`]).
+    released: bool,
+    /// It had exited before it was let go: whatever its exit code, it did
+    /// not start.
+    exited_unreleased: bool,
 }
 
 impl Supervisor {
@@ -308,15 +324,21 @@ impl Supervisor {
                     State::Pending { at } => Some((index, at)),
                     _ => None,
                 });
-            // Spawns start one at a time, in order; replicas start together.
-            let pending: Vec<(usize, Instant)> = if self.plan.replicas {
-                pending.collect()
-            } else {
-                pending.take(1).collect()
-            };
+            let pending: Vec<(usize, Instant)> = pending.collect();
             if !pending.is_empty() {
                 let now = Instant::now();
-                let due: Vec<usize> = pending.iter().filter(|(_, at)| *at <= now).map(|(i, _)| *i).collect();
+                // Replicas start together. Spawns start one at a time, in
+                // order: those due from the first waiting one on are
+                // launched together, and let go one by one.
+                let due: Vec<usize> = if self.plan.replicas {
+                    pending.iter().filter(|(_, at)| *at <= now).map(|(i, _)| *i).collect()
+                } else {
+                    pending
+                        .iter()
+                        .take_while(|(_, at)| *at <= now)
+                        .map(|(i, _)| *i)
+                        .collect()
+                };
                 if !due.is_empty() {
                     match self.start_all(&due, &mut commands).await {
                         StartedAll::Done(failures) => {
@@ -333,7 +355,11 @@ impl Supervisor {
                     }
                     continue;
                 }
-                wake_at = pending.iter().map(|(_, at)| *at).min();
+                wake_at = if self.plan.replicas {
+                    pending.iter().map(|(_, at)| *at).min()
+                } else {
+                    pending.first().map(|(_, at)| *at)
+                };
             } else if matches!(*self.phase.borrow(), Phase::Starting) {
                 self.phase.send_replace(Phase::Running);
             }
@@ -388,18 +414,145 @@ impl Supervisor {
         }
     }
 
-    /// Starts the children at `indexes` together and waits until each is
-    /// ready, has exited, or has passed its start timeout. One look at the
-    /// directory per change serves every child waited for.
+    /// Starts the children at `indexes` and waits until each is ready, has
+    /// exited, or has passed its start timeout. Every process is launched at
+    /// once, so their start-ups (loading, joining the master) overlap; each
+    /// is then let go ([`Gate`](crate::supervision::process::Gate)) once
+    /// the plan's gate is open: replicas all together, spawns one at a time
+    /// in order, each once the one before it is ready. After a spawn that
+    /// failed to start, the later ones are stopped unreleased: they start
+    /// again after it.
     async fn start_all(&mut self, indexes: &[usize], commands: &mut mpsc::UnboundedReceiver<Command>) -> StartedAll {
         let mut failures = Vec::new();
         let mut launched = Vec::with_capacity(indexes.len());
         for &index in indexes {
             match self.launch(index).await {
-                Ok(child) => launched.push(child),
-                Err(failed) => failures.push(failed),
+                Ok(mut child) => {
+                    // The first spawn's turn is now: it goes on booting
+                    // while the others are launched (each launch holds this
+                    // thread until the new process has exec'd).
+                    if launched.is_empty() && !self.plan.replicas && self.gate_open() {
+                        self.release(&mut child).await;
+                    }
+                    launched.push(child);
+                }
+                Err(failed) => {
+                    failures.push(failed);
+                    // The ones after it wait for it to be started again.
+                    if !self.plan.replicas {
+                        break;
+                    }
+                }
             }
         }
+        if let Some(reply) = self.wait_for_gate(commands).await {
+            self.discard(launched).await;
+            return StartedAll::ShutdownRequested(reply);
+        }
+        if self.plan.replicas {
+            for l in &mut launched {
+                self.release(l).await;
+            }
+            return match self.wait_ready(launched, commands).await {
+                Waited::Done(done) => {
+                    failures.extend(done);
+                    failures.sort_by_key(|f| f.index);
+                    StartedAll::Done(failures)
+                }
+                Waited::ShutdownRequested(reply) => StartedAll::ShutdownRequested(reply),
+            };
+        }
+        // A launch failure is reported only once the spawns before it are
+        // ready: it is their turn first.
+        let launch_failure = failures.pop();
+        let mut queue = launched.into_iter();
+        while let Some(mut next) = queue.next() {
+            if !next.released {
+                self.release(&mut next).await;
+            }
+            match self.wait_ready(vec![next], commands).await {
+                Waited::Done(done) if done.is_empty() => {}
+                Waited::Done(done) => {
+                    self.discard(queue.collect()).await;
+                    return StartedAll::Done(done);
+                }
+                Waited::ShutdownRequested(reply) => {
+                    self.discard(queue.collect()).await;
+                    return StartedAll::ShutdownRequested(reply);
+                }
+            }
+        }
+        StartedAll::Done(launch_failure.into_iter().collect())
+    }
+
+    /// Whether the plan's gate is open now.
+    fn gate_open(&self) -> bool {
+        self.plan.gate.as_ref().is_none_or(|gate| *gate.borrow())
+    }
+
+    /// Waits until the plan's gate is open. Some(reply): a shutdown was
+    /// asked meanwhile.
+    async fn wait_for_gate(
+        &self,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+    ) -> Option<Option<oneshot::Sender<()>>> {
+        let mut gate = self.plan.gate.clone()?;
+        let opened = async move {
+            // Its sender gone unopened: the spawn is ending; a shutdown follows.
+            if gate.wait_for(|open| *open).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let mut opened = std::pin::pin!(opened);
+        loop {
+            tokio::select! {
+                () = &mut opened => return None,
+                command = commands.recv() => match command {
+                    Some(Command::Restart { reply, .. }) => {
+                        let _ = reply.send(Err("a child is starting; try again once the tree is up".into()));
+                    }
+                    Some(Command::Shutdown(reply)) => return Some(Some(reply)),
+                    None => return Some(None),
+                },
+            }
+        }
+    }
+
+    /// Lets a launched child go: it starts its actor or task now, and must
+    /// be ready within its start timeout.
+    async fn release(&self, l: &mut Launched) {
+        let spec = &self.plan.children[l.index];
+        l.released = true;
+        l.exited_unreleased = l.child.has_exited();
+        l.child.release();
+        l.deadline = Instant::now() + spec.start_timeout;
+        info!(path = %spec.path, pid = l.pid, "started");
+        self.announce(match spec.role {
+            Role::Fork { .. } => Lifecycle::Forked {
+                path: spec.path.clone(),
+                pid: l.pid,
+                incarnation: l.incarnation,
+            },
+            _ => Lifecycle::Spawned {
+                path: spec.path.clone(),
+                pid: l.pid,
+                incarnation: l.incarnation,
+            },
+        })
+        .await;
+    }
+
+    /// Stops children launched but never let go, without a word: for the
+    /// tree they never started (their slots still wait to start).
+    async fn discard(&self, launched: Vec<Launched>) {
+        futures_util::future::join_all(launched.iter().map(|l| l.child.stop())).await;
+    }
+
+    /// Waits until each released child is ready, has exited, or has passed
+    /// its start timeout; those ready run from now on. One look at the
+    /// directory per change serves every child waited for.
+    async fn wait_ready(&mut self, launched: Vec<Launched>, commands: &mut mpsc::UnboundedReceiver<Command>) -> Waited {
+        let mut failures = Vec::new();
         // None: still waiting; Some(None): ready; Some(Some(why)): failed.
         let mut outcome: Vec<Option<Option<ExitReason>>> = vec![None; launched.len()];
         {
@@ -450,7 +603,7 @@ impl Supervisor {
                             // before its registration reached this supervisor
                             // (a short task) did start: its exit is handled as
                             // a normal one, so a Transient child is not restarted.
-                            outcome[at] = Some(if reason == ExitReason::Normal {
+                            outcome[at] = Some(if reason == ExitReason::Normal && !launched[at].exited_unreleased {
                                 None
                             } else {
                                 Some(ExitReason::StartFailed(format!("exited before it was ready ({reason})")))
@@ -475,7 +628,7 @@ impl Supervisor {
                                 since: Instant::now(),
                             });
                         }
-                        return StartedAll::ShutdownRequested(reply);
+                        return Waited::ShutdownRequested(reply);
                     }
                 }
             }
@@ -515,12 +668,11 @@ impl Supervisor {
                 .await;
             }
         }
-        failures.sort_by_key(|f| f.index);
-        StartedAll::Done(failures)
+        Waited::Done(failures)
     }
 
-    /// Launches child `index` and starts watching it (not waiting for it
-    /// to be ready).
+    /// Launches child `index` and starts watching it: its process boots and
+    /// joins, then waits at its gate until [`release`](Self::release).
     async fn launch(&mut self, index: usize) -> Result<Launched, FailedStart> {
         let spec = &self.plan.children[index];
         let incarnation = crate::supervision::process::random_incarnation();
@@ -549,21 +701,9 @@ impl Supervisor {
             }
         };
         let pid = child.pid;
+        debug!(path = %spec.path, pid, "launched");
+        // Set again when it is let go.
         let deadline = Instant::now() + spec.start_timeout;
-        info!(path = %spec.path, pid, "started");
-        self.announce(match spec.role {
-            Role::Fork { .. } => Lifecycle::Forked {
-                path: spec.path.clone(),
-                pid,
-                incarnation,
-            },
-            _ => Lifecycle::Spawned {
-                path: spec.path.clone(),
-                pid,
-                incarnation,
-            },
-        })
-        .await;
         let generation = self.next_generation;
         self.next_generation += 1;
         let child = watch_child(child, spec.shutdown_timeout, self.plan.socket_dir.clone(), {
@@ -586,6 +726,8 @@ impl Supervisor {
             generation,
             deadline,
             child,
+            released: false,
+            exited_unreleased: false,
         })
     }
 
@@ -847,16 +989,34 @@ async fn sleep_until(at: Option<Instant>) {
 struct Supervised {
     pid: u32,
     incarnation: u64,
-    stop: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    control: mpsc::UnboundedSender<Control>,
     exited: watch::Receiver<Option<ExitReason>>,
 }
 
+/// What a child's watcher is asked to do.
+enum Control {
+    /// Open the child's gate.
+    Release,
+    /// Stop the child, then answer.
+    Stop(oneshot::Sender<()>),
+}
+
 impl Supervised {
+    /// Lets the child start its actor or task (see [`Gate`](process::Gate)).
+    fn release(&self) {
+        let _ = self.control.send(Control::Release);
+    }
+
+    /// Whether the child has exited already.
+    fn has_exited(&self) -> bool {
+        self.exited.borrow().is_some()
+    }
+
     /// Stops the child (graceful, then killed after its shutdown timeout)
     /// and waits for it.
     async fn stop(&self) {
         let (done, stopped) = oneshot::channel();
-        if self.stop.send(done).is_ok() {
+        if self.control.send(Control::Stop(done)).is_ok() {
             let _ = stopped.await;
         }
     }
@@ -880,18 +1040,25 @@ fn watch_child(
     socket_dir: PathBuf,
     on_exit: impl FnOnce(ExitReason) + 'static,
 ) -> Supervised {
-    let (stop, mut stop_requests) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
+    let (control, mut requests) = mpsc::unbounded_channel::<Control>();
     let (exit_tx, exited) = watch::channel(None);
     let supervised = Supervised {
         pid: child.pid,
         incarnation: child.incarnation,
-        stop,
+        control,
         exited,
     };
     actix_rt::spawn(async move {
-        let (status, requested) = tokio::select! {
-            status = child.wait() => (status, None),
-            request = stop_requests.recv() => (child.stop(grace).await, request),
+        let (status, requested) = loop {
+            tokio::select! {
+                status = child.wait() => break (status, None),
+                request = requests.recv() => match request {
+                    Some(Control::Release) => child.release().await,
+                    Some(Control::Stop(done)) => break (child.stop(grace).await, Some(done)),
+                    // The handle dropped: stopped as if asked.
+                    None => break (child.stop(grace).await, None),
+                },
+            }
         };
         // What the child said about its end (a panic message, an error),
         // read and removed whatever the status, so none is left behind.
