@@ -114,6 +114,7 @@ pub(crate) fn socket_path(dir: &Path, incarnation: u64) -> PathBuf {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct Snapshot {
     pub version: u64,
+    #[serde(with = "hostings_once::members")]
     pub members: Vec<Member>,
     /// The master has started the whole tree (it stays true from then on).
     #[serde(default)]
@@ -121,16 +122,12 @@ pub(crate) struct Snapshot {
 }
 
 /// One change of the registry's membership.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Change {
     /// A process registered (or registered again: it replaces whatever had its path).
     Joined(Member),
     /// The process at `path` with `incarnation` left (a no-op for any other incarnation).
-    Left {
-        #[serde(deserialize_with = "Name::deserialize_unshared")]
-        path: Name,
-        incarnation: u64,
-    },
+    Left { path: Name, incarnation: u64 },
     /// The master has started the whole tree.
     Ready,
 }
@@ -146,7 +143,155 @@ pub(crate) enum Change {
 pub(crate) struct Delta {
     pub base: u64,
     pub version: u64,
+    #[serde(with = "hostings_once::changes")]
     pub changes: Vec<Change>,
+}
+
+/// On the wire, the members of one snapshot or delta send what they run
+/// once: the distinct [`Hosting`]s first, then each member with the index
+/// of its own. The forks of a worker share one, so a snapshot of N forks
+/// is about N paths and numbers, not N copies of the names and socket
+/// directory: the master writes one to every process, and every process
+/// reads one.
+mod hostings_once {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    #[derive(Serialize)]
+    struct RowOut<'a> {
+        path: &'a str,
+        role: RoleKind,
+        fork: Option<u32>,
+        pid: u32,
+        incarnation: u64,
+        restarts: u32,
+        hosting: u32,
+    }
+
+    #[derive(Deserialize)]
+    struct RowIn {
+        #[serde(deserialize_with = "Name::deserialize_unshared")]
+        path: Name,
+        role: RoleKind,
+        fork: Option<u32>,
+        pid: u32,
+        incarnation: u64,
+        restarts: u32,
+        hosting: u32,
+    }
+
+    #[derive(Serialize)]
+    enum ChangeOut<'a> {
+        Joined(RowOut<'a>),
+        Left { path: &'a str, incarnation: u64 },
+        Ready,
+    }
+
+    #[derive(Deserialize)]
+    enum ChangeIn {
+        Joined(RowIn),
+        Left {
+            #[serde(deserialize_with = "Name::deserialize_unshared")]
+            path: Name,
+            incarnation: u64,
+        },
+        Ready,
+    }
+
+    /// The distinct hostings of one message, in order of first use.
+    #[derive(Default)]
+    struct Table<'a> {
+        hostings: Vec<&'a Hosting>,
+        index: FxHashMap<*const Hosting, u32>,
+    }
+
+    impl<'a> Table<'a> {
+        fn row(&mut self, member: &'a Member) -> RowOut<'a> {
+            let hostings = &mut self.hostings;
+            let hosting = *self.index.entry(Arc::as_ptr(&member.hosting)).or_insert_with(|| {
+                hostings.push(&member.hosting);
+                (hostings.len() - 1) as u32
+            });
+            RowOut {
+                path: &member.path,
+                role: member.role,
+                fork: member.fork,
+                pid: member.pid,
+                incarnation: member.incarnation,
+                restarts: member.restarts,
+                hosting,
+            }
+        }
+    }
+
+    fn member<E: serde::de::Error>(row: RowIn, hostings: &[Arc<Hosting>]) -> Result<Member, E> {
+        let hosting = hostings
+            .get(row.hosting as usize)
+            .ok_or_else(|| E::custom(format!("no hosting {} in the message", row.hosting)))?;
+        Ok(Member {
+            path: row.path,
+            role: row.role,
+            fork: row.fork,
+            pid: row.pid,
+            incarnation: row.incarnation,
+            restarts: row.restarts,
+            hosting: hosting.clone(),
+        })
+    }
+
+    fn shared(hostings: Vec<Hosting>) -> Vec<Arc<Hosting>> {
+        hostings.into_iter().map(Hosting::shared).collect()
+    }
+
+    pub mod members {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(members: &[Member], serializer: S) -> Result<S::Ok, S::Error> {
+            let mut table = Table::default();
+            let rows: Vec<RowOut<'_>> = members.iter().map(|m| table.row(m)).collect();
+            (table.hostings, rows).serialize(serializer)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Member>, D::Error> {
+            let (hostings, rows): (Vec<Hosting>, Vec<RowIn>) = Deserialize::deserialize(deserializer)?;
+            let hostings = shared(hostings);
+            rows.into_iter().map(|row| member(row, &hostings)).collect()
+        }
+    }
+
+    pub mod changes {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(changes: &[Change], serializer: S) -> Result<S::Ok, S::Error> {
+            let mut table = Table::default();
+            let rows: Vec<ChangeOut<'_>> = changes
+                .iter()
+                .map(|change| match change {
+                    Change::Joined(m) => ChangeOut::Joined(table.row(m)),
+                    Change::Left { path, incarnation } => ChangeOut::Left {
+                        path,
+                        incarnation: *incarnation,
+                    },
+                    Change::Ready => ChangeOut::Ready,
+                })
+                .collect();
+            (table.hostings, rows).serialize(serializer)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Change>, D::Error> {
+            let (hostings, rows): (Vec<Hosting>, Vec<ChangeIn>) = Deserialize::deserialize(deserializer)?;
+            let hostings = shared(hostings);
+            rows.into_iter()
+                .map(|row| {
+                    Ok(match row {
+                        ChangeIn::Joined(row) => Change::Joined(member(row, &hostings)?),
+                        ChangeIn::Left { path, incarnation } => Change::Left { path, incarnation },
+                        ChangeIn::Ready => Change::Ready,
+                    })
+                })
+                .collect()
+        }
+    }
 }
 
 /// What [`Directory::apply_delta`] did with a delta.
@@ -745,5 +890,62 @@ mod tests {
         // Swept once the table doubles (other tests intern a few of their
         // own meanwhile): far below one per cycle.
         assert!(most < 100, "{most} held at most");
+    }
+
+    /// A snapshot and a delta come back as they were sent, and what the
+    /// members run is on the wire once per message, not once per member.
+    #[test]
+    fn what_members_run_is_sent_once_per_message() {
+        let mut forks: Vec<Member> = (1..=100).map(fork).collect();
+        let mut master = fork(0);
+        master.hosting = Hosting {
+            worker: "app".into(),
+            order: 0,
+            actor: None,
+            actor_type: None,
+            socket_dir: None,
+            listen: None,
+        }
+        .shared();
+        forks.push(master);
+        let snapshot = Snapshot {
+            version: 7,
+            members: forks.clone(),
+            ready: true,
+        };
+        let sent = rmp_serde::to_vec(&snapshot).unwrap();
+        let received: Snapshot = rmp_serde::from_slice(&sent).unwrap();
+        assert_eq!(received.members, forks);
+        assert!(Arc::ptr_eq(&received.members[0].hosting, &received.members[99].hosting));
+        let one_by_one: usize = forks.iter().map(|m| rmp_serde::to_vec(m).unwrap().len()).sum();
+        assert!(
+            sent.len() * 3 < one_by_one * 2,
+            "{} bytes, against {one_by_one} for the members one by one",
+            sent.len()
+        );
+
+        let mut changes: Vec<Change> = forks.iter().cloned().map(Change::Joined).collect();
+        changes.insert(3, Change::Ready);
+        changes.push(Change::Left {
+            path: "app/w/1".into(),
+            incarnation: 1,
+        });
+        let delta = Delta {
+            base: 1,
+            version: 2,
+            changes,
+        };
+        let received: Delta = rmp_serde::from_slice(&rmp_serde::to_vec(&delta).unwrap()).unwrap();
+        assert_eq!(received.changes, delta.changes);
+
+        // A member pointing past the table is refused, not guessed at.
+        let row = |hosting: u32| {
+            let hostings = vec![Hosting::clone(&forks[0].hosting)];
+            let rows = vec![("app/w/1", RoleKind::Fork, Some(1u32), 1u32, 1u64, 0u32, hosting)];
+            rmp_serde::to_vec(&(7u64, (hostings, rows), false)).unwrap()
+        };
+        assert!(rmp_serde::from_slice::<Snapshot>(&row(0)).is_ok());
+        let error = rmp_serde::from_slice::<Snapshot>(&row(1)).unwrap_err();
+        assert!(error.to_string().contains("no hosting 1"), "{error}");
     }
 }
