@@ -523,7 +523,13 @@ async fn http_get(address: &str, path: &str) -> Result<String, String> {
 fn frontend_address() -> Result<String, String> {
     evilcluster::members()
         .into_iter()
-        .find_map(|m| m.listen.filter(|_| m.worker == WebserverFrontend::NAME))
+        .find_map(|m| {
+            m.hosting
+                .listen
+                .clone()
+                .filter(|_| m.worker() == WebserverFrontend::NAME)
+                .map(String::from)
+        })
         .ok_or_else(|| "webserverFrontend announced no listening address".to_owned())
 }
 
@@ -565,7 +571,7 @@ async fn demo(serve: bool) -> Result<(), String> {
     println!("report: {report}");
 
     let mut members = evilcluster::members();
-    members.sort_by_key(|m| (m.order, m.fork));
+    members.sort_by_key(|m| (m.hosting.order, m.fork));
     println!("members:");
     for m in &members {
         println!(
@@ -573,7 +579,7 @@ async fn demo(serve: bool) -> Result<(), String> {
             m.path,
             m.role,
             m.pid,
-            m.actor_type.as_deref().unwrap_or("-")
+            m.hosting.actor_type.as_deref().unwrap_or("-")
         );
     }
 

@@ -510,11 +510,11 @@ fn kill_a_fork(rng: &mut Rng, report: &RefCell<Report>) {
     let members = evilcluster::members();
     let spawn = members
         .iter()
-        .find(|m| m.worker == ECHO && m.fork.is_none())
+        .find(|m| m.worker() == ECHO && m.fork.is_none())
         .map(|m| m.pid);
     let forks: Vec<u32> = members
         .iter()
-        .filter(|m| m.actor.as_deref() == Some(ECHO) && m.fork.is_some())
+        .filter(|m| m.actor() == Some(ECHO) && m.fork.is_some())
         .map(|m| m.pid)
         .filter(|&pid| spawn.is_some() && parent_of(pid) == spawn)
         .collect();

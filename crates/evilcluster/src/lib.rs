@@ -172,7 +172,7 @@ pub use evilcluster_wire::control::{ProcessState, RoleKind};
 pub use listener::listener;
 #[cfg(feature = "nats")]
 pub use nats::{nodes, NatsOptions, NODE_ENV, URL_ENV};
-pub use node::directory::Member;
+pub use node::directory::{Hosting, Member, Name};
 pub use observe::control::restart_worker;
 pub use runtime::{shutdown_signal, Cluster, ClusterHandle, RunningCluster};
 pub use supervision::policy::{AutoShutdown, Backoff, Intensity, Restart, Strategy};

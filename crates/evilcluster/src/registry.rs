@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 
 use crate::api::remote::RemoteMessage;
 use crate::node::connection::Link;
-use crate::node::directory::{Change, Delta, Directory, Member, Outcome, Snapshot};
+use crate::node::directory::{Change, Delta, Directory, Member, Name, Outcome, Snapshot};
 use crate::node::service::{check_identity, check_master, decode_payload, encode_reply, Dispatch, Service};
 use crate::node::Node;
 
@@ -203,7 +203,7 @@ pub(crate) struct Registry {
     node: Weak<Node>,
     members: Vec<Member>,
     /// The connection each registered path came through.
-    owners: FxHashMap<String, Weak<Link>>,
+    owners: FxHashMap<Name, Weak<Link>>,
     /// Counts changes: one per change, whether pushed yet or not.
     version: u64,
     /// The version subscribers have been sent (or given in a snapshot).
@@ -295,7 +295,7 @@ impl Handler<Register> for Registry {
     type Result = ();
 
     fn handle(&mut self, Register { member, owner }: Register, ctx: &mut Context<Self>) {
-        debug!(path = %member.path, pid = member.pid, actor = ?member.actor, "registered");
+        debug!(path = %member.path, pid = member.pid, actor = ?member.actor(), "registered");
         if let (Some(node), Some(link)) = (self.node.upgrade(), owner.as_ref().and_then(Weak::upgrade)) {
             // Traffic to this path now goes through the connection it
             // registered on, whatever else claimed the path.
@@ -303,12 +303,12 @@ impl Handler<Register> for Registry {
         }
         match owner {
             Some(owner) => self.owners.insert(member.path.clone(), owner),
-            None => self.owners.remove(&member.path),
+            None => self.owners.remove(member.path.as_str()),
         };
         self.members.retain(|m| m.path != member.path);
         self.members.push(member.clone());
         self.members
-            .sort_by(|a, b| (a.order, a.fork, &a.path).cmp(&(b.order, b.fork, &b.path)));
+            .sort_by(|a, b| (a.hosting.order, a.fork, &a.path).cmp(&(b.hosting.order, b.fork, &b.path)));
         self.changed(Change::Joined(member), ctx);
     }
 }
@@ -349,7 +349,7 @@ impl Handler<Unregister> for Registry {
     fn handle(&mut self, leave: Unregister, ctx: &mut Context<Self>) {
         if !self
             .owners
-            .get(&leave.path)
+            .get(leave.path.as_str())
             .is_some_and(|owner| owner.ptr_eq(&leave.owner))
         {
             return;
@@ -358,11 +358,11 @@ impl Handler<Unregister> for Registry {
         self.members
             .retain(|m| !(m.path == leave.path && m.incarnation == leave.incarnation));
         if self.members.len() != before {
-            self.owners.remove(&leave.path);
+            self.owners.remove(leave.path.as_str());
             debug!(path = %leave.path, "leaving");
             self.changed(
                 Change::Left {
-                    path: leave.path,
+                    path: leave.path.into(),
                     incarnation: leave.incarnation,
                 },
                 ctx,
@@ -379,9 +379,11 @@ impl Handler<PeerGone> for Registry {
         let owners = &mut self.owners;
         let mut left = Vec::new();
         self.members.retain(|m| {
-            let registered_by_it = owners.get(&m.path).is_some_and(|owner| owner.ptr_eq(&gone.link));
+            let registered_by_it = owners
+                .get(m.path.as_str())
+                .is_some_and(|owner| owner.ptr_eq(&gone.link));
             if registered_by_it {
-                owners.remove(&m.path);
+                owners.remove(m.path.as_str());
                 debug!(path = %m.path, "unregistered");
                 left.push(Change::Left {
                     path: m.path.clone(),

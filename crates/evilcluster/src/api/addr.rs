@@ -262,7 +262,7 @@ impl<A: RemoteActor> RemoteAddr<A> {
         M::Result: DeserializeOwned + Send,
     {
         let here = crate::nats::intern(&mesh.node_name);
-        let runs_here = crate::members().iter().any(|m| m.actor.as_deref() == Some(A::NAME));
+        let runs_here = crate::members().iter().any(|m| m.actor() == Some(A::NAME));
         let mut targets: Vec<(&'static str, Option<u32>)> = Vec::new();
         if runs_here {
             match crate::node::directory::declared_forks(A::NAME) {
@@ -442,7 +442,7 @@ impl Target {
                 Ok(Err(reason)) => {
                     return Err(SendError::Disconnected {
                         actor: self.actor,
-                        path: member.path.clone(),
+                        path: member.path.to_string(),
                         reason,
                     })
                 }

@@ -233,8 +233,8 @@ fn fan_out_here(node: &Arc<Node>, publication: Publication) {
         for member in members.iter().filter(|m| match &publication.to {
             To::All => true,
             To::Master => m.path == *cluster,
-            To::Worker(worker) => m.worker == *worker && m.path != *cluster,
-            To::Fork(..) => Some(&m.path) == fork_path.as_ref(),
+            To::Worker(worker) => m.worker() == worker && m.path != *cluster,
+            To::Fork(..) => fork_path.as_ref().is_some_and(|path| m.path == *path),
         }) {
             if member.path == *cluster {
                 to_master = true;

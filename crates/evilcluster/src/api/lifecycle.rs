@@ -340,7 +340,7 @@ pub fn lifecycle() -> Subscription<Lifecycle> {
 pub(crate) fn other_host(node: &str, members: &[crate::Member], up: bool, reason: &str) {
     for member in members
         .iter()
-        .filter(|m| m.actor.is_some() && m.role != crate::RoleKind::Master)
+        .filter(|m| m.actor().is_some() && m.role != crate::RoleKind::Master)
     {
         let path = format!("{node}:{}", member.path);
         let event = if up {

@@ -77,14 +77,14 @@ pub fn watch<A: RemoteActor>() -> Watch {
         queue: VecDeque::new(),
     };
     for member in crate::members() {
-        if member.actor.as_deref() == Some(A::NAME) {
-            watch.came_up(member.path, member.pid, member.incarnation);
+        if member.actor() == Some(A::NAME) {
+            watch.came_up(member.path.into(), member.pid, member.incarnation);
         }
     }
     #[cfg(feature = "nats")]
     for (node, members) in crate::remote_members() {
         for member in members {
-            if member.actor.as_deref() == Some(A::NAME) && member.role != crate::RoleKind::Master {
+            if member.actor() == Some(A::NAME) && member.role != crate::RoleKind::Master {
                 watch.came_up(format!("{node}:{}", member.path), member.pid, member.incarnation);
             }
         }

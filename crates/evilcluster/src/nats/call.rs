@@ -51,7 +51,9 @@ pub(crate) fn pick(
             .flat_map(|host| {
                 host.members
                     .iter()
-                    .filter(|m| m.actor.as_deref() == Some(actor) && m.socket.is_some() && m.role != RoleKind::Master)
+                    .filter(|m| {
+                        m.actor() == Some(actor) && m.hosting.socket_dir.is_some() && m.role != RoleKind::Master
+                    })
                     .filter(|m| match pick {
                         Pick::Any => true,
                         Pick::Fork(number) => m.fork == Some(number),
@@ -59,7 +61,7 @@ pub(crate) fn pick(
                     .filter(|m| !avoid.iter().any(|(p, i)| *p == m.path && *i == m.incarnation))
                     .map(move |m| RemotePick {
                         node: host.node.clone(),
-                        path: m.path.clone(),
+                        path: m.path.to_string(),
                         incarnation: m.incarnation,
                         lost: host.lost.clone(),
                     })
@@ -238,7 +240,9 @@ pub(crate) fn instances(mesh: &Mesh, actor: &str) -> Vec<(&'static str, Option<u
             .flat_map(|host| {
                 host.members
                     .iter()
-                    .filter(|m| m.actor.as_deref() == Some(actor) && m.socket.is_some() && m.role != RoleKind::Master)
+                    .filter(|m| {
+                        m.actor() == Some(actor) && m.hosting.socket_dir.is_some() && m.role != RoleKind::Master
+                    })
                     .map(|m| (super::intern(&host.node), m.fork))
                     .collect::<Vec<_>>()
             })

@@ -297,16 +297,19 @@ mod tests {
         Member {
             path: path.into(),
             role: RoleKind::Spawn,
-            worker: "w".into(),
-            order: 1,
             fork: None,
             pid: 1,
             incarnation,
-            actor: Some("w".into()),
-            actor_type: None,
-            socket: Some("/tmp/s".into()),
             restarts: 0,
-            listen: None,
+            hosting: crate::node::directory::Hosting {
+                worker: "w".into(),
+                order: 1,
+                actor: Some("w".into()),
+                actor_type: None,
+                socket_dir: Some("/tmp".into()),
+                listen: None,
+            }
+            .shared(),
         }
     }
 

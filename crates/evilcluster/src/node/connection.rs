@@ -46,7 +46,14 @@ const CREDIT_BATCH: usize = WINDOW / 16;
 /// that has this many messages in flight is misbehaving, and the reader
 /// stops reading from it until they are done.
 const MAX_IN_FLIGHT: usize = 2 * WINDOW;
-const READ_BUFFER: usize = 64 * 1024;
+/// A connection's read buffer: the pages a connection's reads have
+/// touched stay with the process, and every process has a connection to
+/// the master (and the master one to every process). Small frames rarely
+/// come more than this many bytes at a time; a larger frame grows it.
+const READ_BUFFER: usize = 16 * 1024;
+/// The outbox buffers' first size. Only the pages written are paid for,
+/// and starting smaller costs more: growing leaves the smaller buffers
+/// behind, touched (measured: the master of 256 forks, 13.7 → 19 MiB).
 const WRITE_BUFFER: usize = 64 * 1024;
 /// A buffer that grew past this for one large message is given back to
 /// the allocator afterwards rather than kept for the process's lifetime.

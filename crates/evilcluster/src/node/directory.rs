@@ -1,3 +1,4 @@
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -6,35 +7,106 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::node::name::Interner;
+pub use crate::node::name::Name;
+
 /// One live process of the cluster, as the registry knows it.
+///
+/// Every process holds one of these for every process of the cluster, so
+/// it is kept small: what a process runs and where it is reached
+/// ([`Hosting`]) is the same for every fork of a worker, and they share one
+/// copy; names clone by pointer ([`Name`]); the socket is derived from the
+/// incarnation ([`Member::socket`]) rather than stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     /// Its path in the tree, e.g. `myapp/webserverApi/2`.
-    pub path: String,
+    #[serde(deserialize_with = "Name::deserialize_unshared")]
+    pub path: Name,
     /// What it is in the tree.
     pub role: RoleKind,
-    /// The worker's name (the cluster's name for the master).
-    pub worker: String,
-    /// Declaration index of the worker (0 for the master), for ordering the tree.
-    pub order: u32,
     /// The fork number, for a fork.
     pub fork: Option<u32>,
     /// Operating-system process id.
     pub pid: u32,
     /// Which start of this path the process is.
     pub incarnation: u64,
-    /// The remote actor it hosts, by `RemoteActor::NAME`.
-    pub actor: Option<String>,
-    /// The Rust type of that actor, for display.
-    pub actor_type: Option<String>,
-    /// The local socket it listens on, when it hosts something.
-    pub socket: Option<String>,
     /// How many times its supervisor restarted this path before this process.
-    #[serde(default)]
     pub restarts: u32,
+    /// What it runs and where it is reached: shared with the other
+    /// processes of its worker that run the same.
+    #[serde(serialize_with = "Hosting::serialize_shared")]
+    #[serde(deserialize_with = "Hosting::deserialize_shared")]
+    pub hosting: Arc<Hosting>,
+}
+
+/// What a process runs and where it is reached: the same for every fork of
+/// a worker, so one copy serves them all in every process
+/// ([`Hosting::shared`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Hosting {
+    /// The worker's name (the cluster's name for the master).
+    pub worker: Name,
+    /// Declaration index of the worker (0 for the master), for ordering the tree.
+    pub order: u32,
+    /// The remote actor it hosts, by `RemoteActor::NAME`.
+    pub actor: Option<Name>,
+    /// The Rust type of that actor, for display.
+    pub actor_type: Option<Name>,
+    /// The directory of the local socket it listens on, when it hosts
+    /// something (the cluster's socket directory): see [`Member::socket`].
+    pub socket_dir: Option<Name>,
     /// The TCP address its worker's processes share ([`Worker::listen`](crate::Worker::listen)).
     #[serde(default)]
-    pub listen: Option<String>,
+    pub listen: Option<Name>,
+}
+
+/// What the members this process knows of run, one copy of each.
+static HOSTINGS: Interner<Hosting> = Interner::new();
+
+impl Hosting {
+    /// The one copy of this that the process shares among the members
+    /// that have it (made if there is none).
+    pub fn shared(self) -> Arc<Hosting> {
+        HOSTINGS.intern(self)
+    }
+
+    fn serialize_shared<S: serde::Serializer>(hosting: &Arc<Hosting>, serializer: S) -> Result<S::Ok, S::Error> {
+        Hosting::serialize(hosting, serializer)
+    }
+
+    fn deserialize_shared<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Arc<Hosting>, D::Error> {
+        Hosting::deserialize(deserializer).map(Hosting::shared)
+    }
+}
+
+impl Member {
+    /// The local socket it listens on, when it hosts something: named by
+    /// its incarnation in [`Hosting::socket_dir`].
+    pub fn socket(&self) -> Option<String> {
+        let dir = self.hosting.socket_dir.as_ref()?;
+        Some(
+            socket_path(Path::new(dir.as_str()), self.incarnation)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+
+    /// The worker's name (the cluster's name for the master).
+    pub fn worker(&self) -> &str {
+        &self.hosting.worker
+    }
+
+    /// The remote actor it hosts, by `RemoteActor::NAME`.
+    pub fn actor(&self) -> Option<&str> {
+        self.hosting.actor.as_deref()
+    }
+}
+
+/// The socket a process of `incarnation` listens on, in the cluster's
+/// socket directory `dir`. Named by incarnation (random), not pid: a pid is
+/// reused, and a killed process leaves its socket file behind.
+pub(crate) fn socket_path(dir: &Path, incarnation: u64) -> PathBuf {
+    dir.join(format!("{incarnation:016x}.sock"))
 }
 
 /// The registry's state, as sent to a process when it subscribes (and
@@ -42,6 +114,7 @@ pub struct Member {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct Snapshot {
     pub version: u64,
+    #[serde(with = "hostings_once::members")]
     pub members: Vec<Member>,
     /// The master has started the whole tree (it stays true from then on).
     #[serde(default)]
@@ -49,12 +122,12 @@ pub(crate) struct Snapshot {
 }
 
 /// One change of the registry's membership.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Change {
     /// A process registered (or registered again: it replaces whatever had its path).
     Joined(Member),
     /// The process at `path` with `incarnation` left (a no-op for any other incarnation).
-    Left { path: String, incarnation: u64 },
+    Left { path: Name, incarnation: u64 },
     /// The master has started the whole tree.
     Ready,
 }
@@ -70,7 +143,155 @@ pub(crate) enum Change {
 pub(crate) struct Delta {
     pub base: u64,
     pub version: u64,
+    #[serde(with = "hostings_once::changes")]
     pub changes: Vec<Change>,
+}
+
+/// On the wire, the members of one snapshot or delta send what they run
+/// once: the distinct [`Hosting`]s first, then each member with the index
+/// of its own. The forks of a worker share one, so a snapshot of N forks
+/// is about N paths and numbers, not N copies of the names and socket
+/// directory: the master writes one to every process, and every process
+/// reads one.
+mod hostings_once {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    #[derive(Serialize)]
+    struct RowOut<'a> {
+        path: &'a str,
+        role: RoleKind,
+        fork: Option<u32>,
+        pid: u32,
+        incarnation: u64,
+        restarts: u32,
+        hosting: u32,
+    }
+
+    #[derive(Deserialize)]
+    struct RowIn {
+        #[serde(deserialize_with = "Name::deserialize_unshared")]
+        path: Name,
+        role: RoleKind,
+        fork: Option<u32>,
+        pid: u32,
+        incarnation: u64,
+        restarts: u32,
+        hosting: u32,
+    }
+
+    #[derive(Serialize)]
+    enum ChangeOut<'a> {
+        Joined(RowOut<'a>),
+        Left { path: &'a str, incarnation: u64 },
+        Ready,
+    }
+
+    #[derive(Deserialize)]
+    enum ChangeIn {
+        Joined(RowIn),
+        Left {
+            #[serde(deserialize_with = "Name::deserialize_unshared")]
+            path: Name,
+            incarnation: u64,
+        },
+        Ready,
+    }
+
+    /// The distinct hostings of one message, in order of first use.
+    #[derive(Default)]
+    struct Table<'a> {
+        hostings: Vec<&'a Hosting>,
+        index: FxHashMap<*const Hosting, u32>,
+    }
+
+    impl<'a> Table<'a> {
+        fn row(&mut self, member: &'a Member) -> RowOut<'a> {
+            let hostings = &mut self.hostings;
+            let hosting = *self.index.entry(Arc::as_ptr(&member.hosting)).or_insert_with(|| {
+                hostings.push(&member.hosting);
+                (hostings.len() - 1) as u32
+            });
+            RowOut {
+                path: &member.path,
+                role: member.role,
+                fork: member.fork,
+                pid: member.pid,
+                incarnation: member.incarnation,
+                restarts: member.restarts,
+                hosting,
+            }
+        }
+    }
+
+    fn member<E: serde::de::Error>(row: RowIn, hostings: &[Arc<Hosting>]) -> Result<Member, E> {
+        let hosting = hostings
+            .get(row.hosting as usize)
+            .ok_or_else(|| E::custom(format!("no hosting {} in the message", row.hosting)))?;
+        Ok(Member {
+            path: row.path,
+            role: row.role,
+            fork: row.fork,
+            pid: row.pid,
+            incarnation: row.incarnation,
+            restarts: row.restarts,
+            hosting: hosting.clone(),
+        })
+    }
+
+    fn shared(hostings: Vec<Hosting>) -> Vec<Arc<Hosting>> {
+        hostings.into_iter().map(Hosting::shared).collect()
+    }
+
+    pub mod members {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(members: &[Member], serializer: S) -> Result<S::Ok, S::Error> {
+            let mut table = Table::default();
+            let rows: Vec<RowOut<'_>> = members.iter().map(|m| table.row(m)).collect();
+            (table.hostings, rows).serialize(serializer)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Member>, D::Error> {
+            let (hostings, rows): (Vec<Hosting>, Vec<RowIn>) = Deserialize::deserialize(deserializer)?;
+            let hostings = shared(hostings);
+            rows.into_iter().map(|row| member(row, &hostings)).collect()
+        }
+    }
+
+    pub mod changes {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(changes: &[Change], serializer: S) -> Result<S::Ok, S::Error> {
+            let mut table = Table::default();
+            let rows: Vec<ChangeOut<'_>> = changes
+                .iter()
+                .map(|change| match change {
+                    Change::Joined(m) => ChangeOut::Joined(table.row(m)),
+                    Change::Left { path, incarnation } => ChangeOut::Left {
+                        path,
+                        incarnation: *incarnation,
+                    },
+                    Change::Ready => ChangeOut::Ready,
+                })
+                .collect();
+            (table.hostings, rows).serialize(serializer)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Change>, D::Error> {
+            let (hostings, rows): (Vec<Hosting>, Vec<ChangeIn>) = Deserialize::deserialize(deserializer)?;
+            let hostings = shared(hostings);
+            rows.into_iter()
+                .map(|row| {
+                    Ok(match row {
+                        ChangeIn::Joined(row) => Change::Joined(member(row, &hostings)?),
+                        ChangeIn::Left { path, incarnation } => Change::Left { path, incarnation },
+                        ChangeIn::Ready => Change::Ready,
+                    })
+                })
+                .collect()
+        }
+    }
 }
 
 /// What [`Directory::apply_delta`] did with a delta.
@@ -94,12 +315,12 @@ const MAX_AHEAD: usize = 64;
 
 /// The members' order in the tree: the registry's and every directory's.
 fn tree_order(member: &Member) -> (u32, Option<u32>, &str) {
-    (member.order, member.fork, &member.path)
+    (member.hosting.order, member.fork, &member.path)
 }
 
 /// The local view, indexed for lookups on the message path and changed in
 /// place by deltas. Members sit behind `Arc`s so that a lookup clones a
-/// pointer, not six strings.
+/// pointer, not a member.
 #[derive(Default)]
 struct Indexed {
     version: u64,
@@ -108,7 +329,7 @@ struct Indexed {
     ready: bool,
     /// In tree order.
     members: Vec<Arc<Member>>,
-    by_actor: FxHashMap<String, ActorEntry>,
+    by_actor: FxHashMap<Name, ActorEntry>,
     /// Deltas that arrived ahead of a gap, until a snapshot fills it.
     ahead: Vec<Delta>,
 }
@@ -123,9 +344,9 @@ impl Indexed {
     fn load(&mut self, snapshot: Snapshot) {
         let mut members: Vec<Arc<Member>> = snapshot.members.into_iter().map(Arc::new).collect();
         members.sort_by(|a, b| tree_order(a).cmp(&tree_order(b)));
-        let mut by_actor: FxHashMap<String, ActorEntry> = FxHashMap::default();
+        let mut by_actor: FxHashMap<Name, ActorEntry> = FxHashMap::default();
         for member in &members {
-            if let (Some(actor), Some(_)) = (&member.actor, &member.socket) {
+            if let (Some(actor), Some(_)) = (&member.hosting.actor, &member.hosting.socket_dir) {
                 by_actor
                     .entry(actor.clone())
                     .or_insert_with(|| ActorEntry {
@@ -161,7 +382,7 @@ impl Indexed {
                 }
                 let at = self.members.partition_point(|m| tree_order(m) < tree_order(&member));
                 self.members.insert(at, member.clone());
-                if let (Some(actor), Some(_)) = (&member.actor, &member.socket) {
+                if let (Some(actor), Some(_)) = (&member.hosting.actor, &member.hosting.socket_dir) {
                     let hosts = &mut self
                         .by_actor
                         .entry(actor.clone())
@@ -186,7 +407,7 @@ impl Indexed {
 
     fn remove_at(&mut self, at: usize) {
         let gone = self.members.remove(at);
-        if let Some(actor) = &gone.actor {
+        if let Some(actor) = &gone.hosting.actor {
             if let Some(entry) = self.by_actor.get_mut(actor) {
                 entry.hosts.retain(|m| !Arc::ptr_eq(m, &gone));
                 if entry.hosts.is_empty() {
@@ -416,18 +637,21 @@ pub(crate) fn declared_forks(worker: &str) -> Option<u32> {
 #[cfg(test)]
 pub(crate) fn test_fork(number: u32) -> Member {
     Member {
-        path: format!("app/w/{number}"),
+        path: format!("app/w/{number}").into(),
         role: RoleKind::Fork,
-        worker: "w".into(),
-        order: 1,
         fork: Some(number),
         pid: 100 + number,
         incarnation: 1,
-        actor: Some("w".into()),
-        actor_type: None,
-        socket: Some(format!("/tmp/{number}.sock")),
         restarts: 0,
-        listen: None,
+        hosting: Hosting {
+            worker: "w".into(),
+            order: 1,
+            actor: Some("w".into()),
+            actor_type: None,
+            socket_dir: Some("/tmp".into()),
+            listen: None,
+        }
+        .shared(),
     }
 }
 
@@ -610,5 +834,118 @@ mod tests {
         let expected = Directory::new();
         expected.apply(snapshot_after(&history));
         assert_eq!(view(&directory), view(&expected));
+    }
+
+    /// Members decoded from the registry's pushes share what they run and
+    /// its names; workers that come and go (a host joining and leaving
+    /// through NATS brings workers of its own) leave nothing behind.
+    #[test]
+    fn members_share_what_they_run_and_leave_nothing_behind() {
+        let directory = Directory::new();
+        directory.apply(Snapshot::default());
+        let mut version = 0;
+        let mut push = |changes: Vec<Change>| {
+            // As received: encoded by the registry, decoded here.
+            let delta = Delta {
+                base: version,
+                version: version + 1,
+                changes,
+            };
+            version += 1;
+            let received: Delta = rmp_serde::from_slice(&rmp_serde::to_vec(&delta).unwrap()).unwrap();
+            assert_eq!(directory.apply_delta(received), Outcome::Applied);
+        };
+        let mut most = 0;
+        for cycle in 0..200u64 {
+            let forks: Vec<Member> = (1..=20)
+                .map(|number| {
+                    let mut member = fork(number);
+                    member.incarnation = cycle;
+                    let mut hosting = Hosting::clone(&member.hosting);
+                    hosting.worker = format!("w{cycle}").into();
+                    member.hosting = Arc::new(hosting);
+                    member
+                })
+                .collect();
+            push(forks.iter().cloned().map(Change::Joined).collect());
+            let members = directory.members();
+            assert_eq!(members.len(), 20);
+            assert!(
+                members.iter().all(|m| Arc::ptr_eq(&m.hosting, &members[0].hosting)),
+                "one copy of what the forks run"
+            );
+            assert_eq!(members[0].worker(), format!("w{cycle}"));
+            most = most.max(HOSTINGS.len());
+            push(
+                forks
+                    .iter()
+                    .map(|m| Change::Left {
+                        path: m.path.clone(),
+                        incarnation: cycle,
+                    })
+                    .collect(),
+            );
+            assert!(directory.members().is_empty());
+        }
+        // Swept once the table doubles (other tests intern a few of their
+        // own meanwhile): far below one per cycle.
+        assert!(most < 100, "{most} held at most");
+    }
+
+    /// A snapshot and a delta come back as they were sent, and what the
+    /// members run is on the wire once per message, not once per member.
+    #[test]
+    fn what_members_run_is_sent_once_per_message() {
+        let mut forks: Vec<Member> = (1..=100).map(fork).collect();
+        let mut master = fork(0);
+        master.hosting = Hosting {
+            worker: "app".into(),
+            order: 0,
+            actor: None,
+            actor_type: None,
+            socket_dir: None,
+            listen: None,
+        }
+        .shared();
+        forks.push(master);
+        let snapshot = Snapshot {
+            version: 7,
+            members: forks.clone(),
+            ready: true,
+        };
+        let sent = rmp_serde::to_vec(&snapshot).unwrap();
+        let received: Snapshot = rmp_serde::from_slice(&sent).unwrap();
+        assert_eq!(received.members, forks);
+        assert!(Arc::ptr_eq(&received.members[0].hosting, &received.members[99].hosting));
+        let one_by_one: usize = forks.iter().map(|m| rmp_serde::to_vec(m).unwrap().len()).sum();
+        assert!(
+            sent.len() * 3 < one_by_one * 2,
+            "{} bytes, against {one_by_one} for the members one by one",
+            sent.len()
+        );
+
+        let mut changes: Vec<Change> = forks.iter().cloned().map(Change::Joined).collect();
+        changes.insert(3, Change::Ready);
+        changes.push(Change::Left {
+            path: "app/w/1".into(),
+            incarnation: 1,
+        });
+        let delta = Delta {
+            base: 1,
+            version: 2,
+            changes,
+        };
+        let received: Delta = rmp_serde::from_slice(&rmp_serde::to_vec(&delta).unwrap()).unwrap();
+        assert_eq!(received.changes, delta.changes);
+
+        // A member pointing past the table is refused, not guessed at.
+        let row = |hosting: u32| {
+            let hostings = vec![Hosting::clone(&forks[0].hosting)];
+            let rows = vec![("app/w/1", RoleKind::Fork, Some(1u32), 1u32, 1u64, 0u32, hosting)];
+            rmp_serde::to_vec(&(7u64, (hostings, rows), false)).unwrap()
+        };
+        assert!(rmp_serde::from_slice::<Snapshot>(&row(0)).is_ok());
+        let error = rmp_serde::from_slice::<Snapshot>(&row(1)).unwrap_err();
+        assert!(error.to_string().contains("no hosting 1"), "{error}");
     }
 }

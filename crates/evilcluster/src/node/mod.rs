@@ -9,6 +9,7 @@ pub(crate) mod connection;
 pub(crate) mod deadline;
 pub(crate) mod directory;
 pub(crate) mod frame_reader;
+pub(crate) mod name;
 pub(crate) mod rpc;
 pub(crate) mod service;
 pub(crate) mod stats;
@@ -27,7 +28,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::{Notify, OnceCell};
 use tracing::{debug, warn};
 
-use crate::node::directory::{Directory, Member, Pick};
+use crate::node::directory::{Directory, Member, Name, Pick};
 use crate::node::stats::Stats;
 use crate::Error;
 use connection::{Link, Payload, Responder, Side, DEFAULT_HANDSHAKE_TIMEOUT};
@@ -388,7 +389,7 @@ impl Node {
             let own = node.identity.path.clone();
             let sent = tokio::time::timeout_at(deadline, async {
                 // Instances that could not take it (stopping too, or gone).
-                let mut refused: Vec<(String, u64)> = Vec::new();
+                let mut refused: Vec<(Name, u64)> = Vec::new();
                 loop {
                     let elsewhere = node
                         .directory
@@ -436,7 +437,7 @@ impl Node {
     pub async fn link_to(self: &Arc<Self>, member: &Member) -> Result<Arc<Link>, String> {
         let cell = {
             let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-            let existing = match links.get(&member.path) {
+            let existing = match links.get(member.path.as_str()) {
                 Some(slot) if slot.incarnation == member.incarnation => match slot.link.get() {
                     Some(link) if !link.is_closed() => return Ok(link.clone()),
                     Some(_closed) => None,
@@ -447,7 +448,7 @@ impl Node {
             existing.unwrap_or_else(|| {
                 let link = Arc::new(OnceCell::new());
                 links.insert(
-                    member.path.clone(),
+                    member.path.to_string(),
                     Slot {
                         incarnation: member.incarnation,
                         link: link.clone(),
@@ -457,8 +458,7 @@ impl Node {
             })
         };
         let socket = member
-            .socket
-            .clone()
+            .socket()
             .ok_or_else(|| format!("{} does not listen", member.path))?;
         let link = cell
             .get_or_try_init(|| {

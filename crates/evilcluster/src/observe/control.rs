@@ -225,7 +225,7 @@ async fn status(node: &Arc<Node>, cluster: String, declared: &[Declared]) -> Sta
 fn other_hosts() -> Vec<ProcessStatus> {
     let mut processes = Vec::new();
     for (node, mut members) in crate::nats::remote_members() {
-        members.sort_by_key(|m| (m.role != RoleKind::Master, m.order, m.fork));
+        members.sort_by_key(|m| (m.role != RoleKind::Master, m.hosting.order, m.fork));
         for member in members {
             let hosts = member.role != RoleKind::Master;
             processes.push(ProcessStatus {
@@ -233,8 +233,13 @@ fn other_hosts() -> Vec<ProcessStatus> {
                 role: member.role,
                 state: ProcessState::Up,
                 pid: Some(member.pid),
-                actor: member.actor.clone().filter(|_| hosts),
-                actor_type: member.actor_type.clone().filter(|_| hosts),
+                actor: member.actor().filter(|_| hosts).map(str::to_owned),
+                actor_type: member
+                    .hosting
+                    .actor_type
+                    .as_deref()
+                    .filter(|_| hosts)
+                    .map(str::to_owned),
                 uptime_ms: None,
                 restarts: member.restarts,
                 messages_in: 0,
@@ -342,7 +347,7 @@ impl Row<'_> {
 
 /// One live process's counters, over its connection with the master.
 async fn fetch(node: &Arc<Node>, member: &Member) -> Option<ProcessStats> {
-    let link = match &member.socket {
+    let link = match &member.hosting.socket_dir {
         Some(_) => node.link_to(member).await.ok()?,
         // It hosts nothing, so it does not listen: use the connection it opened to us.
         None => node.link_for(&member.path, member.incarnation)?,

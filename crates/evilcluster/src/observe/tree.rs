@@ -23,16 +23,19 @@ mod tests {
         Member {
             path: path.into(),
             role: RoleKind::Spawn,
-            worker: String::new(),
-            order: 0,
             fork: None,
             pid,
             incarnation: 1,
-            actor: None,
-            actor_type: None,
-            socket: None,
             restarts: 0,
-            listen: None,
+            hosting: crate::node::directory::Hosting {
+                worker: "".into(),
+                order: 0,
+                actor: None,
+                actor_type: None,
+                socket_dir: None,
+                listen: None,
+            }
+            .shared(),
         }
     }
 

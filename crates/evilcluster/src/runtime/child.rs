@@ -91,11 +91,7 @@ impl Child {
             _ => None,
         };
         let socket = hosted.map(|_| {
-            self.env
-                .socket_dir
-                // Named by incarnation (random), not pid: a pid is reused,
-                // and a killed process leaves its socket file behind.
-                .join(format!("{:016x}.sock", self.env.incarnation))
+            socket_path(&self.env.socket_dir, self.env.incarnation)
                 .to_string_lossy()
                 .into_owned()
         });
@@ -169,21 +165,26 @@ impl Child {
             }
         };
         let member = Member {
-            path: self.env.path.clone(),
+            path: Name::from(&self.env.path),
             role: self.env.role.kind(),
-            worker: worker.name.clone(),
-            order: self.order,
             fork: match self.env.role {
                 Role::Fork { number, .. } => Some(number),
                 _ => None,
             },
             pid: std::process::id(),
             incarnation: self.env.incarnation,
-            actor: hosted.map(|(name, _)| name.to_owned()),
-            actor_type: hosted.map(|(_, type_name)| type_name.to_owned()),
-            socket,
             restarts: self.env.restarts,
-            listen: shared.as_ref().map(|s| s.address.clone()),
+            hosting: Hosting {
+                worker: Name::interned(&worker.name),
+                order: self.order,
+                actor: hosted.map(|(name, _)| Name::interned(name)),
+                actor_type: hosted.map(|(_, type_name)| Name::interned(type_name)),
+                socket_dir: socket
+                    .as_ref()
+                    .map(|_| Name::interned(&self.env.socket_dir.to_string_lossy())),
+                listen: shared.as_ref().map(|s| Name::interned(&s.address)),
+            }
+            .shared(),
         };
         if let Some((forks, open)) = forks {
             // The forks start their actors now, together.
@@ -222,7 +223,7 @@ impl Child {
                 }
                 // New requests go to other instances from now on; the actor
                 // handles what it has already received, then stops.
-                leave(node, &master, path).await;
+                leave(node, &master, path.into()).await;
                 // Peers send new requests elsewhere; what is already on its
                 // way is still handled here, or passed on.
                 node.go_away();

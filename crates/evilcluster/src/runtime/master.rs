@@ -20,8 +20,11 @@ impl Cluster {
             Some(secret) => Cookie::new(secret),
             None => Cookie::new(crate::supervision::process::random_bytes::<32>().to_vec()),
         };
-        let master_socket = run_dir.sockets.join("master.sock").to_string_lossy().into_owned();
         let incarnation = crate::supervision::process::random_incarnation();
+        // Named like every other process's, so that its member says where it is.
+        let master_socket = socket_path(&run_dir.sockets, incarnation)
+            .to_string_lossy()
+            .into_owned();
         run_dir.publish(&master_socket, &cookie)?;
         let node = Node::start(NodeSpec {
             identity: Identity {
@@ -48,18 +51,21 @@ impl Cluster {
             .send(Register {
                 owner: None,
                 member: Member {
-                    path: self.name.clone(),
+                    path: Name::from(&self.name),
                     role: RoleKind::Master,
-                    worker: self.name.clone(),
-                    order: 0,
                     fork: None,
                     pid: std::process::id(),
                     incarnation,
-                    actor: Some(REGISTRY.into()),
-                    actor_type: None,
-                    socket: Some(master_socket.clone()),
                     restarts: 0,
-                    listen: None,
+                    hosting: Hosting {
+                        worker: Name::interned(&self.name),
+                        order: 0,
+                        actor: Some(Name::interned(REGISTRY)),
+                        actor_type: None,
+                        socket_dir: Some(Name::interned(&run_dir.sockets.to_string_lossy())),
+                        listen: None,
+                    }
+                    .shared(),
                 },
             })
             .await;

@@ -23,7 +23,7 @@ use tracing::{debug, error, error_span, info, warn};
 use crate::api::remote::RemoteMessage;
 use crate::api::role::ChildEnv;
 use crate::node::connection::{self, Link, Side};
-use crate::node::directory::Member;
+use crate::node::directory::{socket_path, Hosting, Member, Name};
 use crate::node::rpc::{call, encode};
 use crate::node::transport;
 use crate::node::{Config, Node, NodeSpec};

@@ -317,7 +317,7 @@ impl Worker {
     /// once and hands it to each fork, restarted forks included, so all forks
     /// serve one port and connections are never refused while the spawn is
     /// up. Get it in a fork with [`listener`](crate::listener); the bound
-    /// address is in the spawn's [`Member::listen`](crate::Member::listen).
+    /// address is in the spawn's [`Hosting::listen`](crate::Hosting::listen).
     /// Unix only.
     pub fn listen(mut self, address: impl Into<String>) -> Self {
         self.listen = Some(address.into());
