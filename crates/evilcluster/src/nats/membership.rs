@@ -298,18 +298,8 @@ mod tests {
             path: path.into(),
             role: RoleKind::Spawn,
             fork: None,
-            pid: 1,
             incarnation,
-            restarts: 0,
-            hosting: crate::node::directory::Hosting {
-                worker: "w".into(),
-                order: 1,
-                actor: Some("w".into()),
-                actor_type: None,
-                socket_dir: Some("/tmp".into()),
-                listen: None,
-            }
-            .shared(),
+            ..crate::node::directory::test_fork(1)
         }
     }
 
