@@ -317,9 +317,9 @@ where
     };
     let response = <A as Handler<M>>::handle(act, message, ctx);
     // A handler that returns its result as it is (or in a
-    // `MessageResult`), as most do, is answered at once: its
-    // `MessageResponse` would only pass the value through a oneshot
-    // channel, allocated per message.
+    // `MessageResult`), as most do, is answered at once: every
+    // `MessageResponse` actix has for such a type only passes the value
+    // through a oneshot channel, allocated per message.
     let mut response = Some(response);
     let any: &mut dyn std::any::Any = &mut response;
     if let Some(value) = any.downcast_mut::<Option<M::Result>>().and_then(Option::take) {
