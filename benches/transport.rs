@@ -1,8 +1,9 @@
 //! Transport benchmarks: evilcluster against a raw length-framed Unix socket.
 //!
 //! - `round_trip/{raw,evilcluster}`: one message, await its reply, repeat.
-//! - `pipelined/{raw,evilcluster}`: up to 1,024 requests in flight
-//!   (throughput per message).
+//! - `pipelined/{raw,evilcluster,send_all}`: up to 1,024 requests in
+//!   flight (throughput per message); `evilcluster` with one future per
+//!   call, `send_all` through one `RemoteAddr::send_all` stream.
 //! - `do_send/evilcluster`: `do_send`s, then one `send` once they are all
 //!   handled (throughput per message).
 //! - `large_echo/{raw,evilcluster}/{256 KiB,1 MiB,4 MiB}`: sequential echoes
@@ -117,6 +118,11 @@ fn benchmarks(c: &mut Criterion, actix: Actix<'_>, raw: &SharedRaw, echo: Cluste
     group.bench_function("evilcluster", |b| {
         b.to_async(actix).iter_custom(|n| {
             as_task(async move { echo.pipelined(n, WINDOW).await.expect("evilcluster pipelined sends") })
+        })
+    });
+    group.bench_function("send_all", |b| {
+        b.to_async(actix).iter_custom(|n| {
+            as_task(async move { echo.pipelined_send_all(n, WINDOW).await.expect("evilcluster send_all") })
         })
     });
     group.finish();
