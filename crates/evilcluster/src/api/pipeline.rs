@@ -132,6 +132,10 @@ where
         let this = &mut *self;
         this.drive_newest(cx);
         this.fill();
+        // A call just started that could not be queued at once starts
+        // waiting (for its name, its connection or room) now, not once
+        // the calls ahead of it are done.
+        this.drive_newest(cx);
         let result = match this.calls.front_mut() {
             None => return Poll::Ready(None),
             Some(Call::Ended(_)) => match this.calls.pop_front() {
