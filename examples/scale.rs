@@ -20,8 +20,9 @@
 //!   directory seeing it (**prop1**, polled with single requests), and to
 //!   every fork's (**propN**, polled with broadcasts: an upper bound, to
 //!   within one broadcast);
-//! - **broadcast**: the median of 20 broadcasts of a tiny request to every
-//!   fork, divided by the number of forks (µs per instance);
+//! - **broadcast**: the median of 20 broadcasts (`SCALE_BROADCASTS=n` for
+//!   another count) of a tiny request to every fork, divided by the number
+//!   of forks (µs per instance);
 //! - **rr / one**: 2,000 sequential requests through the worker's name
 //!   (round robin over the forks) against 2,000 to one fork: the ratio;
 //!   **cycle**: 2,000 to each fork in turn, picked by number: what changing
@@ -240,7 +241,8 @@ fn one_size(n: u32) -> ExitCode {
             reply.1.map_err(|e| format!("warm-up broadcast: {e}"))?;
         }
         let mut rounds = Vec::new();
-        for _ in 0..20 {
+        let broadcasts: usize = std::env::var("SCALE_BROADCASTS").ok().and_then(|n| n.parse().ok()).unwrap_or(20);
+        for _ in 0..broadcasts {
             let at = Instant::now();
             let replies = tiny.broadcast(Ping).await;
             rounds.push(at.elapsed());
