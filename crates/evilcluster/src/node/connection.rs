@@ -484,20 +484,14 @@ impl Link {
         match payload {
             // A large payload handed over stays where it is: only the head
             // is encoded here.
-            Outgoing::Shared(payload) if payload.len() >= LARGE_PAYLOAD => with_scratch(|head| {
-                let rest = Frame::Request(Request {
+            Outgoing::Shared(payload) if payload.len() >= LARGE_PAYLOAD => {
+                let frame = Frame::Request(Request {
                     payload: &payload,
-                    ..request.clone()
-                })
-                .encode_head_into(head)
-                .expect("a request frame always encodes");
-                let size = head.len() + rest.len();
-                if size > self.max_frame {
-                    return Err(LinkError::TooLarge { size });
-                }
-                self.queue(head, Outgoing::Shared(payload), budgeted);
-                Ok(())
-            })?,
+                    ..request
+                });
+                self.queue_large(&frame, &payload, budgeted)
+                    .map_err(|size| LinkError::TooLarge { size })?;
+            }
             // Anything else is encoded whole, in one pass, straight into
             // the outbox.
             payload => {
@@ -528,33 +522,37 @@ impl Link {
         Ok(waiter)
     }
 
-    /// Appends one frame to the outbox: its `head` (the body up to the
-    /// payload, see [`Frame::encode_head_into`]) and its payload.
-    fn queue(&self, head: &[u8], payload: Outgoing<'_>, budgeted: usize) {
-        let len = head.len() + payload.as_slice().len();
-        let header = frame_header(u32::try_from(len).expect("frames are checked against the maximum length first"));
-        let was_empty = {
-            let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
-            let Outbox { chunks, frames, .. } = &mut *outbox;
-            let was_empty = frames.is_empty() && chunks.is_empty();
-            frames.extend_from_slice(&header);
-            frames.extend_from_slice(head);
-            match payload {
-                Outgoing::Shared(payload) if payload.len() >= LARGE_PAYLOAD => {
-                    // What was queued before, this frame's head, then its
-                    // payload as it is; later frames go on after it.
-                    chunks.push_back(frames.split().freeze());
-                    chunks.push_back(payload);
-                }
-                payload => frames.extend_from_slice(payload.as_slice()),
+    /// Queues `frame`, whose last field is the large `payload`, without
+    /// copying the payload: its head is copied into the outbox and the
+    /// payload written from where it is (after what was queued before it,
+    /// before what is queued after). Queues nothing, and gives the frame's
+    /// size, when it is over the maximum frame length.
+    fn queue_large(&self, frame: &Frame<'_>, payload: &Bytes, budgeted: usize) -> Result<(), usize> {
+        with_scratch(|head| {
+            let rest = frame.encode_head_into(head).expect("a frame always encodes");
+            debug_assert_eq!(rest.len(), payload.len(), "the payload is the frame's last field");
+            let len = head.len() + rest.len();
+            let header = match u32::try_from(len) {
+                Ok(header) if len <= self.max_frame => frame_header(header),
+                _ => return Err(len),
+            };
+            let was_empty = {
+                let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+                let Outbox { chunks, frames, .. } = &mut *outbox;
+                let was_empty = frames.is_empty() && chunks.is_empty();
+                frames.extend_from_slice(&header);
+                frames.extend_from_slice(head);
+                chunks.push_back(frames.split().freeze());
+                chunks.push_back(payload.clone());
+                self.unwritten.fetch_add(header.len() + len, Ordering::AcqRel);
+                outbox.budgeted += budgeted;
+                was_empty
+            };
+            if was_empty {
+                self.queued.notify_one();
             }
-            self.unwritten.fetch_add(header.len() + len, Ordering::AcqRel);
-            outbox.budgeted += budgeted;
-            was_empty
-        };
-        if was_empty {
-            self.queued.notify_one();
-        }
+            Ok(())
+        })
     }
 
     /// Encodes `frame` straight into the outbox, after its length: a small
@@ -691,19 +689,14 @@ impl Link {
         // deadlock), and the window already bounds them.
         let size = match result {
             // Handed over as it is: a large one is not copied again.
-            Ok(payload) if payload.len() >= LARGE_PAYLOAD => with_scratch(|head| {
+            Ok(payload) if payload.len() >= LARGE_PAYLOAD => {
+                let payload = Bytes::from(payload);
                 let frame = Frame::Reply(Reply {
                     id,
                     result: Ok(ReplyPayload(&payload)),
                 });
-                let rest = frame.encode_head_into(head).expect("a reply frame always encodes");
-                let size = head.len() + rest.len();
-                if size > self.max_frame {
-                    return Err(size);
-                }
-                self.queue(head, Outgoing::Shared(Bytes::from(payload)), 0);
-                Ok(())
-            }),
+                self.queue_large(&frame, &payload, 0)
+            }
             // Encoded into the outbox; its buffer serves the next reply.
             Ok(payload) => {
                 let frame = Frame::Reply(Reply {
@@ -1247,17 +1240,15 @@ async fn read_loop(node: &Arc<Node>, link: &Arc<Link>, mut frames: FramedRead<Re
     tokio::pin!(give_back);
     let mut holding_large = false;
     loop {
-        if freed >= CREDIT_BATCH || (freed > 0 && !frame_buffered(frames.read_buffer())) {
+        if freed >= CREDIT_BATCH || (freed > 0 && !frames.decoder().whole_frame_in(frames.read_buffer())) {
             link.free_slots(std::mem::take(&mut freed));
         }
         let room = link.serving.load(Ordering::Acquire) < MAX_IN_FLIGHT;
         // A frame already read is taken without the select's bookkeeping,
         // which costs as much as handling a small frame; the other branches
         // get their turn when the buffer runs dry, after at most one
-        // buffer's worth of frames. (The check reads a length at the
-        // buffer's start, which is not one in the middle of a frame: the
-        // select then waits for the rest, as always.)
-        let ready = if room && frame_buffered(frames.read_buffer()) {
+        // buffer's worth of frames.
+        let ready = if room && frames.decoder().whole_frame_in(frames.read_buffer()) {
             futures_util::FutureExt::now_or_never(frames.next())
         } else {
             None
@@ -1402,15 +1393,6 @@ impl std::ops::Deref for Payload {
 impl std::fmt::Debug for Payload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Payload({} bytes)", self.len())
-    }
-}
-
-/// Whether the read buffer holds another whole frame (the codec's 4-byte
-/// big-endian length, then that many bytes).
-fn frame_buffered(buffer: &[u8]) -> bool {
-    match buffer.first_chunk::<4>() {
-        Some(length) => buffer.len() - 4 >= u32::from_be_bytes(*length) as usize,
-        None => false,
     }
 }
 

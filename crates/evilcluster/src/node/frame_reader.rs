@@ -70,6 +70,17 @@ impl FrameDecoder {
         self.spare = None;
     }
 
+    /// Whether `buffer` (the read buffer) holds the next frame whole, so
+    /// that decoding it reads nothing more. Not while a frame is half read:
+    /// the buffer then starts in the middle of that frame, not with a
+    /// length.
+    pub(crate) fn whole_frame_in(&self, buffer: &[u8]) -> bool {
+        !self.in_frame
+            && buffer
+                .first_chunk::<HEAD>()
+                .is_some_and(|head| buffer.len() - HEAD >= u32::from_be_bytes(*head) as usize)
+    }
+
     /// A buffer with room for exactly `len` bytes: the spare one when
     /// nothing else holds it any more and it is large enough, else a fresh
     /// one. Either way the spare becomes a handle on the buffer returned.
@@ -192,6 +203,25 @@ mod tests {
             src.extend_from_slice(&wire[at..at + n]);
             at += n;
         }
+    }
+
+    #[test]
+    fn a_whole_frame_is_seen_only_where_a_frame_starts() {
+        let mut decoder = decoder();
+        let mut src = BytesMut::from(&frame(3, 9)[..]);
+        assert!(decoder.whole_frame_in(&src));
+        src.truncate(HEAD + 2);
+        assert!(!decoder.whole_frame_in(&src), "two bytes of three");
+        // Half of a 100-byte frame whose body starts like a short length:
+        // the codec has taken the length, so the buffer does not start one.
+        let mut body = frame(100, 0);
+        body[HEAD..HEAD + HEAD].copy_from_slice(&frame_header(2));
+        let mut src = BytesMut::from(&body[..HEAD + 50]);
+        assert!(decoder.decode(&mut src).expect("valid").is_none());
+        assert!(!decoder.whole_frame_in(&src), "{src:?} is the middle of a frame");
+        src.extend_from_slice(&body[HEAD + 50..]);
+        assert_eq!(decoder.decode(&mut src).expect("valid").map(|f| f.len()), Some(100));
+        assert!(!decoder.whole_frame_in(&src), "nothing left");
     }
 
     #[test]
