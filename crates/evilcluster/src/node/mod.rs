@@ -313,25 +313,22 @@ impl Node {
             return Err((responder, stale));
         }
         let generation = self.services_changed.load(Ordering::Acquire);
-        if cache.get(generation, request.actor).is_none() {
-            let hosted = self
-                .services
+        let lookup = || {
+            self.services
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(request.actor)
-                .cloned();
-            let Some(hosted) = hosted else {
+                .cloned()
+        };
+        let service = match cache.resolve(generation, request.actor, lookup) {
+            None => {
                 let unknown = WireError::UnknownActor {
                     actor: request.actor.to_owned(),
                 };
                 return Err((responder, unknown));
-            };
-            cache.put(generation, request.actor, hosted);
-        }
-        let service = match cache.get(generation, request.actor) {
+            }
             Some(Hosted::Actor(inbox)) => return inbox.deliver(request.tag, payload, responder).map(|()| None),
             Some(Hosted::Service(service)) => service.clone(),
-            None => unreachable!("cached just above"),
         };
         responder.for_actor("the runtime's service");
         match service.dispatch(caller, request.tag, &payload, request.reply) {

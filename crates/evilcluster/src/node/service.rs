@@ -59,24 +59,28 @@ pub(crate) enum Hosted {
 pub(crate) struct HostedCache(Option<(u64, String, Hosted)>);
 
 impl HostedCache {
-    /// What `actor` resolved to while the table was at `generation`.
-    pub(crate) fn get(&self, generation: u64, actor: &str) -> Option<&Hosted> {
-        match &self.0 {
-            Some((at, name, hosted)) if *at == generation && name == actor => Some(hosted),
-            _ => None,
-        }
-    }
-
-    pub(crate) fn put(&mut self, generation: u64, actor: &str, hosted: Hosted) {
-        match &mut self.0 {
-            Some((at, name, cached)) => {
-                *at = generation;
-                name.clear();
-                name.push_str(actor);
-                *cached = hosted;
+    /// What `actor` is hosted as while the table is at `generation`: the
+    /// cached answer, or `lookup`'s (remembered), or `None`.
+    pub(crate) fn resolve(
+        &mut self,
+        generation: u64,
+        actor: &str,
+        lookup: impl FnOnce() -> Option<Hosted>,
+    ) -> Option<&Hosted> {
+        let hit = matches!(&self.0, Some((at, name, _)) if *at == generation && name == actor);
+        if !hit {
+            let hosted = lookup()?;
+            match &mut self.0 {
+                Some((at, name, cached)) => {
+                    *at = generation;
+                    name.clear();
+                    name.push_str(actor);
+                    *cached = hosted;
+                }
+                None => self.0 = Some((generation, actor.to_owned(), hosted)),
             }
-            None => self.0 = Some((generation, actor.to_owned(), hosted)),
         }
+        self.0.as_ref().map(|(_, _, hosted)| hosted)
     }
 }
 
@@ -220,18 +224,26 @@ mod tests {
     }
 
     #[test]
-    fn a_cached_name_is_found_only_at_its_generation() {
+    fn a_cached_name_is_looked_up_again_when_the_table_or_the_name_changes() {
+        let lookups = std::cell::Cell::new(0);
         let mut cache = HostedCache::default();
-        assert!(cache.get(0, "store").is_none());
-        cache.put(3, "store", hosted());
-        assert!(cache.get(3, "store").is_some());
-        // Anything hosted or removed since: looked up again.
-        assert!(cache.get(4, "store").is_none());
-        // Another name: looked up.
-        assert!(cache.get(3, "stor").is_none());
-        assert!(cache.get(3, "store2").is_none());
-        cache.put(4, "echo", hosted());
-        assert!(cache.get(4, "echo").is_some());
-        assert!(cache.get(4, "store").is_none());
+        let mut resolve = |generation: u64, actor: &str| {
+            cache
+                .resolve(generation, actor, || {
+                    lookups.set(lookups.get() + 1);
+                    Some(hosted())
+                })
+                .is_some()
+        };
+        assert!(resolve(3, "store"));
+        assert!(resolve(3, "store"));
+        assert_eq!(lookups.get(), 1, "the second request for the same name is cached");
+        // Anything hosted or removed since, or another name: looked up again.
+        assert!(resolve(4, "store"));
+        assert!(resolve(4, "stor"));
+        assert!(resolve(4, "store2"));
+        assert_eq!(lookups.get(), 4);
+        // A name nothing hosts: not found.
+        assert!(cache.resolve(5, "ghost", || None).is_none());
     }
 }
