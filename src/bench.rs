@@ -510,13 +510,14 @@ fn blob(seq: u64, len: usize) -> serde_bytes::ByteBuf {
     serde_bytes::ByteBuf::from(bytes)
 }
 
+/// Checks echoed bytes (a [`blob`] or a [`raw_frame`]): `seq`, at `len`.
 fn check_blob(bytes: &[u8], seq: u64, len: usize) -> Result<(), BenchError> {
     let got = bytes
         .get(..8)
         .map_or(u64::MAX, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
     expect(seq, got)?;
     if bytes.len() != len.max(8) {
-        return Err(BenchError::Io(io::Error::other("echoed blob of the wrong length")));
+        return Err(BenchError::Io(io::Error::other("echoed bytes of the wrong length")));
     }
     Ok(())
 }
@@ -528,14 +529,7 @@ async fn check_echo(
     len: usize,
 ) -> Result<(), BenchError> {
     let body = reader.next().await.ok_or(BenchError::Closed)??;
-    let got = body
-        .get(..8)
-        .map_or(u64::MAX, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
-    expect(seq, got)?;
-    if body.len() != len.max(8) {
-        return Err(BenchError::Io(io::Error::other("echoed frame of the wrong length")));
-    }
-    Ok(())
+    check_blob(&body, seq, len)
 }
 
 // ------------------------------------------------------------------ the C floor

@@ -121,8 +121,7 @@ fn a_lost_host_fails_calls_in_flight_at_once_and_leaves_the_directory() {
     c.expect_line("started");
     // The call to A reached its handler.
     a.expect_containing("handling sleep on a");
-    a.signal(rustix::process::Signal::KILL);
-    let _ = a.wait();
+    a.kill();
     // The call that went to A ends with a typed error well before its
     // 60 s deadline (the host timeout is 2 s); the other one is unharmed.
     let failed = c.expect_line("failed");
@@ -324,8 +323,7 @@ fn a_remote_instance_is_watched_and_seen_down_when_its_host_is_lost() {
     c.command("watch");
     c.expect_line("watch up a:natsapp/echo/");
     c.expect_line("watch up a:natsapp/echo/");
-    a.signal(rustix::process::Signal::KILL);
-    let _ = a.wait();
+    a.kill();
     let down = c.expect_line("watch down a:natsapp/echo/");
     assert!(down.contains("node lost"), "{down}");
     c.expect_line("watch down a:natsapp/echo/");

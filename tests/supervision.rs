@@ -58,13 +58,7 @@ fn spawns_start_in_declaration_order_each_once_the_one_before_is_ready() {
     let mut sup = Sup::start(&["--pool", "2", "--slow-start", "a=300,c=300"]);
     // The last event of the start; every earlier one is printed before it.
     sup.event("ready sup/pool ");
-    let events: Vec<String> = sup
-        .fixture
-        .seen
-        .iter()
-        .filter_map(|line| line.strip_prefix("event "))
-        .map(|event| event.split(' ').take(2).collect::<Vec<_>>().join(" "))
-        .collect();
+    let events = sup.events_seen();
     let at = |event: &str| {
         let found: Vec<usize> = (0..events.len()).filter(|&i| events[i] == event).collect();
         assert_eq!(found.len(), 1, "{event} once: {events:#?}");
@@ -437,12 +431,9 @@ fn a_rolling_restart_replaces_every_fork_while_no_http_request_fails() {
     // events are printed by another thread of the master than the reply.)
     sup.event("restarted sup/pool/3 ");
     let order: Vec<String> = sup
-        .fixture
-        .seen
-        .iter()
-        .filter_map(|l| l.strip_prefix("event "))
-        .filter(|l| l.starts_with("exited sup/pool/") || l.starts_with("restarted sup/pool/"))
-        .map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" "))
+        .events_seen()
+        .into_iter()
+        .filter(|e| e.starts_with("exited sup/pool/") || e.starts_with("restarted sup/pool/"))
         .collect();
     assert_eq!(
         order,

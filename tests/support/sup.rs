@@ -65,6 +65,16 @@ impl Sup {
             .collect()
     }
 
+    /// Every event seen so far, as `"{kind} {path}"`, in order.
+    pub fn events_seen(&self) -> Vec<String> {
+        self.fixture
+            .seen
+            .iter()
+            .filter_map(|line| line.strip_prefix("event "))
+            .map(|event| event.split(' ').take(2).collect::<Vec<_>>().join(" "))
+            .collect()
+    }
+
     /// The pid from the `ready` event of `path` (the next one not yet read).
     pub fn ready(&mut self, path: &str) -> u32 {
         self.event(&format!("ready {path} "))[0].parse().expect("pid")
