@@ -50,6 +50,11 @@ fn send_all_pipelines_calls_and_yields_their_results_in_order() {
 }
 
 #[test]
+fn a_fork_sleeps_once_per_request_not_again_when_its_reply_is_read() {
+    scenario_passes("wakeups");
+}
+
+#[test]
 fn a_request_in_flight_to_a_dying_process_fails_with_disconnected() {
     scenario_passes("disconnect");
 }

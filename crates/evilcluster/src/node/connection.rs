@@ -921,7 +921,8 @@ pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Re
     let max_frame = node.config.max_frame_length;
     // Small frames until the peer has proved the cookie: a stranger cannot
     // make this process reserve the full frame limit.
-    let mut framed = Framed::new(transport::into_io(stream), codec(handshake::MAX_HANDSHAKE_FRAME));
+    let io = transport::into_io(stream).map_err(HandshakeError::Io)?;
+    let mut framed = Framed::new(io, codec(handshake::MAX_HANDSHAKE_FRAME));
     let nonce = random_nonce();
     let handshake = async {
         match side {
@@ -1598,8 +1599,10 @@ mod tests {
             .build()
             .unwrap();
         runtime.block_on(async {
-            let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
-            let (_, mut write) = ours.into_split();
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            let (_, mut write) = transport::Io::new(ours).unwrap().split();
+            theirs.set_nonblocking(true).unwrap();
+            let theirs = tokio::net::UnixStream::from_std(theirs).unwrap();
             let writer = tokio::spawn(async move { write_chunks(&mut write, &mut chunks, &frames, &mut false).await });
             let mut reader = FramedRead::new(theirs, codec(1 << 20));
             for expected in &sent {
@@ -1631,8 +1634,10 @@ mod tests {
             .build()
             .unwrap();
         let (kept, _theirs) = runtime.block_on(async {
-            let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
-            let (_, mut write) = ours.into_split();
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            let (_, mut write) = transport::Io::new(ours).unwrap().split();
+            theirs.set_nonblocking(true).unwrap();
+            let theirs = tokio::net::UnixStream::from_std(theirs).unwrap();
             let mut kept = false;
             write_chunks(&mut write, &mut chunks, b"tail", &mut kept).await.unwrap();
             (kept, theirs)

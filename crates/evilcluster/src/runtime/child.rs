@@ -66,7 +66,7 @@ impl Cluster {
             cookie,
             order: index as u32 + 1,
         };
-        actix_rt::System::new().block_on(child.run(worker, gate, stop_requests))
+        super::run_system(child.run(worker, gate, stop_requests))
     }
 }
 

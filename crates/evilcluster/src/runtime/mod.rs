@@ -12,6 +12,7 @@
 //! observability); nothing uses it but the crate root.
 
 use std::future::Future;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -242,7 +243,7 @@ impl Cluster {
             None => {
                 let span = error_span!("master", cluster = %self.name, pid = std::process::id());
                 let _entered = span.enter();
-                actix_rt::System::new().block_on(async move {
+                run_system(async move {
                     let mut signal = std::pin::pin!(listen_for_shutdown());
                     let cluster = match self.start_unless(&mut signal).await {
                         Err(Error::Interrupted) => return Ok(()),
@@ -284,29 +285,42 @@ impl Cluster {
         let span = error_span!("master", cluster = %self.name, pid = std::process::id());
         let _entered = span.enter();
         actix_rt::System::new().block_on(async move {
-            let mut signal = std::pin::pin!(listen_for_shutdown());
-            let cluster = self.start_unless(&mut signal).await?;
-            // A task rather than part of the root future: waking the root
-            // costs the runtime a syscall per wake-up.
+            let mut signal = Box::pin(listen_for_shutdown());
+            let cluster = Rc::new(self.start_unless(&mut signal).await?);
+            // `main`, and what else ends the run, each in a task of its own:
+            // the system polls its root future again on every wake-up (see
+            // `run_system`), so the root only holds two join handles.
             let mut main = actix_rt::spawn(main(cluster.running()));
+            let watched = Rc::clone(&cluster);
+            let mut stopping = actix_rt::spawn(async move {
+                tokio::select! {
+                    gave_up = watched.gave_up() => Err(gave_up),
+                    () = signal => Err(Error::Interrupted),
+                    () = watched.stop_requested() => Err(Error::Interrupted),
+                }
+            });
+            // Whichever ends first, the other is over (or cancelled, and
+            // dropped once awaited) before the tree stops: `main` may still
+            // be using it, and the watching task holds the cluster.
             let outcome = tokio::select! {
-                gave_up = cluster.gave_up() => {
-                    main.abort();
-                    Err(gave_up)
+                value = &mut main => {
+                    stopping.abort();
+                    let _ = stopping.await;
+                    match value {
+                        Ok(value) => Ok(value),
+                        Err(failed) => std::panic::resume_unwind(failed.into_panic()),
+                    }
                 }
-                value = &mut main => match value {
-                    Ok(value) => Ok(value),
-                    Err(failed) => std::panic::resume_unwind(failed.into_panic()),
-                },
-                () = signal => {
+                stopped = &mut stopping => {
                     main.abort();
-                    Err(Error::Interrupted)
-                }
-                () = cluster.stop_requested() => {
-                    main.abort();
-                    Err(Error::Interrupted)
+                    let _ = main.await;
+                    match stopped {
+                        Ok(reason) => reason,
+                        Err(failed) => std::panic::resume_unwind(failed.into_panic()),
+                    }
                 }
             };
+            let cluster = Rc::into_inner(cluster).expect("the watching task has ended");
             cluster.shutdown().await?;
             outcome
         })
@@ -319,6 +333,31 @@ impl Cluster {
     pub async fn start(self) -> Result<ClusterHandle> {
         self.start_unless(std::future::pending()).await
     }
+}
+
+/// Runs `root` to its end on a fresh actix system, as a task of its own.
+///
+/// The system polls its root future again whenever any of its tasks is
+/// woken (tokio's `LocalSet::run_until`): a root that waits on several
+/// things (signals, stop requests, the supervisor) would be polled on every
+/// message this process handles. A task is polled only when one of its own
+/// wakers fires, and the root left is a join handle, cheap to poll.
+pub(crate) fn run_system<F>(root: F) -> F::Output
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    actix_rt::System::new().block_on(async move {
+        // Boxed first: passed by value through the spawn's layers, a large
+        // future would be copied down the stack at each (measured: 20 KiB
+        // more stack per process).
+        match actix_rt::spawn(Box::pin(root)).await {
+            Ok(output) => output,
+            // Only a panic ends a task early here: nothing aborts it, and
+            // the system outlives it.
+            Err(failed) => std::panic::resume_unwind(failed.into_panic()),
+        }
+    })
 }
 
 /// What the cross-host layer tells the API about other hosts.

@@ -1,14 +1,21 @@
 //! Local sockets through `interprocess`: Unix domain sockets in a private
 //! directory on Unix, named pipes on Windows.
 
+#[cfg(unix)]
+mod unix;
+
 use std::io;
+#[cfg(not(unix))]
 use std::pin::Pin;
+#[cfg(not(unix))]
 use std::sync::Arc;
+#[cfg(not(unix))]
 use std::task::{Context, Poll};
 
 use interprocess::local_socket::tokio::{Listener, Stream};
 use interprocess::local_socket::traits::tokio::{Listener as _, Stream as _};
 use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
+#[cfg(not(unix))]
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Binds a listener on `path` (a socket file inside the cluster's private directory).
@@ -27,37 +34,35 @@ pub(crate) async fn accept(listener: &Listener) -> io::Result<Stream> {
     listener.accept().await
 }
 
-/// Turns a connected stream into the halves the reader and writer tasks own.
+/// Turns a connected stream into the stream the handshake runs on.
 ///
-/// On Unix the stream is tokio's own `UnixStream`, whose owned halves skip
-/// the extra read that would otherwise end every burst (tokio knows a short
-/// read drained the socket).
+/// On Unix the socket is registered for readability only (see [`unix`]).
 #[cfg(unix)]
-pub(crate) fn into_io(stream: Stream) -> Io {
+pub(crate) fn into_io(stream: Stream) -> io::Result<Io> {
     match stream {
-        Stream::UdSocket(stream) => tokio::net::UnixStream::from(stream),
+        Stream::UdSocket(stream) => unix::Io::new(std::os::fd::OwnedFd::try_from(stream)?.into()),
     }
 }
 
 /// See the Unix version.
 #[cfg(not(unix))]
-pub(crate) fn into_io(stream: Stream) -> Io {
-    SharedStream(Arc::new(stream))
+pub(crate) fn into_io(stream: Stream) -> io::Result<Io> {
+    Ok(SharedStream(Arc::new(stream)))
 }
 
 /// A connected stream, before it is split.
 #[cfg(unix)]
-pub(crate) type Io = tokio::net::UnixStream;
+pub(crate) type Io = unix::Io;
 /// A connected stream, before it is split.
 #[cfg(not(unix))]
 pub(crate) type Io = SharedStream;
 
 /// The reading half of an [`Io`].
 #[cfg(unix)]
-pub(crate) type ReadHalf = tokio::net::unix::OwnedReadHalf;
+pub(crate) type ReadHalf = unix::ReadHalf;
 /// The writing half of an [`Io`].
 #[cfg(unix)]
-pub(crate) type WriteHalf = tokio::net::unix::OwnedWriteHalf;
+pub(crate) type WriteHalf = unix::WriteHalf;
 /// The reading half of an [`Io`].
 #[cfg(not(unix))]
 pub(crate) type ReadHalf = SharedStream;
@@ -67,7 +72,7 @@ pub(crate) type WriteHalf = SharedStream;
 
 #[cfg(unix)]
 pub(crate) fn split(io: Io) -> (ReadHalf, WriteHalf) {
-    io.into_split()
+    io.split()
 }
 
 #[cfg(not(unix))]
@@ -79,15 +84,17 @@ pub(crate) fn split(io: Io) -> (ReadHalf, WriteHalf) {
 ///
 /// `interprocess` reads and writes through `&Stream`, so both halves hold the
 /// same `Arc` instead of splitting the stream.
-#[cfg_attr(unix, allow(dead_code))]
+#[cfg(not(unix))]
 pub(crate) struct SharedStream(pub Arc<Stream>);
 
+#[cfg(not(unix))]
 impl AsyncRead for SharedStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut &*self.0).poll_read(cx, buf)
     }
 }
 
+#[cfg(not(unix))]
 impl AsyncWrite for SharedStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut &*self.0).poll_write(cx, buf)
