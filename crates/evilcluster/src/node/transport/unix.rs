@@ -106,7 +106,7 @@ impl AsyncRead for ReadHalf {
                     if n > 0 && n < offered {
                         ready.clear_ready();
                     }
-                    this.offer = if n == offered {
+                    this.offer = if n > 0 && n == offered {
                         offered.saturating_mul(4)
                     } else {
                         (this.offer / 4).max(n.next_power_of_two()).max(LEAST_OFFER)
@@ -157,6 +157,7 @@ impl WriteHalf {
 
 impl AsyncWrite for WriteHalf {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        // std sends with MSG_NOSIGNAL.
         self.get_mut()
             .poll_write_with(cx, buf.len(), |mut socket| socket.write(buf))
     }
@@ -167,8 +168,13 @@ impl AsyncWrite for WriteHalf {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let wanted = bufs.iter().map(|b| b.len()).sum();
-        self.get_mut()
-            .poll_write_with(cx, wanted, |mut socket| socket.write_vectored(bufs))
+        // `sendmsg` rather than `writev`: a peer gone raises an error, not
+        // SIGPIPE, in a program that does not ignore the signal.
+        self.get_mut().poll_write_with(cx, wanted, |socket| {
+            let mut no_control = rustix::net::SendAncillaryBuffer::default();
+            rustix::net::sendmsg(socket, bufs, &mut no_control, rustix::net::SendFlags::NOSIGNAL)
+                .map_err(io::Error::from)
+        })
     }
 
     fn is_write_vectored(&self) -> bool {
