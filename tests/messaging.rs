@@ -65,6 +65,11 @@ fn each_event_route_reaches_exactly_the_processes_it_names() {
 }
 
 #[test]
+fn a_burst_of_events_costs_the_master_its_bytes_once_not_once_per_process() {
+    scenario_passes("event_burst");
+}
+
+#[test]
 fn broadcast_reaches_every_fork_and_reports_a_dead_one() {
     scenario_passes("broadcast");
 }

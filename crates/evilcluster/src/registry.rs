@@ -13,13 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 use actix::{Actor, Addr, AsyncContext, Context, Handler, Message};
+use bytes::Bytes;
 use evilcluster_wire::WireError;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::api::remote::RemoteMessage;
-use crate::node::connection::Link;
+use crate::node::connection::{Link, Outgoing};
 use crate::node::directory::{Change, Delta, Directory, Member, Name, Outcome, Snapshot};
 use crate::node::service::{check_identity, check_master, decode_payload, encode_reply, Dispatch, Service};
 use crate::node::Node;
@@ -279,9 +280,14 @@ impl Handler<Flush> for Registry {
             changes: std::mem::take(&mut self.pending),
         };
         self.pushed = self.version;
-        let payload = rmp_serde::to_vec(&delta).expect("a delta always encodes");
+        // Encoded once; every subscriber's connection writes it from this
+        // one buffer (a burst of joins makes it one entry per member).
+        let payload = Bytes::from(rmp_serde::to_vec(&delta).expect("a delta always encodes"));
         self.subscribers.retain(|(link, incarnation)| match link.upgrade() {
-            Some(link) => crate::node::rpc::push(&link, DIRECTORY, DELTA_TAG, *incarnation, &payload).is_ok(),
+            Some(link) => {
+                let payload = Outgoing::Shared(payload.clone());
+                crate::node::rpc::push(&link, DIRECTORY, DELTA_TAG, *incarnation, payload).is_ok()
+            }
             None => false,
         });
     }

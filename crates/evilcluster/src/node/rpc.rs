@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::node::connection::{Failure, Link, LinkError, Payload, ReplyWaiter};
+use crate::node::connection::{Failure, Link, LinkError, Outgoing, Payload, ReplyWaiter};
 use crate::SendError;
 
 /// The instant `timeout` from now, or a far one for a timeout too large to add.
@@ -100,14 +100,16 @@ pub(crate) async fn call(
 /// Sends one message of the runtime's own on `link` and waits for nothing
 /// (a directory push, an event delivery). Like [`call`], it takes no place
 /// in the flow-control window: these are the runtime's, not the actors'.
+/// A payload pushed to many connections is best handed over as
+/// [`Outgoing::Shared`]: then all of them write it from one buffer.
 pub(crate) fn push(
     link: &Link,
     actor: &'static str,
     tag: &'static str,
     incarnation: u64,
-    payload: &[u8],
+    payload: Outgoing<'_>,
 ) -> Result<(), SendError> {
-    link.request(actor, tag, incarnation, payload, false, None)
+    link.request_payload(actor, tag, incarnation, payload, false, None)
         .map(drop)
         .map_err(|error| link_error(link, actor, tag, error))
 }

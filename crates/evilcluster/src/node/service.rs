@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use evilcluster_wire::WireError;
 use futures_util::future::BoxFuture;
-use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde::Serialize;
 
 use crate::node::connection::{Link, Payload, Responder, LARGE_PAYLOAD};
@@ -117,7 +117,7 @@ pub(crate) fn check_master(caller: Option<&Arc<Link>>) -> Result<(), WireError> 
 }
 
 /// Decodes a request's payload, or says why it did not decode.
-pub(crate) fn decode_payload<T: DeserializeOwned>(tag: &str, payload: &[u8]) -> Result<T, WireError> {
+pub(crate) fn decode_payload<'a, T: Deserialize<'a>>(tag: &str, payload: &'a [u8]) -> Result<T, WireError> {
     rmp_serde::from_slice(payload).map_err(|e| WireError::Decode {
         tag: tag.to_owned(),
         detail: e.to_string(),
