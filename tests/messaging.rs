@@ -70,6 +70,11 @@ fn a_burst_of_events_costs_the_master_its_bytes_once_not_once_per_process() {
 }
 
 #[test]
+fn an_event_published_from_a_thread_outside_the_runtime_is_delivered() {
+    scenario_passes("event_from_a_plain_thread");
+}
+
+#[test]
 fn broadcast_reaches_every_fork_and_reports_a_dead_one() {
     scenario_passes("broadcast");
 }

@@ -281,16 +281,22 @@ fn fan_out_here(node: &Arc<Node>, publication: Publication) {
         queued.push(Queued { to, encoded });
         queued.len() == 1
     });
-    if first {
-        let node = Arc::downgrade(node);
-        actix_rt::spawn(async move {
-            // After the tasks that are ready now: what they publish joins.
-            tokio::task::yield_now().await;
-            if let Some(node) = node.upgrade() {
-                fan_out_queued(&node);
-            }
-        });
+    if !first {
+        return;
     }
+    if actix_rt::Arbiter::try_current().is_none() {
+        // Published from a thread of the program's own, with no arbiter
+        // to send the batch later: sent now.
+        return fan_out_queued(node);
+    }
+    let node = Arc::downgrade(node);
+    actix_rt::spawn(async move {
+        // After the tasks that are ready now: what they publish joins.
+        tokio::task::yield_now().await;
+        if let Some(node) = node.upgrade() {
+            fan_out_queued(&node);
+        }
+    });
 }
 
 /// In the master: sends every queued publication to the other processes
