@@ -109,18 +109,9 @@ struct Publication {
 }
 
 /// One event of a delivery from the master (a delivery is an array of
-/// them, in the order they were published).
-#[derive(Serialize)]
-struct ArrivalOut<'a> {
-    tag: &'a str,
-    from: &'a str,
-    #[serde(with = "serde_bytes")]
-    payload: &'a [u8],
-}
-
-/// [`ArrivalOut`] as a process reads it, in place in the frame.
-#[derive(Deserialize)]
-struct ArrivalIn<'a> {
+/// them, in the order they were published); read in place in the frame.
+#[derive(Serialize, Deserialize)]
+struct Arrival<'a> {
     tag: &'a str,
     from: &'a str,
     #[serde(with = "serde_bytes")]
@@ -174,7 +165,7 @@ pub async fn publish<E: Event>(to: To, event: &E) -> Result<(), PublishError> {
         EVENTS,
         PUBLISH_TAG,
         master.peer.incarnation,
-        Outgoing::Shared(body.into()),
+        Outgoing::Borrowed(&body),
     )
     .map_err(|_| SendError::Disconnected {
         actor: EVENTS,
@@ -230,7 +221,7 @@ pub(crate) fn deliver_here<E: Event>(event: &E) {
 /// In the master: a publication taken in and not yet fanned out.
 struct Queued {
     to: To,
-    /// The publication as one entry of a delivery (see [`ArrivalOut`]).
+    /// The publication as one entry of a delivery (see [`Arrival`]).
     encoded: Bytes,
 }
 
@@ -260,7 +251,7 @@ const DELIVERY_BYTES: usize = 256 * 1024;
 /// route names, with the others taken in before the publishing task yields.
 fn fan_out_here(node: &Arc<Node>, publication: Publication) {
     let Publication { to, tag, from, payload } = publication;
-    let entry = ArrivalOut {
+    let entry = Arrival {
         tag: &tag,
         from: &from,
         payload: &payload,
@@ -301,7 +292,7 @@ fn fan_out_here(node: &Arc<Node>, publication: Publication) {
 
 /// In the master: sends every queued publication to the other processes
 /// it is for, in the order taken in.
-pub(crate) fn fan_out_queued(node: &Node) {
+fn fan_out_queued(node: &Node) {
     let batch = with_queued(std::mem::take);
     if batch.is_empty() {
         return;
@@ -354,36 +345,35 @@ pub(crate) fn fan_out_queued(node: &Node) {
 }
 
 /// The deliveries that carry the `picked` publications of `batch`, in
-/// order: each an array of [`ArrivalOut`]s (encoded once, when taken in)
-/// of about [`DELIVERY_BYTES`] at most (a larger event goes alone).
+/// order: each an array of [`Arrival`]s (encoded once, when taken in) of
+/// about [`DELIVERY_BYTES`] at most (a larger event goes alone).
 fn deliveries(batch: &[Queued], picked: &[u32]) -> Vec<Bytes> {
+    let encoded = |index: u32| &batch[index as usize].encoded;
     let mut deliveries = Vec::new();
-    let mut rest = picked;
-    while !rest.is_empty() {
-        let mut size = 0;
-        let count = rest
-            .iter()
-            .take_while(|&&index| {
-                size += batch[index as usize].encoded.len();
-                size <= DELIVERY_BYTES
-            })
-            .count()
-            .max(1);
-        let (these, later) = rest.split_at(count);
-        let size = these
-            .iter()
-            .map(|&index| batch[index as usize].encoded.len())
-            .sum::<usize>();
-        let mut out = Vec::with_capacity(size + 5);
-        let count = u32::try_from(these.len()).expect("fewer than 2^32 events in one delivery");
-        rmp::encode::write_array_len(&mut out, count).expect("a Vec takes any length");
-        for &index in these {
-            out.extend_from_slice(&batch[index as usize].encoded);
+    let (mut start, mut size) = (0, 0);
+    for (at, &index) in picked.iter().enumerate() {
+        let len = encoded(index).len();
+        if at > start && size + len > DELIVERY_BYTES {
+            deliveries.push(delivery(picked[start..at].iter().map(|&i| encoded(i)), size));
+            (start, size) = (at, 0);
         }
-        deliveries.push(Bytes::from(out));
-        rest = later;
+        size += len;
+    }
+    if start < picked.len() {
+        deliveries.push(delivery(picked[start..].iter().map(|&i| encoded(i)), size));
     }
     deliveries
+}
+
+/// One delivery: an array of the `events` (already encoded, `size` bytes).
+fn delivery<'a>(events: impl ExactSizeIterator<Item = &'a Bytes>, size: usize) -> Bytes {
+    let mut out = Vec::with_capacity(size + 5);
+    let count = u32::try_from(events.len()).expect("fewer than 2^32 events in one delivery");
+    rmp::encode::write_array_len(&mut out, count).expect("a Vec takes any length");
+    for event in events {
+        out.extend_from_slice(event);
+    }
+    Bytes::from(out)
 }
 
 /// Hands an arrived event to this process's subscribers; `payload` is
@@ -411,7 +401,7 @@ impl Service for EventService {
             DELIVER_TAG => {
                 // Only the master fans events out.
                 check_master(caller)?;
-                let arrivals: Vec<ArrivalIn<'_>> = decode_payload(tag, payload)?;
+                let arrivals: Vec<Arrival<'_>> = decode_payload(tag, payload)?;
                 for arrival in arrivals {
                     deliver(arrival.tag, arrival.from, || Bytes::copy_from_slice(arrival.payload));
                 }
@@ -481,7 +471,7 @@ mod tests {
 
     fn queued(n: usize, size: usize) -> Queued {
         let payload = vec![n as u8; size];
-        let entry = ArrivalOut {
+        let entry = Arrival {
             tag: "t",
             from: "c/w",
             payload: &payload,
@@ -512,7 +502,7 @@ mod tests {
         let all = deliveries(&batch, &picked);
         let mut seen = Vec::new();
         for delivery in &all {
-            let arrivals: Vec<ArrivalIn<'_>> = rmp_serde::from_slice(delivery).unwrap();
+            let arrivals: Vec<Arrival<'_>> = rmp_serde::from_slice(delivery).unwrap();
             assert!(
                 delivery.len() <= DELIVERY_BYTES + 5 || arrivals.len() == 1,
                 "a delivery of {} bytes holds {} events",
@@ -531,7 +521,7 @@ mod tests {
         assert_eq!(all.len(), 5);
 
         let some = deliveries(&batch, &[3, 0]);
-        let arrivals: Vec<ArrivalIn<'_>> = rmp_serde::from_slice(&some[0]).unwrap();
+        let arrivals: Vec<Arrival<'_>> = rmp_serde::from_slice(&some[0]).unwrap();
         let firsts: Vec<_> = arrivals.iter().map(|a| a.payload[0]).collect();
         assert_eq!((some.len(), firsts), (1, vec![3, 0]));
     }

@@ -260,8 +260,6 @@ impl ClusterHandle {
         #[cfg(feature = "nats")]
         crate::nats::leave().await;
         self.supervisor.shutdown().await;
-        // Events published on the way down, for the processes still there.
-        crate::api::events::fan_out_queued(&self.node);
         self.node.stop();
         if let Some(run_dir) = self.run_dir.take() {
             run_dir.close()?;
