@@ -27,6 +27,13 @@
 //!   (round robin over the forks) against 2,000 to one fork: the ratio;
 //!   **cycle**: 2,000 to each fork in turn, picked by number: what changing
 //!   the receiving process costs without the round robin;
+//! - **raw**: the same figures with no runtime at all, before the tree
+//!   starts: N echo processes (this program again) behind raw
+//!   length-framed Unix sockets; a broadcast (a frame written to each, then
+//!   every echo read; median of as many as above, per instance), and 2,000
+//!   sequential echoes to the first (**one**) against round robin over all
+//!   N (**rr/1**): what this machine charges for waking many processes, and
+//!   a different one each time;
 //! - **stop**: `ClusterHandle::shutdown` (every process gone), total and
 //!   per process;
 //! - **fds** and **sockets** per process: open descriptors and those that
@@ -39,6 +46,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use evilcluster::prelude::*;
+use evilcluster_suite::bench::{self, RawEchoServer};
 
 /// The tiny actor every fork hosts.
 #[derive(Default)]
@@ -110,6 +118,8 @@ fn spawns(n: u32) -> Cluster {
 }
 
 fn main() -> ExitCode {
+    // The raw echo processes of the baseline are this program again.
+    bench::serve_raw_echo_if_requested();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
         [one, n] if one == "--one-spawns" => one_run(n, "a number of spawns", spawns, one_spawns),
@@ -164,7 +174,7 @@ fn drive(sizes: &[String], spawns: bool) -> ExitCode {
             cpus()
         );
         println!(
-            "{:>5} {:>6} | {:>9} {:>8} | {:>9} {:>8} {:>7} {:>7} | {:>8} {:>8} | {:>9} | {:>7} {:>7} {:>5} {:>8} | {:>9} {:>8} | {:>11} {:>11}",
+            "{:>5} {:>6} | {:>9} {:>8} | {:>9} {:>8} {:>7} {:>7} | {:>8} {:>8} | {:>9} | {:>7} {:>7} {:>5} {:>8} | {:>9} {:>7} {:>8} | {:>9} {:>8} | {:>11} {:>11}",
             "N",
             "procs",
             "ready ms",
@@ -180,6 +190,9 @@ fn drive(sizes: &[String], spawns: bool) -> ExitCode {
             "one us",
             "rr/1",
             "cycle us",
+            "raw bcast",
+            "raw one",
+            "raw rr/1",
             "stop ms",
             "ms/proc",
             "fds m/max",
@@ -217,6 +230,10 @@ fn cpus() -> usize {
 fn one_size(n: u32) -> ExitCode {
     let system = actix_rt::System::new();
     let row = system.block_on(async move {
+        let calls = 2000;
+        // Before the tree: its processes are gone again when it starts.
+        let broadcasts: usize = std::env::var("SCALE_BROADCASTS").ok().and_then(|n| n.parse().ok()).unwrap_or(20).max(1);
+        let raw = raw_baseline(n, broadcasts, calls).await?;
         let began = Instant::now();
         let handle = cluster(n).start().await.map_err(|e| e.to_string())?;
         let ready = began.elapsed();
@@ -241,7 +258,6 @@ fn one_size(n: u32) -> ExitCode {
             reply.1.map_err(|e| format!("warm-up broadcast: {e}"))?;
         }
         let mut rounds = Vec::new();
-        let broadcasts: usize = std::env::var("SCALE_BROADCASTS").ok().and_then(|n| n.parse().ok()).unwrap_or(20);
         for _ in 0..broadcasts {
             let at = Instant::now();
             let replies = tiny.broadcast(Ping).await;
@@ -250,12 +266,13 @@ fn one_size(n: u32) -> ExitCode {
                 return Err("a broadcast failed".to_owned());
             }
         }
-        rounds.sort();
-        let broadcast_us = rounds[rounds.len() / 2].as_secs_f64() * 1e6 / f64::from(n);
+        let broadcast_us = median_per_instance(rounds, n);
 
-        let calls = 2000;
-        let rr = time_calls(&tiny, calls).await?;
-        let one = time_calls(&evilcluster::addr_of_fork::<Tiny>(1), calls).await?;
+        // Each timed loop is warmed up by two passes over the forks: the
+        // first pass after the broadcasts measured twice as slow here.
+        let warm_up = warm_up(n);
+        let rr = time_calls(&tiny, warm_up, calls).await?;
+        let one = time_calls(&evilcluster::addr_of_fork::<Tiny>(1), warm_up, calls).await?;
         let cycle = time_cycle(n, calls).await?;
         let children: Vec<u32> = pids.iter().copied().filter(|&p| p != std::process::id()).collect();
         let fork_sockets = sockets_and_fds(&children);
@@ -268,7 +285,7 @@ fn one_size(n: u32) -> ExitCode {
         let stop = stopping.elapsed();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         Ok::<String, String>(format!(
-            "{:>5} {:>6} | {:>9.1} {:>8.2} | {:>9.1} {:>8.0} {:>7} {:>7} | {:>8.2} {:>8.1} | {:>9.1} | {:>7.1} {:>7.1} {:>5.2} {:>8.1} | {:>9.1} {:>8.2} | {:>5}/{:<5} {:>5}/{:<5}\n",
+            "{:>5} {:>6} | {:>9.1} {:>8.2} | {:>9.1} {:>8.0} {:>7} {:>7} | {:>8.2} {:>8.1} | {:>9.1} | {:>7.1} {:>7.1} {:>5.2} {:>8.1} | {:>9.1} {:>7.1} {:>8.2} | {:>9.1} {:>8.2} | {:>5}/{:<5} {:>5}/{:<5}\n",
             n,
             procs,
             ms(ready),
@@ -284,6 +301,9 @@ fn one_size(n: u32) -> ExitCode {
             one,
             rr / one,
             cycle,
+            raw.broadcast,
+            raw.one,
+            raw.round_robin / raw.one,
             ms(stop),
             ms(stop) / procs as f64,
             master_fds.1,
@@ -348,9 +368,14 @@ fn one_spawns(n: u32) -> ExitCode {
     }
 }
 
-/// Microseconds per sequential request through `addr`.
-async fn time_calls(addr: &evilcluster::RemoteAddr<Tiny>, calls: u32) -> Result<f64, String> {
-    for _ in 0..100 {
+/// Requests before a timed loop: two passes over `n` forks, at least 100.
+fn warm_up(n: u32) -> u32 {
+    (2 * n).max(100)
+}
+
+/// Microseconds per sequential request through `addr`, after `warm_up`.
+async fn time_calls(addr: &evilcluster::RemoteAddr<Tiny>, warm_up: u32, calls: u32) -> Result<f64, String> {
+    for _ in 0..warm_up {
         addr.send(Ping).await.map_err(|e| e.to_string())?;
     }
     let at = Instant::now();
@@ -364,11 +389,74 @@ async fn time_calls(addr: &evilcluster::RemoteAddr<Tiny>, calls: u32) -> Result<
 /// (what round robin does, picked by hand: the cost of changing process).
 async fn time_cycle(n: u32, calls: u32) -> Result<f64, String> {
     let forks: Vec<_> = (1..=n).map(evilcluster::addr_of_fork::<Tiny>).collect();
+    for i in 0..warm_up(n) {
+        forks[(i % n) as usize].send(Ping).await.map_err(|e| e.to_string())?;
+    }
     let at = Instant::now();
     for i in 0..calls {
         forks[(i % n) as usize].send(Ping).await.map_err(|e| e.to_string())?;
     }
     Ok(at.elapsed().as_secs_f64() * 1e6 / f64::from(calls))
+}
+
+/// What the machine gives with no runtime: microseconds per instance of a
+/// broadcast, per echo of round robin and per echo to one process.
+struct RawBaseline {
+    broadcast: f64,
+    round_robin: f64,
+    one: f64,
+}
+
+/// Measures [`RawBaseline`] over raw framed sockets to `n` echo processes.
+/// Starting the processes blocks this thread, which has nothing else to do
+/// yet; dropping them stops them.
+async fn raw_baseline(n: u32, broadcasts: usize, calls: u32) -> Result<RawBaseline, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("raw baseline: {e}");
+    let servers = (0..n)
+        .map(|_| RawEchoServer::start())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(&e))?;
+    let mut clients = Vec::with_capacity(servers.len());
+    for server in &servers {
+        let mut client = server.connect().await.map_err(|e| fail(&e))?;
+        client.round_trips(2).await.map_err(|e| fail(&e))?;
+        clients.push(client);
+    }
+    let mut rounds = Vec::with_capacity(broadcasts);
+    for seq in 0..broadcasts as u64 {
+        let at = Instant::now();
+        for client in &mut clients {
+            client.send(seq).await.map_err(|e| fail(&e))?;
+        }
+        for client in &mut clients {
+            client.receive(seq).await.map_err(|e| fail(&e))?;
+        }
+        rounds.push(at.elapsed());
+    }
+    for i in 0..warm_up(n) {
+        clients[(i % n) as usize].round_trips(1).await.map_err(|e| fail(&e))?;
+    }
+    let at = Instant::now();
+    for i in 0..calls {
+        clients[(i % n) as usize].round_trips(1).await.map_err(|e| fail(&e))?;
+    }
+    let round_robin = at.elapsed().as_secs_f64() * 1e6 / f64::from(calls);
+    clients[0]
+        .round_trips(u64::from(warm_up(n)))
+        .await
+        .map_err(|e| fail(&e))?;
+    let one = clients[0].round_trips(u64::from(calls)).await.map_err(|e| fail(&e))?;
+    Ok(RawBaseline {
+        broadcast: median_per_instance(rounds, n),
+        round_robin,
+        one: one.as_secs_f64() * 1e6 / f64::from(calls),
+    })
+}
+
+/// The median of `rounds`, in microseconds, divided by `n`.
+fn median_per_instance(mut rounds: Vec<Duration>, n: u32) -> f64 {
+    rounds.sort();
+    rounds[rounds.len() / 2].as_secs_f64() * 1e6 / f64::from(n)
 }
 
 /// SIGKILLs one fork; once the master's directory has its successor, how

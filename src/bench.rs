@@ -450,6 +450,19 @@ impl RawClient {
         Ok(start.elapsed())
     }
 
+    /// Sends one request frame numbered `seq` and returns without waiting
+    /// for its echo ([`RawClient::receive`] takes it): a broadcast over
+    /// many clients sends to each before reading any.
+    pub async fn send(&mut self, seq: u64) -> Result<(), BenchError> {
+        self.writer.send(raw_frame(seq, self.frame_len)).await?;
+        Ok(())
+    }
+
+    /// Reads the echo of the frame [`RawClient::send`] sent as `seq`.
+    pub async fn receive(&mut self, seq: u64) -> Result<(), BenchError> {
+        check_echo(&mut self.reader, seq, self.frame_len).await
+    }
+
     /// `n` sequential echoes of a frame of `size` bytes.
     pub async fn blobs(&mut self, size: usize, n: u64) -> Result<Duration, BenchError> {
         let start = Instant::now();
