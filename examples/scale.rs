@@ -27,8 +27,8 @@
 //!   (round robin over the forks) against 2,000 to one fork: the ratio;
 //!   **cycle**: 2,000 to each fork in turn, picked by number: what changing
 //!   the receiving process costs without the round robin;
-//! - **raw**: the same figures with no runtime at all, before the tree
-//!   starts: N echo processes (this program again) behind raw
+//! - **raw**: the same figures with no runtime at all, once the tree is
+//!   gone: N echo processes (this program again) behind raw
 //!   length-framed Unix sockets; a broadcast (a frame written to each, then
 //!   every echo read; median of as many as above, per instance), and 2,000
 //!   sequential echoes to the first (**one**) against round robin over all
@@ -231,9 +231,7 @@ fn one_size(n: u32) -> ExitCode {
     let system = actix_rt::System::new();
     let row = system.block_on(async move {
         let calls = 2000;
-        // Before the tree: its processes are gone again when it starts.
         let broadcasts: usize = std::env::var("SCALE_BROADCASTS").ok().and_then(|n| n.parse().ok()).unwrap_or(20).max(1);
-        let raw = raw_baseline(n, broadcasts, calls).await?;
         let began = Instant::now();
         let handle = cluster(n).start().await.map_err(|e| e.to_string())?;
         let ready = began.elapsed();
@@ -283,6 +281,9 @@ fn one_size(n: u32) -> ExitCode {
         let stopping = Instant::now();
         handle.shutdown().await.map_err(|e| e.to_string())?;
         let stop = stopping.elapsed();
+        // After the tree is gone: the raw clients' buffers must not be in
+        // the master's PSS above, and a heap does not give pages back.
+        let raw = raw_baseline(n, broadcasts, calls).await?;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         Ok::<String, String>(format!(
             "{:>5} {:>6} | {:>9.1} {:>8.2} | {:>9.1} {:>8.0} {:>7} {:>7} | {:>8.2} {:>8.1} | {:>9.1} | {:>7.1} {:>7.1} {:>5.2} {:>8.1} | {:>9.1} {:>7.1} {:>8.2} | {:>9.1} {:>8.2} | {:>5}/{:<5} {:>5}/{:<5}\n",
