@@ -33,7 +33,8 @@
 //!   every echo read; median of as many as above, per instance), and 2,000
 //!   sequential echoes to the first (**one**) against round robin over all
 //!   N (**rr/1**): what this machine charges for waking many processes, and
-//!   a different one each time;
+//!   a different one each time; and **stop**: every echo process told to
+//!   exit at once, until the last is gone (no tree, no goodbyes);
 //! - **stop**: `ClusterHandle::shutdown` (every process gone), total and
 //!   per process;
 //! - **fds** and **sockets** per process: open descriptors and those that
@@ -174,7 +175,7 @@ fn drive(sizes: &[String], spawns: bool) -> ExitCode {
             cpus()
         );
         println!(
-            "{:>5} {:>6} | {:>9} {:>8} | {:>9} {:>8} {:>7} {:>7} | {:>8} {:>8} | {:>9} | {:>7} {:>7} {:>5} {:>8} | {:>9} {:>7} {:>8} | {:>9} {:>8} | {:>11} {:>11}",
+            "{:>5} {:>6} | {:>9} {:>8} | {:>9} {:>8} {:>7} {:>7} | {:>8} {:>8} | {:>9} | {:>7} {:>7} {:>5} {:>8} | {:>9} {:>7} {:>8} {:>8} | {:>9} {:>8} | {:>11} {:>11}",
             "N",
             "procs",
             "ready ms",
@@ -193,6 +194,7 @@ fn drive(sizes: &[String], spawns: bool) -> ExitCode {
             "raw bcast",
             "raw one",
             "raw rr/1",
+            "raw stop",
             "stop ms",
             "ms/proc",
             "fds m/max",
@@ -286,7 +288,7 @@ fn one_size(n: u32) -> ExitCode {
         let raw = raw_baseline(n, broadcasts, calls).await?;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         Ok::<String, String>(format!(
-            "{:>5} {:>6} | {:>9.1} {:>8.2} | {:>9.1} {:>8.0} {:>7} {:>7} | {:>8.2} {:>8.1} | {:>9.1} | {:>7.1} {:>7.1} {:>5.2} {:>8.1} | {:>9.1} {:>7.1} {:>8.2} | {:>9.1} {:>8.2} | {:>5}/{:<5} {:>5}/{:<5}\n",
+            "{:>5} {:>6} | {:>9.1} {:>8.2} | {:>9.1} {:>8.0} {:>7} {:>7} | {:>8.2} {:>8.1} | {:>9.1} | {:>7.1} {:>7.1} {:>5.2} {:>8.1} | {:>9.1} {:>7.1} {:>8.2} {:>8.1} | {:>9.1} {:>8.2} | {:>5}/{:<5} {:>5}/{:<5}\n",
             n,
             procs,
             ms(ready),
@@ -305,6 +307,7 @@ fn one_size(n: u32) -> ExitCode {
             raw.broadcast,
             raw.one,
             raw.round_robin / raw.one,
+            ms(raw.stop),
             ms(stop),
             ms(stop) / procs as f64,
             master_fds.1,
@@ -401,11 +404,13 @@ async fn time_cycle(n: u32, calls: u32) -> Result<f64, String> {
 }
 
 /// What the machine gives with no runtime: microseconds per instance of a
-/// broadcast, per echo of round robin and per echo to one process.
+/// broadcast, per echo of round robin and per echo to one process; the
+/// time to stop all the processes.
 struct RawBaseline {
     broadcast: f64,
     round_robin: f64,
     one: f64,
+    stop: Duration,
 }
 
 /// Measures [`RawBaseline`] over raw framed sockets to `n` echo processes.
@@ -451,6 +456,7 @@ async fn raw_baseline(n: u32, broadcasts: usize, calls: u32) -> Result<RawBaseli
         broadcast: median_per_instance(rounds, n),
         round_robin,
         one: one.as_secs_f64() * 1e6 / f64::from(calls),
+        stop: bench::stop_all(servers),
     })
 }
 

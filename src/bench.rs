@@ -400,6 +400,20 @@ impl RawEchoServer {
     }
 }
 
+/// Stops every server in `servers` together, as a tree's stop would: each
+/// is told first (end of file on its stdin), then each is waited for.
+/// Returns how long until the last one was gone. Blocking.
+pub fn stop_all(mut servers: Vec<RawEchoServer>) -> Duration {
+    let start = Instant::now();
+    for server in &mut servers {
+        drop(server.child.stdin.take());
+    }
+    for server in &mut servers {
+        let _ = server.child.wait();
+    }
+    start.elapsed()
+}
+
 impl Drop for RawEchoServer {
     fn drop(&mut self) {
         // End of file on its stdin stops it on its own; then make sure.

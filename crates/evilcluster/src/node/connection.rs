@@ -901,10 +901,11 @@ impl Responder {
                 link.flush_credit();
             }
         }
-        let before = link.serving.fetch_sub(1, Ordering::AcqRel);
+        let before = link.serving.fetch_sub(1, Ordering::SeqCst);
         if before == 1 {
             // Out of work: whatever is due goes back now.
             link.flush_credit();
+            super::drain_progress();
         } else if before == MAX_IN_FLIGHT {
             link.served.notify_one();
         }
@@ -967,8 +968,9 @@ pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Re
             debug!(peer = %link.peer.path, %reason, "connection closed");
             link.close(reason);
             // Nothing more will be written: a drain must not wait for it.
-            link.unwritten.store(0, Ordering::Release);
+            link.unwritten.store(0, Ordering::SeqCst);
             node.link_closed(&link);
+            super::drain_progress();
         }
     });
     Ok(link)
@@ -1162,10 +1164,13 @@ async fn write_loop(link: Arc<Link>, mut io: WriteHalf) {
         };
         if let Err(error) = written {
             link.close(format!("write failed: {error}"));
-            link.unwritten.store(0, Ordering::Release);
+            link.unwritten.store(0, Ordering::SeqCst);
+            super::drain_progress();
             return;
         }
-        link.unwritten.fetch_sub(bytes, Ordering::AcqRel);
+        if link.unwritten.fetch_sub(bytes, Ordering::SeqCst) == bytes {
+            super::drain_progress();
+        }
         link.room.add_permits(budgeted);
         // Kept for a while after the last large write, even while small
         // frames keep the writer busy.
@@ -1306,7 +1311,10 @@ async fn read_loop(node: &Arc<Node>, link: &Arc<Link>, mut frames: FramedRead<Re
                     }
                     Ok(Frame::Credit(credit)) => link.credited(credit.count),
                     Ok(Frame::GoAway) => link.peer_going_away(),
-                    Ok(Frame::GoAwayAck) => link.quiet.store(true, Ordering::Release),
+                    Ok(Frame::GoAwayAck) => {
+                        link.quiet.store(true, Ordering::SeqCst);
+                        super::drain_progress();
+                    }
                     Ok(Frame::Request(request)) => {
                         let slotted = takes_slot(request.actor);
                         // The runtime's own traffic is not the actors' work.

@@ -37,6 +37,44 @@ pub(crate) use service::HostedCache;
 use service::{Hosted, Inbox, Service};
 use throttle::{clip, Throttle};
 
+/// How many nodes of this process wait in [`Node::drain`], and what wakes
+/// them: a change that may let one finish (a peer's acknowledgement, the
+/// last request answered or byte written, a connection closed). Draining
+/// used to look every 2 ms: when a tree of 256 forks stopped, each fork
+/// woke 500 times a second until its peers answered, and on 2 CPUs those
+/// wake-ups took most of the stop's CPU (389–940 ms for the tree, 262–285
+/// ms since).
+static DRAINING: AtomicUsize = AtomicUsize::new(0);
+static DRAIN_PROGRESS: Notify = Notify::const_new();
+
+/// How long a draining node waits without news before it looks anyway:
+/// a backstop, should a change not be signalled.
+const DRAIN_BACKSTOP: Duration = Duration::from_millis(20);
+
+/// Something [`Node::drain`] waits for may have changed. One load when
+/// nothing drains, so it may sit on every request's path.
+pub(crate) fn drain_progress() {
+    if DRAINING.load(Ordering::SeqCst) > 0 {
+        DRAIN_PROGRESS.notify_waiters();
+    }
+}
+
+/// Counts a drain in [`DRAINING`] while it lasts, however it ends.
+struct Draining;
+
+impl Draining {
+    fn start() -> Draining {
+        DRAINING.fetch_add(1, Ordering::SeqCst);
+        Draining
+    }
+}
+
+impl Drop for Draining {
+    fn drop(&mut self) {
+        DRAINING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// One-way messages being passed on to another instance at once (see
 /// [`Node::refused`]); past it, such messages are refused like any other.
 const MAX_FORWARDING: usize = connection::WINDOW;
@@ -248,22 +286,32 @@ impl Node {
     /// answered, every one-way message passed on, and every byte written.
     pub async fn drain(&self, limit: Duration) {
         self.go_away();
+        let _draining = Draining::start();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
+            // Listening before looking: a change made after the look wakes it.
+            let progress = DRAIN_PROGRESS.notified();
+            let mut progress = std::pin::pin!(progress);
+            progress.as_mut().enable();
             let links = self.open_links();
-            let forwarding = self.forwarding.load(Ordering::Acquire) > 0;
+            let forwarding = self.forwarding.load(Ordering::SeqCst) > 0;
             let quiet = links.iter().all(|link| link.is_quiet());
             if !forwarding && quiet && links.iter().all(|link| link.is_closed() || link.is_idle()) {
                 return;
             }
-            if tokio::time::Instant::now() >= deadline {
+            drop(links);
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 warn!(
                     forwarding,
                     quiet, "messages still in flight after {limit:?}; stopping anyway"
                 );
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            tokio::select! {
+                () = progress => {}
+                () = tokio::time::sleep_until(deadline.min(now + DRAIN_BACKSTOP)) => {}
+            }
         }
     }
 
@@ -426,7 +474,9 @@ impl Node {
                     "dropped a one-way message: no other instance of its actor came up in time"
                 );
             }
-            node.forwarding.fetch_sub(1, Ordering::AcqRel);
+            if node.forwarding.fetch_sub(1, Ordering::SeqCst) == 1 {
+                drain_progress();
+            }
         });
     }
 
