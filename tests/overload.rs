@@ -43,8 +43,10 @@ fn calls_to_a_peer_that_stopped_reading_time_out_with_bounded_memory() {
     let result = run(&["stalled"]);
     assert_eq!(result["timeouts"], result["calls"], "{result:?}");
     // Each ends by its deadline (the transport before flow control and
-    // caller-side deadlines: 2,749 ms late); generous for a loaded machine.
-    assert!(result["latest_past_deadline_ms"] < 250, "{result:?}");
+    // caller-side deadlines: 2,749 ms late). The bound is one more timeout:
+    // with the rest of this file's tests running beside it on 2 CPUs, the
+    // latest reached 442 ms on a slow host (2 to 73 ms run alone).
+    assert!(result["latest_past_deadline_ms"] < 1_000, "{result:?}");
     assert!(result["caller_grew_mib"] < MIB_BOUND, "{result:?}");
 }
 

@@ -96,6 +96,36 @@ fn spawns_start_in_declaration_order_each_once_the_one_before_is_ready() {
 
 const RESTART_TYPES: [&str; 2] = ["--restart", "a=permanent,b=transient,c=temporary"];
 
+/// Starts a, b and c with [`RESTART_TYPES`], then sends b a request that
+/// takes `ms` to answer; returns once it is on its way, with b's pid.
+fn slow_request_to_b(ms: u32) -> (Sup, u32) {
+    let mut sup = Sup::start(&RESTART_TYPES);
+    sup.ready("sup/a");
+    let b = sup.ready("sup/b");
+    sup.ready("sup/c");
+    sup.fixture.command(&format!("slow b {ms}"));
+    sup.fixture.expect_line("slow sent");
+    (sup, b)
+}
+
+/// Waits for the outcome of [`slow_request_to_b`]'s request ("slow sent"
+/// is seen already) and checks it was answered.
+fn expect_slow_ok(sup: &mut Sup) {
+    if !sup
+        .fixture
+        .seen
+        .iter()
+        .any(|l| l == "slow ok" || l.starts_with("slow err"))
+    {
+        sup.fixture.expect_line("slow ");
+    }
+    assert!(
+        sup.fixture.seen.iter().any(|l| l == "slow ok"),
+        "{:#?}",
+        sup.fixture.seen
+    );
+}
+
 /// Voluntary sleeps so far of process `pid`'s main thread (where its
 /// runtime runs); `None` once it is gone.
 fn sleeps_of(pid: u32) -> Option<u64> {
@@ -112,12 +142,7 @@ fn a_stopping_process_waits_for_its_last_reply_without_waking_on_a_clock() {
     // the reply is out before it exits. It used to look every 2 ms while
     // waiting (~300 wake-ups here; when a tree of 256 forks stopped, those
     // wake-ups took most of the stop's CPU); now what it waits for wakes it.
-    let mut sup = Sup::start(&RESTART_TYPES);
-    sup.ready("sup/a");
-    let b = sup.ready("sup/b");
-    sup.ready("sup/c");
-    sup.fixture.command("slow b 600");
-    sup.fixture.expect_line("slow sent");
+    let (mut sup, b) = slow_request_to_b(600);
     let before = sleeps_of(b).expect("b runs");
     signal_pid(b, Signal::TERM);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -127,20 +152,7 @@ fn a_stopping_process_waits_for_its_last_reply_without_waking_on_a_clock() {
         assert!(std::time::Instant::now() < deadline, "b did not stop");
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    // The call's outcome ("slow sent" is seen already).
-    if !sup
-        .fixture
-        .seen
-        .iter()
-        .any(|l| l == "slow ok" || l.starts_with("slow err"))
-    {
-        sup.fixture.expect_line("slow ");
-    }
-    assert!(
-        sup.fixture.seen.iter().any(|l| l == "slow ok"),
-        "{:#?}",
-        sup.fixture.seen
-    );
+    expect_slow_ok(&mut sup);
     let woke = last - before;
     println!("b slept {woke} times while stopping");
     assert!(woke < 100, "b woke {woke} times in the 600 ms it waited to stop");
@@ -149,30 +161,11 @@ fn a_stopping_process_waits_for_its_last_reply_without_waking_on_a_clock() {
 
 #[test]
 fn after_a_normal_exit_only_permanent_children_restart() {
-    let mut sup = Sup::start(&RESTART_TYPES);
-    sup.ready("sup/a");
-    let b = sup.ready("sup/b");
-    sup.ready("sup/c");
-
     // A request in flight when b is told to stop still gets its reply.
-    sup.fixture.command("slow b 300");
-    sup.fixture.expect_line("slow sent");
+    let (mut sup, b) = slow_request_to_b(300);
     signal_pid(b, Signal::TERM); // SIGTERM to a child is a normal stop.
     assert_eq!(sup.event("exited sup/b "), [b.to_string(), "normal".into()]);
-    // The call's outcome ("slow sent" is seen already).
-    if !sup
-        .fixture
-        .seen
-        .iter()
-        .any(|l| l == "slow ok" || l.starts_with("slow err"))
-    {
-        sup.fixture.expect_line("slow ");
-    }
-    assert!(
-        sup.fixture.seen.iter().any(|l| l == "slow ok"),
-        "{:#?}",
-        sup.fixture.seen
-    );
+    expect_slow_ok(&mut sup);
 
     sup.fixture.command("exit c 0");
     assert_eq!(sup.event("exited sup/c ")[1], "normal");
