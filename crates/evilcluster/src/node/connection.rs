@@ -810,6 +810,8 @@ impl Link {
         for waker in wakers {
             waker.wake();
         }
+        // A drain waiting for this connection need not any more.
+        super::drain_progress();
     }
 }
 
@@ -970,7 +972,6 @@ pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Re
             // Nothing more will be written: a drain must not wait for it.
             link.unwritten.store(0, Ordering::SeqCst);
             node.link_closed(&link);
-            super::drain_progress();
         }
     });
     Ok(link)
@@ -1165,7 +1166,6 @@ async fn write_loop(link: Arc<Link>, mut io: WriteHalf) {
         if let Err(error) = written {
             link.close(format!("write failed: {error}"));
             link.unwritten.store(0, Ordering::SeqCst);
-            super::drain_progress();
             return;
         }
         if link.unwritten.fetch_sub(bytes, Ordering::SeqCst) == bytes {

@@ -42,7 +42,7 @@ use throttle::{clip, Throttle};
 /// last request answered or byte written, a connection closed). Draining
 /// used to look every 2 ms: when a tree of 256 forks stopped, each fork
 /// woke 500 times a second until its peers answered, and on 2 CPUs those
-/// wake-ups took most of the stop's CPU (389–940 ms for the tree, 262–285
+/// wake-ups took most of the stop's CPU (327–940 ms for the tree, 236–285
 /// ms since).
 static DRAINING: AtomicUsize = AtomicUsize::new(0);
 static DRAIN_PROGRESS: Notify = Notify::const_new();
