@@ -41,12 +41,14 @@ fn a_flood_to_a_slow_receiver_stays_within_bounded_memory_and_loses_nothing() {
 #[test]
 fn calls_to_a_peer_that_stopped_reading_time_out_with_bounded_memory() {
     let result = run(&["stalled"]);
+    // Each ends with `Timeout` while the peer still reads nothing: the
+    // fixture releases the peer only once every call has ended, and fails if
+    // the peer had to come back by itself first (the transport before flow
+    // control and caller-side deadlines ended the calls only then, 2,749 ms
+    // late). How late the last one was is printed, not bounded: it measures
+    // the machine (2 to 73 ms run alone, 442 ms beside this file's other tests
+    // on a slow 2-CPU host).
     assert_eq!(result["timeouts"], result["calls"], "{result:?}");
-    // Each ends by its deadline (the transport before flow control and
-    // caller-side deadlines: 2,749 ms late). The bound is one more timeout:
-    // with the rest of this file's tests running beside it on 2 CPUs, the
-    // latest reached 442 ms on a slow host (2 to 73 ms run alone).
-    assert!(result["latest_past_deadline_ms"] < 1_000, "{result:?}");
     assert!(result["caller_grew_mib"] < MIB_BOUND, "{result:?}");
 }
 
