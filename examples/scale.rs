@@ -29,7 +29,9 @@
 //!   the receiving process costs without the round robin;
 //! - **raw**: the same figures with no runtime at all, once the tree is
 //!   gone: N echo processes (this program again) behind raw
-//!   length-framed Unix sockets; a broadcast (a frame written to each, then
+//!   length-framed Unix sockets; **ready**: all N started at once, until
+//!   each has answered one echo; **KiB**: an echo process's PSS (the
+//!   median), beside a fork's; a broadcast (a frame written to each, then
 //!   every echo read; median of as many as above, per instance), and 2,000
 //!   sequential echoes to the first (**one**) against round robin over all
 //!   N (**rr/1**): what this machine charges for waking many processes, and
@@ -175,7 +177,7 @@ fn drive(sizes: &[String], spawns: bool) -> ExitCode {
             cpus()
         );
         println!(
-            "{:>5} {:>6} | {:>9} {:>8} | {:>9} {:>8} {:>7} {:>7} | {:>8} {:>8} | {:>9} | {:>7} {:>7} {:>5} {:>8} | {:>9} {:>7} {:>8} {:>8} | {:>9} {:>8} | {:>11} {:>11}",
+            "{:>5} {:>6} | {:>9} {:>8} | {:>9} {:>8} {:>7} {:>7} | {:>8} {:>8} | {:>9} | {:>7} {:>7} {:>5} {:>8} | {:>9} {:>7} {:>9} {:>7} {:>8} {:>8} | {:>9} {:>8} | {:>11} {:>11}",
             "N",
             "procs",
             "ready ms",
@@ -191,6 +193,8 @@ fn drive(sizes: &[String], spawns: bool) -> ExitCode {
             "one us",
             "rr/1",
             "cycle us",
+            "raw ready",
+            "raw KiB",
             "raw bcast",
             "raw one",
             "raw rr/1",
@@ -288,7 +292,7 @@ fn one_size(n: u32) -> ExitCode {
         let raw = raw_baseline(n, broadcasts, calls).await?;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         Ok::<String, String>(format!(
-            "{:>5} {:>6} | {:>9.1} {:>8.2} | {:>9.1} {:>8.0} {:>7} {:>7} | {:>8.2} {:>8.1} | {:>9.1} | {:>7.1} {:>7.1} {:>5.2} {:>8.1} | {:>9.1} {:>7.1} {:>8.2} {:>8.1} | {:>9.1} {:>8.2} | {:>5}/{:<5} {:>5}/{:<5}\n",
+            "{:>5} {:>6} | {:>9.1} {:>8.2} | {:>9.1} {:>8.0} {:>7} {:>7} | {:>8.2} {:>8.1} | {:>9.1} | {:>7.1} {:>7.1} {:>5.2} {:>8.1} | {:>9.1} {:>7} {:>9.1} {:>7.1} {:>8.2} {:>8.1} | {:>9.1} {:>8.2} | {:>5}/{:<5} {:>5}/{:<5}\n",
             n,
             procs,
             ms(ready),
@@ -304,6 +308,8 @@ fn one_size(n: u32) -> ExitCode {
             one,
             rr / one,
             cycle,
+            ms(raw.ready),
+            raw.pss,
             raw.broadcast,
             raw.one,
             raw.round_robin / raw.one,
@@ -403,10 +409,13 @@ async fn time_cycle(n: u32, calls: u32) -> Result<f64, String> {
     Ok(at.elapsed().as_secs_f64() * 1e6 / f64::from(calls))
 }
 
-/// What the machine gives with no runtime: microseconds per instance of a
-/// broadcast, per echo of round robin and per echo to one process; the
-/// time to stop all the processes.
+/// What the machine gives with no runtime: the time to start the processes
+/// and have each answer once, and one's PSS (KiB); microseconds per
+/// instance of a broadcast, per echo of round robin and per echo to one
+/// process; the time to stop all the processes.
 struct RawBaseline {
+    ready: Duration,
+    pss: u64,
     broadcast: f64,
     round_robin: f64,
     one: f64,
@@ -418,15 +427,20 @@ struct RawBaseline {
 /// yet; dropping them stops them.
 async fn raw_baseline(n: u32, broadcasts: usize, calls: u32) -> Result<RawBaseline, String> {
     let fail = |e: &dyn std::fmt::Display| format!("raw baseline: {e}");
-    let servers = (0..n)
-        .map(|_| RawEchoServer::start())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(&e))?;
+    let began = Instant::now();
+    let servers = RawEchoServer::start_many(n as usize).map_err(|e| fail(&e))?;
     let mut clients = Vec::with_capacity(servers.len());
     for server in &servers {
         let mut client = server.connect().await.map_err(|e| fail(&e))?;
-        client.round_trips(2).await.map_err(|e| fail(&e))?;
+        client.round_trips(1).await.map_err(|e| fail(&e))?;
         clients.push(client);
+    }
+    let ready = began.elapsed();
+    let mut pss: Vec<u64> = servers.iter().filter_map(|s| pss_kib(s.pid())).collect();
+    pss.sort_unstable();
+    let pss = pss.get(pss.len() / 2).copied().unwrap_or(0);
+    for client in &mut clients {
+        client.round_trips(1).await.map_err(|e| fail(&e))?;
     }
     let mut rounds = Vec::with_capacity(broadcasts);
     for seq in 0..broadcasts as u64 {
@@ -453,6 +467,8 @@ async fn raw_baseline(n: u32, broadcasts: usize, calls: u32) -> Result<RawBaseli
         .map_err(|e| fail(&e))?;
     let one = clients[0].round_trips(u64::from(calls)).await.map_err(|e| fail(&e))?;
     Ok(RawBaseline {
+        ready,
+        pss,
         broadcast: median_per_instance(rounds, n),
         round_robin,
         one: one.as_secs_f64() * 1e6 / f64::from(calls),

@@ -358,30 +358,45 @@ impl RawEchoServer {
     /// Starts this executable again as a raw echo server and waits until it
     /// listens. Blocking; call it outside any async runtime.
     pub fn start() -> io::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("evilcluster-bench-raw-").tempdir()?;
-        let socket = dir.path().join("echo.sock");
-        let child = Command::new(std::env::current_exe()?)
-            .env(RAW_ECHO_ENV, &socket)
-            .env(RAW_PARENT_ENV, std::process::id().to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        // From here on, every path (errors included) kills and reaps it.
-        let mut server = RawEchoServer {
-            child,
-            socket,
-            _dir: dir,
-        };
-        let stdout = server.child.stdout.take().expect("stdout is piped");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        if line.trim_end() != READY {
-            return Err(io::Error::other(format!(
-                "the raw echo server did not start (it said {line:?})"
-            )));
+        let mut servers = Self::start_many(1)?;
+        Ok(servers.pop().expect("one server was started"))
+    }
+
+    /// Starts `n` raw echo servers at once, then waits until every one
+    /// listens: the machine's own cost of starting that many processes of
+    /// this executable. Blocking; call it outside any async runtime, or
+    /// where blocking the thread is fine.
+    pub fn start_many(n: usize) -> io::Result<Vec<Self>> {
+        let exe = std::env::current_exe()?;
+        let mut servers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let dir = tempfile::Builder::new().prefix("evilcluster-bench-raw-").tempdir()?;
+            let socket = dir.path().join("echo.sock");
+            let child = Command::new(&exe)
+                .env(RAW_ECHO_ENV, &socket)
+                .env(RAW_PARENT_ENV, std::process::id().to_string())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()?;
+            // From here on, every path (errors included) kills and reaps it.
+            servers.push(RawEchoServer {
+                child,
+                socket,
+                _dir: dir,
+            });
         }
-        Ok(server)
+        for server in &mut servers {
+            let stdout = server.child.stdout.take().expect("stdout is piped");
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line)?;
+            if line.trim_end() != READY {
+                return Err(io::Error::other(format!(
+                    "the raw echo server did not start (it said {line:?})"
+                )));
+            }
+        }
+        Ok(servers)
     }
 
     /// The server's socket path.
