@@ -247,13 +247,13 @@ fn one_size(n: u32) -> ExitCode {
         let pids: Vec<u32> = members.iter().map(|m| m.pid).collect();
         let total_pss: u64 = pids.iter().filter_map(|&pid| pss_kib(pid)).sum();
         // One fork's own: what a member of the tree costs every process.
-        let mut fork_pss: Vec<u64> = members
-            .iter()
-            .filter(|m| m.fork.is_some())
-            .filter_map(|m| pss_kib(m.pid))
-            .collect();
-        fork_pss.sort_unstable();
-        let fork_pss = fork_pss.get(fork_pss.len() / 2).copied().unwrap_or(0);
+        let fork_pss = median(
+            members
+                .iter()
+                .filter(|m| m.fork.is_some())
+                .filter_map(|m| pss_kib(m.pid))
+                .collect(),
+        );
         let master_pss = pss_kib(std::process::id()).unwrap_or(0);
 
         // Connections to every fork first: the figures below are steady state.
@@ -436,9 +436,8 @@ async fn raw_baseline(n: u32, broadcasts: usize, calls: u32) -> Result<RawBaseli
         clients.push(client);
     }
     let ready = began.elapsed();
-    let mut pss: Vec<u64> = servers.iter().filter_map(|s| pss_kib(s.pid())).collect();
-    pss.sort_unstable();
-    let pss = pss.get(pss.len() / 2).copied().unwrap_or(0);
+    let pss = median(servers.iter().filter_map(|s| pss_kib(s.pid())).collect());
+    // Each answers twice before the broadcasts, as before `raw ready` was timed.
     for client in &mut clients {
         client.round_trips(1).await.map_err(|e| fail(&e))?;
     }
@@ -542,6 +541,12 @@ async fn propagation(running: &evilcluster::RunningCluster, n: u32) -> Result<(D
             return Err("the restarted fork was never seen by every fork".into());
         }
     }
+}
+
+/// The middle of `values` (0 when there are none).
+fn median(mut values: Vec<u64>) -> u64 {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied().unwrap_or(0)
 }
 
 /// Proportional set size of process `pid`, in KiB.

@@ -45,10 +45,12 @@ fn calls_to_a_peer_that_stopped_reading_time_out_with_bounded_memory() {
     // fixture releases the peer only once every call has ended, and fails if
     // the peer had to come back by itself first (the transport before flow
     // control and caller-side deadlines ended the calls only then, 2,749 ms
-    // late). How late the last one was is printed, not bounded: it measures
-    // the machine (2 to 73 ms run alone, 442 ms beside this file's other tests
-    // on a slow 2-CPU host).
+    // late).
     assert_eq!(result["timeouts"], result["calls"], "{result:?}");
+    // And each ends by its deadline, give or take one more timeout: with the
+    // rest of this file's tests beside it on 2 CPUs the last reached 442 ms
+    // (2 to 73 ms run alone; 372 ms with both CPUs busy).
+    assert!(result["latest_past_deadline_ms"] < 1_000, "{result:?}");
     assert!(result["caller_grew_mib"] < MIB_BOUND, "{result:?}");
 }
 
