@@ -37,5 +37,5 @@ mod tree;
 
 pub use codec::{codec, frame_header, DEFAULT_MAX_FRAME_LENGTH};
 pub use error::{DecodeError, HandshakeError, WireError};
-pub use frame::{Credit, Frame, Reply, ReplyPayload, Request, PROTOCOL_VERSION};
+pub use frame::{Credit, Frame, Recalled, Reply, ReplyPayload, Request, PROTOCOL_VERSION};
 pub use handshake::{Cookie, Identity};

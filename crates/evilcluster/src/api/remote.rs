@@ -416,9 +416,14 @@ impl<A: RemoteActor> ActorInbox<A> {
 }
 
 impl<A: RemoteActor> Inbox for ActorInbox<A> {
-    fn deliver(&self, tag: &str, payload: Payload, mut responder: Responder) -> Result<(), (Responder, WireError)> {
+    fn deliver(
+        &self,
+        tag: &str,
+        payload: Payload,
+        mut responder: Responder,
+    ) -> Result<&'static str, (Responder, WireError)> {
         responder.for_actor(A::NAME);
-        let Some(&(_, handle)) = self.routes.table.get(tag) else {
+        let Some((&tag, &(_, handle))) = self.routes.table.get_key_value(tag) else {
             let unknown = WireError::UnknownMessage {
                 actor: A::NAME.to_owned(),
                 tag: tag.to_owned(),
@@ -445,7 +450,11 @@ impl<A: RemoteActor> Inbox for ActorInbox<A> {
         if was_empty {
             self.waker.wake();
         }
-        Ok(())
+        Ok(tag)
+    }
+
+    fn name(&self) -> &'static str {
+        A::NAME
     }
 }
 

@@ -1299,7 +1299,7 @@ async fn read_loop(node: &Arc<Node>, link: &Arc<Link>, mut frames: FramedRead<Re
                 // Large frames only: small ones flowing meanwhile must not
                 // keep a large buffer alive.
                 let large = body.len() >= OWN_BUFFER_FROM;
-                match Frame::decode(&body) {
+                match Frame::decode_recalling(&body, hosted.recalled()) {
                     Err(error) => {
                         if link.warn_allowed() {
                             warn!(peer = %clip(&link.peer.path), %error, "ignored a malformed frame");

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use std::time::Duration;
 
-use evilcluster_wire::{Cookie, Identity, Request, WireError, DEFAULT_MAX_FRAME_LENGTH};
+use evilcluster_wire::{Cookie, Identity, Recalled, Request, WireError, DEFAULT_MAX_FRAME_LENGTH};
 use interprocess::local_socket::tokio::Listener;
 use rustc_hash::FxHashMap;
 use tokio::sync::{Notify, OnceCell};
@@ -375,7 +375,12 @@ impl Node {
                 };
                 return Err((responder, unknown));
             }
-            Some(Hosted::Actor(inbox)) => return inbox.deliver(request.tag, payload, responder).map(|()| None),
+            Some(Hosted::Actor(inbox)) => {
+                let actor = inbox.name();
+                let tag = inbox.deliver(request.tag, payload, responder)?;
+                cache.recall(Recalled { actor, tag });
+                return Ok(None);
+            }
             Some(Hosted::Service(service)) => service.clone(),
         };
         responder.for_actor("the runtime's service");

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use evilcluster_wire::WireError;
+use evilcluster_wire::{Recalled, WireError};
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use serde::Serialize;
@@ -38,8 +38,18 @@ pub(crate) trait Inbox: Send + Sync {
     /// the reason it was refused (the handler did not run).
     // The responder comes back by value: it is moved, not boxed, on the
     // path every request takes.
+    /// Gives the tag as the actor's own string (for
+    /// [`Recalled`](evilcluster_wire::Recalled)).
     #[allow(clippy::result_large_err)]
-    fn deliver(&self, tag: &str, payload: Payload, responder: Responder) -> Result<(), (Responder, WireError)>;
+    fn deliver(
+        &self,
+        tag: &str,
+        payload: Payload,
+        responder: Responder,
+    ) -> Result<&'static str, (Responder, WireError)>;
+
+    /// The actor's name.
+    fn name(&self) -> &'static str;
 }
 
 /// What a process hosts under one name.
@@ -56,9 +66,24 @@ pub(crate) enum Hosted {
 /// the shared table's lock and lookup. Stale as soon as anything is hosted
 /// or removed (see [`Node::dispatch`](crate::node::Node::dispatch)).
 #[derive(Default)]
-pub(crate) struct HostedCache(Option<(u64, String, Hosted)>);
+pub(crate) struct HostedCache {
+    last: Option<(u64, String, Hosted)>,
+    /// The names of the last request an actor here took, for decoding the
+    /// next one without checking them again.
+    recalled: Recalled,
+}
 
 impl HostedCache {
+    /// The names to decode the connection's next request with.
+    pub(crate) fn recalled(&self) -> &Recalled {
+        &self.recalled
+    }
+
+    /// Remembers the names of a request an actor here took.
+    pub(crate) fn recall(&mut self, recalled: Recalled) {
+        self.recalled = recalled;
+    }
+
     /// What `actor` is hosted as while the table is at `generation`: the
     /// cached answer, or `lookup`'s (remembered), or `None`.
     pub(crate) fn resolve(
@@ -67,20 +92,20 @@ impl HostedCache {
         actor: &str,
         lookup: impl FnOnce() -> Option<Hosted>,
     ) -> Option<&Hosted> {
-        let hit = matches!(&self.0, Some((at, name, _)) if *at == generation && name == actor);
+        let hit = matches!(&self.last, Some((at, name, _)) if *at == generation && name == actor);
         if !hit {
             let hosted = lookup()?;
-            match &mut self.0 {
+            match &mut self.last {
                 Some((at, name, cached)) => {
                     *at = generation;
                     name.clear();
                     name.push_str(actor);
                     *cached = hosted;
                 }
-                None => self.0 = Some((generation, actor.to_owned(), hosted)),
+                None => self.last = Some((generation, actor.to_owned(), hosted)),
             }
         }
-        self.0.as_ref().map(|(_, _, hosted)| hosted)
+        self.last.as_ref().map(|(_, _, hosted)| hosted)
     }
 }
 
