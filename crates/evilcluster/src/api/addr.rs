@@ -362,10 +362,21 @@ impl Target {
     /// The connection to send on right now, when the name is known and the
     /// connection is up (the common case: no waiting, no allocation).
     fn route_now(&self, node: &Node) -> Route {
-        match node.directory.pick(self.actor, self.pick) {
+        if let Some((link, incarnation)) = node.sole_link(self.actor, self.pick) {
+            return Route::Ready(link, incarnation);
+        }
+        let state = node.directory.state();
+        match node.directory.pick_noting_sole(self.actor, self.pick) {
             None => Route::Resolve,
-            Some(member) => match node.open_link_to(&member) {
-                Some(link) => Route::Ready(link, member.incarnation),
+            Some((member, sole)) => match node.open_link_to(&member) {
+                Some(link) => {
+                    // Every pick gives this instance until the directory
+                    // changes: the next call skips the lookup.
+                    if sole {
+                        node.remember_sole(state, self.actor, self.pick, &link, member.incarnation);
+                    }
+                    Route::Ready(link, member.incarnation)
+                }
                 None => Route::Connect(member),
             },
         }

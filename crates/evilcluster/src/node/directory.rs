@@ -1,5 +1,5 @@
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use evilcluster_wire::control::RoleKind;
@@ -462,14 +462,37 @@ pub(crate) enum Pick {
 pub(crate) struct Directory {
     current: RwLock<Indexed>,
     version: watch::Sender<u64>,
+    /// Changes with every change of this directory, to a number no other
+    /// state of any directory in this process had (see [`state`](Self::state)).
+    state: AtomicU64,
 }
+
+/// Where directory states are numbered from: one count for every directory
+/// of the process, so that a number names one state of one directory.
+static STATES: AtomicU64 = AtomicU64::new(1);
 
 impl Directory {
     pub fn new() -> Self {
         Directory {
             current: RwLock::new(Indexed::default()),
             version: watch::Sender::new(0),
+            state: AtomicU64::new(STATES.fetch_add(1, Ordering::Relaxed)),
         }
+    }
+
+    /// A number for the directory's current state: read before a lookup,
+    /// it is another number once anything the lookup saw has changed
+    /// (and never that of another directory), so an answer remembered with
+    /// it holds while it stays the same.
+    pub fn state(&self) -> u64 {
+        self.state.load(Ordering::Acquire)
+    }
+
+    /// Marks a change (after it is made, so a number read before a lookup
+    /// is never newer than what the lookup saw).
+    fn changed(&self) {
+        self.state
+            .store(STATES.fetch_add(1, Ordering::Relaxed), Ordering::Release);
     }
 
     /// Applies a snapshot unless a newer state is already here (pushes and
@@ -484,6 +507,7 @@ impl Directory {
         current.catch_up();
         let version = current.version;
         drop(current);
+        self.changed();
         self.version.send_replace(version);
         true
     }
@@ -494,6 +518,8 @@ impl Directory {
         let applied = current.delta(delta);
         let version = current.version;
         drop(current);
+        // Even a delta kept aside for later changed what is here.
+        self.changed();
         if applied == Outcome::Applied {
             self.version.send_replace(version);
         }
@@ -555,11 +581,34 @@ impl Directory {
     }
 
     /// The instance of `actor` to send to now, if one is registered.
+    #[cfg(test)]
     pub fn pick(&self, actor: &str, pick: Pick) -> Option<Arc<Member>> {
-        self.pick_where(actor, pick, |_| true)
+        self.pick_noting_sole(actor, pick).map(|(member, _)| member)
     }
 
-    /// Like [`pick`](Self::pick), skipping instances that `accept` turns
+    /// The instance of `actor` to send to now, if one is registered, and
+    /// whether it is the only one `pick` could give (so that every pick
+    /// gives it until the directory changes).
+    pub fn pick_noting_sole(&self, actor: &str, pick: Pick) -> Option<(Arc<Member>, bool)> {
+        let current = self.read();
+        let entry = current.by_actor.get(actor)?;
+        let hosts = &entry.hosts;
+        match pick {
+            Pick::Any => {
+                let turn = entry.next.fetch_add(1, Ordering::Relaxed);
+                let member = hosts.get(turn.checked_rem(hosts.len())?)?;
+                Some((member.clone(), hosts.len() == 1))
+            }
+            Pick::Fork(number) => {
+                let at = hosts.partition_point(|m| m.fork < Some(number));
+                let mut forks = hosts[at..].iter().take_while(|m| m.fork == Some(number));
+                let first = forks.next()?.clone();
+                Some((first, forks.next().is_none()))
+            }
+        }
+    }
+
+    /// Like [`pick_noting_sole`](Self::pick_noting_sole), skipping instances that `accept` turns
     /// down (one that just refused a request, say).
     pub fn pick_where(&self, actor: &str, pick: Pick, accept: impl Fn(&Member) -> bool) -> Option<Arc<Member>> {
         let current = self.read();
@@ -678,6 +727,47 @@ mod tests {
         assert_eq!(directory.pick("w", Pick::Fork(3)).unwrap().fork, Some(3));
         assert!(directory.pick("w", Pick::Fork(4)).is_none());
         assert!(directory.pick("other", Pick::Any).is_none());
+    }
+
+    /// A pick is sole when no other instance could be given; the state
+    /// number moves with every change, never back to one seen before.
+    #[test]
+    fn sole_picks_and_state_numbers() {
+        let directory = Directory::new();
+        let empty = directory.state();
+        assert!(directory.pick_noting_sole("w", Pick::Any).is_none());
+        directory.apply(Snapshot {
+            version: 1,
+            members: vec![fork(1)],
+            ready: false,
+        });
+        let one = directory.state();
+        assert_ne!(one, empty);
+        assert_eq!(
+            directory
+                .pick_noting_sole("w", Pick::Any)
+                .map(|(m, sole)| (m.fork, sole)),
+            Some((Some(1), true))
+        );
+        directory.apply(Snapshot {
+            version: 2,
+            members: vec![fork(1), fork(2)],
+            ready: false,
+        });
+        let two = directory.state();
+        assert!(two != one && two != empty);
+        assert!(
+            !directory.pick_noting_sole("w", Pick::Any).unwrap().1,
+            "round robin over two"
+        );
+        assert_eq!(
+            directory
+                .pick_noting_sole("w", Pick::Fork(2))
+                .map(|(m, sole)| (m.fork, sole)),
+            Some((Some(2), true))
+        );
+        // Another directory never shares a number with this one.
+        assert!(![empty, one, two].contains(&Directory::new().state()));
     }
 
     #[test]

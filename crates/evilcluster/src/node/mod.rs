@@ -190,6 +190,17 @@ struct RecentLinks {
 
 thread_local! {
     static RECENT_LINKS: std::cell::RefCell<RecentLinks> = std::cell::RefCell::new(RecentLinks::default());
+    static SOLE_ROUTE: std::cell::RefCell<Option<SoleRoute>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The connection a thread last sent on to the only instance a pick could
+/// give, while the directory stays in the state it was looked up in.
+struct SoleRoute {
+    state: u64,
+    actor: &'static str,
+    pick: Pick,
+    link: std::sync::Weak<Link>,
+    incarnation: u64,
 }
 
 impl Node {
@@ -580,6 +591,38 @@ impl Node {
             recent.next = (at + 1) % RECENT_LINK_COUNT;
         });
         Some(link)
+    }
+
+    /// The open connection to the only instance `pick` gives for `actor`,
+    /// and that instance's incarnation, as this thread last found it
+    /// ([`remember_sole`](Self::remember_sole)) while the directory has
+    /// not changed since: no lock, lookup or shared count per call.
+    pub fn sole_link(&self, actor: &'static str, pick: Pick) -> Option<(Arc<Link>, u64)> {
+        let state = self.directory.state();
+        SOLE_ROUTE.with(|sole| {
+            let sole = sole.borrow();
+            let sole = sole.as_ref()?;
+            if sole.state != state || sole.pick != pick || sole.actor != actor {
+                return None;
+            }
+            let link = sole.link.upgrade().filter(|link| !link.is_closed())?;
+            Some((link, sole.incarnation))
+        })
+    }
+
+    /// Remembers, for [`sole_link`](Self::sole_link), the connection to
+    /// the only instance `pick` gave for `actor` in directory state `state`
+    /// (read before the lookup).
+    pub fn remember_sole(&self, state: u64, actor: &'static str, pick: Pick, link: &Arc<Link>, incarnation: u64) {
+        SOLE_ROUTE.with(|sole| {
+            *sole.borrow_mut() = Some(SoleRoute {
+                state,
+                actor,
+                pick,
+                link: Arc::downgrade(link),
+                incarnation,
+            });
+        });
     }
 
     /// Adopts a connection a peer opened, so traffic back to it reuses it.
