@@ -590,49 +590,38 @@ impl Directory {
     /// whether it is the only one `pick` could give (so that every pick
     /// gives it until the directory changes).
     pub fn pick_noting_sole(&self, actor: &str, pick: Pick) -> Option<(Arc<Member>, bool)> {
-        let current = self.read();
-        let entry = current.by_actor.get(actor)?;
-        let hosts = &entry.hosts;
-        match pick {
-            Pick::Any => {
-                let turn = entry.next.fetch_add(1, Ordering::Relaxed);
-                let member = hosts.get(turn.checked_rem(hosts.len())?)?;
-                Some((member.clone(), hosts.len() == 1))
-            }
-            Pick::Fork(number) => {
-                let at = hosts.partition_point(|m| m.fork < Some(number));
-                let mut forks = hosts[at..].iter().take_while(|m| m.fork == Some(number));
-                let first = forks.next()?.clone();
-                Some((first, forks.next().is_none()))
-            }
-        }
+        self.pick_counted(actor, pick, |_| true)
+            .map(|(member, count)| (member, count == 1))
     }
 
-    /// Like [`pick_noting_sole`](Self::pick_noting_sole), skipping instances that `accept` turns
-    /// down (one that just refused a request, say).
+    /// Like [`pick_noting_sole`](Self::pick_noting_sole), skipping
+    /// instances that `accept` turns down (one that just refused a
+    /// request, say).
     pub fn pick_where(&self, actor: &str, pick: Pick, accept: impl Fn(&Member) -> bool) -> Option<Arc<Member>> {
+        self.pick_counted(actor, pick, accept).map(|(member, _)| member)
+    }
+
+    /// The first instance `accept` takes among those `pick` may give, in
+    /// the order to try them (round robin for any instance), and how many
+    /// `pick` chose from.
+    fn pick_counted(&self, actor: &str, pick: Pick, accept: impl Fn(&Member) -> bool) -> Option<(Arc<Member>, usize)> {
         let current = self.read();
         let entry = current.by_actor.get(actor)?;
         let hosts = &entry.hosts;
-        match pick {
-            Pick::Any => {
-                let turn = entry.next.fetch_add(1, Ordering::Relaxed);
-                let count = hosts.len();
-                (0..count)
-                    .map(|step| &hosts[(turn + step) % count])
-                    .find(|m| accept(m))
-                    .cloned()
-            }
+        let (candidates, first) = match pick {
+            Pick::Any => (&hosts[..], entry.next.fetch_add(1, Ordering::Relaxed)),
+            // Forks in number order: the ones asked for are found by halving.
             Pick::Fork(number) => {
-                // Forks in number order: the one asked for is found by halving.
-                let at = hosts.partition_point(|m| m.fork < Some(number));
-                hosts[at..]
-                    .iter()
-                    .take_while(|m| m.fork == Some(number))
-                    .find(|m| accept(m))
-                    .cloned()
+                let from = hosts.partition_point(|m| m.fork < Some(number));
+                let to = hosts.partition_point(|m| m.fork <= Some(number));
+                (&hosts[from..to], 0)
             }
-        }
+        };
+        let count = candidates.len();
+        (0..count)
+            .map(|step| &candidates[(first + step) % count])
+            .find(|m| accept(m))
+            .map(|member| (member.clone(), count))
     }
 
     /// Waits until an instance of `actor` that `accept` takes is registered.
