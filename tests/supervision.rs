@@ -571,6 +571,52 @@ fn a_child_not_ready_within_its_start_timeout_counts_as_a_failed_start() {
     sup.nothing_left();
 }
 
+/// A caller remembers its connection to an actor's only instance; the
+/// instance's restart must send the next call to the new process, at once.
+#[test]
+fn calls_to_a_single_instance_reach_its_new_process_after_a_restart() {
+    let mut sup = Sup::start(&[]);
+    let first = sup.ready("sup/a");
+    for _ in 0..3 {
+        sup.fixture.command("ping a");
+        assert_eq!(sup.fixture.expect_line("p"), format!("pong a {first}"));
+    }
+    sup.fixture.command("exit a 7");
+    let second: u32 = sup.event("restarted sup/a ")[0].parse().expect("pid");
+    assert_ne!(second, first);
+    for _ in 0..3 {
+        sup.fixture.command("ping a");
+        assert_eq!(sup.fixture.expect_line("p"), format!("pong a {second}"));
+    }
+    sup.quit();
+}
+
+/// While one fork of two is down, the other is the only instance (a
+/// caller remembers its connection to it); once the fork is back, round
+/// robin reaches both again.
+#[test]
+fn round_robin_reaches_a_fork_again_once_it_is_back() {
+    // The fork stays down long enough for the calls below to find it gone.
+    let mut sup = Sup::start(&["--pool", "2", "--backoff", "3000,3000"]);
+    let one = sup.ready("sup/pool/1");
+    sup.ready("sup/pool/2");
+    sup.fixture.command("exit pool 2 7");
+    sup.event("exited sup/pool/2 ");
+    for _ in 0..3 {
+        sup.fixture.command("ping pool");
+        assert_eq!(sup.fixture.expect_line("p"), format!("pong pool {one}"));
+    }
+    let two: u32 = sup.event("restarted sup/pool/2 ")[0].parse().expect("pid");
+    let mut reached = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        sup.fixture.command("ping pool");
+        reached.insert(sup.fixture.expect_line("p"));
+    }
+    let both = [format!("pong pool {one}"), format!("pong pool {two}")];
+    assert_eq!(reached, both.into_iter().collect(), "{:#?}", sup.fixture.seen);
+    sup.quit();
+}
+
 #[test]
 fn a_panicking_handler_ends_its_process_abnormally_and_it_is_restarted() {
     let mut sup = Sup::start(&[]);
