@@ -7,16 +7,21 @@
 //! whole (a pipe write of up to `PIPE_BUF` bytes is atomic), and it covers
 //! everything: `println!`, the user's `tracing` output, evilcluster's own.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Write};
 use std::os::fd::OwnedFd;
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
+use rustix::event::{PollFd, PollFlags};
+
 struct Relay {
     /// Where standard output and error pointed before the relay.
     originals: [OwnedFd; 2],
-    threads: Vec<JoinHandle<()>>,
+    /// One thread for both streams: each thread costs a process its stack,
+    /// its signal stack and its malloc arena (about 20 KiB of memory, and
+    /// time to start it), and a fork of a large tree has little to say.
+    thread: JoinHandle<()>,
 }
 
 static RELAY: Mutex<Option<Relay>> = Mutex::new(None);
@@ -32,46 +37,110 @@ pub(crate) fn relay(prefix: &str) -> io::Result<()> {
         return Ok(());
     }
     let mut originals = Vec::new();
-    let mut threads = Vec::new();
+    let mut streams = Vec::new();
     for stream in [Stream::Out, Stream::Err] {
         let original = rustix::io::fcntl_dupfd_cloexec(stream.fd(), 0)?;
         let (reader, writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         stream.point_at(&writer)?;
         drop(writer);
-        let sink = std::fs::File::from(original.try_clone()?);
-        let prefix = format!("{prefix} | ");
-        threads.push(
-            std::thread::Builder::new()
-                .name("evilcluster-output".into())
-                .spawn(move || forward(BufReader::new(std::fs::File::from(reader)), sink, &prefix))?,
-        );
+        streams.push(Forwarded {
+            from: Some(reader),
+            to: std::fs::File::from(original.try_clone()?),
+            partial: Vec::with_capacity(256),
+        });
         originals.push(original);
     }
+    let prefix = format!("{prefix} | ");
+    let thread = std::thread::Builder::new()
+        .name("evilcluster-output".into())
+        .spawn(move || forward(streams, &prefix))?;
     let [out, err]: [OwnedFd; 2] = originals.try_into().expect("two streams");
     *relay = Some(Relay {
         originals: [out, err],
-        threads,
+        thread,
     });
     Ok(())
 }
 
-fn forward(mut from: impl BufRead, mut to: std::fs::File, prefix: &str) {
-    let mut line = Vec::with_capacity(256);
+/// A line longer than this is passed on in pieces of this size, each
+/// prefixed: a process that writes without ever ending a line does not
+/// make its relay hold all of it.
+const LONGEST_LINE: usize = 16 * 1024;
+
+/// One relayed stream: the pipe it is read from (until its end), where
+/// its lines go, and the start of a line not yet ended.
+struct Forwarded {
+    from: Option<OwnedFd>,
+    to: std::fs::File,
+    partial: Vec<u8>,
+}
+
+impl Forwarded {
+    /// Passes every complete line in `partial` on, each prefixed, with one
+    /// write (a line longer than [`LONGEST_LINE`] in pieces); at the end of
+    /// the stream, the rest too (ended by a newline).
+    /// `false` once the destination refuses to take more.
+    fn pass_on(&mut self, prefix: &str, out: &mut Vec<u8>, at_end: bool) -> bool {
+        let mut start = 0;
+        while start < self.partial.len() {
+            let end = match self.partial[start..].iter().position(|&b| b == b'\n') {
+                Some(at) if at < LONGEST_LINE => start + at + 1,
+                _ if self.partial.len() - start >= LONGEST_LINE => start + LONGEST_LINE,
+                Some(at) => start + at + 1,
+                None if at_end => self.partial.len(),
+                None => break,
+            };
+            out.clear();
+            out.extend_from_slice(prefix.as_bytes());
+            out.extend_from_slice(&self.partial[start..end]);
+            if !out.ends_with(b"\n") {
+                out.push(b'\n');
+            }
+            if self.to.write_all(out).is_err() {
+                return false;
+            }
+            start = end;
+        }
+        self.partial.drain(..start);
+        true
+    }
+}
+
+/// Relays both streams until each has ended: waits until either has
+/// something, reads what is there, passes complete lines on.
+fn forward(mut streams: Vec<Forwarded>, prefix: &str) {
+    let mut chunk = [0u8; 8192];
     let mut out = Vec::with_capacity(512);
     loop {
-        line.clear();
-        match from.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        out.clear();
-        out.extend_from_slice(prefix.as_bytes());
-        out.extend_from_slice(&line);
-        if !out.ends_with(b"\n") {
-            out.push(b'\n');
-        }
-        if to.write_all(&out).is_err() {
+        let open: Vec<usize> = (0..streams.len()).filter(|&i| streams[i].from.is_some()).collect();
+        if open.is_empty() {
             return;
+        }
+        let ready: Vec<bool> = {
+            let mut fds: Vec<PollFd<'_>> = open
+                .iter()
+                .map(|&i| PollFd::new(streams[i].from.as_ref().expect("open"), PollFlags::IN))
+                .collect();
+            match rustix::event::poll(&mut fds, None) {
+                Ok(_) => fds.iter().map(|fd| !fd.revents().is_empty()).collect(),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => return,
+            }
+        };
+        for (&i, _) in open.iter().zip(ready).filter(|(_, ready)| *ready) {
+            let stream = &mut streams[i];
+            let ended = match rustix::io::read(stream.from.as_ref().expect("open"), &mut chunk) {
+                Ok(0) => true,
+                Ok(n) => {
+                    stream.partial.extend_from_slice(&chunk[..n]);
+                    false
+                }
+                Err(rustix::io::Errno::INTR) => false,
+                Err(_) => true,
+            };
+            if !stream.pass_on(prefix, &mut out, ended) || ended {
+                stream.from = None;
+            }
         }
     }
 }
@@ -86,9 +155,7 @@ pub(crate) fn finish() {
         // Replacing the pipe's last write end lets its reader see the end.
         let _ = stream.point_at(original);
     }
-    for thread in relay.threads {
-        let _ = thread.join();
-    }
+    let _ = relay.thread.join();
 }
 
 /// Where a process this one starts should write: the streams from before
@@ -124,5 +191,54 @@ impl Stream {
             Stream::Err => rustix::stdio::dup2_stderr(fd)?,
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A stream relayed into a pipe, and what came out of the pipe.
+    fn relayed(chunks: &[&[u8]], at_end: bool) -> (Vec<u8>, Vec<u8>) {
+        let (reader, writer) = rustix::pipe::pipe().unwrap();
+        let mut stream = Forwarded {
+            from: None,
+            to: std::fs::File::from(writer),
+            partial: Vec::new(),
+        };
+        let mut out = Vec::new();
+        for chunk in chunks {
+            stream.partial.extend_from_slice(chunk);
+            assert!(stream.pass_on("p | ", &mut out, false));
+        }
+        if at_end {
+            assert!(stream.pass_on("p | ", &mut out, true));
+        }
+        let left = std::mem::take(&mut stream.partial);
+        drop(stream);
+        let mut passed = Vec::new();
+        std::fs::File::from(reader).read_to_end(&mut passed).unwrap();
+        (passed, left)
+    }
+
+    #[test]
+    fn complete_lines_go_on_prefixed_and_a_started_one_waits() {
+        let (passed, left) = relayed(&[b"one\ntw", b"o\nthr"], false);
+        assert_eq!(passed, b"p | one\np | two\n");
+        assert_eq!(left, b"thr");
+        // At the end of the stream the rest goes too, ended.
+        let (passed, left) = relayed(&[b"one\nthr"], true);
+        assert_eq!(passed, b"p | one\np | thr\n");
+        assert!(left.is_empty());
+    }
+
+    #[test]
+    fn a_line_that_never_ends_goes_on_in_pieces() {
+        let long = vec![b'x'; 2 * LONGEST_LINE + 10];
+        let (passed, left) = relayed(&[&long], false);
+        let piece = [&b"p | "[..], &vec![b'x'; LONGEST_LINE], b"\n"].concat();
+        assert_eq!(passed, [piece.clone(), piece].concat());
+        assert_eq!(left.len(), 10, "the rest waits for its end");
     }
 }
