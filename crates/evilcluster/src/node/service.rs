@@ -35,11 +35,11 @@ pub(crate) trait Service: Send + Sync {
 /// message between the connection and the handler.
 pub(crate) trait Inbox: Send + Sync {
     /// Queues one request for the actor, or gives the responder back with
-    /// the reason it was refused (the handler did not run).
+    /// the reason it was refused (the handler did not run). Gives the tag
+    /// as the actor's own string (for
+    /// [`Recalled`](evilcluster_wire::Recalled)).
     // The responder comes back by value: it is moved, not boxed, on the
     // path every request takes.
-    /// Gives the tag as the actor's own string (for
-    /// [`Recalled`](evilcluster_wire::Recalled)).
     #[allow(clippy::result_large_err)]
     fn deliver(
         &self,
