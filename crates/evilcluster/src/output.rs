@@ -51,6 +51,9 @@ pub(crate) fn relay(prefix: &str) -> io::Result<()> {
         originals.push(original);
     }
     let prefix = format!("{prefix} | ");
+    let Ok(streams) = <[Forwarded; 2]>::try_from(streams) else {
+        unreachable!("two streams")
+    };
     let thread = std::thread::Builder::new()
         .name("evilcluster-output".into())
         .spawn(move || forward(streams, &prefix))?;
@@ -76,6 +79,24 @@ struct Forwarded {
 }
 
 impl Forwarded {
+    /// Reads what the pipe holds and passes complete lines on; stops
+    /// reading at the pipe's end, or once the destination takes no more.
+    fn take_in(&mut self, chunk: &mut [u8], prefix: &str, out: &mut Vec<u8>) {
+        let Some(from) = &self.from else { return };
+        let ended = match rustix::io::read(from, &mut *chunk) {
+            Ok(0) => true,
+            Ok(n) => {
+                self.partial.extend_from_slice(&chunk[..n]);
+                false
+            }
+            Err(rustix::io::Errno::INTR) => false,
+            Err(_) => true,
+        };
+        if !self.pass_on(prefix, out, ended) || ended {
+            self.from = None;
+        }
+    }
+
     /// Passes every complete line in `partial` on, each prefixed, with one
     /// write (a line longer than [`LONGEST_LINE`] in pieces); at the end of
     /// the stream, the rest too (ended by a newline).
@@ -83,10 +104,10 @@ impl Forwarded {
     fn pass_on(&mut self, prefix: &str, out: &mut Vec<u8>, at_end: bool) -> bool {
         let mut start = 0;
         while start < self.partial.len() {
-            let end = match self.partial[start..].iter().position(|&b| b == b'\n') {
-                Some(at) if at < LONGEST_LINE => start + at + 1,
-                _ if self.partial.len() - start >= LONGEST_LINE => start + LONGEST_LINE,
+            let rest = &self.partial[start..];
+            let end = match rest.iter().take(LONGEST_LINE).position(|&b| b == b'\n') {
                 Some(at) => start + at + 1,
+                None if rest.len() >= LONGEST_LINE => start + LONGEST_LINE,
                 None if at_end => self.partial.len(),
                 None => break,
             };
@@ -108,39 +129,32 @@ impl Forwarded {
 
 /// Relays both streams until each has ended: waits until either has
 /// something, reads what is there, passes complete lines on.
-fn forward(mut streams: Vec<Forwarded>, prefix: &str) {
+fn forward(mut streams: [Forwarded; 2], prefix: &str) {
     let mut chunk = [0u8; 8192];
     let mut out = Vec::with_capacity(512);
     loop {
-        let open: Vec<usize> = (0..streams.len()).filter(|&i| streams[i].from.is_some()).collect();
-        if open.is_empty() {
-            return;
-        }
-        let ready: Vec<bool> = {
-            let mut fds: Vec<PollFd<'_>> = open
+        let ready: Vec<usize> = {
+            let (open, mut fds): (Vec<usize>, Vec<PollFd<'_>>) = streams
                 .iter()
-                .map(|&i| PollFd::new(streams[i].from.as_ref().expect("open"), PollFlags::IN))
-                .collect();
+                .enumerate()
+                .filter_map(|(i, stream)| Some((i, PollFd::new(stream.from.as_ref()?, PollFlags::IN))))
+                .unzip();
+            if open.is_empty() {
+                return;
+            }
             match rustix::event::poll(&mut fds, None) {
-                Ok(_) => fds.iter().map(|fd| !fd.revents().is_empty()).collect(),
+                Ok(_) => open
+                    .into_iter()
+                    .zip(&fds)
+                    .filter(|(_, fd)| !fd.revents().is_empty())
+                    .map(|(i, _)| i)
+                    .collect(),
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(_) => return,
             }
         };
-        for (&i, _) in open.iter().zip(ready).filter(|(_, ready)| *ready) {
-            let stream = &mut streams[i];
-            let ended = match rustix::io::read(stream.from.as_ref().expect("open"), &mut chunk) {
-                Ok(0) => true,
-                Ok(n) => {
-                    stream.partial.extend_from_slice(&chunk[..n]);
-                    false
-                }
-                Err(rustix::io::Errno::INTR) => false,
-                Err(_) => true,
-            };
-            if !stream.pass_on(prefix, &mut out, ended) || ended {
-                stream.from = None;
-            }
+        for i in ready {
+            streams[i].take_in(&mut chunk, prefix, &mut out);
         }
     }
 }

@@ -362,10 +362,10 @@ impl Target {
     /// The connection to send on right now, when the name is known and the
     /// connection is up (the common case: no waiting, no allocation).
     fn route_now(&self, node: &Node) -> Route {
-        if let Some((link, incarnation)) = node.sole_link(self.actor, self.pick) {
+        let state = node.directory.state();
+        if let Some((link, incarnation)) = node.sole_link(state, self.actor, self.pick) {
             return Route::Ready(link, incarnation);
         }
-        let state = node.directory.state();
         match node.directory.pick_noting_sole(self.actor, self.pick) {
             None => Route::Resolve,
             Some((member, sole)) => match node.open_link_to(&member) {

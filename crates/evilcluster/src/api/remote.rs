@@ -13,7 +13,7 @@ use futures_util::task::AtomicWaker;
 
 use crate::node::connection::{Payload, Responder};
 use crate::node::service::{decode_payload, encode_reply, Inbox};
-use evilcluster_wire::WireError;
+use evilcluster_wire::{Recalled, WireError};
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -421,9 +421,9 @@ impl<A: RemoteActor> Inbox for ActorInbox<A> {
         tag: &str,
         payload: Payload,
         mut responder: Responder,
-    ) -> Result<&'static str, (Responder, WireError)> {
+    ) -> Result<Recalled, (Responder, WireError)> {
         responder.for_actor(A::NAME);
-        let Some((&tag, &(_, handle))) = self.routes.table.get_key_value(tag) else {
+        let Some((&own_tag, &(_, handle))) = self.routes.table.get_key_value(tag) else {
             let unknown = WireError::UnknownMessage {
                 actor: A::NAME.to_owned(),
                 tag: tag.to_owned(),
@@ -450,11 +450,10 @@ impl<A: RemoteActor> Inbox for ActorInbox<A> {
         if was_empty {
             self.waker.wake();
         }
-        Ok(tag)
-    }
-
-    fn name(&self) -> &'static str {
-        A::NAME
+        Ok(Recalled {
+            actor: A::NAME,
+            tag: own_tag,
+        })
     }
 }
 

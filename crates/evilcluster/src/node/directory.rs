@@ -518,9 +518,9 @@ impl Directory {
         let applied = current.delta(delta);
         let version = current.version;
         drop(current);
-        // Even a delta kept aside for later changed what is here.
-        self.changed();
+        // Kept aside or ignored, a delta changes no pick.
         if applied == Outcome::Applied {
+            self.changed();
             self.version.send_replace(version);
         }
         applied

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use std::time::Duration;
 
-use evilcluster_wire::{Cookie, Identity, Recalled, Request, WireError, DEFAULT_MAX_FRAME_LENGTH};
+use evilcluster_wire::{Cookie, Identity, Request, WireError, DEFAULT_MAX_FRAME_LENGTH};
 use interprocess::local_socket::tokio::Listener;
 use rustc_hash::FxHashMap;
 use tokio::sync::{Notify, OnceCell};
@@ -387,9 +387,8 @@ impl Node {
                 return Err((responder, unknown));
             }
             Some(Hosted::Actor(inbox)) => {
-                let actor = inbox.name();
-                let tag = inbox.deliver(request.tag, payload, responder)?;
-                cache.recall(Recalled { actor, tag });
+                let recalled = inbox.deliver(request.tag, payload, responder)?;
+                cache.recall(recalled);
                 return Ok(None);
             }
             Some(Hosted::Service(service)) => service.clone(),
@@ -595,10 +594,10 @@ impl Node {
 
     /// The open connection to the only instance `pick` gives for `actor`,
     /// and that instance's incarnation, as this thread last found it
-    /// ([`remember_sole`](Self::remember_sole)) while the directory has
-    /// not changed since: no lock, lookup or shared count per call.
-    pub fn sole_link(&self, actor: &'static str, pick: Pick) -> Option<(Arc<Link>, u64)> {
-        let state = self.directory.state();
+    /// ([`remember_sole`](Self::remember_sole)) if the directory is still
+    /// in `state` (its [`state`](Directory::state) now): no lock, lookup or
+    /// shared count per call.
+    pub fn sole_link(&self, state: u64, actor: &'static str, pick: Pick) -> Option<(Arc<Link>, u64)> {
         SOLE_ROUTE.with(|sole| {
             let sole = sole.borrow();
             let sole = sole.as_ref()?;

@@ -35,21 +35,13 @@ pub(crate) trait Service: Send + Sync {
 /// message between the connection and the handler.
 pub(crate) trait Inbox: Send + Sync {
     /// Queues one request for the actor, or gives the responder back with
-    /// the reason it was refused (the handler did not run). Gives the tag
-    /// as the actor's own string (for
-    /// [`Recalled`](evilcluster_wire::Recalled)).
+    /// the reason it was refused (the handler did not run). Gives the
+    /// actor's name and the tag as the actor's own strings, for the reader
+    /// to decode the next request with.
     // The responder comes back by value: it is moved, not boxed, on the
     // path every request takes.
     #[allow(clippy::result_large_err)]
-    fn deliver(
-        &self,
-        tag: &str,
-        payload: Payload,
-        responder: Responder,
-    ) -> Result<&'static str, (Responder, WireError)>;
-
-    /// The actor's name.
-    fn name(&self) -> &'static str;
+    fn deliver(&self, tag: &str, payload: Payload, responder: Responder) -> Result<Recalled, (Responder, WireError)>;
 }
 
 /// What a process hosts under one name.
