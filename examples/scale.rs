@@ -476,9 +476,8 @@ async fn raw_baseline(n: u32, broadcasts: usize, calls: u32) -> Result<RawBaseli
 }
 
 /// The median of `rounds`, in microseconds, divided by `n`.
-fn median_per_instance(mut rounds: Vec<Duration>, n: u32) -> f64 {
-    rounds.sort();
-    rounds[rounds.len() / 2].as_secs_f64() * 1e6 / f64::from(n)
+fn median_per_instance(rounds: Vec<Duration>, n: u32) -> f64 {
+    median(rounds).as_secs_f64() * 1e6 / f64::from(n)
 }
 
 /// SIGKILLs one fork; once the master's directory has its successor, how
@@ -543,10 +542,10 @@ async fn propagation(running: &evilcluster::RunningCluster, n: u32) -> Result<(D
     }
 }
 
-/// The middle of `values` (0 when there are none).
-fn median(mut values: Vec<u64>) -> u64 {
+/// The middle of `values` (zero when there are none).
+fn median<T: Ord + Copy + Default>(mut values: Vec<T>) -> T {
     values.sort_unstable();
-    values.get(values.len() / 2).copied().unwrap_or(0)
+    values.get(values.len() / 2).copied().unwrap_or_default()
 }
 
 /// Proportional set size of process `pid`, in KiB.
