@@ -122,8 +122,9 @@ mod listener {
 /// Children's output is relayed with a prefix on Unix only.
 #[cfg(not(unix))]
 mod output {
-    pub(crate) fn relay(_prefix: &str) -> std::io::Result<()> {
-        Err(std::io::Error::other("output relay is Unix only"))
+    /// Gives `inlet` back: whoever reads it must do so on its own thread.
+    pub(crate) fn relay<I>(_prefix: &str, inlet: I) -> Result<(), (std::io::Error, I)> {
+        Err((std::io::Error::other("output relay is Unix only"), inlet))
     }
     pub(crate) fn finish() {}
     pub(crate) fn for_child() -> (std::process::Stdio, std::process::Stdio) {

@@ -8,12 +8,13 @@
 //! everything: `println!`, the user's `tracing` output, evilcluster's own.
 
 use std::io::{self, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
-use rustix::event::{PollFd, PollFlags};
+use rustix::event::{PollFd, PollFlags, Timespec};
 
 struct Relay {
     /// Where standard output and error pointed before the relay.
@@ -30,39 +31,74 @@ fn lock() -> std::sync::MutexGuard<'static, Option<Relay>> {
     RELAY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Starts relaying this process's standard output and error with `prefix`.
-pub(crate) fn relay(prefix: &str) -> io::Result<()> {
+/// A pipe the relay's thread reads too, beside the output streams: a
+/// child's control pipe, so that the child keeps one thread for both
+/// (a thread costs a process about 20 KiB).
+pub(crate) trait Inlet: Send + 'static {
+    /// The pipe.
+    fn fd(&self) -> BorrowedFd<'_>;
+    /// What was read from the pipe; empty at its end (then never again).
+    fn heard(&mut self, bytes: &[u8]);
+    /// When this process must end, if it must.
+    fn deadline(&self) -> Option<Instant>;
+    /// The deadline passed: the line to leave. The relay passes on what was
+    /// written until then, then this line, and exits with status 1.
+    fn overdue(&mut self) -> &'static str;
+}
+
+/// Starts relaying this process's standard output and error with `prefix`,
+/// reading `inlet` on the same thread; gives `inlet` back if it cannot.
+pub(crate) fn relay<I: Inlet>(prefix: &str, inlet: I) -> Result<(), (io::Error, I)> {
     let mut relay = lock();
     if relay.is_some() {
-        return Ok(());
+        return Err((io::Error::other("the output is relayed already"), inlet));
     }
-    let mut originals = Vec::new();
-    let mut streams = Vec::new();
-    for stream in [Stream::Out, Stream::Err] {
-        let original = rustix::io::fcntl_dupfd_cloexec(stream.fd(), 0)?;
-        let (reader, writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-        stream.point_at(&writer)?;
-        drop(writer);
-        streams.push(Forwarded {
-            from: Some(reader),
-            to: std::fs::File::from(original.try_clone()?),
-            partial: Vec::with_capacity(256),
-        });
-        originals.push(original);
-    }
-    let prefix = format!("{prefix} | ");
-    let Ok(streams) = <[Forwarded; 2]>::try_from(streams) else {
-        unreachable!("two streams")
+    let (streams, originals) = match open_streams() {
+        Ok(opened) => opened,
+        Err(error) => return Err((error, inlet)),
     };
-    let thread = std::thread::Builder::new()
+    let prefix = format!("{prefix} | ");
+    // The inlet goes to the thread once it runs: if it cannot start, the
+    // caller gets the inlet back to read it some other way.
+    let (handover, handed) = std::sync::mpsc::sync_channel::<I>(1);
+    let spawned = std::thread::Builder::new()
         .name("evilcluster-output".into())
-        .spawn(move || forward(streams, &prefix))?;
-    let [out, err]: [OwnedFd; 2] = originals.try_into().expect("two streams");
-    *relay = Some(Relay {
-        originals: [out, err],
-        thread,
-    });
-    Ok(())
+        .spawn(move || {
+            forward(streams, &prefix, handed.recv().ok());
+        });
+    match spawned {
+        Ok(thread) => {
+            handover.send(inlet).expect("the relay thread waits for it");
+            *relay = Some(Relay { originals, thread });
+            Ok(())
+        }
+        Err(error) => {
+            point_back(&originals);
+            Err((error, inlet))
+        }
+    }
+}
+
+/// Points standard output and error at fresh pipes: the streams to relay,
+/// and where they pointed before.
+fn open_streams() -> io::Result<([Forwarded; 2], [OwnedFd; 2])> {
+    let (out, out_original) = Stream::Out.redirect()?;
+    let (err, err_original) = match Stream::Err.redirect() {
+        Ok(redirected) => redirected,
+        Err(error) => {
+            let _ = Stream::Out.point_at(&out_original);
+            return Err(error);
+        }
+    };
+    Ok(([out, err], [out_original, err_original]))
+}
+
+/// Points standard output and error back where they were.
+fn point_back(originals: &[OwnedFd; 2]) {
+    for (stream, original) in [Stream::Out, Stream::Err].into_iter().zip(originals) {
+        // Replacing the pipe's last write end lets its reader see the end.
+        let _ = stream.point_at(original);
+    }
 }
 
 /// A line longer than this is passed on in pieces of this size, each
@@ -97,6 +133,22 @@ impl Forwarded {
         }
     }
 
+    /// Passes on everything the pipe holds now, the start of a line too:
+    /// the process is about to end.
+    fn drain(&mut self, chunk: &mut [u8], prefix: &str, out: &mut Vec<u8>) {
+        let now = Timespec { tv_sec: 0, tv_nsec: 0 };
+        // Bounded: other threads may still be writing.
+        for _ in 0..64 {
+            let Some(from) = &self.from else { break };
+            let mut fds = [PollFd::new(from, PollFlags::IN)];
+            match rustix::event::poll(&mut fds, Some(&now)) {
+                Ok(n) if n > 0 => self.take_in(chunk, prefix, out),
+                _ => break,
+            }
+        }
+        self.pass_on(prefix, out, true);
+    }
+
     /// Passes every complete line in `partial` on, each prefixed, with one
     /// write (a line longer than [`LONGEST_LINE`] in pieces); at the end of
     /// the stream, the rest too (ended by a newline).
@@ -128,12 +180,17 @@ impl Forwarded {
 }
 
 /// Relays both streams until each has ended: waits until either has
-/// something, reads what is there, passes complete lines on.
-fn forward(mut streams: [Forwarded; 2], prefix: &str) {
+/// something, reads what is there, passes complete lines on. Reads `inlet`
+/// too, until its end, and ends the process at its deadline.
+fn forward<I: Inlet>(mut streams: [Forwarded; 2], prefix: &str, mut inlet: Option<I>) {
     let mut chunk = [0u8; 8192];
     let mut out = Vec::with_capacity(512);
+    let mut inlet_open = inlet.is_some();
     loop {
-        let ready: Vec<usize> = {
+        let deadline = inlet.as_ref().and_then(Inlet::deadline);
+        // A wait too long to say is as good as none.
+        let timeout = deadline.and_then(|at| Timespec::try_from(at.saturating_duration_since(Instant::now())).ok());
+        let (ready, inlet_ready) = {
             let (open, mut fds): (Vec<usize>, Vec<PollFd<'_>>) = streams
                 .iter()
                 .enumerate()
@@ -142,19 +199,61 @@ fn forward(mut streams: [Forwarded; 2], prefix: &str) {
             if open.is_empty() {
                 return;
             }
-            match rustix::event::poll(&mut fds, None) {
-                Ok(_) => open
-                    .into_iter()
-                    .zip(&fds)
-                    .filter(|(_, fd)| !fd.revents().is_empty())
-                    .map(|(i, _)| i)
-                    .collect(),
+            let watched = inlet.as_ref().filter(|_| inlet_open);
+            if let Some(inlet) = watched {
+                fds.push(PollFd::from_borrowed_fd(inlet.fd(), PollFlags::IN));
+            }
+            match rustix::event::poll(&mut fds, timeout.as_ref()) {
+                Ok(_) => {
+                    let inlet_ready = watched.is_some() && fds.last().is_some_and(|fd| !fd.revents().is_empty());
+                    let ready: Vec<usize> = open
+                        .into_iter()
+                        .zip(&fds)
+                        .filter(|(_, fd)| !fd.revents().is_empty())
+                        .map(|(i, _)| i)
+                        .collect();
+                    (ready, inlet_ready)
+                }
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(_) => return,
             }
         };
         for i in ready {
             streams[i].take_in(&mut chunk, prefix, &mut out);
+        }
+        if let Some(inlet) = inlet.as_mut() {
+            if inlet_ready {
+                inlet_open = hear(inlet, &mut chunk);
+            }
+            if deadline.is_some_and(|at| Instant::now() >= at) {
+                let last_words = inlet.overdue();
+                for stream in &mut streams {
+                    stream.drain(&mut chunk, prefix, &mut out);
+                }
+                out.clear();
+                out.extend_from_slice(format!("{prefix}{last_words}\n").as_bytes());
+                let _ = streams[1].to.write_all(&out);
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// Reads what `inlet`'s pipe holds into the inlet; `false` at its end.
+fn hear(inlet: &mut impl Inlet, chunk: &mut [u8]) -> bool {
+    match rustix::io::read(inlet.fd(), &mut *chunk) {
+        Ok(0) => {
+            inlet.heard(&[]);
+            false
+        }
+        Ok(n) => {
+            inlet.heard(&chunk[..n]);
+            true
+        }
+        Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => true,
+        Err(_) => {
+            inlet.heard(&[]);
+            false
         }
     }
 }
@@ -165,10 +264,7 @@ pub(crate) fn finish() {
     let Some(relay) = lock().take() else { return };
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();
-    for (stream, original) in [Stream::Out, Stream::Err].into_iter().zip(&relay.originals) {
-        // Replacing the pipe's last write end lets its reader see the end.
-        let _ = stream.point_at(original);
-    }
+    point_back(&relay.originals);
     let _ = relay.thread.join();
 }
 
@@ -197,6 +293,20 @@ impl Stream {
             Stream::Out => rustix::stdio::stdout(),
             Stream::Err => rustix::stdio::stderr(),
         }
+    }
+
+    /// Points the stream at a fresh pipe: the pipe's end to relay from, and
+    /// where the stream pointed before.
+    fn redirect(self) -> io::Result<(Forwarded, OwnedFd)> {
+        let original = rustix::io::fcntl_dupfd_cloexec(self.fd(), 0)?;
+        let (reader, writer) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let relayed = Forwarded {
+            from: Some(reader),
+            to: std::fs::File::from(original.try_clone()?),
+            partial: Vec::with_capacity(256),
+        };
+        self.point_at(&writer)?;
+        Ok((relayed, original))
     }
 
     fn point_at(self, fd: impl std::os::fd::AsFd) -> io::Result<()> {

@@ -43,7 +43,7 @@ impl Cluster {
         let budget = worker
             .supervision
             .shutdown_budget(&env.role, worker.forks, &self.config);
-        let (cookie, gate, stop_requests) =
+        let (cookie, gate, stop_requests, control) =
             crate::supervision::process::attach_to_parent(&env, budget.saturating_mul(2))?;
         publish_options(Some(&name), &self.workers);
         record_panics(env.socket_dir.clone());
@@ -51,9 +51,11 @@ impl Cluster {
         // Every line this process writes, logs included, carries its path
         // and pid: from the output relay, or failing that from a span (at
         // error level, so it is enabled whatever RUST_LOG filters).
-        let span = match crate::output::relay(&format!("{}[{}]", env.path, std::process::id())) {
+        // The relay's thread reads the control pipe too.
+        let span = match crate::output::relay(&format!("{}[{}]", env.path, std::process::id()), control) {
             Ok(()) => tracing::Span::none(),
-            Err(error) => {
+            Err((error, control)) => {
+                control.watch_alone()?;
                 warn!(%error, "cannot prefix this process's output; logging with a span instead");
                 error_span!("proc", path = %env.path, pid = std::process::id())
             }
