@@ -42,7 +42,7 @@ totals() {
 }
 
 paths=("$@")
-[ ${#paths[@]} -gt 0 ] || paths=(pipelined send-all raw-pipelined round-trip raw-round-trip do-send)
+[ ${#paths[@]} -gt 0 ] || paths=(pipelined send-all raw-pipelined raw-futures round-trip raw-round-trip do-send)
 echo "instructions per message (callgrind; N1=$N1, N2=$N2)"
 printf '%-16s %14s %14s %14s\n' "path" "client/msg" "server/msg" "total/msg"
 for path in "${paths[@]}"; do

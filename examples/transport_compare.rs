@@ -7,7 +7,9 @@
 //!
 //! - round trip: 20,000 sequential echoes, each awaited before the next;
 //! - pipelined: 200,000 echoes with up to 1,024 in flight, as one future
-//!   per call (`buffer_unordered`) and as one `send_all` stream;
+//!   per call (`buffer_unordered`) and as one `send_all` stream; the raw
+//!   socket both without futures and with one future per call (a channel
+//!   each, the least such a client costs);
 //! - do_send: 200,000 `do_send`s, then one `send` to wait for all of them;
 //! - large payloads: sequential echoes of 16 KiB, 256 KiB, 1 MiB and 4 MiB
 //!   (the request carries the bytes and so does the reply), against the raw
@@ -86,6 +88,8 @@ struct Samples {
     raw_round_trip: Vec<f64>,
     cluster_round_trip: Vec<f64>,
     raw_pipelined: Vec<f64>,
+    /// The raw socket with one future per call, as evilcluster's pipelined.
+    raw_pipelined_futures: Vec<f64>,
     cluster_pipelined: Vec<f64>,
     cluster_send_all: Vec<f64>,
     cluster_do_send: Vec<f64>,
@@ -179,6 +183,7 @@ async fn measure(mut raw: RawClient, sections: Sections, c: Option<CSocketpair>)
     raw.round_trips(2_000).await?;
     cluster.round_trips(2_000).await?;
     raw.pipelined(20_000, WINDOW).await?;
+    raw.pipelined_futures(20_000, WINDOW).await?;
     cluster.pipelined(20_000, WINDOW).await?;
     cluster.pipelined_send_all(20_000, WINDOW).await?;
     cluster.do_send(20_000).await?;
@@ -198,6 +203,9 @@ async fn measure(mut raw: RawClient, sections: Sections, c: Option<CSocketpair>)
         samples
             .raw_pipelined
             .push(per_second(raw.pipelined(PIPELINED, WINDOW).await?, PIPELINED));
+        samples
+            .raw_pipelined_futures
+            .push(per_second(raw.pipelined_futures(PIPELINED, WINDOW).await?, PIPELINED));
         samples
             .cluster_pipelined
             .push(per_second(cluster.pipelined(PIPELINED, WINDOW).await?, PIPELINED));
@@ -235,6 +243,7 @@ async fn profile_only(only: &str, cluster: ClusterClient, mut raw: RawClient) ->
             "pipelined" => cluster.pipelined(batch, WINDOW).await?,
             "send-all" => cluster.pipelined_send_all(batch, WINDOW).await?,
             "raw-pipelined" => raw.pipelined(batch, WINDOW).await?,
+            "raw-futures" => raw.pipelined_futures(batch, WINDOW).await?,
             "round-trip" => cluster.round_trips(batch).await?,
             "raw-round-trip" => raw.round_trips(batch).await?,
             "do-send" => cluster.do_send(batch).await?,
@@ -242,7 +251,7 @@ async fn profile_only(only: &str, cluster: ClusterClient, mut raw: RawClient) ->
             "shared-blobs" => cluster.shared_blobs(size, batch).await?,
             "raw-blobs" => raw.blobs(size, batch).await?,
             other => panic!(
-                "TRANSPORT_COMPARE_ONLY={other}: one of pipelined, send-all, raw-pipelined, round-trip, raw-round-trip, \
+                "TRANSPORT_COMPARE_ONLY={other}: one of pipelined, send-all, raw-pipelined, raw-futures, round-trip, raw-round-trip, \
                  do-send, blobs, shared-blobs, raw-blobs"
             ),
         };
@@ -369,6 +378,7 @@ fn print_table(samples: &Samples) {
     let cluster_rt = median(&samples.cluster_round_trip);
     let raw_pipe = median(&samples.raw_pipelined);
     let cluster_pipe = median(&samples.cluster_pipelined);
+    let raw_futures = median(&samples.raw_pipelined_futures);
     let send_all = median(&samples.cluster_send_all);
     let do_send = median(&samples.cluster_do_send);
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -406,6 +416,13 @@ fn print_table(samples: &Samples) {
         thousands(PIPELINED_TARGET)
     );
     println!(
+        "{:<28} {:>12} {:>12} {:>9.2}x   (both with one future per call)",
+        "  against raw futures",
+        thousands(raw_futures),
+        thousands(cluster_pipe),
+        cluster_pipe / raw_futures,
+    );
+    println!(
         "{:<28} {:>12} {:>12} {:>9.2}x   >= {}, >= {PIPELINED_RATIO_TARGET:.2}x raw",
         format!("  one send_all (msg/s)"),
         thousands(raw_pipe),
@@ -416,13 +433,15 @@ fn print_table(samples: &Samples) {
     println!("{:<28} {:>12} {:>12}", "do_send (msg/s)", "-", thousands(do_send));
     println!(
         "spread over rounds (min-max): round trip raw {:.2}-{:.2} us, evilcluster {:.2}-{:.2} us; \
-         pipelined raw {}-{}, evilcluster {}-{} msg/s, send_all {}-{} msg/s; do_send {}-{} msg/s",
+         pipelined raw {}-{}, raw futures {}-{}, evilcluster {}-{} msg/s, send_all {}-{} msg/s; do_send {}-{} msg/s",
         min(&samples.raw_round_trip),
         max(&samples.raw_round_trip),
         min(&samples.cluster_round_trip),
         max(&samples.cluster_round_trip),
         thousands(min(&samples.raw_pipelined)),
         thousands(max(&samples.raw_pipelined)),
+        thousands(min(&samples.raw_pipelined_futures)),
+        thousands(max(&samples.raw_pipelined_futures)),
         thousands(min(&samples.cluster_pipelined)),
         thousands(max(&samples.cluster_pipelined)),
         thousands(min(&samples.cluster_send_all)),

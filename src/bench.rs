@@ -502,6 +502,65 @@ impl RawClient {
         Ok(start.elapsed())
     }
 
+    /// `n` echoes with up to `window` in flight, one future per call, made
+    /// and awaited as [`ClusterClient::pipelined`] makes and awaits its
+    /// calls: each call queues its frame for a writer task and waits for its
+    /// echo on a channel of its own, which a reader task completes. The
+    /// least a client with a future per call costs over this socket (the
+    /// echoes come back in order, so the reader needs no table, only a
+    /// queue), against which evilcluster's own future per call is measured.
+    pub async fn pipelined_futures(&mut self, n: u64, window: usize) -> Result<Duration, BenchError> {
+        let frame_len = self.frame_len;
+        let RawClient { reader, writer, .. } = self;
+        let waiting = std::cell::RefCell::new(std::collections::VecDeque::new());
+        let (outbox, mut queued) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let start = Instant::now();
+        let calls = async {
+            let mut replies = stream::iter(0..n)
+                .map(|i| {
+                    let (answer, answered) = tokio::sync::oneshot::channel::<()>();
+                    waiting.borrow_mut().push_back((i, answer));
+                    let sent = outbox.send(raw_frame(i, frame_len));
+                    async move {
+                        sent.map_err(|_| BenchError::Closed)?;
+                        answered.await.map_err(|_| BenchError::Closed)
+                    }
+                })
+                .buffer_unordered(window.max(1));
+            while let Some(reply) = replies.next().await {
+                reply?;
+            }
+            drop(replies);
+            drop(outbox);
+            Ok::<_, BenchError>(())
+        };
+        let write = async {
+            while let Some(frame) = queued.recv().await {
+                writer.feed(frame).await?;
+                while let Ok(frame) = queued.try_recv() {
+                    writer.feed(frame).await?;
+                }
+                SinkExt::<Bytes>::flush(writer).await?;
+            }
+            Ok::<_, BenchError>(())
+        };
+        let read = async {
+            for _ in 0..n {
+                let echo = reader.next().await.ok_or(BenchError::Closed)??;
+                // Its call was queued before its frame was written.
+                let (i, answer) = waiting.borrow_mut().pop_front().ok_or(BenchError::Closed)?;
+                check_blob(&echo, i, frame_len)?;
+                let _ = answer.send(());
+            }
+            Ok::<_, BenchError>(())
+        };
+        let (called, written, read) = tokio::join!(calls, write, read);
+        called?;
+        written?;
+        read?;
+        Ok(start.elapsed())
+    }
+
     /// `n` echoes with up to `window` in flight: frames are written in
     /// batches (one flush whenever the window is full or nothing is left to
     /// send) while replies are read concurrently.
