@@ -12,7 +12,7 @@ use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, Messag
 use futures_util::task::AtomicWaker;
 
 use crate::node::connection::{Payload, Responder};
-use crate::node::service::{decode_payload, encode_reply, Inbox};
+use crate::node::service::{decode_payload, encode_reply, Inbox, Taken};
 use evilcluster_wire::{Recalled, WireError};
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
@@ -263,16 +263,32 @@ type HandleFn<A> = fn(&mut A, &mut <A as Actor>::Context, &Payload, Responder);
 /// The messages a [`RemoteActor`] answers, filled in from its
 /// [`Messages`](RemoteActor::Messages) list.
 pub struct Routes<A: Actor> {
-    table: FxHashMap<&'static str, (&'static str, HandleFn<A>)>,
+    /// Each message's tag, its type's name and its handler.
+    list: Vec<(&'static str, &'static str, HandleFn<A>)>,
+    /// Where each tag is in `list`.
+    by_tag: FxHashMap<&'static str, usize>,
 }
 
 impl<A: RemoteActor> Routes<A> {
     pub(crate) fn collect() -> Self {
         let mut routes = Routes {
-            table: FxHashMap::default(),
+            list: Vec::new(),
+            by_tag: FxHashMap::default(),
         };
         A::Messages::register(&mut routes);
         routes
+    }
+
+    /// The route for `tag`, and its place: the one at `hint` when `tag` is
+    /// that route's own string (the decoder gives it back for the same
+    /// bytes), else looked up.
+    fn find(&self, hint: usize, tag: &str) -> Option<(usize, &'static str, HandleFn<A>)> {
+        let index = match self.list.get(hint) {
+            Some(&(own, _, _)) if std::ptr::eq(own, tag) => hint,
+            _ => *self.by_tag.get(tag)?,
+        };
+        let (own, _, handle) = self.list[index];
+        Some((index, own, handle))
     }
 
     /// Routes messages of type `M` (tag `M::TAG`) to `A`'s handler.
@@ -285,13 +301,16 @@ impl<A: RemoteActor> Routes<A> {
         M::Result: Serialize + Send,
     {
         let name = std::any::type_name::<M>();
-        if let Some((previous, _)) = self.table.insert(M::TAG, (name, handle_remote::<A, M>)) {
+        if let Some(&previous) = self.by_tag.get(M::TAG) {
             panic!(
-                "{} routes two messages with tag `{}`: {previous} and {name}",
+                "{} routes two messages with tag `{}`: {} and {name}",
                 A::NAME,
-                M::TAG
+                M::TAG,
+                self.list[previous].1
             );
         }
+        self.by_tag.insert(M::TAG, self.list.len());
+        self.list.push((M::TAG, name, handle_remote::<A, M>));
         self
     }
 }
@@ -418,12 +437,13 @@ impl<A: RemoteActor> ActorInbox<A> {
 impl<A: RemoteActor> Inbox for ActorInbox<A> {
     fn deliver(
         &self,
+        last: Taken,
         tag: &str,
         payload: Payload,
         mut responder: Responder,
-    ) -> Result<Recalled, (Responder, WireError)> {
+    ) -> Result<Taken, (Responder, WireError)> {
         responder.for_actor(A::NAME);
-        let Some((&own_tag, &(_, handle))) = self.routes.table.get_key_value(tag) else {
+        let Some((route, own_tag, handle)) = self.routes.find(last.route, tag) else {
             let unknown = WireError::UnknownMessage {
                 actor: A::NAME.to_owned(),
                 tag: tag.to_owned(),
@@ -450,9 +470,12 @@ impl<A: RemoteActor> Inbox for ActorInbox<A> {
         if was_empty {
             self.waker.wake();
         }
-        Ok(Recalled {
-            actor: A::NAME,
-            tag: own_tag,
+        Ok(Taken {
+            names: Recalled {
+                actor: A::NAME,
+                tag: own_tag,
+            },
+            route,
         })
     }
 }
@@ -519,5 +542,57 @@ impl<A: RemoteActor> Drop for Drain<A> {
                 actor: A::NAME.to_owned(),
             }));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::{Deserialize, Serialize};
+
+    struct Two;
+    impl Actor for Two {
+        type Context = Context<Self>;
+    }
+
+    #[derive(actix::Message, Serialize, Deserialize)]
+    #[rtype(result = "()")]
+    struct First;
+    #[derive(actix::Message, Serialize, Deserialize)]
+    #[rtype(result = "()")]
+    struct Second;
+    crate::remote_messages! { First => "two.first", Second => "two.second" }
+
+    impl Handler<First> for Two {
+        type Result = ();
+        fn handle(&mut self, _: First, _: &mut Context<Self>) {}
+    }
+    impl Handler<Second> for Two {
+        type Result = ();
+        fn handle(&mut self, _: Second, _: &mut Context<Self>) {}
+    }
+    impl RemoteActor for Two {
+        const NAME: &'static str = "two";
+        type Messages = crate::messages![First, Second];
+    }
+
+    #[test]
+    fn a_route_hint_serves_only_its_own_tag_string() {
+        let routes = Routes::<Two>::collect();
+        let place = |hint: usize, tag: &str| routes.find(hint, tag).map(|(place, _, _)| place);
+        let first = place(usize::MAX, "two.first").expect("routed");
+        let second = place(usize::MAX, "two.second").expect("routed");
+        assert_ne!(first, second);
+        // The route's own string at its place: that route.
+        let (_, own, _) = routes.find(second, "two.second").expect("routed");
+        assert_eq!(own, "two.second");
+        assert_eq!(place(second, own), Some(second));
+        // A hint at another route, or the same bytes in another string:
+        // looked up, never taken on trust.
+        assert_eq!(place(second, "two.first"), Some(first));
+        assert_eq!(place(first, &String::from("two.second")), Some(second));
+        // The start of the route's own string is another tag.
+        assert_eq!(place(second, &own[..7]), None);
+        assert_eq!(place(first, "two.third"), None);
     }
 }

@@ -379,6 +379,8 @@ impl Node {
                 .get(request.actor)
                 .cloned()
         };
+        // Read before `resolve` borrows the cache; a hint, checked where used.
+        let last = cache.taken();
         let service = match cache.resolve(generation, request.actor, lookup) {
             None => {
                 let unknown = WireError::UnknownActor {
@@ -387,8 +389,8 @@ impl Node {
                 return Err((responder, unknown));
             }
             Some(Hosted::Actor(inbox)) => {
-                let recalled = inbox.deliver(request.tag, payload, responder)?;
-                cache.recall(recalled);
+                let taken = inbox.deliver(last, request.tag, payload, responder)?;
+                cache.took(taken);
                 return Ok(None);
             }
             Some(Hosted::Service(service)) => service.clone(),

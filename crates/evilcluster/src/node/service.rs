@@ -35,13 +35,31 @@ pub(crate) trait Service: Send + Sync {
 /// message between the connection and the handler.
 pub(crate) trait Inbox: Send + Sync {
     /// Queues one request for the actor, or gives the responder back with
-    /// the reason it was refused (the handler did not run). Gives the
-    /// actor's name and the tag as the actor's own strings, for the reader
-    /// to decode the next request with.
+    /// the reason it was refused (the handler did not run). Says how it
+    /// took it (the names as the actor's own strings, for the reader to
+    /// decode the next request with, and the route); `last` is what it said
+    /// of the connection's request before: a request with the same tag (the
+    /// very string `last` gave back, as the decoder recalled it) takes the
+    /// same route without looking it up.
     // The responder comes back by value: it is moved, not boxed, on the
     // path every request takes.
     #[allow(clippy::result_large_err)]
-    fn deliver(&self, tag: &str, payload: Payload, responder: Responder) -> Result<Recalled, (Responder, WireError)>;
+    fn deliver(
+        &self,
+        last: Taken,
+        tag: &str,
+        payload: Payload,
+        responder: Responder,
+    ) -> Result<Taken, (Responder, WireError)>;
+}
+
+/// How an actor's inbox took a request: the actor's name and the tag as
+/// the actor's own strings, and the place of the tag's route among the
+/// actor's routes.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Taken {
+    pub names: Recalled,
+    pub route: usize,
 }
 
 /// What a process hosts under one name.
@@ -60,20 +78,29 @@ pub(crate) enum Hosted {
 #[derive(Default)]
 pub(crate) struct HostedCache {
     last: Option<(u64, String, Hosted)>,
-    /// The names of the last request an actor here took, for decoding the
-    /// next one without checking them again.
-    recalled: Recalled,
+    /// How the actor `last` names took the connection's last request it
+    /// took: its names decode the next request without checking them again,
+    /// and its route serves the next one with the same tag.
+    taken: Taken,
+    /// `taken` is of the actor `last` names (its name is `taken`'s).
+    taken_by_last: bool,
 }
 
 impl HostedCache {
     /// The names to decode the connection's next request with.
     pub(crate) fn recalled(&self) -> &Recalled {
-        &self.recalled
+        &self.taken.names
     }
 
-    /// Remembers the names of a request an actor here took.
-    pub(crate) fn recall(&mut self, recalled: Recalled) {
-        self.recalled = recalled;
+    /// What the actor the cache resolved last said of the request it took.
+    pub(crate) fn taken(&self) -> Taken {
+        self.taken
+    }
+
+    /// Remembers how the actor the cache resolved last took a request.
+    pub(crate) fn took(&mut self, taken: Taken) {
+        self.taken = taken;
+        self.taken_by_last = true;
     }
 
     /// What `actor` is hosted as while the table is at `generation`: the
@@ -84,9 +111,13 @@ impl HostedCache {
         actor: &str,
         lookup: impl FnOnce() -> Option<Hosted>,
     ) -> Option<&Hosted> {
-        let hit = matches!(&self.last, Some((at, name, _)) if *at == generation && name == actor);
+        // The decoder gives the recalled name itself when the bytes are its:
+        // then the same string is the same name, without comparing bytes.
+        let recalled = self.taken_by_last && std::ptr::eq(actor, self.taken.names.actor);
+        let hit = matches!(&self.last, Some((at, name, _)) if *at == generation && (recalled || name == actor));
         if !hit {
             let hosted = lookup()?;
+            self.taken_by_last = false;
             match &mut self.last {
                 Some((at, name, cached)) => {
                     *at = generation;
@@ -262,5 +293,39 @@ mod tests {
         assert_eq!(lookups.get(), 4);
         // A name nothing hosts: not found.
         assert!(cache.resolve(5, "ghost", || None).is_none());
+    }
+
+    #[test]
+    fn a_recalled_name_is_the_cached_one_only_while_it_is_the_last_resolved() {
+        const STORE: &str = "store";
+        let lookups = std::cell::Cell::new(0);
+        let mut cache = HostedCache::default();
+        let resolve = |cache: &mut HostedCache, actor: &str| {
+            cache
+                .resolve(1, actor, || {
+                    lookups.set(lookups.get() + 1);
+                    Some(hosted())
+                })
+                .is_some()
+        };
+        assert!(resolve(&mut cache, "store"));
+        cache.took(Taken {
+            names: Recalled { actor: STORE, tag: "t" },
+            route: 0,
+        });
+        assert!(resolve(&mut cache, STORE));
+        assert_eq!(lookups.get(), 1, "the recalled name is the cached one");
+        // Another name in between: the recalled string no longer names what
+        // the cache holds, though the decoder may still give it back.
+        assert!(resolve(&mut cache, "other"));
+        assert!(resolve(&mut cache, STORE));
+        assert_eq!(lookups.get(), 3);
+        // A string that starts where the recalled one does is not it.
+        cache.took(Taken {
+            names: Recalled { actor: STORE, tag: "t" },
+            route: 0,
+        });
+        assert!(resolve(&mut cache, &STORE[..4]));
+        assert_eq!(lookups.get(), 4);
     }
 }
