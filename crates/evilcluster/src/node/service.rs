@@ -99,8 +99,12 @@ impl HostedCache {
 
     /// Remembers how the actor the cache resolved last took a request.
     pub(crate) fn took(&mut self, taken: Taken) {
+        // Its name stands for the cached one only if it is that name (an
+        // actor is hosted under its own name; checked, not assumed): once
+        // per change of names, not per request.
+        let unchanged = self.taken_by_last && std::ptr::eq(taken.names.actor, self.taken.names.actor);
+        self.taken_by_last = unchanged || matches!(&self.last, Some((_, name, _)) if name == taken.names.actor);
         self.taken = taken;
-        self.taken_by_last = true;
     }
 
     /// What `actor` is hosted as while the table is at `generation`: the
@@ -297,7 +301,9 @@ mod tests {
 
     #[test]
     fn a_recalled_name_is_the_cached_one_only_while_it_is_the_last_resolved() {
-        const STORE: &str = "store";
+        // Statics: one string each, the same pointer at every use.
+        static STORE: &str = "store";
+        static ELSEWHERE: &str = "elsewhere";
         let lookups = std::cell::Cell::new(0);
         let mut cache = HostedCache::default();
         let resolve = |cache: &mut HostedCache, actor: &str| {
@@ -320,12 +326,27 @@ mod tests {
         assert!(resolve(&mut cache, "other"));
         assert!(resolve(&mut cache, STORE));
         assert_eq!(lookups.get(), 3);
+        // Names an actor gave back that are not the cached name never stand
+        // for it.
+        assert_eq!(lookups.get(), 3);
+        cache.took(Taken {
+            names: Recalled {
+                actor: ELSEWHERE,
+                tag: "t",
+            },
+            route: 0,
+        });
+        assert!(resolve(&mut cache, ELSEWHERE));
+        assert_eq!(lookups.get(), 4);
         // A string that starts where the recalled one does is not it.
+        assert!(resolve(&mut cache, STORE));
         cache.took(Taken {
             names: Recalled { actor: STORE, tag: "t" },
             route: 0,
         });
+        assert!(resolve(&mut cache, STORE));
+        assert_eq!(lookups.get(), 5);
         assert!(resolve(&mut cache, &STORE[..4]));
-        assert_eq!(lookups.get(), 4);
+        assert_eq!(lookups.get(), 6);
     }
 }
