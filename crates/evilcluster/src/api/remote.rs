@@ -512,8 +512,13 @@ impl<A: RemoteActor> ActorFuture<A> for Drain<A> {
                     return std::task::Poll::Pending;
                 }
             }
-            while let Some(job) = this.batch.pop_front() {
-                (job.handle)(act, ctx, &job.payload, job.responder);
+            while let Some(Job {
+                handle,
+                payload,
+                responder,
+            }) = this.batch.pop_front()
+            {
+                handle(act, ctx, &payload, responder);
                 // A handler that made the actor wait for a future, or stop:
                 // the context comes back here once it may handle more.
                 if ctx.waiting() || ctx.state() != actix::ActorState::Running {
