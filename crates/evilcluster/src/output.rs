@@ -19,7 +19,7 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 struct Relay {
     /// Where standard output and error pointed before the relay.
     originals: [OwnedFd; 2],
-    /// One thread for both streams: each thread costs a process its stack,
+    /// One thread for both streams and the inlet: each thread costs a process its stack,
     /// its signal stack and its malloc arena (about 20 KiB of memory, and
     /// time to start it), and a fork of a large tree has little to say.
     thread: JoinHandle<()>,

@@ -238,8 +238,8 @@ pub(crate) fn attach_to_parent(
     Ok((Cookie::new(cookie), gate, stopped, control))
 }
 
-/// The longest first line (the cookie's) a child reads.
-const LONGEST_FIRST_LINE: usize = 4096;
+/// The longest control line a child keeps (the cookie's is the longest).
+const LONGEST_CONTROL_LINE: usize = 4096;
 
 /// Reads the control pipe's first line, without its newline, and whatever
 /// came after it in the same reads. Unbuffered: the rest of the pipe is
@@ -253,7 +253,7 @@ fn read_first_line() -> std::io::Result<(Vec<u8>, Vec<u8>)> {
             got.truncate(end);
             return Ok((got, after));
         }
-        if got.len() > LONGEST_FIRST_LINE {
+        if got.len() > LONGEST_CONTROL_LINE {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "the first line is too long",
@@ -330,7 +330,7 @@ impl ControlPipe {
             }
             self.partial.drain(..=end);
         }
-        if self.partial.len() > LONGEST_FIRST_LINE {
+        if self.partial.len() > LONGEST_CONTROL_LINE {
             self.partial.clear();
         }
     }
