@@ -70,6 +70,33 @@ pub(crate) type ReadHalf = SharedStream;
 #[cfg(not(unix))]
 pub(crate) type WriteHalf = SharedStream;
 
+/// Writes to a socket without its writing half (see the Unix version).
+#[cfg(unix)]
+pub(crate) type DirectWriter = unix::DirectWriter;
+
+/// Writes nothing: every byte goes through the writing half.
+#[cfg(not(unix))]
+pub(crate) struct DirectWriter;
+
+#[cfg(not(unix))]
+impl DirectWriter {
+    pub(crate) fn try_write(&self, _: &[u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+}
+
+/// A handle that writes to `write`'s socket without waiting, if there is one.
+#[cfg(unix)]
+pub(crate) fn direct(write: &WriteHalf) -> DirectWriter {
+    write.direct()
+}
+
+/// See the Unix version.
+#[cfg(not(unix))]
+pub(crate) fn direct(_: &WriteHalf) -> DirectWriter {
+    DirectWriter
+}
+
 #[cfg(unix)]
 pub(crate) fn split(io: Io) -> (ReadHalf, WriteHalf) {
     io.split()
