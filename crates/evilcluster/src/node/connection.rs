@@ -308,7 +308,8 @@ pub(crate) struct Link {
     /// Wakes the writer when the outbox goes from empty to not empty.
     queued: Notify,
     /// Writes the last reply of a burst without waking the writer (see
-    /// [`Link::write_now`]).
+    /// [`Link::write_now`]); none on a detached link, or where the platform
+    /// has none.
     direct: Option<transport::DirectWriter>,
     /// The reader holds whole frames it has not handed on yet: a reply
     /// made now would soon have company in the outbox.
@@ -626,39 +627,31 @@ impl Link {
     /// serves one at a time, and nothing changes for a burst, whose
     /// earlier replies wake the writer as before.
     fn write_now(&self) {
-        let written = {
+        let (written, budgeted, rest) = {
             let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
             if outbox.frames.is_empty() {
                 return;
             }
-            match &self.direct {
-                Some(_) if outbox.writing || !outbox.chunks.is_empty() || self.is_closed() => None,
-                None => None,
-                Some(direct) => match direct.try_write(&outbox.frames) {
-                    Ok(n) if n == outbox.frames.len() => {
-                        outbox.frames.clear();
-                        Some((n, std::mem::take(&mut outbox.budgeted), true))
-                    }
-                    Ok(n) => {
-                        outbox.frames.advance(n);
-                        Some((n, 0, false))
-                    }
-                    // Full, or failed: the writer finds out and acts on it.
-                    Err(_) => None,
-                },
+            let free = !outbox.writing && outbox.chunks.is_empty() && !self.is_closed();
+            // Full, or failed: the writer finds out and acts on it.
+            let written = match &self.direct {
+                Some(direct) if free => direct.try_write(&outbox.frames).unwrap_or(0),
+                _ => 0,
+            };
+            if written == outbox.frames.len() {
+                outbox.frames.clear();
+                // A batch's budget goes back once all of it is written.
+                (written, std::mem::take(&mut outbox.budgeted), false)
+            } else {
+                outbox.frames.advance(written);
+                (written, 0, true)
             }
         };
-        let whole = match written {
-            Some((n, budgeted, whole)) => {
-                if self.unwritten.fetch_sub(n, Ordering::SeqCst) == n {
-                    super::drain_progress();
-                }
-                self.room.add_permits(budgeted);
-                whole
-            }
-            None => false,
-        };
-        if !whole {
+        if written > 0 && self.unwritten.fetch_sub(written, Ordering::SeqCst) == written {
+            super::drain_progress();
+        }
+        self.room.add_permits(budgeted);
+        if rest {
             self.queued.notify_one();
         }
     }
@@ -1026,7 +1019,7 @@ pub(crate) async fn establish(node: Arc<Node>, stream: Stream, side: Side) -> Re
     let mut reader = FramedRead::with_capacity(read_half, FrameDecoder::new(codec(max_frame)), READ_BUFFER);
     reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
 
-    let direct = Some(transport::direct(&write_half));
+    let direct = transport::direct(&write_half);
     let link = Arc::new(Link::new(peer, max_frame, node.config.outbox_budget, direct));
     // On the actix arbiter's local task set, like the actors they serve:
     // waking across that boundary would cost the runtime a syscall.
@@ -1764,7 +1757,7 @@ mod tests {
             path: "test/peer".into(),
             incarnation: 1,
         };
-        let link = Arc::new(Link::new(peer, 1 << 20, usize::MAX, Some(transport::direct(&write))));
+        let link = Arc::new(Link::new(peer, 1 << 20, usize::MAX, transport::direct(&write)));
 
         // One request in hand at a time, and no writer task: only direct
         // writes can deliver these.

@@ -74,27 +74,28 @@ pub(crate) type WriteHalf = SharedStream;
 #[cfg(unix)]
 pub(crate) type DirectWriter = unix::DirectWriter;
 
-/// Writes nothing: every byte goes through the writing half.
+/// None exists: every byte goes through the writing half.
 #[cfg(not(unix))]
-pub(crate) struct DirectWriter;
+pub(crate) enum DirectWriter {}
 
 #[cfg(not(unix))]
 impl DirectWriter {
     pub(crate) fn try_write(&self, _: &[u8]) -> io::Result<usize> {
-        Err(io::ErrorKind::WouldBlock.into())
+        match *self {}
     }
 }
 
-/// A handle that writes to `write`'s socket without waiting, if there is one.
+/// A handle that writes to `write`'s socket without waiting, where the
+/// platform has one.
 #[cfg(unix)]
-pub(crate) fn direct(write: &WriteHalf) -> DirectWriter {
-    write.direct()
+pub(crate) fn direct(write: &WriteHalf) -> Option<DirectWriter> {
+    Some(write.direct())
 }
 
 /// See the Unix version.
 #[cfg(not(unix))]
-pub(crate) fn direct(_: &WriteHalf) -> DirectWriter {
-    DirectWriter
+pub(crate) fn direct(_: &WriteHalf) -> Option<DirectWriter> {
+    None
 }
 
 #[cfg(unix)]

@@ -26,22 +26,18 @@ use std::task::{ready, Context, Poll};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
-/// The least of a read buffer's free room offered to one direct read.
+/// Reads offered up to this much go through a buffer of the thread's,
+/// cleared once, and what came is copied into the caller's buffer. A read
+/// straight into the caller's buffer needs the room it offers initialized
+/// (cleared) first: a 54-byte request cleared 2 KiB that way, while the
+/// copy costs only what came, and every connection on the thread reads
+/// through the same cache lines.
 ///
-/// A direct read needs the room it offers initialized (cleared) first,
-/// and clearing the whole free room — up to a large frame's remaining
-/// length — for every read would cost more than the read. So each read is
-/// offered about what the last ones brought: four times more after a read
-/// that filled its offer, a quarter less (no less than what came) after a
-/// short one.
-const LEAST_OFFER: usize = 2048;
-
-/// While reads bring no more than this, they go through a buffer of the
-/// thread's, cleared once, and what came is copied into the caller's
-/// buffer: copying the few bytes a read brings costs less than clearing
-/// the room a direct read must offer (a 54-byte request cleared 2 KiB),
-/// and every connection on the thread reads through the same cache lines.
-/// Reads that fill their offer grow it past this and go direct.
+/// It is also the least any read is offered. Each read is offered about
+/// what the last ones brought: four times more after a read that filled
+/// its offer (past this, the reads go straight into the caller's buffer,
+/// where clearing the offer costs about what the read brings), a quarter
+/// less (no less than what came) after a short one.
 const THROUGH_SCRATCH: usize = 16 * 1024;
 
 thread_local! {
@@ -93,7 +89,7 @@ impl Io {
         Ok(Io {
             read: ReadHalf {
                 socket: socket.clone(),
-                offer: LEAST_OFFER,
+                offer: THROUGH_SCRATCH,
             },
             write: WriteHalf {
                 socket,
@@ -131,7 +127,8 @@ impl WriteHalf {
     }
 }
 
-/// Writes to a connection's socket without going through its writing half:
+/// Writes to a connection's socket without going through its writing half
+/// (sharing its registration: no second descriptor):
 /// what it takes now, or `WouldBlock`. Whoever uses it must keep its bytes
 /// from interleaving with the writing half's.
 pub(crate) struct DirectWriter(Arc<AsyncFd<UnixStream>>);
@@ -148,13 +145,7 @@ impl AsyncRead for ReadHalf {
         let this = self.get_mut();
         loop {
             let mut ready = ready!(this.socket.poll_read_ready(cx))?;
-            // Through the scratch buffer, a read may as well be offered all
-            // of it: nothing is cleared for the offer.
-            let offered = if this.offer <= THROUGH_SCRATCH {
-                buf.remaining().min(THROUGH_SCRATCH)
-            } else {
-                buf.remaining().min(this.offer)
-            };
+            let offered = buf.remaining().min(this.offer);
             let read = ready.try_io(|socket| read_into(socket.get_ref(), buf, offered));
             match read {
                 Ok(Ok(n)) => {
@@ -166,7 +157,7 @@ impl AsyncRead for ReadHalf {
                     this.offer = if n > 0 && n == offered {
                         offered.saturating_mul(4)
                     } else {
-                        (this.offer / 4).max(n.next_power_of_two()).max(LEAST_OFFER)
+                        (this.offer / 4).max(n.next_power_of_two()).max(THROUGH_SCRATCH)
                     };
                     return Poll::Ready(Ok(()));
                 }
@@ -347,7 +338,7 @@ mod tests {
 
             theirs.write_all(b"small").unwrap();
             assert_eq!(read.read(&mut buffer).await.unwrap(), 5);
-            assert_eq!(read.offer, LEAST_OFFER);
+            assert_eq!(read.offer, THROUGH_SCRATCH);
 
             let burst = pattern(80 * 1024);
             theirs.write_all(&burst).unwrap();
