@@ -26,6 +26,11 @@ const HEAD: usize = 4;
 /// would (by at most this much).
 pub(crate) const OWN_BUFFER_FROM: usize = 64 * 1024;
 
+/// Unread bytes moved back to the read buffer's start at most (see
+/// [`FrameDecoder::rewinding_below`]): a copy this short costs less than
+/// a page touched.
+const REWIND_MOST: usize = 1024;
+
 /// A [`Decoder`] of the wire's frames (see [`evilcluster_wire::codec`])
 /// that reads each large frame into a buffer of its own, reused by the
 /// next large frame once the previous one has been dropped.
@@ -36,6 +41,8 @@ pub(crate) const OWN_BUFFER_FROM: usize = 64 * 1024;
 /// [`release`](Self::release) gives it back.
 pub(crate) struct FrameDecoder {
     inner: LengthDelimitedCodec,
+    /// See [`rewinding_below`](Self::rewinding_below); 0: never.
+    rewind_below: usize,
     /// The codec has taken the current frame's length and waits for its
     /// bytes (so the read buffer no longer starts with a length).
     in_frame: bool,
@@ -52,9 +59,33 @@ impl FrameDecoder {
     pub(crate) fn new(inner: LengthDelimitedCodec) -> Self {
         FrameDecoder {
             inner,
+            rewind_below: 0,
             in_frame: false,
             small: None,
             spare: None,
+        }
+    }
+
+    /// Frames are taken off the read buffer's front and reads go on after
+    /// the bytes left, so the reads move through the whole buffer and,
+    /// in time, touch all its pages, which then stay with the process for
+    /// every connection. With this, once the room after the unread bytes
+    /// falls below `room` and they are few, they move back to the
+    /// buffer's start, if nothing else holds the buffer any more (a frame
+    /// still held keeps it where it is; nothing is allocated either way):
+    /// the reads keep to the pages they touched first.
+    pub(crate) fn rewinding_below(mut self, room: usize) -> Self {
+        self.rewind_below = room;
+        self
+    }
+
+    /// Moves a few unread bytes back to the start of `src`; see
+    /// [`rewinding_below`](Self::rewinding_below).
+    fn rewind(&self, src: &mut BytesMut) {
+        if src.len() <= REWIND_MOST && src.capacity() - src.len() < self.rewind_below && self.small.is_none() {
+            // Not reclaimed: a frame still holds the buffer; the reads go
+            // on where they are, as they would without this.
+            let _ = src.try_reclaim(self.rewind_below);
         }
     }
 
@@ -145,6 +176,7 @@ impl Decoder for FrameDecoder {
     type Error = io::Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> io::Result<Option<Bytes>> {
+        self.rewind(src);
         let had_head = self.in_frame || src.len() >= HEAD;
         if !self.in_frame {
             self.prepare(src);
@@ -203,6 +235,55 @@ mod tests {
             src.extend_from_slice(&wire[at..at + n]);
             at += n;
         }
+    }
+
+    /// Small frames read one after another, each dropped before the next
+    /// read (a connection's requests, answered in turn): the reads keep to
+    /// the first pages of the buffer. A frame still held keeps the buffer
+    /// where it is; every frame comes out whole either way.
+    #[test]
+    fn reads_move_back_to_the_buffer_s_start_once_its_frames_are_gone() {
+        const BUFFER: usize = 16 * 1024;
+        const AFTER: usize = 4 * 1024;
+        let mut decoder = decoder().rewinding_below(BUFFER - AFTER);
+        let mut src = BytesMut::with_capacity(BUFFER);
+        let start = src.as_ptr() as usize;
+        let mut farthest = 0;
+        for i in 0..1_000u32 {
+            let wire = frame(56, i as u8);
+            // Half a frame, then the rest, as reads may bring them.
+            src.extend_from_slice(&wire[..30]);
+            assert!(decoder.decode(&mut src).unwrap().is_none());
+            src.extend_from_slice(&wire[30..]);
+            let got = decoder.decode(&mut src).unwrap().expect("a whole frame");
+            assert_eq!(got[..], wire[HEAD..], "frame {i}");
+            farthest = farthest.max(got.as_ptr() as usize + got.len() - start);
+            drop(got);
+        }
+        assert!(
+            farthest <= AFTER + 2 * 60,
+            "reads went {farthest} bytes into the buffer"
+        );
+
+        // Held frames: nothing moves under them, and the reads go on past
+        // the point where they would have moved back.
+        let held: Vec<Bytes> = (0..100u32)
+            .map(|i| {
+                let wire = frame(56, i as u8);
+                src.extend_from_slice(&wire);
+                let got = decoder.decode(&mut src).unwrap().expect("a whole frame");
+                assert_eq!(got[..], wire[HEAD..], "held frame {i}");
+                got
+            })
+            .collect();
+        for (i, got) in held.iter().enumerate() {
+            assert!(got.iter().all(|&b| b == i as u8), "held frame {i} overwritten");
+        }
+        let last = held.last().unwrap();
+        assert!(
+            last.as_ptr() as usize - start > AFTER,
+            "reads went on while frames were held"
+        );
     }
 
     #[test]

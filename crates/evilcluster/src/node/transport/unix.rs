@@ -31,19 +31,23 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 /// straight into the caller's buffer needs the room it offers initialized
 /// (cleared) first: a 54-byte request cleared 2 KiB that way, while the
 /// copy costs only what came, and every connection on the thread reads
-/// through the same cache lines.
-///
-/// It is also the least any read is offered. Each read is offered about
-/// what the last ones brought: four times more after a read that filled
-/// its offer (past this, the reads go straight into the caller's buffer,
-/// where clearing the offer costs about what the read brings), a quarter
-/// less (no less than what came) after a short one.
-const THROUGH_SCRATCH: usize = 16 * 1024;
+/// through the same cache lines. Past this, the reads go straight into the
+/// caller's buffer, where clearing the offer costs about what the read
+/// brings (an offer grows only after a read that filled it). Kept small:
+/// the pages cleared stay with the process, and every process reads.
+const THROUGH_SCRATCH: usize = 4 * 1024;
+
+/// The first offer, and the least. Each read is offered about what the
+/// last ones brought: four times more after a read that filled its offer,
+/// a quarter less (no less than what came) after a short one. The scratch
+/// buffer is cleared only as far as reads are offered through it, and most
+/// processes read only small frames (16 KiB cleared up front cost each fork
+/// 10–16 KiB of PSS).
+const LEAST_OFFER: usize = 2 * 1024;
 
 thread_local! {
-    /// Allocated zeroed (fresh pages from the allocator are not written),
-    /// so a thread touches only as much of it as its reads bring.
-    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; THROUGH_SCRATCH].into_boxed_slice());
+    /// Cleared as far as the largest read offered through it, once.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Reads from `socket` into `buf`, offering `offered` bytes: through the
@@ -57,6 +61,9 @@ fn read_into(socket: &UnixStream, buf: &mut ReadBuf<'_>, offered: usize) -> io::
     }
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
+        if scratch.len() < offered {
+            scratch.resize(offered, 0);
+        }
         let n = socket.read(&mut scratch[..offered])?;
         buf.put_slice(&scratch[..n]);
         Ok(n)
@@ -89,7 +96,7 @@ impl Io {
         Ok(Io {
             read: ReadHalf {
                 socket: socket.clone(),
-                offer: THROUGH_SCRATCH,
+                offer: LEAST_OFFER,
             },
             write: WriteHalf {
                 socket,
@@ -157,7 +164,7 @@ impl AsyncRead for ReadHalf {
                     this.offer = if n > 0 && n == offered {
                         offered.saturating_mul(4)
                     } else {
-                        (this.offer / 4).max(n.next_power_of_two()).max(THROUGH_SCRATCH)
+                        (this.offer / 4).max(n.next_power_of_two()).max(LEAST_OFFER)
                     };
                     return Poll::Ready(Ok(()));
                 }
@@ -327,8 +334,15 @@ mod tests {
         assert!(!held_back_at_the_end, "a whole write drops the registration");
     }
 
+    /// How far this thread's scratch buffer has been cleared.
+    fn scratch_cleared() -> usize {
+        SCRATCH.with(|scratch| scratch.borrow().len())
+    }
+
     /// Reads offer about what came last: small after small reads, growing
-    /// when a read fills its offer, and every byte arrives in order.
+    /// when a read fills its offer, and every byte arrives in order. The
+    /// thread's scratch buffer is cleared only as far as reads were
+    /// offered through it.
     #[test]
     fn reads_offer_about_what_the_last_ones_brought() {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
@@ -336,9 +350,16 @@ mod tests {
             let (mut read, _write) = Io::new(ours).unwrap().split();
             let mut buffer = vec![0; 64 * 1024];
 
-            theirs.write_all(b"small").unwrap();
-            assert_eq!(read.read(&mut buffer).await.unwrap(), 5);
-            assert_eq!(read.offer, THROUGH_SCRATCH);
+            for _ in 0..3 {
+                theirs.write_all(b"small").unwrap();
+                assert_eq!(read.read(&mut buffer).await.unwrap(), 5);
+                assert_eq!(read.offer, LEAST_OFFER);
+            }
+            assert_eq!(
+                scratch_cleared(),
+                LEAST_OFFER,
+                "small reads clear no more than the least offer"
+            );
 
             let burst = pattern(80 * 1024);
             theirs.write_all(&burst).unwrap();
@@ -350,9 +371,20 @@ mod tests {
                 received.extend_from_slice(&buffer[..n]);
             }
             assert_eq!(received, burst);
-            // The first through the scratch buffer, all of it offered; the
-            // next one, straight into the caller's buffer.
-            assert_eq!(sizes[..2], [THROUGH_SCRATCH, 4 * THROUGH_SCRATCH], "{sizes:?}");
+            // Each offer taken whole, four times the last: the first
+            // through the scratch buffer, the next ones, past its size,
+            // straight into the caller's buffer.
+            assert_eq!(
+                sizes[..3],
+                [LEAST_OFFER, 4 * LEAST_OFFER, 16 * LEAST_OFFER],
+                "{sizes:?}"
+            );
+            const { assert!(LEAST_OFFER <= THROUGH_SCRATCH && 4 * LEAST_OFFER > THROUGH_SCRATCH) };
+            assert_eq!(
+                scratch_cleared(),
+                LEAST_OFFER,
+                "reads past the scratch's size do not clear it"
+            );
 
             theirs.write_all(b"small again").unwrap();
             assert_eq!(read.read(&mut buffer).await.unwrap(), 11);
