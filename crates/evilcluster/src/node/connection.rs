@@ -180,6 +180,11 @@ impl PendingTable {
         Some(self.slots.remove(slot_of(id)).1)
     }
 
+    /// Whether no request waits for its reply (nor for its place back).
+    fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
     fn retain(&mut self, mut keep: impl FnMut(&Pending) -> bool) {
         self.slots.retain(|_, (_, pending)| keep(pending));
     }
@@ -510,6 +515,12 @@ impl Link {
             payload: &[],
         };
         let budgeted = admission.as_ref().map_or(0, |admission| admission.bytes as usize);
+        // A call with no other waiting on this connection (a lone call, one
+        // instance of a round robin or a broadcast) is written from here,
+        // as the last reply in hand is (see `write_now`); the calls of a
+        // pipeline, and one-way messages, wake the writer, which writes them
+        // in batches.
+        let direct = reply && calls.pending.is_empty();
         match payload {
             // A payload handed over stays where it is unless it is small:
             // only the head is encoded here.
@@ -528,7 +539,7 @@ impl Link {
                     payload: payload.as_slice(),
                     ..request
                 });
-                self.queue_frame(&frame, budgeted, self.max_frame)
+                self.encode_frame(&frame, budgeted, self.max_frame, !direct)
                     .map_err(|size| LinkError::TooLarge { size })?;
             }
         }
@@ -547,6 +558,11 @@ impl Link {
         });
         if slotted && !reply {
             self.uncredited.fetch_add(1, Ordering::AcqRel);
+        }
+        // Its reply may now be taken by the reader, which needs the lock.
+        drop(calls);
+        if direct {
+            self.write_now();
         }
         Ok(waiter)
     }
@@ -627,10 +643,11 @@ impl Link {
     /// go out with vectored writes, by the writer).
     ///
     /// Waking the writer task costs a request about as much as the write
-    /// itself, so the last reply of a burst is written from where it was
-    /// made: one task wake-up fewer per request on a connection that
-    /// serves one at a time, and nothing changes for a burst, whose
-    /// earlier replies wake the writer as before.
+    /// itself, so the last reply of a burst, and a call with no other
+    /// waiting on the connection, are written from where they were made:
+    /// one task wake-up fewer per request on each side of a connection
+    /// that carries one call at a time, and nothing changes for a burst or
+    /// a pipeline, whose other frames wake the writer as before.
     fn write_now(&self) {
         let (written, budgeted, rest) = {
             let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
@@ -1816,6 +1833,46 @@ mod tests {
             next[thread] += 1;
         }
         assert_eq!(next, [REPLIES; THREADS as usize]);
+    }
+
+    /// A call with no other waiting on its connection is written from
+    /// where it is made (no writer task here at all); a call made while
+    /// another waits is left to the writer, which batches a pipeline's.
+    #[cfg(unix)]
+    #[test]
+    fn a_lone_call_is_written_where_it_is_made() {
+        use std::io::Read;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let write = runtime.block_on(async { transport::Io::new(ours).unwrap().split().1 });
+        let peer = Identity {
+            cluster: "test".into(),
+            path: "test/peer".into(),
+            incarnation: 1,
+        };
+        let link = Link::new(peer, 1 << 20, usize::MAX, transport::direct(&write));
+        let actor = format!("{SYSTEM_PREFIX}test");
+        let request = |payload: &[u8]| link.request(&actor, "test.tag", 1, payload, true, None).unwrap();
+
+        let first = request(b"first").expect("a call waits for its reply");
+        assert_eq!(link.unwritten.load(Ordering::Acquire), 0, "written without a writer");
+        theirs.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut header = [0; 4];
+        theirs.read_exact(&mut header).unwrap();
+        let mut body = vec![0; u32::from_be_bytes(header) as usize];
+        theirs.read_exact(&mut body).unwrap();
+        match Frame::decode(&body).unwrap() {
+            Frame::Request(got) => assert_eq!((got.id, got.payload), (first, &b"first"[..])),
+            other => panic!("not a request: {other:?}"),
+        }
+
+        // The first still waits for its reply: the second is the writer's.
+        request(b"second").expect("a call waits for its reply");
+        assert!(link.unwritten.load(Ordering::Acquire) > 0, "left for the writer");
+        drop(write);
     }
 
     /// A large payload's buffer, once written, is the next large payload's
