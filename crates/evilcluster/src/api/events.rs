@@ -243,9 +243,12 @@ fn with_queued<T>(f: impl FnOnce(&mut Vec<Queued>) -> T) -> T {
 }
 
 /// A delivery holds events up to about this many bytes (more go in the
-/// next): well under any frame limit, and a reader's buffer is not made
-/// large by a burst.
-const DELIVERY_BYTES: usize = 256 * 1024;
+/// next): about half a connection's read buffer, so a burst of events
+/// never grows it. A reader's buffer grown for a large frame is given back, but
+/// the pages it touched stay with the process: with deliveries of up to
+/// 256 KiB, the lifecycle events of a tree of 256 forks cost each fork
+/// 35–40 KiB of PSS for good.
+const DELIVERY_BYTES: usize = 8 * 1024;
 
 /// In the master: delivers a publication to every process of this host its
 /// route names, with the others taken in before the publishing task yields.
@@ -486,17 +489,8 @@ mod tests {
     /// `DELIVERY_BYTES` of events each; one larger event goes alone.
     #[test]
     fn deliveries_carry_the_picked_events_in_order_within_their_size() {
-        let sizes = [
-            10,
-            100_000,
-            200_000,
-            5,
-            DELIVERY_BYTES + 10,
-            7,
-            100_000,
-            100_000,
-            100_000,
-        ];
+        const D: usize = DELIVERY_BYTES;
+        let sizes = [10, D * 2 / 5, D * 4 / 5, 5, D + 10, 7, D * 2 / 5, D * 2 / 5, D * 2 / 5];
         let batch: Vec<Queued> = sizes.iter().enumerate().map(|(n, &size)| queued(n, size)).collect();
         let picked: Vec<u32> = vec![0, 1, 2, 3, 4, 5, 6, 7, 8];
         let all = deliveries(&batch, &picked);
@@ -517,12 +511,65 @@ mod tests {
             .map(|(n, &size)| (size, Some(n as u8)))
             .collect();
         assert_eq!(seen, expected);
-        // 10 + 100 kB; 200 kB + 5; the large one; 7 + 2 × 100 kB; 100 kB.
+        // 10 + 2/5; 4/5 + 5; the large one; 7 + 2 × 2/5; 2/5.
         assert_eq!(all.len(), 5);
 
         let some = deliveries(&batch, &[3, 0]);
         let arrivals: Vec<Arrival<'_>> = rmp_serde::from_slice(&some[0]).unwrap();
         let firsts: Vec<_> = arrivals.iter().map(|a| a.payload[0]).collect();
         assert_eq!((some.len(), firsts), (1, vec![3, 0]));
+    }
+
+    /// The lifecycle events of a large tree starting (a `Forked` and a
+    /// `Ready` for each of 256 forks, taken in together) go to each
+    /// process in deliveries that fit well within a connection's read
+    /// buffer: a larger frame would grow that buffer, and the pages it
+    /// touched would stay with every process of the tree.
+    #[test]
+    fn a_burst_of_lifecycle_events_never_outgrows_a_read_buffer() {
+        let batch: Vec<Queued> = (1..=256u32)
+            .flat_map(|fork| {
+                let path = format!("myapp/webserverApi/{fork}");
+                [
+                    crate::Lifecycle::Forked {
+                        path: path.clone(),
+                        pid: 100_000 + fork,
+                        incarnation: u64::from(fork),
+                    },
+                    crate::Lifecycle::Ready {
+                        path,
+                        pid: 100_000 + fork,
+                        incarnation: u64::from(fork),
+                        restarts: 0,
+                    },
+                ]
+            })
+            .map(|event| {
+                let payload = rmp_serde::to_vec(&event).unwrap();
+                let entry = Arrival {
+                    tag: <crate::Lifecycle as Event>::TAG,
+                    from: "myapp",
+                    payload: &payload,
+                };
+                Queued {
+                    to: To::All,
+                    encoded: Bytes::from(rmp_serde::to_vec(&entry).unwrap()),
+                }
+            })
+            .collect();
+        let picked: Vec<u32> = (0..batch.len() as u32).collect();
+        let all = deliveries(&batch, &picked);
+        let carried: usize = all
+            .iter()
+            .map(|delivery| rmp_serde::from_slice::<Vec<Arrival<'_>>>(delivery).unwrap().len())
+            .sum();
+        assert_eq!(carried, batch.len());
+        let largest = all.iter().map(Bytes::len).max().unwrap();
+        let read_buffer = crate::node::connection::READ_BUFFER;
+        // About half of it (the array's header on top of the events).
+        assert!(
+            largest < read_buffer * 3 / 4,
+            "a delivery of {largest} bytes against a read buffer of {read_buffer}"
+        );
     }
 }

@@ -50,7 +50,7 @@ const MAX_IN_FLIGHT: usize = 2 * WINDOW;
 /// touched stay with the process, and every process has a connection to
 /// the master (and the master one to every process). Small frames rarely
 /// come more than this many bytes at a time; a larger frame grows it.
-const READ_BUFFER: usize = 16 * 1024;
+pub(crate) const READ_BUFFER: usize = 16 * 1024;
 /// Once reads have moved this far through the read buffer, what is left
 /// unread moves back to its start when it can (see
 /// [`FrameDecoder::rewinding_below`]): a connection that reads only small
