@@ -1758,17 +1758,16 @@ mod tests {
         replies
     }
 
-    /// The last reply in hand is written from where it is made, with no
-    /// writer task at all; replies made on several threads at once, some
-    /// written that way and some by the writer task, through a socket that
-    /// fills up, all arrive whole, once, and in the order each thread made
-    /// them.
+    /// A link over one end of a socket pair, with no writer task: what is
+    /// written reaches the other end only by a direct write (or a writer
+    /// the test runs on `write`, under the runtime returned).
     #[cfg(unix)]
-    #[test]
-    fn replies_written_directly_or_by_the_writer_arrive_whole_and_in_order() {
-        const THREADS: u64 = 4;
-        const REPLIES: u64 = 5000;
-        let payload_of = |id: u64| -> Vec<u8> { (0..200).map(|i| (id as u8).wrapping_add(i)).collect() };
+    fn link_without_writer() -> (
+        tokio::runtime::Runtime,
+        Link,
+        transport::WriteHalf,
+        std::os::unix::net::UnixStream,
+    ) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1780,7 +1779,23 @@ mod tests {
             path: "test/peer".into(),
             incarnation: 1,
         };
-        let link = Arc::new(Link::new(peer, 1 << 20, usize::MAX, transport::direct(&write)));
+        let link = Link::new(peer, 1 << 20, usize::MAX, transport::direct(&write));
+        (runtime, link, write, theirs)
+    }
+
+    /// The last reply in hand is written from where it is made, with no
+    /// writer task at all; replies made on several threads at once, some
+    /// written that way and some by the writer task, through a socket that
+    /// fills up, all arrive whole, once, and in the order each thread made
+    /// them.
+    #[cfg(unix)]
+    #[test]
+    fn replies_written_directly_or_by_the_writer_arrive_whole_and_in_order() {
+        const THREADS: u64 = 4;
+        const REPLIES: u64 = 5000;
+        let payload_of = |id: u64| -> Vec<u8> { (0..200).map(|i| (id as u8).wrapping_add(i)).collect() };
+        let (runtime, link, write, theirs) = link_without_writer();
+        let link = Arc::new(link);
 
         // One request in hand at a time, and no writer task: only direct
         // writes can deliver these.
@@ -1842,18 +1857,7 @@ mod tests {
     #[test]
     fn a_lone_call_is_written_where_it_is_made() {
         use std::io::Read;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        let write = runtime.block_on(async { transport::Io::new(ours).unwrap().split().1 });
-        let peer = Identity {
-            cluster: "test".into(),
-            path: "test/peer".into(),
-            incarnation: 1,
-        };
-        let link = Link::new(peer, 1 << 20, usize::MAX, transport::direct(&write));
+        let (_runtime, link, write, mut theirs) = link_without_writer();
         let actor = format!("{SYSTEM_PREFIX}test");
         let request = |payload: &[u8]| link.request(&actor, "test.tag", 1, payload, true, None).unwrap();
 
