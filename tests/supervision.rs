@@ -94,6 +94,18 @@ fn spawns_start_in_declaration_order_each_once_the_one_before_is_ready() {
     sup.quit();
 }
 
+#[test]
+fn a_spawn_is_ready_only_once_its_actor_has_started() {
+    // `a`'s actor takes 300 ms in its `started`: `b`, declared next, is let
+    // go only after that, so its actor starts after `a`'s.
+    let mut sup = Sup::start(&["--slow-started", "a=300"]);
+    sup.ready("sup/a");
+    sup.ready("sup/b");
+    sup.ready("sup/c");
+    assert_eq!(sup.order("start"), ["sup/a", "sup/b", "sup/c"], "{:?}", sup.records());
+    sup.quit();
+}
+
 const RESTART_TYPES: [&str; 2] = ["--restart", "a=permanent,b=transient,c=temporary"];
 
 /// Starts a, b and c with [`RESTART_TYPES`], then sends b a request that

@@ -214,10 +214,22 @@ impl Child {
         }
         match worker.body {
             Body::Actor { name, host, .. } => {
-                let Hosted { inbox, stop, stopped } = host();
+                let Hosted {
+                    inbox,
+                    stop,
+                    stopped,
+                    started,
+                } = host();
                 let mut stopped = std::pin::pin!(stopped);
                 node.add_actor(name, inbox);
                 let path = member.path.clone();
+                // Ready means its actor has started: announced once its
+                // `started` has run, so that whatever `started` does is
+                // done before the spawn declared next is let go (the
+                // announcement is written the moment it is made). An actor
+                // that stopped in `started` is announced too, and its end
+                // seen below, as before.
+                let _ = started.await;
                 announce(&master, member).await?;
                 tokio::select! {
                     () = wait_for_stop(node, stop_requests) => {}

@@ -31,6 +31,9 @@ pub(crate) struct Hosted {
     pub stop: oneshot::Sender<()>,
     /// Closes once the actor has stopped, for whatever reason.
     pub stopped: oneshot::Receiver<()>,
+    /// Sent once the actor's `started` has run (closed unsent if it
+    /// stopped there).
+    pub started: oneshot::Receiver<()>,
 }
 pub(crate) type Task = Box<dyn FnOnce() -> LocalBoxFuture<'static, TaskResult>>;
 
@@ -133,11 +136,16 @@ impl Worker {
         let host: Host = Box::new(move || {
             let (stop, stop_requested) = oneshot::channel::<()>();
             let (alive, stopped) = oneshot::channel::<()>();
+            let (has_started, started) = oneshot::channel::<()>();
             let inbox = ActorInbox::<A>::new();
             let drain = inbox.drain();
             let stopper = inbox.clone();
             A::create(move |ctx| {
                 ctx.set_mailbox_capacity(A::mailbox_capacity());
+                // The context polls what it spawned only after `started`.
+                ctx.spawn(wrap_future(async move {
+                    let _ = has_started.send(());
+                }));
                 // Requests from other processes, handled in the actor's own
                 // context, with `&mut self`.
                 ctx.spawn(drain);
@@ -156,7 +164,12 @@ impl Worker {
                 }));
                 make()
             });
-            Hosted { inbox, stop, stopped }
+            Hosted {
+                inbox,
+                stop,
+                stopped,
+                started,
+            }
         });
         Worker {
             name: A::NAME.to_owned(),
