@@ -515,15 +515,11 @@ impl Link {
             payload: &[],
         };
         let budgeted = admission.as_ref().map_or(0, |admission| admission.bytes as usize);
-        // A call with no other waiting on this connection (a lone call, one
-        // instance of a round robin or a broadcast) is written from here,
-        // as the last reply in hand is (see `write_now`); the calls of a
-        // pipeline, and one-way messages, wake the writer, which writes them
-        // in batches.
-        let direct = reply && calls.pending.is_empty();
-        match payload {
+        // Whether the frame is written from here: see the second arm.
+        let direct = match payload {
             // A payload handed over stays where it is unless it is small:
-            // only the head is encoded here.
+            // only the head is encoded here; the writer's vectored writes
+            // send it.
             Outgoing::Shared(payload) if payload.len() >= WRITTEN_IN_PLACE => {
                 let frame = Frame::Request(Request {
                     payload: &payload,
@@ -531,18 +527,25 @@ impl Link {
                 });
                 self.queue_in_place(&frame, &payload, budgeted)
                     .map_err(|size| LinkError::TooLarge { size })?;
+                false
             }
             // Anything else is encoded whole, in one pass, straight into
-            // the outbox.
+            // the outbox. A call with no other waiting on this connection
+            // (a lone call, one instance of a round robin or a broadcast)
+            // is written from here, as the last reply in hand is (see
+            // `write_now`); the calls of a pipeline, and one-way messages,
+            // wake the writer, which writes them in batches.
             payload => {
+                let direct = reply && calls.pending.is_empty();
                 let frame = Frame::Request(Request {
                     payload: payload.as_slice(),
                     ..request
                 });
                 self.encode_frame(&frame, budgeted, self.max_frame, !direct)
                     .map_err(|size| LinkError::TooLarge { size })?;
+                direct
             }
-        }
+        };
         if let Some(mut admission) = admission {
             admission.used = true;
         }
