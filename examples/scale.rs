@@ -24,7 +24,8 @@
 //! - **broadcast**: the median of 20 broadcasts (`SCALE_BROADCASTS=n` for
 //!   another count) of a tiny request to every fork, divided by the number
 //!   of forks (µs per instance);
-//! - **rr / one**: 2,000 sequential requests through the worker's name
+//! - **rr / one**: 2,000 sequential requests (`SCALE_CALLS=n` for another
+//!   count, here and in the raw baseline) through the worker's name
 //!   (round robin over the forks) against 2,000 to one fork: the ratio;
 //!   **cycle**: 2,000 to each fork in turn, picked by number: what changing
 //!   the receiving process costs without the round robin;
@@ -237,7 +238,8 @@ fn cpus() -> usize {
 fn one_size(n: u32) -> ExitCode {
     let system = actix_rt::System::new();
     let row = system.block_on(as_task(async move {
-        let calls = 2000;
+        // More calls make the timed loops long enough to profile.
+        let calls: u32 = std::env::var("SCALE_CALLS").ok().and_then(|n| n.parse().ok()).unwrap_or(2000).max(1);
         let broadcasts: usize = std::env::var("SCALE_BROADCASTS").ok().and_then(|n| n.parse().ok()).unwrap_or(20).max(1);
         let began = Instant::now();
         let handle = cluster(n).start().await.map_err(|e| e.to_string())?;
