@@ -242,7 +242,7 @@ impl Child {
                 // way is still handled here, or passed on.
                 node.go_away();
                 node.remove_service(name);
-                let _ = stop.send(());
+                stop();
                 let _ = stopped.await;
                 Ok(())
             }

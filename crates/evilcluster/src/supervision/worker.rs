@@ -28,7 +28,7 @@ pub(crate) struct Hosted {
     pub inbox: Arc<dyn Inbox>,
     /// Asks the actor to stop: it handles what its mailbox holds, then its
     /// `stopping` and `stopped` run (`stopping` may refuse).
-    pub stop: oneshot::Sender<()>,
+    pub stop: Box<dyn FnOnce()>,
     /// Closes once the actor has stopped, for whatever reason.
     pub stopped: oneshot::Receiver<()>,
     /// Sent once the actor's `started` has run (closed unsent if it
@@ -134,7 +134,6 @@ impl Worker {
     /// A worker hosting `A`, built by `make` in the hosting process only.
     pub fn actor_with<A: RemoteActor>(make: impl FnOnce() -> A + 'static) -> Self {
         let host: Host = Box::new(move || {
-            let (stop, stop_requested) = oneshot::channel::<()>();
             let (alive, stopped) = oneshot::channel::<()>();
             let (has_started, started) = oneshot::channel::<()>();
             let inbox = ActorInbox::<A>::new();
@@ -147,23 +146,19 @@ impl Worker {
                     let _ = has_started.send(());
                 }));
                 // Requests from other processes, handled in the actor's own
-                // context, with `&mut self`.
-                ctx.spawn(drain);
-                // Dropped with the actor's context, after `stopped` ran.
-                ctx.spawn(wrap_future(async move {
-                    let _alive = alive;
-                    std::future::pending::<()>().await
-                }));
-                // Asked to stop, the actor first handles the requests its
-                // inbox already holds (no new ones come: the process left the
-                // directory and refuses them), then stops.
-                ctx.spawn(wrap_future::<_, A>(stop_requested).map(move |requested, _, _| {
-                    if requested.is_ok() {
-                        stopper.stop_when_drained();
-                    }
-                }));
+                // context, with `&mut self`. The drain never ends: `alive`
+                // is dropped with the actor's context, after `stopped` ran.
+                // Held here rather than by an item of its own, as the stop
+                // request comes through the inbox rather than a channel:
+                // the context polls every item it holds each time it is
+                // woken, that is once per request.
+                ctx.spawn(drain.map(move |(), _, _| drop(alive)));
                 make()
             });
+            // Asked to stop, the actor first handles the requests its inbox
+            // already holds (no new ones come: the process left the
+            // directory and refuses them), then stops.
+            let stop = Box::new(move || stopper.stop_when_drained());
             Hosted {
                 inbox,
                 stop,
