@@ -437,6 +437,22 @@ fn a_child_that_ignores_the_graceful_stop_is_killed_after_its_shutdown_timeout()
     sup.nothing_left();
 }
 
+/// A panic in the program's `main` (under `run_with`) is the master's own:
+/// it unwinds out of `run_with` at once, while the task that watches for
+/// signals and stop requests still waits, and every child goes with the
+/// master.
+#[test]
+fn a_panic_in_main_ends_the_master_with_it_and_leaves_nothing() {
+    let mut sup = Sup::start(&["--pool", "2"]);
+    sup.event("ready sup/pool ");
+    sup.fixture.command("panic");
+    let status = sup.fixture.wait();
+    assert_eq!(status.code(), Some(101), "{status:?}: {:#?}", sup.fixture.seen);
+    let stderr = sup.fixture.stderr_lines().join("\n");
+    assert!(stderr.contains("the program's main panicked on purpose"), "{stderr}");
+    sup.nothing_left();
+}
+
 #[test]
 fn killing_the_master_in_the_middle_of_restarts_leaves_nothing() {
     let mut sup = Sup::launch(&["--crash", "c", "--intensity", "100,60000", "--backoff", "50,50"]);
