@@ -242,6 +242,30 @@ struct Outbox {
     writing: bool,
 }
 
+/// What follows queuing a frame in the outbox.
+#[derive(Clone, Copy)]
+enum Then {
+    /// The writer task writes it (woken if the outbox was empty).
+    WakeWriter,
+    /// Written from here at once, under the same hold of the outbox's lock
+    /// (see [`Link::write_now`]): the last reply in hand.
+    WriteNow,
+    /// Left for the caller, who writes it with [`Link::write_now`] once it
+    /// may: a lone call, once its reply can be taken.
+    Wait,
+}
+
+/// What a write made under the outbox's lock leaves to do once the lock is
+/// let go.
+struct Written {
+    /// The count of unwritten bytes went to zero: a drain may be over.
+    emptied: bool,
+    /// Room in the byte budget to give back.
+    budgeted: usize,
+    /// Bytes the socket did not take: the writer's now.
+    rest: bool,
+}
+
 /// A place in the peer's window, held by a caller that has not queued its
 /// message yet; dropping it gives the place back.
 pub(crate) struct Slot<'a> {
@@ -541,8 +565,13 @@ impl Link {
                     payload: payload.as_slice(),
                     ..request
                 });
-                self.encode_frame(&frame, budgeted, self.max_frame, !direct)
-                    .map_err(|size| LinkError::TooLarge { size })?;
+                self.encode_frame(
+                    &frame,
+                    budgeted,
+                    self.max_frame,
+                    if direct { Then::Wait } else { Then::WakeWriter },
+                )
+                .map_err(|size| LinkError::TooLarge { size })?;
                 direct
             }
         };
@@ -607,13 +636,13 @@ impl Link {
     /// frame is written once, where the writer takes it from. Queues
     /// nothing, and gives the frame's size, when it is over `max` bytes.
     fn queue_frame(&self, frame: &Frame<'_>, budgeted: usize, max: usize) -> Result<(), usize> {
-        self.encode_frame(frame, budgeted, max, true)
+        self.encode_frame(frame, budgeted, max, Then::WakeWriter)
     }
 
-    /// [`queue_frame`](Self::queue_frame), waking the writer only if `wake`
-    /// (else the caller writes the outbox itself, or has it written).
-    fn encode_frame(&self, frame: &Frame<'_>, budgeted: usize, max: usize, wake: bool) -> Result<(), usize> {
-        let was_empty = {
+    /// [`queue_frame`](Self::queue_frame), followed by what `then` says:
+    /// waking the writer, writing at once, or nothing (the caller writes).
+    fn encode_frame(&self, frame: &Frame<'_>, budgeted: usize, max: usize, then: Then) -> Result<(), usize> {
+        let (was_empty, written) = {
             let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
             let Outbox { chunks, frames, .. } = &mut *outbox;
             let was_empty = frames.is_empty() && chunks.is_empty();
@@ -629,14 +658,74 @@ impl Link {
                 }
             };
             frames[start..start + 4].copy_from_slice(&header);
-            self.unwritten.fetch_add(4 + len, Ordering::AcqRel);
             outbox.budgeted += budgeted;
-            was_empty
+            let written = match then {
+                Then::WriteNow => Some(self.write_locked(&mut outbox, 4 + len)),
+                Then::WakeWriter | Then::Wait => {
+                    self.unwritten.fetch_add(4 + len, Ordering::AcqRel);
+                    None
+                }
+            };
+            (was_empty, written)
         };
-        if was_empty && wake {
-            self.queued.notify_one();
+        match written {
+            Some(written) => self.after_writing(written),
+            None if was_empty && matches!(then, Then::WakeWriter) => self.queued.notify_one(),
+            None => {}
         }
         Ok(())
+    }
+
+    /// Writes what the outbox holds, `queued` bytes of it just added and
+    /// not yet counted as unwritten, as far as the socket takes it without
+    /// waiting (see [`write_now`](Self::write_now)). Counts under the lock,
+    /// as the writer counts what it takes under it, so the count never dips
+    /// below what the outbox holds; and a frame written as it was queued
+    /// leaves the count where it was, untouched.
+    fn write_locked(&self, outbox: &mut Outbox, queued: usize) -> Written {
+        let free = !outbox.writing && outbox.chunks.is_empty() && !self.is_closed();
+        // Full, or failed: the writer finds out and acts on it.
+        let written = match &self.direct {
+            Some(direct) if free => direct.try_write(&outbox.frames).unwrap_or(0),
+            _ => 0,
+        };
+        let (budgeted, rest) = if written == outbox.frames.len() {
+            outbox.frames.clear();
+            // A batch's budget goes back once all of it is written.
+            (std::mem::take(&mut outbox.budgeted), false)
+        } else {
+            outbox.frames.advance(written);
+            (0, true)
+        };
+        let emptied = match queued.cmp(&written) {
+            std::cmp::Ordering::Less => {
+                let gone = written - queued;
+                self.unwritten.fetch_sub(gone, Ordering::SeqCst) == gone
+            }
+            std::cmp::Ordering::Greater => {
+                self.unwritten.fetch_add(queued - written, Ordering::AcqRel);
+                false
+            }
+            std::cmp::Ordering::Equal => false,
+        };
+        Written {
+            emptied,
+            budgeted,
+            rest,
+        }
+    }
+
+    /// What follows a write made under the outbox's lock, once it is let go.
+    fn after_writing(&self, written: Written) {
+        if written.emptied {
+            super::drain_progress();
+        }
+        if written.budgeted > 0 {
+            self.room.add_permits(written.budgeted);
+        }
+        if written.rest {
+            self.queued.notify_one();
+        }
     }
 
     /// Writes what the outbox holds from this thread, now, as far as the
@@ -652,33 +741,14 @@ impl Link {
     /// that carries one call at a time, and nothing changes for a burst or
     /// a pipeline, whose other frames wake the writer as before.
     fn write_now(&self) {
-        let (written, budgeted, rest) = {
+        let written = {
             let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
             if outbox.frames.is_empty() {
                 return;
             }
-            let free = !outbox.writing && outbox.chunks.is_empty() && !self.is_closed();
-            // Full, or failed: the writer finds out and acts on it.
-            let written = match &self.direct {
-                Some(direct) if free => direct.try_write(&outbox.frames).unwrap_or(0),
-                _ => 0,
-            };
-            if written == outbox.frames.len() {
-                outbox.frames.clear();
-                // A batch's budget goes back once all of it is written.
-                (written, std::mem::take(&mut outbox.budgeted), false)
-            } else {
-                outbox.frames.advance(written);
-                (written, 0, true)
-            }
+            self.write_locked(&mut outbox, 0)
         };
-        if written > 0 && self.unwritten.fetch_sub(written, Ordering::SeqCst) == written {
-            super::drain_progress();
-        }
-        self.room.add_permits(budgeted);
-        if rest {
-            self.queued.notify_one();
-        }
+        self.after_writing(written);
     }
 
     /// The reply to request `id`, once it arrived (or the connection
@@ -794,7 +864,11 @@ impl Link {
                     id,
                     result: Ok(ReplyPayload(&payload)),
                 });
-                self.queue_in_place(&frame, &payload, 0)
+                let queued = self.queue_in_place(&frame, &payload, 0);
+                if direct {
+                    self.write_now();
+                }
+                queued
             }
             // Encoded into the outbox; its buffer serves the next reply.
             Ok(payload) => {
@@ -802,13 +876,23 @@ impl Link {
                     id,
                     result: Ok(ReplyPayload(&payload)),
                 });
-                let queued = self.encode_frame(&frame, 0, self.max_frame, !direct);
+                let queued = self.encode_frame(
+                    &frame,
+                    0,
+                    self.max_frame,
+                    if direct { Then::WriteNow } else { Then::WakeWriter },
+                );
                 recycle_small(payload);
                 queued
             }
             Err(error) => {
                 let frame = Frame::Reply(Reply { id, result: Err(error) });
-                self.encode_frame(&frame, 0, self.max_frame, !direct)
+                self.encode_frame(
+                    &frame,
+                    0,
+                    self.max_frame,
+                    if direct { Then::WriteNow } else { Then::WakeWriter },
+                )
             }
         };
         if let Err(size) = size {
@@ -821,11 +905,13 @@ impl Link {
                 id,
                 result: Err(too_large),
             });
-            self.encode_frame(&frame, 0, usize::MAX, !direct)
-                .expect("nothing is over usize::MAX bytes");
-        }
-        if direct {
-            self.write_now();
+            self.encode_frame(
+                &frame,
+                0,
+                usize::MAX,
+                if direct { Then::WriteNow } else { Then::WakeWriter },
+            )
+            .expect("nothing is over usize::MAX bytes");
         }
     }
 
@@ -1841,6 +1927,17 @@ mod tests {
             maker.join().unwrap();
         }
         let replies = reader.join().unwrap();
+        // Everything arrived: every byte counted as unwritten, by a direct
+        // write or by the writer, has been counted off.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while link.unwritten.load(Ordering::Acquire) != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} bytes still counted as unwritten",
+                link.unwritten.load(Ordering::Acquire)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let _ = stop.send(());
         writer.join().unwrap();
         let mut next = [0u64; THREADS as usize];
