@@ -239,8 +239,8 @@ fn one_size(n: u32) -> ExitCode {
     let system = actix_rt::System::new();
     let row = system.block_on(as_task(async move {
         // More calls make the timed loops long enough to profile.
-        let calls: u32 = std::env::var("SCALE_CALLS").ok().and_then(|n| n.parse().ok()).unwrap_or(2000).max(1);
-        let broadcasts: usize = std::env::var("SCALE_BROADCASTS").ok().and_then(|n| n.parse().ok()).unwrap_or(20).max(1);
+        let calls = count_from_env("SCALE_CALLS", 2000);
+        let broadcasts = count_from_env("SCALE_BROADCASTS", 20) as usize;
         let began = Instant::now();
         let handle = cluster(n).start().await.map_err(|e| e.to_string())?;
         let ready = began.elapsed();
@@ -394,6 +394,15 @@ fn one_spawns(n: u32) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The count set in the environment variable `name`, or `default`; at least 1.
+fn count_from_env(name: &str, default: u32) -> u32 {
+    std::env::var(name)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+        .max(1)
 }
 
 /// Requests before a timed loop: two passes over `n` forks, at least 100.

@@ -288,54 +288,49 @@ impl Cluster {
         actix_rt::System::new().block_on(async move {
             let mut signal = Box::pin(listen_for_shutdown());
             let cluster = Rc::new(self.start_unless(&mut signal).await?);
-            // `main`, and what else ends the run, each in a task of its own:
-            // the system polls its root future again on every wake-up (see
-            // `run_system`), so until one of them ends the root waits on
-            // one oneshot channel, which either task's end (or panic) closes.
-            let (one_ended, either_ended) = tokio::sync::oneshot::channel::<()>();
-            let one_ended = Rc::new(std::cell::RefCell::new(Some(one_ended)));
-            let ends_the_wait = EndsTheWait(Rc::clone(&one_ended));
             let running = main(cluster.running());
-            let mut main = actix_rt::spawn(async move {
-                let _ends_the_wait = ends_the_wait;
-                running.await
-            });
-            let watched = Rc::clone(&cluster);
-            let ends_the_wait = EndsTheWait(one_ended);
-            let mut stopping = actix_rt::spawn(async move {
-                let _ends_the_wait = ends_the_wait;
-                tokio::select! {
-                    gave_up = watched.gave_up() => Err(gave_up),
-                    () = signal => Err(Error::Interrupted),
-                    () = watched.stop_requested() => Err(Error::Interrupted),
-                }
-            });
-            // Closed by the first task to end, panic or be cancelled.
-            let _ = either_ended.await;
-            // Whichever ends first, the other is over (or cancelled, and
-            // dropped once awaited) before the tree stops: `main` may still
-            // be using it, and the watching task holds the cluster.
-            let outcome = tokio::select! {
-                value = &mut main => {
-                    stopping.abort();
-                    let _ = stopping.await;
-                    match value {
-                        Ok(value) => Ok(value),
-                        Err(failed) => std::panic::resume_unwind(failed.into_panic()),
+            // The rest in a task of its own, as a child's work is (see
+            // `run_system`): it waits on two join handles, polled only
+            // when one of them ends, not on every wake-up of the system.
+            in_a_task(async move {
+                // `main`, and what else ends the run, each in a task of its
+                // own: waiting on both in one future would poll the signal
+                // and the supervisor every time `main` is woken.
+                let mut main = actix_rt::spawn(running);
+                let watched = Rc::clone(&cluster);
+                let mut stopping = actix_rt::spawn(async move {
+                    tokio::select! {
+                        gave_up = watched.gave_up() => Err(gave_up),
+                        () = signal => Err(Error::Interrupted),
+                        () = watched.stop_requested() => Err(Error::Interrupted),
                     }
-                }
-                stopped = &mut stopping => {
-                    main.abort();
-                    let _ = main.await;
-                    match stopped {
-                        Ok(reason) => reason,
-                        Err(failed) => std::panic::resume_unwind(failed.into_panic()),
+                });
+                // Whichever ends first, the other is over (or cancelled, and
+                // dropped once awaited) before the tree stops: `main` may
+                // still be using it, and the watching task holds the cluster.
+                let outcome = tokio::select! {
+                    value = &mut main => {
+                        stopping.abort();
+                        let _ = stopping.await;
+                        match value {
+                            Ok(value) => Ok(value),
+                            Err(failed) => std::panic::resume_unwind(failed.into_panic()),
+                        }
                     }
-                }
-            };
-            let cluster = Rc::into_inner(cluster).expect("the watching task has ended");
-            cluster.shutdown().await?;
-            outcome
+                    stopped = &mut stopping => {
+                        main.abort();
+                        let _ = main.await;
+                        match stopped {
+                            Ok(reason) => reason,
+                            Err(failed) => std::panic::resume_unwind(failed.into_panic()),
+                        }
+                    }
+                };
+                let cluster = Rc::into_inner(cluster).expect("the watching task has ended");
+                cluster.shutdown().await?;
+                outcome
+            })
+            .await
         })
     }
 
@@ -348,18 +343,18 @@ impl Cluster {
     }
 }
 
-/// Closes the channel it shares when dropped: the first of the tasks
-/// holding one to end (return, panic or be cancelled) ends the wait on the
-/// channel's receiver, whatever the others do.
-struct EndsTheWait(Rc<std::cell::RefCell<Option<tokio::sync::oneshot::Sender<()>>>>);
-
-impl Drop for EndsTheWait {
-    fn drop(&mut self) {
-        self.0.borrow_mut().take();
-    }
+/// Runs `root` to its end on a fresh actix system, as a task of its own
+/// (see [`in_a_task`]).
+pub(crate) fn run_system<F>(root: F) -> F::Output
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    actix_rt::System::new().block_on(in_a_task(root))
 }
 
-/// Runs `root` to its end on a fresh actix system, as a task of its own.
+/// Runs `work` as a task of its own and waits for its outcome (a panic is
+/// resumed here).
 ///
 /// The system polls its root future again whenever any of its tasks is
 /// woken (tokio's `LocalSet::run_until`): a root that waits on several
@@ -368,27 +363,25 @@ impl Drop for EndsTheWait {
 /// wakers fires, and the root left waits on a oneshot channel: polling it
 /// again and again costs less than a join handle (the root's polls, per
 /// request in a worker: 126 instructions with a join handle, 73 now).
-pub(crate) fn run_system<F>(root: F) -> F::Output
+async fn in_a_task<F>(work: F) -> F::Output
 where
     F: Future + 'static,
     F::Output: 'static,
 {
-    actix_rt::System::new().block_on(async move {
-        let (done, finished) = tokio::sync::oneshot::channel();
-        // Boxed first: passed by value through the spawn's layers, a large
-        // future would be copied down the stack at each (measured: 20 KiB
-        // more stack per process).
-        let root = std::panic::AssertUnwindSafe(Box::pin(root)).catch_unwind();
-        drop(actix_rt::spawn(async move {
-            let _ = done.send(root.await);
-        }));
-        match finished.await {
-            Ok(Ok(output)) => output,
-            Ok(Err(panic)) => std::panic::resume_unwind(panic),
-            // Nothing aborts the task, and the system outlives it.
-            Err(_) => unreachable!("the root task ended without an outcome"),
-        }
-    })
+    let (done, finished) = tokio::sync::oneshot::channel();
+    // Boxed first: passed by value through the spawn's layers, a large
+    // future would be copied down the stack at each (measured: 20 KiB
+    // more stack per process).
+    let work = std::panic::AssertUnwindSafe(Box::pin(work)).catch_unwind();
+    drop(actix_rt::spawn(async move {
+        let _ = done.send(work.await);
+    }));
+    match finished.await {
+        Ok(Ok(output)) => output,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        // Nothing aborts the task, and the system outlives it.
+        Err(_) => unreachable!("the task ended without an outcome"),
+    }
 }
 
 /// What the cross-host layer tells the API about other hosts.

@@ -146,12 +146,12 @@ impl Worker {
                     let _ = has_started.send(());
                 }));
                 // Requests from other processes, handled in the actor's own
-                // context, with `&mut self`. The drain never ends: `alive`
-                // is dropped with the actor's context, after `stopped` ran.
-                // Held here rather than by an item of its own, as the stop
-                // request comes through the inbox rather than a channel:
-                // the context polls every item it holds each time it is
-                // woken, that is once per request.
+                // context, with `&mut self`. actix polls every item of a
+                // context on each wake-up (once per request), so the drain
+                // is the only lasting one: it carries `alive` (it never
+                // ends, so `alive` is dropped with the context, after
+                // `stopped` ran), and stop requests reach it through the
+                // inbox.
                 ctx.spawn(drain.map(move |(), _, _| drop(alive)));
                 make()
             });
