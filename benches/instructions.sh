@@ -5,14 +5,17 @@
 # divided by N2-N1 removes start-up and warm-up.
 #
 #   bash benches/instructions.sh [path ...]   # default: every path
+#   BIN=path/to/transport_compare bash benches/instructions.sh   # another build of it
 #
 # "client" is the calling process (the master), "server" the busiest other
 # process (the echo worker, or the raw echo server for raw-pipelined).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
-cargo build --quiet --release --example transport_compare
-bin=target/release/examples/transport_compare
+if [ -z "${BIN:-}" ]; then
+    cargo build --quiet --release --example transport_compare
+fi
+bin=${BIN:-target/release/examples/transport_compare}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 # A run directory of its own: another benchmark may run a cluster of the same name.
