@@ -15,6 +15,11 @@
 # the min-max) are printed. Each build's raw echo, the same binary's
 # baseline, is printed beside it: PGO speeds it up too.
 #
+# With valgrind at hand, it then counts the code and the instructions a
+# round trip runs through in each build (benches/footprint.sh and
+# benches/instructions.sh; the PGO build's profile came from that very
+# program there, so read those as an upper bound).
+#
 # Needs `cargo install cargo-pgo` and `rustup component add llvm-tools`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +46,7 @@ TRANSPORT_COMPARE_SECTIONS=small "$pgo/transport_compare" >/dev/null
 "$pgo/realapp" >/dev/null 2>&1
 cargo pgo optimize build -- --quiet "${examples[@]}" >/dev/null
 cp "$pgo/scale" "$out/scale.pgo"
+cp "$pgo/transport_compare" "$out/transport_compare.pgo"
 
 for _ in $(seq "$RUNS"); do
     for build in plain pgo; do
@@ -67,3 +73,13 @@ for build, rows in runs.items():
         cells.append(f"{statistics.median(column):.1f} [{min(column):.1f}-{max(column):.1f}]")
     print(f"{build:6s}" + "".join(f"{c:>20s}" for c in cells))
 EOF
+
+if command -v valgrind >/dev/null; then
+    for build in plain pgo; do
+        echo
+        echo "== $build build"
+        if [ "$build" = plain ]; then bin=target/release/examples/transport_compare; else bin=$out/transport_compare.pgo; fi
+        BIN=$bin bash benches/footprint.sh round-trip raw-round-trip
+        BIN=$bin bash benches/instructions.sh round-trip raw-round-trip send-all
+    done
+fi
