@@ -12,20 +12,14 @@
 #
 # An instruction counts when it ran at least N/4 times in N messages: what
 # runs on every request (or every other), not start-up or rare paths.
+# Keep N large (20,000 by default): below a few thousand, loops run at
+# start-up (the dynamic loader's) pass the mark too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for tool in valgrind python3; do
     command -v "$tool" >/dev/null || { echo "$tool is needed" >&2; exit 1; }
 done
-if [ -z "${BIN:-}" ]; then
-    cargo build --quiet --release --example transport_compare
-fi
-bin=${BIN:-target/release/examples/transport_compare}
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-# A run directory of its own: another benchmark may run a cluster of the same name.
-mkdir -m 700 "$out/run"
-export XDG_RUNTIME_DIR="$out/run"
+source benches/transport_compare_env.sh
 N=${N:-20000}
 
 paths=("$@")

@@ -12,15 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
-if [ -z "${BIN:-}" ]; then
-    cargo build --quiet --release --example transport_compare
-fi
-bin=${BIN:-target/release/examples/transport_compare}
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-# A run directory of its own: another benchmark may run a cluster of the same name.
-mkdir -m 700 "$out/run"
-export XDG_RUNTIME_DIR="$out/run"
+source benches/transport_compare_env.sh
 N1=${N1:-2000}
 N2=${N2:-12000}
 
