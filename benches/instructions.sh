@@ -12,7 +12,7 @@
 #
 # One exception to "the same count": a caller's calls share a deadline timer
 # per millisecond of wall clock (node/deadline.rs), and under callgrind a
-# sequential round trip takes about 50 times as long, so a new timer task
+# sequential round trip takes about 30 times as long, so a new timer task
 # is started every ~4 calls instead of every ~100. The client's round-trip
 # figure is inflated by that, and moves with the machine's speed (6,600 to
 # 7,450 seen); the server's figures and the pipelined paths are not.
