@@ -42,8 +42,9 @@ cp target/release/examples/scale "$out/scale.plain"
 cargo pgo build -- --quiet "${examples[@]}" >/dev/null
 pgo=target/$triple/release/examples
 echo "gathering the profile (transport_compare, small messages; the real example)" >&2
-TRANSPORT_COMPARE_SECTIONS=small "$pgo/transport_compare" >/dev/null
-"$pgo/realapp" >/dev/null 2>&1
+TRANSPORT_COMPARE_SECTIONS=small "$pgo/transport_compare" >/dev/null 2>"$out/training.log" ||
+    { cat "$out/training.log" >&2; exit 1; }
+"$pgo/realapp" >/dev/null 2>"$out/training.log" || { cat "$out/training.log" >&2; exit 1; }
 cargo pgo optimize build -- --quiet "${examples[@]}" >/dev/null
 cp "$pgo/scale" "$out/scale.pgo"
 cp "$pgo/transport_compare" "$out/transport_compare.pgo"

@@ -853,6 +853,7 @@ impl Link {
         // The answer to the only request in hand, with none waiting in the
         // reader: written from here (see `write_now`).
         let direct = self.serving.load(Ordering::Acquire) == 1 && !self.more_coming.load(Ordering::Acquire);
+        let then = if direct { Then::WriteNow } else { Then::WakeWriter };
         // Replies take no room from the budget: they must never wait
         // behind requests (two processes calling each other would
         // deadlock), and the window already bounds them.
@@ -876,23 +877,13 @@ impl Link {
                     id,
                     result: Ok(ReplyPayload(&payload)),
                 });
-                let queued = self.encode_frame(
-                    &frame,
-                    0,
-                    self.max_frame,
-                    if direct { Then::WriteNow } else { Then::WakeWriter },
-                );
+                let queued = self.encode_frame(&frame, 0, self.max_frame, then);
                 recycle_small(payload);
                 queued
             }
             Err(error) => {
                 let frame = Frame::Reply(Reply { id, result: Err(error) });
-                self.encode_frame(
-                    &frame,
-                    0,
-                    self.max_frame,
-                    if direct { Then::WriteNow } else { Then::WakeWriter },
-                )
+                self.encode_frame(&frame, 0, self.max_frame, then)
             }
         };
         if let Err(size) = size {
@@ -905,13 +896,8 @@ impl Link {
                 id,
                 result: Err(too_large),
             });
-            self.encode_frame(
-                &frame,
-                0,
-                usize::MAX,
-                if direct { Then::WriteNow } else { Then::WakeWriter },
-            )
-            .expect("nothing is over usize::MAX bytes");
+            self.encode_frame(&frame, 0, usize::MAX, then)
+                .expect("nothing is over usize::MAX bytes");
         }
     }
 
