@@ -8,6 +8,7 @@
 # static C program that only returns (glibc's start-up on its own).
 #
 #   bash benches/start_breakdown.sh [RUNS]
+#   BIN=path/to/realapp bash benches/start_breakdown.sh   # another build of it (static_builds.sh's)
 #
 # Needs perf, python3 and gcc (apt-get install linux-perf python3 gcc), and
 # the right to sample the whole system (root, or perf_event_paranoid <= 1).
@@ -19,8 +20,10 @@ for tool in perf python3 gcc; do
     command -v "$tool" >/dev/null || { echo "$tool is needed" >&2; exit 1; }
 done
 runs=${1:-20}
-cargo build --quiet --release --example realapp
-bin=$PWD/target/release/examples/realapp
+if [ -z "${BIN:-}" ]; then
+    cargo build --quiet --release --example realapp
+fi
+bin=$(realpath "${BIN:-target/release/examples/realapp}")
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
