@@ -68,7 +68,8 @@ descendants() {
     done
 }
 
-# Prints "PSS RSS processes" (KiB) of the real example's tree of build $1, serving.
+# Sets pss, rss (KiB) and count (processes) of the real example's tree of
+# build $1, serving. Runs in this shell, so the exit trap knows the tree.
 tree_memory() {
     local log="$out/serve.log" deadline=$((SECONDS + 60))
     "${dir[$1]}/realapp" --serve >"$log" 2>&1 &
@@ -78,7 +79,8 @@ tree_memory() {
         sleep 0.1
     done
     sleep 1 # let the tree settle: first requests, lifecycle events
-    local pss=0 rss=0 count=0 pid p r
+    local pid p r
+    pss=0 rss=0 count=0
     for pid in "$serving" $(descendants "$serving"); do
         read -r p r < <(awk '/^Pss:/ {p = $2} /^Rss:/ {r = $2} END {print p, r}' "/proc/$pid/smaps_rollup")
         pss=$((pss + p)) rss=$((rss + r)) count=$((count + 1))
@@ -86,7 +88,6 @@ tree_memory() {
     kill -TERM "$serving"
     wait "$serving" || true
     serving=
-    echo "$pss $rss $count"
 }
 
 echo "the real example's tree, $RUNS starts of each build, taking turns"
@@ -101,7 +102,7 @@ for _ in $(seq "$RUNS"); do
 done
 printf '%-14s %22s %22s %8s %8s\n' build "ready ms" "CPU ms until ready" "PSS MiB" "RSS MiB"
 for build in "${builds[@]}"; do
-    read -r pss rss count < <(tree_memory "$build")
+    tree_memory "$build"
     awk -v b="$build" -v s="$(summary <"$out/$build.starts")" -v c="$(summary <"$out/$build.cpu")" \
         -v p="$pss" -v r="$rss" -v n="$count" \
         'BEGIN { printf "%-14s %22s %22s %8.1f %8.1f   (%d processes)\n", b, s, c, p / 1024, r / 1024, n }'
