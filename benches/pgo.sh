@@ -30,11 +30,8 @@ command -v cargo-pgo >/dev/null || {
 RUNS=${RUNS:-10}
 examples=(--example scale --example transport_compare --example realapp)
 triple=$(rustc -vV | awk '/^host:/ {print $2}')
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-# A run directory of its own: another benchmark may run a cluster of the same name.
-mkdir -m 700 "$out/run"
-export XDG_RUNTIME_DIR="$out/run" RUST_LOG=warn
+source benches/scratch.sh
+export RUST_LOG=warn
 
 cargo build --quiet --release "${examples[@]}"
 cp target/release/examples/scale "$out/scale.plain"

@@ -24,8 +24,7 @@ if [ -z "${BIN:-}" ]; then
     cargo build --quiet --release --example realapp
 fi
 bin=$(realpath "${BIN:-target/release/examples/realapp}")
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
+source benches/scratch.sh
 
 cat >"$out/cpuid.c" <<'C'
 #include <cpuid.h>

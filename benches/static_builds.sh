@@ -13,10 +13,10 @@
 #
 # For each build it prints: the median [min-max] of the tree's "ready in"
 # and of the CPU its processes used until then, over RUNS starts, the
-# builds taking turns; the tree's PSS and RSS summed
-# over its processes while it serves; and the small-message half of
-# transport_compare pinned to one CPU (round trip and send_all), each beside
-# that build's own raw socket, which is built the same way.
+# builds taking turns; the tree's PSS and RSS summed over its processes
+# while it serves; and the small-message half of transport_compare pinned
+# to one CPU (round trip and send_all), each beside that build's own raw
+# socket, which is built the same way.
 #
 # Linux on x86_64 with glibc; needs the musl target
 # (rustup target add x86_64-unknown-linux-musl) and, for the pinned runs,
@@ -37,16 +37,14 @@ declare -A dir=(
     [static-glibc]=target/crt-static/$host/release/examples
     [static-musl]=target/x86_64-unknown-linux-musl/release/examples
 )
-out=$(mktemp -d)
+source benches/scratch.sh
+export RUST_LOG=warn
 serving=
 cleanup() {
     [ -n "$serving" ] && kill -TERM "$serving" 2>/dev/null && wait "$serving" 2>/dev/null
     rm -rf "$out"
 }
 trap cleanup EXIT
-# A run directory of its own: another benchmark may run a cluster of the same name.
-mkdir -m 700 "$out/run"
-export XDG_RUNTIME_DIR="$out/run" RUST_LOG=warn
 
 cargo build --quiet --release "${examples[@]}"
 # A target directory of its own: RUSTFLAGS would otherwise rebuild the default one.

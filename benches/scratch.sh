@@ -1,0 +1,9 @@
+# Sourced by the benchmark scripts from the workspace's root: `out`, a
+# scratch directory removed on exit, with a run directory of its own in it
+# (XDG_RUNTIME_DIR), so the clusters a benchmark starts never meet another
+# benchmark's cluster of the same name. A script with more to undo on exit
+# replaces the trap and removes "$out" itself.
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+mkdir -m 700 "$out/run"
+export XDG_RUNTIME_DIR="$out/run"
