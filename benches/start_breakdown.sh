@@ -63,7 +63,7 @@ path, hz = sys.argv[1], int(sys.argv[2])
 WINDOW = 0.006  # seconds of each process's life, from its first sample
 # First match wins: a sample is put where the deepest frame named here is.
 KINDS = [
-    ("glibc's CPU probing (cpuid)", r"intel_check_word|handle_intel|init_cpu_features|get_common_|update_active|init_cacheinfo"),
+    ("glibc's CPU probing (cpuid)", r"intel_check_word|handle_intel|handle_amd|handle_zhaoxin|init_cpu_features|get_common_|update_active|init_cacheinfo"),
     ("libgcc's CPU probing (cpuid)", r"__cpu_indicator_init"),
     ("Rust std's CPU probing (cpuid)", r"std_detect"),
     ("SHA-256's CPU probing (cpuid)", r"shani_cpuid|cpufeatures"),
