@@ -19,7 +19,8 @@ cd "$(dirname "$0")/.."
 for tool in valgrind python3; do
     command -v "$tool" >/dev/null || { echo "$tool is needed" >&2; exit 1; }
 done
-source benches/transport_compare_env.sh
+source benches/scratch.sh
+bin=$(example_binary transport_compare)
 N=${N:-20000}
 
 paths=("$@")

@@ -19,7 +19,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
-source benches/transport_compare_env.sh
+source benches/scratch.sh
+bin=$(example_binary transport_compare)
 N1=${N1:-2000}
 N2=${N2:-12000}
 

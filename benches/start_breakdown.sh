@@ -20,11 +20,8 @@ for tool in perf python3 gcc; do
     command -v "$tool" >/dev/null || { echo "$tool is needed" >&2; exit 1; }
 done
 runs=${1:-20}
-if [ -z "${BIN:-}" ]; then
-    cargo build --quiet --release --example realapp
-fi
-bin=$(realpath "${BIN:-target/release/examples/realapp}")
 source benches/scratch.sh
+bin=$(example_binary realapp)
 
 cat >"$out/cpuid.c" <<'C'
 #include <cpuid.h>
