@@ -15,7 +15,7 @@
 //! socket means a slow reader), and drops it once a write goes through.
 
 use std::cell::RefCell;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -53,9 +53,8 @@ thread_local! {
 /// Reads from `socket` into `buf`, offering `offered` bytes: through the
 /// thread's scratch buffer when that is enough, else straight into `buf`.
 fn read_into(socket: &UnixStream, buf: &mut ReadBuf<'_>, offered: usize) -> io::Result<usize> {
-    let mut socket = socket;
     if offered > THROUGH_SCRATCH {
-        let n = socket.read(buf.initialize_unfilled_to(offered))?;
+        let n = receive(socket, buf.initialize_unfilled_to(offered))?;
         buf.advance(n);
         return Ok(n);
     }
@@ -64,10 +63,26 @@ fn read_into(socket: &UnixStream, buf: &mut ReadBuf<'_>, offered: usize) -> io::
         if scratch.len() < offered {
             scratch.resize(offered, 0);
         }
-        let n = socket.read(&mut scratch[..offered])?;
+        let n = receive(socket, &mut scratch[..offered])?;
         buf.put_slice(&scratch[..n]);
         Ok(n)
     })
+}
+
+// Reads and writes are system calls made directly (rustix), not through
+// the C library: glibc makes each `read` and `send` a thread-cancellation
+// point, two updates of the thread's state around every call, which a
+// runtime that never cancels threads pays on every message for nothing.
+
+/// What the socket holds, up to `buf`'s length, without waiting.
+fn receive(socket: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
+    rustix::io::read(socket, buf).map_err(io::Error::from)
+}
+
+/// What the socket takes of `bytes` now. With `MSG_NOSIGNAL`: a peer gone
+/// is an error, never a SIGPIPE.
+fn send(socket: &UnixStream, bytes: &[u8]) -> io::Result<usize> {
+    rustix::net::send(socket, bytes, rustix::net::SendFlags::NOSIGNAL).map_err(io::Error::from)
 }
 
 /// Registers `socket` with the current runtime's reactor for `interest`.
@@ -142,8 +157,7 @@ pub(crate) struct DirectWriter(Arc<AsyncFd<UnixStream>>);
 
 impl DirectWriter {
     pub(crate) fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
-        // std sends with MSG_NOSIGNAL.
-        (&mut self.0.get_ref()).write(bytes)
+        send(self.0.get_ref(), bytes)
     }
 }
 
@@ -211,9 +225,8 @@ impl WriteHalf {
 
 impl AsyncWrite for WriteHalf {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        // std sends with MSG_NOSIGNAL.
         self.get_mut()
-            .poll_write_with(cx, buf.len(), |mut socket| socket.write(buf))
+            .poll_write_with(cx, buf.len(), |socket| send(socket, buf))
     }
 
     fn poll_write_vectored(
@@ -284,7 +297,7 @@ impl AsyncWrite for Io {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Read as _;
+    use std::io::{Read as _, Write as _};
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
